@@ -1,0 +1,308 @@
+"""The machinery every attention technique of the pack registers into.
+
+* ``PersonalizeState`` lives in ``transformer_options["personalize"]`` of a cloned MODEL and lists
+  the techniques patched onto it (immutable: a node builds a new state and sets it on its clone).
+* ``reference_pass`` is an ``apply_model`` wrapper. At each model call in which a technique is
+  active it noises the references it needs to the current sigma (fresh noise from a seeded
+  generator) and runs them **in the same UNet call as the target**, appended after the target rows
+  (cond only unless a technique asks for uncond references). The rows' layout reaches the attention
+  patches as ``transformer_options["personalize_rows"]``. When another pack has attention patches
+  on the model (they may read the batch layout from ``cond_or_uncond``), the references run in a
+  separate call before the target instead, recording their keys/values into a per-call bank.
+* ``PersonalizeAttention`` is the one attn1/attn2 replace object per block. It folds the active
+  techniques that claim the block around the base attention, which is ComfyUI's own
+  ``optimized_attention`` or a replace another pack had put on the block (wrapped, not lost).
+
+Nothing here imports ComfyUI at module level.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .kernels import sdpa_attention
+
+STATE_KEY = "personalize"
+ROWS_KEY = "personalize_rows"
+WRAPPER_KEY = "personalize.reference_pass"
+COND, UNCOND = 0, 1
+
+
+# --------------------------------------------------------------------------- state and layout
+
+@dataclass(frozen=True)
+class PersonalizeState:
+    techniques: tuple = ()
+
+    def with_technique(self, technique) -> "PersonalizeState":
+        return PersonalizeState(self.techniques + (technique,))
+
+
+@dataclass(frozen=True)
+class RefRequest:
+    """A technique asks for ``reference`` to be run with the ``label`` (COND/UNCOND) conditioning
+    of the target; ``seed`` seeds its per-step noise."""
+    reference: object
+    label: int
+    seed: int
+    index: int = 0
+
+
+@dataclass
+class RowLayout:
+    """Where the reference rows of one model call are.
+
+    ``mode``: ``"joint"`` (references are rows ``n_target..`` of the same batch), ``"record"``
+    (a references-only call that fills ``bank``) or ``"read"`` (the target call of a separate
+    pass; reference keys come from ``bank``).
+    """
+    mode: str
+    labels: list
+    n_target: int
+    latent_hw: tuple
+    sigma: float
+    rows: dict = field(default_factory=dict)       # (reference, label) -> row among the references
+    bank: dict | None = None                        # block key -> (k, v) of the reference rows
+
+    @property
+    def chunk(self) -> int:
+        return self.n_target // max(1, len(self.labels))
+
+    def target_rows(self, label: int) -> list[int]:
+        c = self.chunk
+        return [i for j, lab in enumerate(self.labels) if lab == label for i in range(j * c, (j + 1) * c)]
+
+    def reference_kv(self, key, k: torch.Tensor, v: torch.Tensor, reference, label: int):
+        """Keys/values ``[N, C]`` of ``reference`` (run with ``label``) at block ``key``."""
+        row = self.rows.get((reference, label))
+        if row is None:
+            return None
+        if self.mode == "joint":
+            return k[self.n_target + row], v[self.n_target + row]
+        kv = (self.bank or {}).get(key)
+        if kv is None:
+            return None
+        return kv[0][row], kv[1][row]
+
+
+# --------------------------------------------------------------------------- base attention
+
+_comfy_attention = None
+
+
+def default_attention(q, k, v, extra_options):
+    """ComfyUI's configured attention (lazily imported), or SDPA without ComfyUI."""
+    global _comfy_attention
+    if _comfy_attention is None:
+        try:
+            from comfy.ldm.modules.attention import optimized_attention  # noqa: PLC0415
+            _comfy_attention = optimized_attention
+        except ImportError:
+            _comfy_attention = False
+    if _comfy_attention is False:
+        return sdpa_attention(q, k, v, extra_options["n_heads"])
+    return _comfy_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+                            transformer_options=extra_options)
+
+
+def block_key(extra_options) -> tuple:
+    block = extra_options.get("block")
+    if block is None:
+        return None
+    return (block[0], block[1], extra_options.get("block_index", 0))
+
+
+class PersonalizeAttention:
+    """attn1 / attn2 replace shared by every technique of the pack on one block."""
+
+    def __init__(self, kind: str = "attn1", inner=None):
+        self.kind = kind
+        self.inner = inner
+
+    def base(self, q, k, v, extra_options):
+        if self.inner is not None:
+            return self.inner(q, k, v, extra_options)
+        return default_attention(q, k, v, extra_options)
+
+    def __call__(self, q, k, v, extra_options):
+        state = extra_options.get(STATE_KEY)
+        layout = extra_options.get(ROWS_KEY)
+        key = block_key(extra_options)
+        if state is None or key is None:
+            return self.base(q, k, v, extra_options)
+        techs = [t for t in state.techniques if key in t.keys(self.kind) and t.active_at(layout, extra_options)]
+        if not techs:
+            return self.base(q, k, v, extra_options)
+        if layout is not None and layout.mode == "record":
+            layout.bank[key] = (k.detach(), v.detach())
+            return self.base(q, k, v, extra_options)
+        # The innermost technique may hand the base attention a subset of rows; anything wrapping
+        # another technique or another pack's replace hands it the whole batch.
+        fn, subset_ok = self.base, self.inner is None
+        for tech in reversed(techs):
+            fn = functools.partial(getattr(tech, self.kind), inner=fn, layout=layout, key=key, subset_ok=subset_ok)
+            subset_ok = False
+        return fn(q, k, v, extra_options)
+
+
+# --------------------------------------------------------------------------- reference pass
+
+def _noise(shape, seed: int, index: int, label: int, sigma: float) -> torch.Tensor:
+    """Fresh noise for one reference at one step, independent of call order and RNG state."""
+    mix = (int(seed) * 1_000_003 + index * 7_919 + label * 104_729 + int(round(sigma * 1e6))) % (2 ** 63)
+    g = torch.Generator(device="cpu").manual_seed(mix)
+    return torch.randn(shape, generator=g)
+
+
+def _repeat_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
+    return t if t.shape[1] == length else t.repeat(1, length // t.shape[1], 1)
+
+
+def _foreign_attention(transformer_options) -> bool:
+    """True when another pack patches attention: it may split the batch by ``cond_or_uncond``."""
+    patches = transformer_options.get("patches", {}) or {}
+    if any(patches.get(n) for n in ("attn1_patch", "attn2_patch", "attn1_output_patch", "attn2_output_patch")):
+        return True
+    for kind, table in (transformer_options.get("patches_replace", {}) or {}).items():
+        for fn in table.values():
+            if not isinstance(fn, PersonalizeAttention) or fn.inner is not None:
+                return True
+    return False
+
+
+def _pad_control(control, n_target: int, n_extra: int):
+    if control is None:
+        return None
+    out = {}
+    for name, items in control.items():
+        if not isinstance(items, list):
+            out[name] = items
+            continue
+        new = []
+        for t in items:
+            if isinstance(t, torch.Tensor) and t.shape[0] in (1, n_target):
+                t = t.expand(n_target, *t.shape[1:])
+                t = torch.cat([t, t.new_zeros((n_extra, *t.shape[1:]))])
+            new.append(t)
+        out[name] = new
+    return out
+
+
+def _rows_of(value, n_target: int, src: list[int]):
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n_target:
+        return value[src]
+    return None
+
+
+def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+    """``WrappersMP.APPLY_MODEL`` wrapper: see the module docstring."""
+    state = transformer_options.get(STATE_KEY)
+    labels = list(transformer_options.get("cond_or_uncond") or [])
+    if state is None or not state.techniques or not labels or x.shape[0] % len(labels):
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    sigma = float(t.reshape(-1)[0])
+    requests: dict = {}
+    for tech in state.techniques:
+        if tech.active(sigma):
+            for req in tech.reference_requests(set(labels)):
+                requests.setdefault((req.reference, req.label), req)
+    if not requests:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    model = executor.class_obj
+    n_target = x.shape[0]
+    chunk = n_target // len(labels)
+    H, W = x.shape[-2:]
+    reqs = list(requests.values())
+    src = [labels.index(r.label) * chunk for r in reqs]      # target row whose conditioning a reference borrows
+
+    lat = []
+    for r in reqs:
+        z0, _ = r.reference.fitted(H, W)
+        z0 = model.process_latent_in(z0.to(x.device, torch.float32))
+        eps = _noise(z0.shape, r.seed, r.index, r.label, sigma).to(x.device)
+        s = t.reshape(-1)[:1].to(x.device, torch.float32)
+        lat.append(model.model_sampling.noise_scaling(s, eps, z0))
+    x_ref = torch.cat(lat).to(x.dtype)
+    t_ref = t.reshape(-1)[:1].expand(len(reqs)).to(t.dtype)
+
+    ctx_ref = None
+    if c_crossattn is not None:
+        rows = []
+        for r, s_row in zip(reqs, src):
+            cap = r.reference.caption if r.label == COND else None
+            if cap is not None:
+                if cap.shape[-1] != c_crossattn.shape[-1]:
+                    raise ValueError(f"reference '{r.reference.name}': caption conditioning has width "
+                                     f"{cap.shape[-1]} but the model's text conditioning has "
+                                     f"{c_crossattn.shape[-1]}; encode the caption with the same CLIP as the prompt")
+                rows.append(cap[:1].to(c_crossattn.device, c_crossattn.dtype))
+            else:
+                rows.append(c_crossattn[s_row:s_row + 1])
+        length = math.lcm(c_crossattn.shape[1], *[r.shape[1] for r in rows])
+        ctx_ref = torch.cat([_repeat_tokens(r, length) for r in rows])
+        c_crossattn = _repeat_tokens(c_crossattn, length)
+    concat_ref = _rows_of(c_concat, n_target, src)
+    kw_ref = {}
+    for name, value in kwargs.items():
+        rows = _rows_of(value, n_target, src)
+        kw_ref[name] = rows if rows is not None else value
+
+    rows = {(r.reference, r.label): i for i, r in enumerate(reqs)}
+    if not _foreign_attention(transformer_options):
+        layout = RowLayout("joint", labels, n_target, (H, W), sigma, rows)
+        opts = dict(transformer_options)
+        opts[ROWS_KEY] = layout
+        if isinstance(opts.get("sigmas"), torch.Tensor):
+            opts["sigmas"] = torch.cat([t, t_ref.to(t.device)])
+        kw_all = {}
+        for name, value in kwargs.items():
+            extra = kw_ref[name]
+            kw_all[name] = torch.cat([value, extra.to(value.device, value.dtype)]) if extra is not value else value
+        out = executor(torch.cat([x, x_ref]), torch.cat([t, t_ref.to(t.device)]),
+                       None if c_concat is None else torch.cat([c_concat, concat_ref]),
+                       None if c_crossattn is None else torch.cat([c_crossattn, ctx_ref.to(c_crossattn.dtype)]),
+                       _pad_control(control, n_target, len(reqs)), opts, **kw_all)
+        return out[:n_target]
+
+    # Separate pass: the references alone (record their keys/values), then the target.
+    bank: dict = {}
+    rec = dict(transformer_options)
+    rec["cond_or_uncond"] = [r.label for r in reqs]
+    rec[ROWS_KEY] = RowLayout("record", rec["cond_or_uncond"], len(reqs), (H, W), sigma, rows, bank)
+    if isinstance(rec.get("sigmas"), torch.Tensor):
+        rec["sigmas"] = t_ref.to(t.device)
+    executor(x_ref, t_ref.to(t.device), concat_ref, ctx_ref, None, rec, **kw_ref)
+    opts = dict(transformer_options)
+    opts[ROWS_KEY] = RowLayout("read", labels, n_target, (H, W), sigma, rows, bank)
+    return executor(x, t, c_concat, c_crossattn, control, opts, **kwargs)
+
+
+# --------------------------------------------------------------------------- installing
+
+def find_replace(model_options, kind: str, key: tuple):
+    table = model_options.get("transformer_options", {}).get("patches_replace", {}).get(kind, {})
+    return table.get(key, table.get(key[:2]))
+
+
+def install_technique(model, technique):
+    """Clone ``model`` and register ``technique``: state, the reference-pass wrapper (once) and
+    the shared replace object on each of its blocks. The input MODEL is not touched."""
+    from comfy.patcher_extension import WrappersMP  # noqa: PLC0415
+
+    m = model.clone()
+    opts = dict(m.model_options.get("transformer_options", {}))
+    opts[STATE_KEY] = (opts.get(STATE_KEY) or PersonalizeState()).with_technique(technique)
+    m.model_options["transformer_options"] = opts
+    if not m.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+        m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, reference_pass)
+    for kind in ("attn1", "attn2"):
+        for key in technique.keys(kind):
+            existing = find_replace(m.model_options, kind, key)
+            if isinstance(existing, PersonalizeAttention):
+                continue
+            m.set_model_patch_replace(PersonalizeAttention(kind, existing), kind, key[0], key[1], key[2])
+    return m
