@@ -1,0 +1,274 @@
+"""MRSA inside a real ComfyUI: tiny random-weight SD1.5- and SDXL-shaped models sampled with and
+without the patch. Skipped when no ComfyUI tree is found (set COMFYUI_PATH)."""
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+
+from conftest import comfyui_root
+
+ROOT = comfyui_root()
+pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree "
+                                                     "(or place the pack in ComfyUI/custom_nodes) to run the "
+                                                     "integration tests")
+
+
+def _comfy():
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from comfy.cli_args import args
+    args.cpu = True
+    import comfy.model_management  # noqa: F401
+    import comfy.sample
+    import comfy.sd
+    return comfy
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny_models")
+
+
+@pytest.fixture(scope="session")
+def sd15(tiny_dir):
+    _comfy()
+    import comfy.sd
+    from tiny_models import build_sd15
+    path = build_sd15(tiny_dir / "checkpoints" / "tiny_sd15.safetensors")
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    return model, clip, vae
+
+
+@pytest.fixture(scope="session")
+def sdxl(tiny_dir):
+    _comfy()
+    import comfy.sd
+    from tiny_models import build_sdxl_unet
+    path = build_sdxl_unet(tiny_dir / "diffusion_models" / "tiny_sdxl.safetensors")
+    return comfy.sd.load_diffusion_model(str(path))
+
+
+def encode(clip, text):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def sample(model, positive, negative, size=(8, 8), batch=1, steps=3, cfg=5.0, seed=3, sampler="euler",
+           scheduler="normal"):
+    comfy = _comfy()
+    latent = torch.zeros(batch, 4, *size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                               disable_pbar=True, seed=seed)
+
+
+def assert_same_sample(a, b, vae=None):
+    """Equal up to float32 rounding. Running the references in the same UNet call changes the batch
+    size, which changes the rounding of a few kernels (about 1e-7 relative per call); a random model
+    leaves the latent at noise scale (~15), so the bound is 1e-4 relative to the latent's size, and
+    1e-4 absolute on the decoded image."""
+    scale = max(1.0, float(b.abs().max()))
+    assert float((a - b).abs().max()) <= 1e-4 * scale
+    if vae is not None:
+        torch.testing.assert_close(vae.decode(a), vae.decode(b), atol=1e-4, rtol=0)
+
+
+def mrsa_node():
+    from personalize_pack.nodes.attention import MultiReferenceAttentionNode
+    return MultiReferenceAttentionNode
+
+
+def ref_node():
+    from personalize_pack.nodes.references import ReferenceEncode
+    return ReferenceEncode
+
+
+def load_image(path, size=64):
+    import numpy as np
+    from PIL import Image
+    im = Image.open(path).convert("RGB").resize((size, size))
+    return torch.from_numpy(np.asarray(im).astype("float32") / 255.0)[None]
+
+
+def load_mask(path, size=64):
+    return load_image(path, size)[..., 0]
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    from conftest import PACK_ROOT
+    return PACK_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def references(sd15, data_dir):
+    model, clip, vae = sd15
+    enc = ref_node()
+    r = enc.execute(load_image(data_dir / "dreambench/cat/04.jpg"), vae, load_mask(data_dir / "freecustom_masks/cat_04_mask.jpg"),
+                    encode(clip, "a cat"), None, 3.0, 0.5, False, 64).result[0]
+    r = enc.execute(load_image(data_dir / "dreambench/dog6/02.jpg"), vae, load_mask(data_dir / "freecustom_masks/dog6_02_mask.jpg"),
+                    encode(clip, "a dog"), r, 3.0, 0.5, False, 64).result[0]
+    return r
+
+
+def zero_masked(refs):
+    from personalize_pack.references.reference import Reference
+    return tuple(Reference(latent=r.latent, mask=torch.zeros_like(r.mask), weight=r.weight, caption=r.caption)
+                 for r in refs)
+
+
+def patch(model, refs, preset="SD1.5 FreeCustom (output 6-11)", **kw):
+    args = dict(custom_blocks="", start_percent=0.0, end_percent=1.0, style_fidelity=1.0, seed=0)
+    args.update(kw)
+    return mrsa_node().execute(model, refs, preset, **args).result[0]
+
+
+def snapshot(model):
+    return (copy.copy(model.model_options.get("transformer_options", {})),
+            {k: dict(v) for k, v in model.model_options.get("transformer_options", {}).get("patches_replace", {}).items()},
+            {k: dict(v) for k, v in getattr(model, "wrappers", {}).items()})
+
+
+@pytest.mark.parametrize("batch,cfg", [(1, 5.0), (2, 5.0), (1, 1.0)])
+def test_zero_masks_sample_like_plain(sd15, references, batch, cfg):
+    model, clip, vae = sd15
+    pos, neg = encode(clip, "a cat and a dog on a sofa"), encode(clip, "blurry")
+    plain = sample(model, pos, neg, batch=batch, cfg=cfg)
+    patched = sample(patch(model, zero_masked(references)), pos, neg, batch=batch, cfg=cfg)
+    assert torch.isfinite(plain).all()
+    assert_same_sample(patched, plain, vae)
+
+
+def test_references_change_the_sample_and_input_model_is_untouched(sd15, references):
+    model, clip, _ = sd15
+    before = snapshot(model)
+    pos, neg = encode(clip, "a cat and a dog on a sofa"), encode(clip, "blurry")
+    plain = sample(model, pos, neg)
+    m = patch(model, references)
+    patched = sample(m, pos, neg)
+    assert (patched - plain).abs().max() > 1e-3
+    assert snapshot(model) == before
+    assert "personalize" not in model.model_options.get("transformer_options", {})
+    again = sample(model, pos, neg)
+    torch.testing.assert_close(again, plain)
+
+
+def test_two_patched_models_do_not_leak(sd15, references):
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a cat and a dog on a sofa"), encode(clip, "blurry")
+    a = patch(model, references[:1])
+    b = patch(model, references[1:])
+    sa = sample(a, pos, neg)
+    sb = sample(b, pos, neg)
+    sa2 = sample(a, pos, neg)
+    assert (sa - sb).abs().max() > 1e-3
+    torch.testing.assert_close(sa2, sa)
+
+
+@pytest.mark.parametrize("sampler,scheduler,steps", [("dpmpp_2m", "karras", 4), ("heun", "normal", 2),
+                                                     ("ddim", "ddim_uniform", 3)])
+def test_any_sampler_and_step_range(sd15, references, sampler, scheduler, steps):
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a dog"), encode(clip, "")
+    plain = sample(model, pos, neg, steps=steps, sampler=sampler, scheduler=scheduler)
+    on = sample(patch(model, references), pos, neg, steps=steps, sampler=sampler, scheduler=scheduler)
+    off = sample(patch(model, references, start_percent=1.0, end_percent=1.0), pos, neg, steps=steps,
+                 sampler=sampler, scheduler=scheduler)
+    assert (on - plain).abs().max() > 1e-3
+    torch.testing.assert_close(off, plain, atol=1e-4, rtol=0)
+
+
+def test_style_fidelity_below_one_changes_uncond(sd15, references):
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a dog"), encode(clip, "")
+    a = sample(patch(model, references), pos, neg)
+    b = sample(patch(model, references, style_fidelity=0.5), pos, neg)
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_controlnet_style_residuals_do_not_break_the_pass(sd15, references):
+    """ControlNet residuals arrive with the target's batch; the reference rows get zeros."""
+    model, clip, _ = sd15
+    from personalize_pack.attention.patch import _pad_control
+    res = torch.randn(2, 320, 8, 8)
+    padded = _pad_control({"input": [res], "middle": [], "output": []}, 2, 2)
+    assert padded["input"][0].shape[0] == 4
+
+
+def test_sdxl_shaped_model(sdxl):
+    from personalize_pack.references.reference import Reference
+    g = torch.Generator().manual_seed(0)
+    ctx = lambda: [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g)}]]
+    pos, neg = ctx(), ctx()
+    mask = torch.zeros(64, 64)
+    mask[16:48, 16:48] = 1
+    refs = (Reference(latent=torch.randn(1, 4, 8, 8, generator=g), mask=mask, caption=torch.randn(1, 77, 2048, generator=g)),)
+    plain = sample(sdxl, pos, neg)
+    on = sample(patch(sdxl, refs, preset="SDXL decoder (output 0-5)"), pos, neg)
+    zero = sample(patch(sdxl, zero_masked(refs), preset="SDXL decoder (output 0-5)"), pos, neg)
+    assert (on - plain).abs().max() > 1e-3
+    assert_same_sample(zero, plain)
+    with pytest.raises(ValueError, match="output:6"):
+        patch(sdxl, refs)    # the SD1.5 preset names blocks an SDXL UNet does not have
+
+
+# ---------------------------------------------------------------------------- bad input
+
+class FluxLikeVAE:
+    latent_channels = 16
+
+    def encode(self, pixels):
+        return torch.zeros(pixels.shape[0], 16, pixels.shape[1] // 8, pixels.shape[2] // 8)
+
+
+def test_bad_inputs_give_clear_errors(sd15, references, data_dir):
+    model, clip, vae = sd15
+    enc = ref_node()
+    img = load_image(data_dir / "dreambench/cat/04.jpg")
+    nan = img.clone()
+    nan[0, 3, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="image: contains NaN"):
+        enc.execute(nan, vae, None, None, None, 3.0, 0.5, False, 64)
+    with pytest.raises(ValueError, match="mask: batch of 2 masks for 1 images"):
+        enc.execute(img, vae, torch.ones(2, 64, 64), None, None, 3.0, 0.5, False, 64)
+    with pytest.raises(ValueError, match="mask: mask 0 is empty"):
+        enc.execute(img, vae, torch.zeros(1, 64, 64), None, None, 3.0, 0.5, False, 64)
+    other = enc.execute(img, FluxLikeVAE(), None, None, None, 3.0, 0.5, False, 64).result[0]
+    with pytest.raises(ValueError, match="16-channel latents.*4-channel"):
+        patch(model, other)
+    zero = tuple(enc.execute(img, vae, None, None, None, 0.0, 0.5, False, 64).result[0])
+    with pytest.raises(ValueError, match="every reference has weight 0"):
+        patch(model, zero)
+    with pytest.raises(ValueError, match="preset 'SDXL decoder \\(output 0-5\\)' names blocks"):
+        patch(model, references, preset="SDXL decoder (output 0-5)")
+    with pytest.raises(ValueError, match="custom_blocks: cannot read"):
+        patch(model, references, preset="custom", custom_blocks="decoder 6")
+    with pytest.raises(ValueError, match="start_percent"):
+        patch(model, references, start_percent=0.8, end_percent=0.2)
+    with pytest.raises(ValueError, match="no references"):
+        patch(model, ())
+
+
+def test_latent_that_does_not_fit_the_layers(sd15, references):
+    from personalize_pack.references.masks import token_grid
+    assert token_grid(4 * 5, 7, 9) == (4, 5)
+    with pytest.raises(ValueError, match="does not fit an attention layer with 17 tokens"):
+        token_grid(17, 8, 8)
+    model, clip, _ = sd15
+    pos, neg = encode(clip, "a dog"), encode(clip, "")
+    out = sample(patch(model, references), pos, neg, size=(7, 9))     # odd, non-square latent
+    assert out.shape == (1, 4, 7, 9) and torch.isfinite(out).all()
+
+
+def test_node_registration():
+    import asyncio
+    from conftest import import_pack
+    ext = asyncio.run(import_pack().comfy_entrypoint())
+    ids = [n.define_schema().node_id for n in asyncio.run(ext.get_node_list())]
+    assert ids == ["PersonalizeReferenceEncode", "PersonalizeMultiReferenceAttention"]
+    for n in asyncio.run(ext.get_node_list()):
+        schema = n.define_schema()
+        assert schema.category.startswith("personalize/") and schema.description
+        assert all(i.tooltip for i in schema.inputs), f"{schema.node_id}: every input needs a tooltip"

@@ -1,0 +1,96 @@
+"""Tiny random-weight checkpoints that ComfyUI detects as SD1.5 and as SDXL-family models
+(docs/comfyui-host.md §5). Built with ComfyUI's own classes on the meta device, every key filled
+with explicit random values (ComfyUI never initialises weights), saved as fp16 safetensors.
+
+* ``sd15``: UNet width 320 (detection needs it), every level 320 channels, SD1.5's attention
+  layout (input 1,2,4,5,7,8; middle; output 3-11), full CLIP-L, SD VAE with a slim decoder: a
+  complete checkpoint that CheckpointLoaderSimple loads as SD15.
+* ``sdxl``: a UNet-only file with SDXL's conditioning (context 2048, ADM 2816, linear
+  transformers, 64-channel heads) and Segmind-Vega's input transformer depths, output attention in
+  blocks 0-5: detected as an SDXL-family model (``Segmind_Vega``), loaded with UNETLoader.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+                 channel_mult=[1, 1, 1, 1], num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
+                 legacy=False, context_dim=768, use_linear_in_transformer=False, adm_in_channels=None,
+                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1)
+
+SDXL_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+                 channel_mult=[1, 1, 1], num_heads=-1, num_head_channels=64, use_spatial_transformer=True,
+                 legacy=False, context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816,
+                 num_classes="sequential", transformer_depth=[0, 0, 1, 1, 2, 2],
+                 transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2], transformer_depth_middle=1)
+
+VAE_DDCONFIG = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
+                'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
+
+
+def _random_state(module: torch.nn.Module, prefix: str, gen: torch.Generator) -> dict:
+    out = {}
+    for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+        shape = tuple(p.shape)
+        leaf = name.rsplit(".", 1)[-1]
+        if "embedding" in name or "position" in name and leaf == "weight" and len(shape) == 2:
+            t = torch.randn(shape, generator=gen) * 0.02
+        elif leaf == "bias":
+            t = torch.zeros(shape)
+        elif len(shape) <= 1:
+            t = torch.ones(shape)          # norm weights, scalars
+        else:
+            fan_in = math.prod(shape[1:])
+            t = torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+        out[prefix + name] = t.to(torch.float16)
+    return out
+
+
+def _calibrated(sd: dict, prefix: str) -> dict:
+    """Scale the UNet's last convolution so its noise prediction has about unit size, like a trained
+    model's (with plain random weights it is ~20x larger, which magnifies rounding differences)."""
+    key = prefix + "out.2.weight"
+    sd[key] = (sd[key].float() / 16).to(torch.float16)
+    return sd
+
+
+def _unet(config: dict):
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    return UNetModel(**config, device="meta", operations=comfy.ops.disable_weight_init)
+
+
+def build_sd15(path: Path, seed: int = 0) -> Path:
+    import comfy.sd1_clip
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    sd = _calibrated(_random_state(_unet(SD15_UNET), "model.diffusion_model.", gen), "model.diffusion_model.")
+    slim = dict(VAE_DDCONFIG, ch=32)
+    with torch.device("meta"):
+        vae = AutoencoderKL(ddconfig=VAE_DDCONFIG, embed_dim=4, decoder_ddconfig=slim)
+        clip = comfy.sd1_clip.SD1ClipModel(device="meta")
+    sd.update(_random_state(vae, "first_stage_model.", gen))
+    for k, v in _random_state(clip, "", gen).items():
+        if k in ("clip_l.transformer.text_projection.weight", "clip_l.logit_scale"):
+            continue
+        if k.startswith("clip_l."):
+            sd["cond_stage_model." + k[len("clip_l."):]] = v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def build_sdxl_unet(path: Path, seed: int = 1) -> Path:
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    sd = _calibrated(_random_state(_unet(SDXL_UNET), "", gen), "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path

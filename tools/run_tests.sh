@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run the pack's test suite on a fresh machine: creates its own virtual environment, installs what
+# the tests need (torch included), then runs pytest.
+#
+#   bash tools/run_tests.sh                 # unit tests; integration tests skip without ComfyUI
+#   COMFYUI_PATH=/path/to/ComfyUI bash tools/run_tests.sh   # also the integration tests
+#
+# Extra arguments go to pytest. PERSONALIZE_VENV overrides the environment's folder.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ -n "${COMFYUI_PATH:-}" ]; then
+    VENV=${PERSONALIZE_VENV:-.venv-comfyui}
+    # ComfyUI imports torchvision and torchaudio at start-up; this trio imports on CPU-only machines.
+    TORCH=(torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0)
+else
+    VENV=${PERSONALIZE_VENV:-.venv}
+    TORCH=(torch==2.13.0)
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+"$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "${TORCH[@]}"
+"${PIP[@]}" -r requirements.txt pytest
+if [ -n "${COMFYUI_PATH:-}" ]; then
+    "${PIP[@]}" -r "$COMFYUI_PATH/requirements.txt"
+fi
+
+exec "$VENV/bin/python" -m pytest tests "$@"
