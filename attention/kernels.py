@@ -53,31 +53,44 @@ class ReferenceKeys:
         return int(self.k.shape[0])
 
 
+def token_selection(mask: torch.Tensor, weight: float):
+    """Indices of the tokens of one reference that take part, and their logit bias ``w * m``.
+    A token takes part when its mask value and the weight are non-zero (FreeCustom: ``0 * mask``
+    counts as outside, so weight 0 removes the reference). None when nothing takes part."""
+    if weight == 0:
+        return None
+    idx = torch.nonzero(mask != 0, as_tuple=False).flatten()
+    if idx.numel() == 0:
+        return None
+    return idx, mask.index_select(0, idx).to(torch.promote_types(mask.dtype, torch.float32)) * float(weight)
+
+
+def gather_reference_keys(kvs: list, selections: list) -> ReferenceKeys | None:
+    """Concatenate the selected tokens of every reference: ``kvs[r] = (k_r, v_r)`` ``[N_r, h*d]``,
+    ``selections[r]`` from ``token_selection``. None when no token takes part."""
+    ks, vs, bs = [], [], []
+    for (k, v), sel in zip(kvs, selections):
+        if sel is None:
+            continue
+        idx, bias = sel
+        ks.append(k.index_select(0, idx))
+        vs.append(v.index_select(0, idx))
+        bs.append(bias)
+    if not ks:
+        return None
+    return ReferenceKeys(torch.cat(ks), torch.cat(vs), torch.cat(bs))
+
+
 def select_reference_keys(ref_k: torch.Tensor, ref_v: torch.Tensor, masks: list[torch.Tensor],
                           weights: list[float]) -> ReferenceKeys:
-    """Build the reference key set from per-reference keys ``ref_k[r]`` ``[N_r, h*d]`` (or a
-    stacked ``[R, N, h*d]``), flattened layer masks ``masks[r]`` ``[N_r]`` and weights.
-
-    A token takes part when its mask value is non-zero and its reference's weight is non-zero
-    (FreeCustom: ``0 * mask`` counts as outside, so weight 0 removes the reference); its bias is
-    ``w_r * m_r[j]``.
-    """
-    ks, vs, bs = [], [], []
-    for r, (m, w) in enumerate(zip(masks, weights)):
-        if w == 0:
-            continue
-        m = m.to(ref_k.device)
-        idx = torch.nonzero(m != 0, as_tuple=False).flatten()
-        if idx.numel() == 0:
-            continue
-        ks.append(ref_k[r].index_select(0, idx))
-        vs.append(ref_v[r].index_select(0, idx))
-        bs.append(m.index_select(0, idx).to(torch.promote_types(m.dtype, torch.float32)) * float(w))
-    c = ref_k.shape[-1]
-    if not ks:
-        empty = ref_k.new_zeros((0, c))
+    """The reference key set from per-reference keys ``ref_k[r]`` ``[N_r, h*d]``, flattened layer
+    masks ``masks[r]`` ``[N_r]`` and weights; an empty set when no token takes part."""
+    sels = [token_selection(m.to(ref_k.device), w) for m, w in zip(masks, weights)]
+    refs = gather_reference_keys([(ref_k[r], ref_v[r]) for r in range(len(sels))], sels)
+    if refs is None:
+        empty = ref_k.new_zeros((0, ref_k.shape[-1]))
         return ReferenceKeys(empty, empty, torch.zeros(0, device=ref_k.device))
-    return ReferenceKeys(torch.cat(ks), torch.cat(vs), torch.cat(bs))
+    return refs
 
 
 def mrsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, refs: ReferenceKeys,

@@ -12,13 +12,9 @@ import torch
 
 from ..references.masks import layer_mask, token_grid
 
-from .kernels import ReferenceKeys, mrsa_attention, select_reference_keys
+from .kernels import ReferenceKeys, gather_reference_keys, mrsa_attention, token_selection
 from .layers import SigmaRange
-from .patch import COND, UNCOND, RefRequest
-
-
-def _index(rows: list[int], device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=device)
+from .patch import COND, UNCOND, RefRequest, row_runs
 
 
 class MultiReferenceAttention:
@@ -40,7 +36,7 @@ class MultiReferenceAttention:
         self.sigmas = sigma_range
         self.style_fidelity = float(style_fidelity)
         self.seed = int(seed)
-        self._masks: dict = {}
+        self._selections: dict = {}
 
     # -- technique protocol -------------------------------------------------------------
     def keys(self, kind: str) -> frozenset:
@@ -62,58 +58,47 @@ class MultiReferenceAttention:
         return out
 
     # -- attention ----------------------------------------------------------------------
-    def layer_masks(self, n_tokens: int, hw: tuple) -> list[torch.Tensor]:
-        key = (n_tokens, hw)
-        hit = self._masks.get(key)
+    def selections(self, n_tokens: int, hw: tuple, device) -> list:
+        """Per reference: the tokens that take part at a layer of ``n_tokens`` tokens and their
+        bias (``kernels.token_selection``). Computed once per layer size, latent size and device."""
+        key = (n_tokens, hw, str(device))
+        hit = self._selections.get(key)
         if hit is None:
             h, w = token_grid(n_tokens, *hw)
-            hit = [layer_mask(r.fitted(*hw)[1], h, w, r.soft_mask) for r in self.references]
-            self._masks[key] = hit
+            hit = [token_selection(layer_mask(r.fitted(*hw)[1], h, w, r.soft_mask).to(device), float(r.weight))
+                   for r in self.references]
+            self._selections[key] = hit
         return hit
 
     def reference_keys(self, layout, key, k, v, label: int) -> ReferenceKeys | None:
-        ks, vs, ms, ws = [], [], [], []
-        masks = self.layer_masks(k.shape[1], layout.latent_hw)
-        for ref, m in zip(self.references, masks):
+        kvs, sels = [], []
+        for ref, sel in zip(self.references, self.selections(k.shape[1], layout.latent_hw, k.device)):
             kv = layout.reference_kv(key, k, v, ref, label)
-            if kv is None:
-                continue
-            if kv[0].shape[0] != m.shape[0]:
-                raise ValueError(f"reference '{ref.name}': {kv[0].shape[0]} reference tokens but a "
-                                 f"{m.shape[0]}-token mask at block {key}")
-            ks.append(kv[0])
-            vs.append(kv[1])
-            ms.append(m)
-            ws.append(float(ref.weight))
-        if not ks:
-            return None
-        return select_reference_keys(torch.stack(ks), torch.stack(vs), ms, ws)
+            if kv is not None and sel is not None:
+                kvs.append(kv)
+                sels.append(sel)
+        return gather_reference_keys(kvs, sels)
 
     def attn1(self, q, k, v, extra_options, *, inner, layout, key, subset_ok=False):
         heads = extra_options["n_heads"]
-        n = q.shape[0]
         cond_rows = layout.target_rows(COND)
-        if not cond_rows and self.style_fidelity >= 1.0:
-            return inner(q, k, v, extra_options)
         refs_c = self.reference_keys(layout, key, k, v, COND) if cond_rows else None
-        mrsa_rows = cond_rows if refs_c is not None and refs_c.count else []
-        other = [i for i in range(n) if i not in set(mrsa_rows)]
+        mrsa_rows = set(cond_rows) if refs_c is not None else set()
+        un_rows = layout.target_rows(UNCOND) if self.style_fidelity < 1.0 else []
+        refs_u = self.reference_keys(layout, key, k, v, UNCOND) if un_rows else None
+        if not mrsa_rows and refs_u is None:
+            return inner(q, k, v, extra_options)
 
-        if not subset_ok:
-            out = inner(q, k, v, extra_options).clone()
-        else:
+        if subset_ok:   # plain attention only where it is used, on contiguous views
             out = torch.empty_like(q)
-            if other:
-                idx = _index(other, q.device)
-                out[idx] = inner(q[idx], k[idx], v[idx], extra_options)
-        if mrsa_rows:
-            idx = _index(mrsa_rows, q.device)
-            out[idx] = mrsa_attention(q[idx], k[idx], v[idx], refs_c, heads)
-        if self.style_fidelity < 1.0:
-            un_rows = layout.target_rows(UNCOND)
-            refs_u = self.reference_keys(layout, key, k, v, UNCOND) if un_rows else None
-            if refs_u is not None and refs_u.count:
-                idx = _index(un_rows, q.device)
-                sf = self.style_fidelity
-                out[idx] = (1.0 - sf) * mrsa_attention(q[idx], k[idx], v[idx], refs_u, heads) + sf * out[idx]
+            for run in row_runs([i for i in range(q.shape[0]) if i not in mrsa_rows]):
+                out[run] = inner(q[run], k[run], v[run], extra_options)
+        else:
+            out = inner(q, k, v, extra_options).clone()
+        for run in row_runs(sorted(mrsa_rows)):
+            out[run] = mrsa_attention(q[run], k[run], v[run], refs_c, heads)
+        if refs_u is not None:
+            sf = self.style_fidelity
+            for run in row_runs(un_rows):
+                out[run] = (1.0 - sf) * mrsa_attention(q[run], k[run], v[run], refs_u, heads) + sf * out[run]
         return out

@@ -88,6 +88,17 @@ class RowLayout:
         return kv[0][row], kv[1][row]
 
 
+def row_runs(rows: list[int]) -> list[slice]:
+    """Contiguous runs of sorted row indices as slices (views, no copies)."""
+    runs: list[slice] = []
+    for r in rows:
+        if runs and runs[-1].stop == r:
+            runs[-1] = slice(runs[-1].start, r + 1)
+        else:
+            runs.append(slice(r, r + 1))
+    return runs
+
+
 # --------------------------------------------------------------------------- base attention
 
 _comfy_attention = None
