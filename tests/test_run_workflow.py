@@ -1,0 +1,339 @@
+"""The headless workflow runner (tools/run_workflow.py) and the shipped example workflow.
+
+Unit tests convert the shipped UI-format workflow (and variants of it) with hand-written schemas,
+without ComfyUI. The integration test runs the workflow in a real ComfyUI on a tiny random SD1.5
+checkpoint at 64 px."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import PACK_ROOT, comfyui_root
+
+WORKFLOW = PACK_ROOT / "workflows" / "personalize_freecustom_multi_reference.json"
+
+
+def _load_runner():
+    if "personalize_run_workflow" in sys.modules:
+        return sys.modules["personalize_run_workflow"]
+    spec = importlib.util.spec_from_file_location("personalize_run_workflow", PACK_ROOT / "tools" / "run_workflow.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+rw = _load_runner()
+
+FLOAT = lambda default: ("FLOAT", {"default": default, "min": 0.0, "max": 100.0})  # noqa: E731
+SCHEMAS = {
+    "CheckpointLoaderSimple": {"required": {"ckpt_name": (["v1-5-pruned-emaonly.safetensors"], {})}},
+    "CLIPTextEncode": {"required": {"text": ("STRING", {"multiline": True}), "clip": ("CLIP", {})}},
+    "LoadImage": {"required": {"image": (["example.png"], {"image_upload": True})}},
+    "ImageToMask": {"required": {"image": ("IMAGE", {}),
+                                 "channel": ("COMBO", {"options": ["red", "green", "blue", "alpha"]})}},
+    "PersonalizeReferenceEncode": {
+        "required": {"image": ("IMAGE", {}), "vae": ("VAE", {}), "weight": FLOAT(3.0),
+                     "mask_threshold": FLOAT(0.5), "soft_mask": ("BOOLEAN", {"default": False}),
+                     "resolution": ("INT", {"default": 512})},
+        "optional": {"mask": ("MASK", {}), "caption": ("CONDITIONING", {}),
+                     "references": ("PERSONALIZE_REFERENCE", {})}},
+    "PersonalizeMultiReferenceAttention": {
+        "required": {"model": ("MODEL", {}), "references": ("PERSONALIZE_REFERENCE", {}),
+                     "layers": ("COMBO", {"options": ["SD1.5 FreeCustom (output 6-11)", "custom"]}),
+                     "custom_blocks": ("STRING", {"default": "output:6-11"}),
+                     "start_percent": FLOAT(0.0), "end_percent": FLOAT(1.0), "style_fidelity": FLOAT(1.0),
+                     "seed": ("INT", {"default": 0, "control_after_generate": False})}},
+    "EmptyLatentImage": {"required": {"width": ("INT", {"default": 512}), "height": ("INT", {"default": 512}),
+                                      "batch_size": ("INT", {"default": 1})}},
+    "KSampler": {"required": {"model": ("MODEL", {}),
+                              "seed": ("INT", {"default": 0, "control_after_generate": True}),
+                              "steps": ("INT", {"default": 20}), "cfg": FLOAT(8.0),
+                              "sampler_name": (["euler", "ddim"], {}),
+                              "scheduler": (["normal", "ddim_uniform"], {}),
+                              "positive": ("CONDITIONING", {}), "negative": ("CONDITIONING", {}),
+                              "latent_image": ("LATENT", {}), "denoise": FLOAT(1.0)}},
+    "VAEDecode": {"required": {"samples": ("LATENT", {}), "vae": ("VAE", {})}},
+    "SaveImage": {"required": {"images": ("IMAGE", {}), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
+                  "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}},
+}
+
+
+@pytest.fixture
+def workflow():
+    return json.loads(WORKFLOW.read_text(encoding="utf-8"))
+
+
+def node_by_title(wf, title):
+    return next(n for n in wf["nodes"] if n.get("title") == title)
+
+
+def node_by_type(wf, class_type):
+    return next(n for n in wf["nodes"] if n["type"] == class_type)
+
+
+def api_by_title(prompt, title):
+    return next(n for n in prompt.values() if n["_meta"]["title"] == title)
+
+
+def api_by_type(prompt, class_type):
+    return next(n for n in prompt.values() if n["class_type"] == class_type)
+
+
+def add_node(wf, type_, inputs=(), outputs=(), widgets=None, mode=0):
+    wf["last_node_id"] += 1
+    node = {"id": wf["last_node_id"], "type": type_, "pos": [0, 0], "size": [200, 60], "flags": {}, "order": 0,
+            "mode": mode, "inputs": [dict(i) for i in inputs], "outputs": [dict(o, links=[]) for o in outputs],
+            "properties": {}, "widgets_values": widgets if widgets is not None else []}
+    wf["nodes"].append(node)
+    return node
+
+
+def relink(wf, link_id, origin, origin_slot):
+    """Point an existing link at another origin slot."""
+    link = next(lk for lk in wf["links"] if lk[0] == link_id)
+    for n in wf["nodes"]:
+        for out in n.get("outputs", []):
+            if link_id in (out.get("links") or []):
+                out["links"].remove(link_id)
+    link[1], link[2] = origin["id"], origin_slot
+    origin["outputs"][origin_slot]["links"].append(link_id)
+
+
+def add_link(wf, origin, origin_slot, target, target_slot, type_):
+    wf["last_link_id"] += 1
+    link_id = wf["last_link_id"]
+    wf["links"].append([link_id, origin["id"], origin_slot, target["id"], target_slot, type_])
+    origin["outputs"][origin_slot]["links"].append(link_id)
+    target["inputs"][target_slot]["link"] = link_id
+    return link_id
+
+
+# --- the shipped workflow --------------------------------------------------------------------
+
+def test_shipped_workflow_is_ui_format(workflow):
+    for key in ("last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"):
+        assert key in workflow
+    ids = {n["id"] for n in workflow["nodes"]}
+    assert workflow["last_node_id"] == max(ids) and workflow["last_link_id"] == max(lk[0] for lk in workflow["links"])
+    for link_id, src, src_slot, dst, dst_slot, typ in workflow["links"]:
+        source = next(n for n in workflow["nodes"] if n["id"] == src)
+        target = next(n for n in workflow["nodes"] if n["id"] == dst)
+        assert link_id in source["outputs"][src_slot]["links"]
+        assert target["inputs"][dst_slot]["link"] == link_id
+        assert source["outputs"][src_slot]["type"] == target["inputs"][dst_slot]["type"] == typ
+    for n in workflow["nodes"]:
+        assert {"pos", "size", "mode", "order", "widgets_values"} <= set(n)
+    assert any(n["type"] == "Note" and "models/checkpoints" in n["widgets_values"][0] for n in workflow["nodes"])
+    assert (WORKFLOW.with_suffix(".jpg")).is_file()
+
+
+def test_shipped_workflow_converts(workflow):
+    prompt = rw.ui_to_api(workflow, SCHEMAS)
+    assert len(prompt) == len(workflow["nodes"]) - 1                      # the Note is dropped
+    assert all(n["class_type"] != "Note" for n in prompt.values())
+
+    ckpt_id = str(node_by_type(workflow, "CheckpointLoaderSimple")["id"])
+    assert api_by_type(prompt, "CheckpointLoaderSimple")["inputs"] == {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}
+    assert api_by_title(prompt, "Prompt")["inputs"] == {"text": "a cat and a dog sitting together on a sofa",
+                                                         "clip": [ckpt_id, 1]}
+    assert api_by_title(prompt, "Negative prompt (FreeCustom)")["inputs"]["text"].startswith("lowres, bad anatomy")
+
+    # LoadImage: the upload button's saved value is skipped
+    assert api_by_title(prompt, "Reference 1: cat")["inputs"] == {"image": "personalize_cat_04.jpg"}
+    assert api_by_title(prompt, "Reference 2: dog mask")["inputs"] == {"image": "personalize_dog6_02_mask.jpg"}
+
+    cat = node_by_title(workflow, "Reference Encode: cat")
+    enc_cat = api_by_title(prompt, "Reference Encode: cat")["inputs"]
+    enc_dog = api_by_title(prompt, "Reference Encode: dog")["inputs"]
+    assert {k: enc_cat[k] for k in ("weight", "mask_threshold", "soft_mask", "resolution")} == \
+        {"weight": 3.0, "mask_threshold": 0.5, "soft_mask": False, "resolution": 512}
+    assert "references" not in enc_cat                                     # unconnected optional input
+    assert enc_dog["references"] == [str(cat["id"]), 0]                    # chained
+    assert enc_cat["vae"] == [ckpt_id, 2]
+    mask_node = str(node_by_title(workflow, "cat mask (red channel)")["id"])
+    assert enc_cat["mask"] == [mask_node, 0]
+    assert api_by_title(prompt, "cat mask (red channel)")["inputs"]["channel"] == "red"
+
+    mra = api_by_type(prompt, "PersonalizeMultiReferenceAttention")["inputs"]
+    dog_id = str(node_by_title(workflow, "Reference Encode: dog")["id"])
+    assert mra == {"layers": "SD1.5 FreeCustom (output 6-11)", "custom_blocks": "output:6-11", "start_percent": 0.0,
+                   "end_percent": 1.0, "style_fidelity": 1.0, "seed": 0,   # no control value after this seed
+                   "model": [ckpt_id, 0], "references": [dog_id, 0]}
+
+    ks = api_by_type(prompt, "KSampler")["inputs"]
+    mra_id = str(node_by_type(workflow, "PersonalizeMultiReferenceAttention")["id"])
+    # the seed's control_after_generate value ("fixed") is consumed, not shifted into steps
+    assert {k: ks[k] for k in ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise")} == \
+        {"seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0}
+    assert ks["model"] == [mra_id, 0]
+    assert api_by_type(prompt, "EmptyLatentImage")["inputs"] == {"width": 512, "height": 512, "batch_size": 1}
+    assert api_by_type(prompt, "SaveImage")["inputs"]["filename_prefix"] == "personalize_freecustom"
+
+
+def test_widget_values_control_after_generate_rules():
+    schema = {"required": {"seed": ("INT", {}), "noise_seed": ("INT", {"control_after_generate": False}),
+                           "x": ("FLOAT", {"control_after_generate": True}), "y": ("INT", {}),
+                           "pick": (["a", "b"], {"control_after_generate": True}), "z": ("STRING", {}),
+                           "img": ("IMAGE", {}), "forced": ("INT", {"forceInput": True})}}
+    # "seed" without the option gets a control widget (the frontend's legacy rule); a False option wins
+    values = [7, "randomize", 9, 0.5, "fixed", 3, "b", "fixed", "", "text"]
+    assert rw.widget_values(schema, values) == {"seed": 7, "noise_seed": 9, "x": 0.5, "y": 3, "pick": "b", "z": "text"}
+    assert rw.widget_values(schema, {"seed": 1, "z": "t"}) == {"seed": 1, "z": "t"}   # dict-style values
+
+
+def test_upload_value_optional_and_defaults():
+    load = SCHEMAS["LoadImage"]
+    assert rw.widget_values(load, ["a.png", "image"]) == {"image": "a.png"}
+    assert rw.widget_values(load, ["a.png"]) == {"image": "a.png"}
+    # short widgets_values fall back to the schema defaults
+    assert rw.widget_values(SCHEMAS["EmptyLatentImage"], [256]) == {"width": 256, "height": 512, "batch_size": 1}
+
+
+def test_converted_widget_fed_by_primitive_and_by_a_node(workflow):
+    ks = node_by_type(workflow, "KSampler")
+    prim = add_node(workflow, "PrimitiveNode", outputs=[{"name": "INT", "type": "INT",
+                                                         "widget": {"name": "seed"}}], widgets=[1234, "fixed"])
+    ks["inputs"].append({"name": "seed", "type": "INT", "widget": {"name": "seed"}, "link": None})
+    add_link(workflow, prim, 0, ks, len(ks["inputs"]) - 1, "INT")
+    # steps converted to an input and fed by a real node: the link wins over the widget value
+    SCHEMAS_X = dict(SCHEMAS, PrimitiveInt={"required": {"value": ("INT", {"control_after_generate": "fixed"})}})
+    src = add_node(workflow, "PrimitiveInt", outputs=[{"name": "INT", "type": "INT"}], widgets=[3, "fixed"])
+    ks["inputs"].append({"name": "steps", "type": "INT", "widget": {"name": "steps"}, "link": None})
+    add_link(workflow, src, 0, ks, len(ks["inputs"]) - 1, "INT")
+    prompt = rw.ui_to_api(workflow, SCHEMAS_X)
+    inputs = api_by_type(prompt, "KSampler")["inputs"]
+    assert inputs["seed"] == 1234
+    assert inputs["steps"] == [str(src["id"]), 0]
+    assert inputs["cfg"] == 7.5                                            # the rest keep their places
+    assert api_by_type(prompt, "PrimitiveInt")["inputs"] == {"value": 3}
+    assert all(n["class_type"] != "PrimitiveNode" for n in prompt.values())
+
+
+def test_reroute_is_followed(workflow):
+    ckpt = node_by_type(workflow, "CheckpointLoaderSimple")
+    decode = node_by_type(workflow, "VAEDecode")
+    r1 = add_node(workflow, "Reroute", inputs=[{"name": "", "type": "*", "link": None}],
+                  outputs=[{"name": "", "type": "VAE"}])
+    r2 = add_node(workflow, "Reroute", inputs=[{"name": "", "type": "*", "link": None}],
+                  outputs=[{"name": "", "type": "VAE"}])
+    vae_link = decode["inputs"][1]["link"]
+    relink(workflow, vae_link, r2, 0)                                     # VAEDecode.vae <- r2 <- r1 <- ckpt
+    add_link(workflow, r1, 0, r2, 0, "VAE")
+    add_link(workflow, ckpt, 2, r1, 0, "VAE")
+    prompt = rw.ui_to_api(workflow, SCHEMAS)
+    assert api_by_type(prompt, "VAEDecode")["inputs"]["vae"] == [str(ckpt["id"]), 2]
+    assert all(n["class_type"] != "Reroute" for n in prompt.values())
+
+
+def test_muted_and_bypassed_nodes(workflow):
+    node_by_title(workflow, "Reference Encode: dog")["mode"] = 2           # muted: gone, its output too
+    node_by_type(workflow, "SaveImage")["mode"] = 2
+    prompt = rw.ui_to_api(workflow, SCHEMAS)
+    assert all(n["_meta"]["title"] != "Reference Encode: dog" for n in prompt.values())
+    assert all(n["class_type"] != "SaveImage" for n in prompt.values())
+    assert "references" not in api_by_type(prompt, "PersonalizeMultiReferenceAttention")["inputs"]
+
+    node_by_title(workflow, "Reference Encode: dog")["mode"] = 4           # bypassed: passes the cat through
+    mra = node_by_type(workflow, "PersonalizeMultiReferenceAttention")
+    mra["mode"] = 4                                                        # MODEL in -> MODEL out
+    prompt = rw.ui_to_api(workflow, SCHEMAS)
+    ckpt_id = str(node_by_type(workflow, "CheckpointLoaderSimple")["id"])
+    assert api_by_type(prompt, "KSampler")["inputs"]["model"] == [ckpt_id, 0]
+    assert all(n["class_type"] != "PersonalizeMultiReferenceAttention" for n in prompt.values())
+    mra["mode"] = 0
+    prompt = rw.ui_to_api(workflow, SCHEMAS)
+    cat_id = str(node_by_title(workflow, "Reference Encode: cat")["id"])
+    assert api_by_type(prompt, "PersonalizeMultiReferenceAttention")["inputs"]["references"] == [cat_id, 0]
+
+
+def test_dict_links_and_unknown_nodes(workflow):
+    as_dicts = copy.deepcopy(workflow)
+    as_dicts["links"] = [dict(zip(("id", "origin_id", "origin_slot", "target_id", "target_slot", "type"), lk))
+                         for lk in workflow["links"]]
+    assert rw.ui_to_api(as_dicts, SCHEMAS) == rw.ui_to_api(workflow, SCHEMAS)
+
+    add_node(workflow, "SomeMissingNode", mode=2)                          # muted unknown node: ignored
+    rw.ui_to_api(workflow, SCHEMAS)
+    add_node(workflow, "SomeMissingNode")
+    with pytest.raises(rw.WorkflowError, match="SomeMissingNode"):
+        rw.ui_to_api(workflow, SCHEMAS)
+    with pytest.raises(rw.WorkflowError, match="UI-format"):
+        rw.ui_to_api({"3": {"class_type": "KSampler", "inputs": {}}}, SCHEMAS)
+
+
+def test_overrides(workflow):
+    prompt = rw.ui_to_api(workflow, SCHEMAS)
+    rw.apply_overrides(prompt, ["KSampler.steps=2", "EmptyLatentImage.width=64", "LoadImage.image=x.png",
+                                "CheckpointLoaderSimple.ckpt_name=tiny.safetensors"], SCHEMAS)
+    assert api_by_type(prompt, "KSampler")["inputs"]["steps"] == 2
+    assert api_by_type(prompt, "EmptyLatentImage")["inputs"]["width"] == 64
+    assert {n["inputs"]["image"] for n in prompt.values() if n["class_type"] == "LoadImage"} == {"x.png"}
+    assert api_by_type(prompt, "CheckpointLoaderSimple")["inputs"]["ckpt_name"] == "tiny.safetensors"
+    rw.apply_overrides(prompt, {"PersonalizeReferenceEncode.soft_mask": True}, SCHEMAS)
+    assert all(n["inputs"]["soft_mask"] is True for n in prompt.values()
+               if n["class_type"] == "PersonalizeReferenceEncode")
+    for bad, msg in (("KSampler.stepz=2", "no input 'stepz'"), ("Nope.steps=2", "no active Nope"),
+                     ("KSampler", "CLASS_TYPE.input=value")):
+        with pytest.raises(rw.WorkflowError, match=msg):
+            rw.apply_overrides(prompt, [bad], SCHEMAS)
+
+
+def test_cli_without_comfyui_fails_clearly(monkeypatch, capsys):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    assert rw.main([str(WORKFLOW)]) == 1
+    assert "COMFYUI_PATH" in capsys.readouterr().err
+
+
+# --- integration: the shipped workflow in a real ComfyUI -------------------------------------
+
+ROOT = comfyui_root()
+needs_comfyui = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree "
+                                                        "(or place the pack in ComfyUI/custom_nodes)")
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory):
+    import comfy_host
+    comfy_host.init_nodes_with_pack()
+    from tiny_models import build_sd15
+    models = tmp_path_factory.mktemp("workflow_models")
+    build_sd15(models / "checkpoints" / "tiny.safetensors")
+    return models
+
+
+@needs_comfyui
+def test_shipped_workflow_runs_headless(tiny_models_dir, tmp_path):
+    from PIL import Image
+
+    out_dir, in_dir = tmp_path / "out", tmp_path / "in"
+    outputs = rw.run_workflow(WORKFLOW, ROOT, output_dir=out_dir, models_dir=tiny_models_dir, input_dir=in_dir,
+                              overrides={"CheckpointLoaderSimple.ckpt_name": "tiny.safetensors",
+                                         "EmptyLatentImage.width": 64, "EmptyLatentImage.height": 64,
+                                         "KSampler.steps": 2})
+    assert sorted(p.name for p in in_dir.iterdir()) == sorted(
+        ["personalize_cat_04.jpg", "personalize_cat_04_mask.jpg", "personalize_dog6_02.jpg",
+         "personalize_dog6_02_mask.jpg"])
+    images = [item for out in outputs.values() for item in out.get("images", []) if item.get("type") == "output"]
+    assert len(images) == 1
+    path = out_dir / images[0].get("subfolder", "") / images[0]["filename"]
+    assert path.is_file() and path.name.startswith("personalize_freecustom")
+    with Image.open(path) as im:
+        assert im.size == (64, 64)
+        assert "workflow" in im.info                                       # reloadable in the editor
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
+    assert np.isfinite(pixels).all() and pixels.std() > 1.0
+
+
+@needs_comfyui
+def test_run_workflow_reports_validation_errors(tiny_models_dir, tmp_path):
+    with pytest.raises(rw.WorkflowError, match="validation failed"):
+        rw.run_workflow(WORKFLOW, ROOT, output_dir=tmp_path / "out", models_dir=tiny_models_dir,
+                        input_dir=tmp_path / "in",
+                        overrides={"CheckpointLoaderSimple.ckpt_name": "missing.safetensors"})

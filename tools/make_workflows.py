@@ -1,0 +1,269 @@
+#!/usr/bin/env python
+"""Generate the shipped example workflows (UI format) from the live node schemas, their thumbnails
+and, optionally, the example input images.
+
+    COMFYUI_PATH=/path/to/ComfyUI python tools/make_workflows.py [--inputs-from SHARED_DATA_DIR]
+
+``widgets_values`` are laid out with the same schema rules ``tools/run_workflow.py`` reads them with,
+so a workflow written here converts back to exactly the values given below.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run_workflow as rw  # noqa: E402
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = PACK_ROOT / "workflows"
+INPUTS = WORKFLOWS / "inputs"
+
+# FreeCustom's cat_and_dog case (shared/data/cases.json), with FreeCustom's negative prompt, mask weight,
+# layers and sampler settings.
+FREECUSTOM = dict(
+    stem="personalize_freecustom_multi_reference",
+    checkpoint="v1-5-pruned-emaonly.safetensors",
+    prompt="a cat and a dog sitting together on a sofa",
+    negative="lowres, bad anatomy, text, error, cropped, worst quality, low quality, normal quality, "
+             "jpeg artifacts, blurry",
+    refs=[("cat", "personalize_cat_04.jpg", "personalize_cat_04_mask.jpg", "a cat"),
+          ("dog", "personalize_dog6_02.jpg", "personalize_dog6_02_mask.jpg", "a dog")],
+    seed=42, steps=50, cfg=7.5, sampler="ddim", scheduler="ddim_uniform", size=512,
+)
+
+# (source image, source mask, shipped image, shipped mask) relative to the shared data folder
+INPUT_SOURCES = [
+    ("dreambench/cat/04.jpg", "freecustom_masks/cat_04_mask.jpg", "personalize_cat_04.jpg",
+     "personalize_cat_04_mask.jpg"),
+    ("dreambench/dog6/02.jpg", "freecustom_masks/dog6_02_mask.jpg", "personalize_dog6_02.jpg",
+     "personalize_dog6_02_mask.jpg"),
+]
+LICENSE_FILES = ["licenses/CC-BY-4.0_google-dreambooth_LICENSE.md",
+                 "licenses/BSD-2-Clause_aim-uofa-FreeCustom_LICENSE.txt",
+                 "dreambench/references_and_licenses.txt"]
+
+NOTE = "\n\n".join([
+    "FreeCustom multi-reference customization (Personalize)",
+    'Puts two subjects from reference photos into one image: "a cat and a dog sitting together on a sofa".',
+    "How it works: each Reference Encode node VAE-encodes a reference photo, keeps its subject mask and its "
+    'caption ("a cat", "a dog"); the two nodes are chained. Multi-Reference Attention patches the model: in the '
+    "SD1.5 decoder's self-attention (output blocks 6-11) the image also attends to the masked tokens of every "
+    "reference, boosted by the mask weight (3.0). The references are re-noised and run once per step. Sampler "
+    "settings follow FreeCustom: DDIM, 50 steps, cfg 7.5.",
+    "Models: put an SD1.5 checkpoint in ComfyUI/models/checkpoints/ (v1-5-pruned-emaonly.safetensors, or choose "
+    "any SD1.5 fine-tune in Load Checkpoint).",
+    "Inputs: the four example images ship in this pack's workflows/inputs/ folder; copy them into ComfyUI/input/ "
+    "(tools/run_workflow.py does it for you). For your own subjects: Load Image + a mask (paint it in the mask "
+    "editor and use Load Image's MASK output, or a segmentation node) + a short caption. Credits and licenses of "
+    "the examples: workflows/inputs/CREDITS.md.",
+])
+
+
+class Graph:
+    """A tiny UI-format graph builder: nodes with sockets from the live schema, links, order."""
+
+    def __init__(self, schemas: dict, classes: dict):
+        self.schemas, self.classes = schemas, classes
+        self.nodes, self.links = [], []
+
+    def node(self, class_type, pos, size, title=None, **values):
+        schema = self.schemas[class_type]
+        widget_names = {n for n, kind, _ in rw.widget_slots(schema) if kind == "value"}
+        unknown = set(values) - widget_names
+        if unknown:
+            raise ValueError(f"{class_type}: not widget inputs: {sorted(unknown)}")
+        widgets = []
+        for name, kind, opts in rw.widget_slots(schema):
+            if kind == "value":
+                if name not in values and "default" not in opts:
+                    raise ValueError(f"{class_type}: no value for {name!r}")
+                widgets.append(values.get(name, opts.get("default")))
+            else:
+                widgets.append({"control": "fixed", "filter": "", "upload": "image"}[kind])
+        cls = self.classes[class_type]
+        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+        node = {
+            "id": len(self.nodes) + 1, "type": class_type, "pos": list(pos), "size": list(size), "flags": {},
+            "order": 0, "mode": 0,
+            "inputs": [{"name": n, "localized_name": n, "type": str(t), "link": None}
+                       for n, t, o in rw.ordered_inputs(schema) if not rw.is_widget(t, o)],
+            "outputs": [{"name": str(n), "localized_name": str(n), "type": str(t), "slot_index": i, "links": []}
+                        for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))],
+            "properties": {"Node name for S&R": class_type},
+            "widgets_values": widgets,
+        }
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node
+
+    def note(self, text, pos, size, title="Note"):
+        node = {"id": len(self.nodes) + 1, "type": "Note", "pos": list(pos), "size": list(size), "flags": {},
+                "order": 0, "mode": 0, "inputs": [], "outputs": [], "title": title, "properties": {},
+                "widgets_values": [text], "color": "#432", "bgcolor": "#653"}
+        self.nodes.append(node)
+        return node
+
+    def link(self, src, out_slot, dst, input_name):
+        slot = next(i for i, inp in enumerate(dst["inputs"]) if inp["name"] == input_name)
+        link_id = len(self.links) + 1
+        typ = src["outputs"][out_slot]["type"]
+        self.links.append([link_id, src["id"], out_slot, dst["id"], slot, typ])
+        src["outputs"][out_slot]["links"].append(link_id)
+        dst["inputs"][slot]["link"] = link_id
+
+    def to_json(self) -> dict:
+        # "order" is a topological order of the nodes, as the frontend stores it
+        deps = {n["id"]: {lk[1] for lk in self.links if lk[3] == n["id"]} for n in self.nodes}
+        done = []
+        while len(done) < len(self.nodes):
+            ready = sorted(i for i, d in deps.items() if i not in done and d <= set(done))
+            done += ready
+        for n in self.nodes:
+            n["order"] = done.index(n["id"])
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [], "config": {},
+                "extra": {"ds": {"scale": 0.65, "offset": [40, 40]}}, "version": 0.4}
+
+
+def freecustom_workflow(schemas: dict, classes: dict) -> dict:
+    c = FREECUSTOM
+    g = Graph(schemas, classes)
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), "Load Checkpoint (SD1.5)", ckpt_name=c["checkpoint"])
+    g.note(NOTE, (0, 140), (320, 620), title="Read me: FreeCustom multi-reference")
+    pos = g.node("CLIPTextEncode", (380, 0), (400, 160), "Prompt", text=c["prompt"])
+    neg = g.node("CLIPTextEncode", (380, 200), (400, 160), "Negative prompt (FreeCustom)", text=c["negative"])
+    g.link(ckpt, 1, pos, "clip")
+    g.link(ckpt, 1, neg, "clip")
+
+    refs = None
+    for k, (subject, image, mask, caption) in enumerate(c["refs"]):
+        y = 420 + k * 760
+        img = g.node("LoadImage", (380, y), (300, 330), f"Reference {k + 1}: {subject}", image=image)
+        msk = g.node("LoadImage", (380, y + 370), (300, 330), f"Reference {k + 1}: {subject} mask", image=mask)
+        to_mask = g.node("ImageToMask", (720, y + 370), (260, 60), f"{subject} mask (red channel)", channel="red")
+        cap = g.node("CLIPTextEncode", (720, y), (300, 110), f"Reference {k + 1} caption", text=caption)
+        enc = g.node("PersonalizeReferenceEncode", (1060, y), (320, 260), f"Reference Encode: {subject}",
+                     weight=3.0, mask_threshold=0.5, soft_mask=False, resolution=c["size"])
+        g.link(msk, 0, to_mask, "image")
+        g.link(ckpt, 1, cap, "clip")
+        g.link(img, 0, enc, "image")
+        g.link(ckpt, 2, enc, "vae")
+        g.link(to_mask, 0, enc, "mask")
+        g.link(cap, 0, enc, "caption")
+        if refs is not None:
+            g.link(refs, 0, enc, "references")
+        refs = enc
+
+    mra = g.node("PersonalizeMultiReferenceAttention", (1440, 420), (340, 250), None,
+                 layers="SD1.5 FreeCustom (output 6-11)", custom_blocks="output:6-11", start_percent=0.0,
+                 end_percent=1.0, style_fidelity=1.0, seed=0)
+    g.link(ckpt, 0, mra, "model")
+    g.link(refs, 0, mra, "references")
+    latent = g.node("EmptyLatentImage", (1440, 200), (320, 110), None, width=c["size"], height=c["size"],
+                    batch_size=1)
+    sampler = g.node("KSampler", (1840, 0), (320, 270), "KSampler (DDIM, as FreeCustom)", seed=c["seed"],
+                     steps=c["steps"], cfg=c["cfg"], sampler_name=c["sampler"], scheduler=c["scheduler"],
+                     denoise=1.0)
+    g.link(mra, 0, sampler, "model")
+    g.link(pos, 0, sampler, "positive")
+    g.link(neg, 0, sampler, "negative")
+    g.link(latent, 0, sampler, "latent_image")
+    decode = g.node("VAEDecode", (2200, 0), (210, 50), None)
+    g.link(sampler, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+    save = g.node("SaveImage", (2200, 100), (520, 560), None, filename_prefix="personalize_freecustom")
+    g.link(decode, 0, save, "images")
+    return g.to_json()
+
+
+def prepare_inputs(data_dir: Path) -> None:
+    from PIL import Image
+    INPUTS.mkdir(parents=True, exist_ok=True)
+    for image, mask, out_image, out_mask in INPUT_SOURCES:
+        for src, dst, mode in ((image, out_image, "RGB"), (mask, out_mask, "L")):
+            im = Image.open(data_dir / src).convert(mode)
+            scale = 512 / max(im.size)
+            im = im.resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS)
+            im.save(INPUTS / dst, quality=92)
+    (INPUTS / "licenses").mkdir(exist_ok=True)
+    for rel in LICENSE_FILES:
+        shutil.copyfile(data_dir / rel, INPUTS / "licenses" / Path(rel).name)
+
+
+def thumbnail(path: Path) -> None:
+    """An honest illustrative card (no generated image): the references with their masks tinted,
+    the nodes they go through and the prompt."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    W, H = 400, 300
+    card = Image.new("RGB", (W, H), (30, 32, 38))
+    d = ImageDraw.Draw(card)
+    font = lambda s: ImageFont.load_default(size=s)  # noqa: E731
+    d.text((12, 9), "FreeCustom multi-reference", fill=(240, 240, 240), font=font(18))
+    d.text((12, 32), "Personalize node pack - illustrative card", fill=(150, 155, 165), font=font(11))
+    tints = [(255, 150, 60), (80, 170, 255)]
+    for k, (subject, image, mask, caption) in enumerate(FREECUSTOM["refs"]):
+        im = Image.open(INPUTS / image).convert("RGB").resize((104, 104), Image.LANCZOS)
+        m = Image.open(INPUTS / mask).convert("L").resize((104, 104), Image.BILINEAR)
+        tinted = Image.blend(im, Image.new("RGB", im.size, tints[k]), 0.45)
+        dark = Image.blend(im, Image.new("RGB", im.size, (0, 0, 0)), 0.7)
+        x, y = 12, 54 + k * 122
+        card.paste(Image.composite(tinted, dark, m.point(lambda v: 255 if v > 127 else 0)), (x, y))
+        d.rectangle((x - 1, y - 1, x + 104, y + 104), outline=tints[k])
+        d.text((x + 4, y + 88), caption, fill=(255, 255, 255), font=font(11), stroke_width=2, stroke_fill=(0, 0, 0))
+        end = (146, 80 + 12 * k)
+        d.line((x + 108, y + 52, *end), fill=tints[k], width=2)
+        d.ellipse((end[0] - 3, end[1] - 3, end[0] + 3, end[1] + 3), fill=tints[k])
+    boxes = [("Reference Encode", "image + mask + caption, x2", 66),
+             ("Multi-Reference Attention", "FreeCustom MRSA, output 6-11", 126),
+             ("KSampler", "DDIM 50 steps, cfg 7.5", 186)]
+    for title, sub, y in boxes:
+        d.rounded_rectangle((148, y, 388, y + 44), radius=6, fill=(52, 56, 66), outline=(120, 125, 140))
+        d.text((156, y + 5), title, fill=(240, 240, 240), font=font(14))
+        d.text((156, y + 25), sub, fill=(170, 175, 185), font=font(11))
+        if y > 66:
+            d.line((268, y - 16, 268, y - 1), fill=(200, 200, 200), width=2)
+            d.polygon([(263, y - 7), (273, y - 7), (268, y - 1)], fill=(200, 200, 200))
+    d.text((148, 240), "prompt (then VAE Decode, Save Image):", fill=(150, 155, 165), font=font(11))
+    d.text((148, 254), '"a cat and a dog sitting', fill=(255, 230, 160), font=font(13))
+    d.text((148, 271), ' together on a sofa"', fill=(255, 230, 160), font=font(13))
+    card.save(path, quality=90)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--comfyui", help="ComfyUI install (default: $COMFYUI_PATH)")
+    parser.add_argument("--inputs-from", type=Path,
+                        help="shared data folder to (re)make workflows/inputs/ from (dreambench/, freecustom_masks/)")
+    a = parser.parse_args()
+    if a.inputs_from:
+        prepare_inputs(a.inputs_from)
+
+    rw.import_comfyui(rw.find_comfyui(a.comfyui))
+    asyncio.run(rw.ensure_nodes())
+    import nodes
+    classes = nodes.NODE_CLASS_MAPPINGS
+    types = ["CheckpointLoaderSimple", "CLIPTextEncode", "LoadImage", "ImageToMask", "PersonalizeReferenceEncode",
+             "PersonalizeMultiReferenceAttention", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage"]
+    schemas = rw.live_schemas(types)
+    ks = schemas["KSampler"]["required"]   # fall back to euler/normal where DDIM is missing
+    if FREECUSTOM["sampler"] not in ks["sampler_name"][0]:
+        FREECUSTOM["sampler"] = "euler"
+    if FREECUSTOM["scheduler"] not in ks["scheduler"][0]:
+        FREECUSTOM["scheduler"] = "normal"
+    wf = freecustom_workflow(schemas, classes)
+    out = WORKFLOWS / f"{FREECUSTOM['stem']}.json"
+    out.write_text(json.dumps(wf, indent=2) + "\n", encoding="utf-8")
+    thumbnail(WORKFLOWS / f"{FREECUSTOM['stem']}.jpg")
+    print(f"wrote {out} and its thumbnail")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
