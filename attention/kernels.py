@@ -41,69 +41,68 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
 
 @dataclass
 class ReferenceKeys:
-    """The reference part of an MRSA key set at one layer: selected tokens of every reference,
-    concatenated, with their logit bias. ``k``/``v`` are ``[M, h*d]`` (shared by every target
-    row) and ``bias`` is ``[M]``. ``M`` may be 0."""
-    k: torch.Tensor
-    v: torch.Tensor
+    """The reference part of an MRSA key set at one layer: the selected tokens of every reference,
+    kept as per-reference parts (views where a whole reference is selected, so nothing is copied
+    until the one concatenation with the target's own keys), and their logit bias. Parts are
+    ``[M_r, h*d]`` (shared by every target row); ``bias`` is ``[sum M_r]``."""
+    k: list
+    v: list
     bias: torch.Tensor
 
     @property
     def count(self) -> int:
-        return int(self.k.shape[0])
+        return int(self.bias.shape[0])
 
 
 def token_selection(mask: torch.Tensor, weight: float):
-    """Indices of the tokens of one reference that take part, and their logit bias ``w * m``.
-    A token takes part when its mask value and the weight are non-zero (FreeCustom: ``0 * mask``
-    counts as outside, so weight 0 removes the reference). None when nothing takes part."""
+    """Which tokens of one reference take part, and their logit bias ``w * m``: ``(idx, bias)``
+    with ``idx`` None when every token does. A token takes part when its mask value and the weight
+    are non-zero (FreeCustom: ``0 * mask`` counts as outside, so weight 0 removes the reference).
+    None when nothing takes part."""
     if weight == 0:
         return None
     idx = torch.nonzero(mask != 0, as_tuple=False).flatten()
     if idx.numel() == 0:
         return None
-    return idx, mask.index_select(0, idx).to(torch.promote_types(mask.dtype, torch.float32)) * float(weight)
+    bias = mask.index_select(0, idx).to(torch.promote_types(mask.dtype, torch.float32)) * float(weight)
+    return (None if idx.numel() == mask.numel() else idx), bias
 
 
 def gather_reference_keys(kvs: list, selections: list) -> ReferenceKeys | None:
-    """Concatenate the selected tokens of every reference: ``kvs[r] = (k_r, v_r)`` ``[N_r, h*d]``,
-    ``selections[r]`` from ``token_selection``. None when no token takes part."""
+    """The key set of every reference: ``kvs[r] = (k_r, v_r)`` ``[N_r, h*d]``, ``selections[r]``
+    from ``token_selection``. None when no token takes part."""
     ks, vs, bs = [], [], []
     for (k, v), sel in zip(kvs, selections):
         if sel is None:
             continue
         idx, bias = sel
-        ks.append(k.index_select(0, idx))
-        vs.append(v.index_select(0, idx))
+        ks.append(k if idx is None else k.index_select(0, idx))
+        vs.append(v if idx is None else v.index_select(0, idx))
         bs.append(bias)
     if not ks:
         return None
-    return ReferenceKeys(torch.cat(ks), torch.cat(vs), torch.cat(bs))
+    return ReferenceKeys(ks, vs, torch.cat(bs))
 
 
 def select_reference_keys(ref_k: torch.Tensor, ref_v: torch.Tensor, masks: list[torch.Tensor],
-                          weights: list[float]) -> ReferenceKeys:
+                          weights: list[float]) -> ReferenceKeys | None:
     """The reference key set from per-reference keys ``ref_k[r]`` ``[N_r, h*d]``, flattened layer
-    masks ``masks[r]`` ``[N_r]`` and weights; an empty set when no token takes part."""
+    masks ``masks[r]`` ``[N_r]`` and weights; None when no token takes part."""
     sels = [token_selection(m.to(ref_k.device), w) for m, w in zip(masks, weights)]
-    refs = gather_reference_keys([(ref_k[r], ref_v[r]) for r in range(len(sels))], sels)
-    if refs is None:
-        empty = ref_k.new_zeros((0, ref_k.shape[-1]))
-        return ReferenceKeys(empty, empty, torch.zeros(0, device=ref_k.device))
-    return refs
+    return gather_reference_keys([(ref_k[r], ref_v[r]) for r in range(len(sels))], sels)
 
 
-def mrsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, refs: ReferenceKeys,
+def mrsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, refs: ReferenceKeys | None,
                    heads: int) -> torch.Tensor:
     """MRSA for target rows ``q, k, v`` ``[B, N, h*d]`` over own keys plus ``refs``.
 
-    Returns ``[B, N, h*d]``. With ``refs.count == 0`` this is plain self-attention.
+    Returns ``[B, N, h*d]``. Without reference tokens this is plain self-attention.
     """
-    if refs.count == 0:
+    if refs is None or refs.count == 0:
         return sdpa_attention(q, k, v, heads)
     b = q.shape[0]
-    n = k.shape[1]
-    kk = torch.cat([k, refs.k.to(k.dtype).unsqueeze(0).expand(b, -1, -1)], dim=1)
-    vv = torch.cat([v, refs.v.to(v.dtype).unsqueeze(0).expand(b, -1, -1)], dim=1)
-    bias = torch.cat([torch.zeros(n, device=q.device, dtype=q.dtype), refs.bias.to(q.device, q.dtype)])
+    shared = lambda parts, like: [p.to(like.dtype).unsqueeze(0).expand(b, -1, -1) for p in parts]
+    kk = torch.cat([k] + shared(refs.k, k), dim=1)
+    vv = torch.cat([v] + shared(refs.v, v), dim=1)
+    bias = torch.cat([torch.zeros(k.shape[1], device=q.device, dtype=q.dtype), refs.bias.to(q.device, q.dtype)])
     return sdpa_attention(q, kk, vv, heads, bias.view(1, 1, 1, -1))
