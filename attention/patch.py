@@ -231,16 +231,16 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
     src = [labels.index(r.label) * chunk for r in reqs]      # target row whose conditioning a reference borrows
 
     lat = []
+    s = t.reshape(-1)[:1].to(x.device, torch.float32)
     for r in reqs:
         z0, _ = r.reference.fitted(H, W)
         z0 = model.process_latent_in(z0.to(x.device, torch.float32))
         eps = _noise(z0.shape, r.seed, r.index, r.label, sigma).to(x.device)
-        s = t.reshape(-1)[:1].to(x.device, torch.float32)
         lat.append(model.model_sampling.noise_scaling(s, eps, z0))
     x_ref = torch.cat(lat).to(x.dtype)
     t_ref = t.reshape(-1)[:1].expand(len(reqs)).to(t.dtype)
 
-    ctx_ref = None
+    ctx_ref = ctx_target = None
     if c_crossattn is not None:
         rows = []
         for r, s_row in zip(reqs, src):
@@ -255,7 +255,7 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
                 rows.append(c_crossattn[s_row:s_row + 1])
         length = math.lcm(c_crossattn.shape[1], *[r.shape[1] for r in rows])
         ctx_ref = torch.cat([_repeat_tokens(r, length) for r in rows])
-        c_crossattn = _repeat_tokens(c_crossattn, length)
+        ctx_target = _repeat_tokens(c_crossattn, length)     # repeating all tokens leaves cross-attention unchanged
     concat_ref = _rows_of(c_concat, n_target, src)
     kw_ref = {}
     for name, value in kwargs.items():
@@ -275,7 +275,7 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
             kw_all[name] = torch.cat([value, extra.to(value.device, value.dtype)]) if extra is not value else value
         out = executor(torch.cat([x, x_ref]), torch.cat([t, t_ref.to(t.device)]),
                        None if c_concat is None else torch.cat([c_concat, concat_ref]),
-                       None if c_crossattn is None else torch.cat([c_crossattn, ctx_ref.to(c_crossattn.dtype)]),
+                       None if c_crossattn is None else torch.cat([ctx_target, ctx_ref.to(c_crossattn.dtype)]),
                        _pad_control(control, n_target, len(reqs)), opts, **kw_all)
         return out[:n_target]
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -51,7 +50,9 @@ import time
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
-PACK_NAME = "personalize_pack"
+sys.path.insert(0, str(PACK_ROOT / "tests"))   # the pack importer and the random-weight rules the tests use
+from conftest import import_pack  # noqa: E402
+from tiny_models import random_state  # noqa: E402
 
 # Targets (see bench/README.md).
 TARGET_STEP_RATIO = {1: 1.75, 4: 1.40}          # ours ÷ plain at R=2
@@ -81,19 +82,6 @@ def emit(obj: dict) -> None:
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def import_pack():
-    """Import the pack under a valid module name (as tests/conftest.py does): ComfyUI has a
-    top-level ``nodes`` module, so the pack root never goes on ``sys.path``."""
-    if PACK_NAME in sys.modules:
-        return sys.modules[PACK_NAME]
-    spec = importlib.util.spec_from_file_location(PACK_NAME, PACK_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(PACK_ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def median(xs):
@@ -130,21 +118,7 @@ def build_unet_state_dict(layout: str, seed: int = 0) -> dict:
 
     cfg = dict(UNET_BASE, **LAYOUTS[layout])
     unet = UNetModel(**cfg, device="meta", operations=comfy.ops.disable_weight_init)
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, p in list(unet.named_parameters()) + list(unet.named_buffers()):
-        shape = tuple(p.shape)
-        leaf = name.rsplit(".", 1)[-1]
-        if "embedding" in name or "position" in name and leaf == "weight" and len(shape) == 2:
-            t = torch.randn(shape, generator=gen) * 0.02
-        elif leaf == "bias":
-            t = torch.zeros(shape)
-        elif len(shape) <= 1:
-            t = torch.ones(shape)
-        else:
-            t = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
-        sd[name] = t.to(torch.float16)
-    return sd
+    return random_state(unet, "", torch.Generator().manual_seed(seed))
 
 
 class BatchProbe:

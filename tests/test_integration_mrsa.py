@@ -3,11 +3,11 @@ without the patch. Skipped when no ComfyUI tree is found (set COMFYUI_PATH)."""
 from __future__ import annotations
 
 import copy
-import sys
 
 import pytest
 import torch
 
+from comfy_host import init_comfyui
 from conftest import comfyui_root
 
 ROOT = comfyui_root()
@@ -17,13 +17,9 @@ pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COM
 
 
 def _comfy():
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from comfy.cli_args import args
-    args.cpu = True
-    import comfy.model_management  # noqa: F401
+    init_comfyui()
     import comfy.sample
-    import comfy.sd
+    import comfy.sd  # noqa: F401
     return comfy
 
 
@@ -98,17 +94,18 @@ def load_mask(path, size=64):
 
 @pytest.fixture(scope="session")
 def data_dir():
+    """The example references shipped with the pack (DreamBench photos, FreeCustom masks)."""
     from conftest import PACK_ROOT
-    return PACK_ROOT.parent / "shared" / "data"
+    return PACK_ROOT / "workflows" / "inputs"
 
 
 @pytest.fixture(scope="session")
 def references(sd15, data_dir):
     model, clip, vae = sd15
     enc = ref_node()
-    r = enc.execute(load_image(data_dir / "dreambench/cat/04.jpg"), vae, load_mask(data_dir / "freecustom_masks/cat_04_mask.jpg"),
+    r = enc.execute(load_image(data_dir / "personalize_cat_04.jpg"), vae, load_mask(data_dir / "personalize_cat_04_mask.jpg"),
                     encode(clip, "a cat"), None, 3.0, 0.5, False, 64).result[0]
-    r = enc.execute(load_image(data_dir / "dreambench/dog6/02.jpg"), vae, load_mask(data_dir / "freecustom_masks/dog6_02_mask.jpg"),
+    r = enc.execute(load_image(data_dir / "personalize_dog6_02.jpg"), vae, load_mask(data_dir / "personalize_dog6_02_mask.jpg"),
                     encode(clip, "a dog"), r, 3.0, 0.5, False, 64).result[0]
     return r
 
@@ -226,7 +223,7 @@ class FluxLikeVAE:
 def test_bad_inputs_give_clear_errors(sd15, references, data_dir):
     model, clip, vae = sd15
     enc = ref_node()
-    img = load_image(data_dir / "dreambench/cat/04.jpg")
+    img = load_image(data_dir / "personalize_cat_04.jpg")
     nan = img.clone()
     nan[0, 3, 3, 0] = float("nan")
     with pytest.raises(ValueError, match="image: contains NaN"):

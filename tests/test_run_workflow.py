@@ -9,7 +9,6 @@ import copy
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -32,7 +32,7 @@ VAE_DDCONFIG = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channe
                 'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
 
 
-def _random_state(module: torch.nn.Module, prefix: str, gen: torch.Generator) -> dict:
+def random_state(module: torch.nn.Module, prefix: str, gen: torch.Generator) -> dict:
     out = {}
     for name, p in list(module.named_parameters()) + list(module.named_buffers()):
         shape = tuple(p.shape)
@@ -70,13 +70,13 @@ def build_sd15(path: Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(seed)
-    sd = _calibrated(_random_state(_unet(SD15_UNET), "model.diffusion_model.", gen), "model.diffusion_model.")
+    sd = _calibrated(random_state(_unet(SD15_UNET), "model.diffusion_model.", gen), "model.diffusion_model.")
     slim = dict(VAE_DDCONFIG, ch=32)
     with torch.device("meta"):
         vae = AutoencoderKL(ddconfig=VAE_DDCONFIG, embed_dim=4, decoder_ddconfig=slim)
         clip = comfy.sd1_clip.SD1ClipModel(device="meta")
-    sd.update(_random_state(vae, "first_stage_model.", gen))
-    for k, v in _random_state(clip, "", gen).items():
+    sd.update(random_state(vae, "first_stage_model.", gen))
+    for k, v in random_state(clip, "", gen).items():
         if k in ("clip_l.transformer.text_projection.weight", "clip_l.logit_scale"):
             continue
         if k.startswith("clip_l."):
@@ -90,7 +90,7 @@ def build_sdxl_unet(path: Path, seed: int = 1) -> Path:
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(seed)
-    sd = _calibrated(_random_state(_unet(SDXL_UNET), "", gen), "")
+    sd = _calibrated(random_state(_unet(SDXL_UNET), "", gen), "")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path))
     return path
