@@ -92,17 +92,45 @@ def select_reference_keys(ref_k: torch.Tensor, ref_v: torch.Tensor, masks: list[
     return gather_reference_keys([(ref_k[r], ref_v[r]) for r in range(len(sels))], sels)
 
 
+def standardize_tokens(x: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """Standardise every channel over the token axis ``dim``: ``(x - mean) / std`` with the
+    unbiased std (FreeMix's spatial normalisation, docs/algorithms.md §2.2). On ``[..., N, h*d]``
+    tensors each column is one (head, channel) pair, so this is the per-head normalisation.
+    Computed in at least float32; a constant channel becomes 0 instead of NaN."""
+    y = x.to(torch.promote_types(x.dtype, torch.float32))
+    mean = y.mean(dim=dim, keepdim=True)
+    std = y.std(dim=dim, keepdim=True).clamp_min(1e-12)
+    return ((y - mean) / std).to(x.dtype)
+
+
 def mrsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, refs: ReferenceKeys | None,
-                   heads: int) -> torch.Tensor:
+                   heads: int, ref_query: torch.Tensor | None = None) -> torch.Tensor:
     """MRSA for target rows ``q, k, v`` ``[B, N, h*d]`` over own keys plus ``refs``.
 
     Returns ``[B, N, h*d]``. Without reference tokens this is plain self-attention.
+
+    ``ref_query`` (``[B, N, h*d]``): the reference block of the logits is computed with these
+    queries instead of ``q`` (``s * ref_query K_ref^T``, the own block stays ``s * q K_own^T``), as
+    FreeMix's spatial normalisation does with standardised queries and keys. It runs as one SDPA
+    call over an augmented head dim, ``[q, ref_query]`` against ``[K_own, 0]`` and ``[0, K_ref]``
+    with the scale of the original head dim, so no ``N x keys`` logits are built either.
     """
     if refs is None or refs.count == 0:
         return sdpa_attention(q, k, v, heads)
     b = q.shape[0]
     shared = lambda parts, like: [p.to(like.dtype).unsqueeze(0).expand(b, -1, -1) for p in parts]
-    kk = torch.cat([k] + shared(refs.k, k), dim=1)
     vv = torch.cat([v] + shared(refs.v, v), dim=1)
     bias = torch.cat([torch.zeros(k.shape[1], device=q.device, dtype=q.dtype), refs.bias.to(q.device, q.dtype)])
-    return sdpa_attention(q, kk, vv, heads, bias.view(1, 1, 1, -1))
+    if ref_query is None:
+        kk = torch.cat([k] + shared(refs.k, k), dim=1)
+        return sdpa_attention(q, kk, vv, heads, bias.view(1, 1, 1, -1))
+    if ref_query.shape != q.shape:
+        raise ValueError(f"ref_query has shape {tuple(ref_query.shape)}, expected {tuple(q.shape)}")
+    qh, kh = split_heads(q, heads), split_heads(k, heads)
+    rh = split_heads(torch.cat(shared(refs.k, k), dim=1), heads)
+    q_aug = torch.cat([qh, split_heads(ref_query.to(q.dtype), heads)], dim=-1)
+    k_aug = torch.cat([torch.cat([kh, torch.zeros_like(kh)], dim=-1),
+                       torch.cat([torch.zeros_like(rh), rh], dim=-1)], dim=2)
+    out = F.scaled_dot_product_attention(q_aug, k_aug, split_heads(vv, heads), attn_mask=bias.view(1, 1, 1, -1),
+                                         scale=qh.shape[-1] ** -0.5)
+    return merge_heads(out)

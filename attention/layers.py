@@ -84,11 +84,22 @@ def resolve_layers(preset: str, custom: str, available: dict[tuple[str, int], in
         blocks = LAYER_PRESETS[preset]
     else:
         raise ValueError(f"layers: unknown preset '{preset}'; choose one of {PRESET_NAMES}")
+    return expand_blocks(blocks, available, f"layers: preset '{preset}'")
+
+
+def expand_blocks(blocks, available: dict[tuple[str, int], int], what: str = "layers"
+                  ) -> tuple[tuple[str, int, int], ...]:
+    """Every ``(block, id, index)`` transformer key of ``blocks`` (2-tuples) in a model whose
+    attention blocks are ``available``; a block the model lacks is an error that starts with
+    ``what`` (e.g. ``"layers: preset 'X'"``)."""
+    if not available:
+        raise ValueError("model: no UNet self-attention blocks found; this technique needs an "
+                         "SD1.x/SD2.x/SDXL-style UNet model")
     missing = [b for b in blocks if b not in available]
     if missing:
         have = ", ".join(f"{n}:{i}" for n, i in sorted(available))
         miss = ", ".join(f"{n}:{i}" for n, i in missing)
-        raise ValueError(f"layers: preset '{preset}' names blocks this model does not have "
+        raise ValueError(f"{what} names blocks this model does not have "
                          f"({miss}). Its attention blocks are: {have}. Pick the preset for your "
                          f"model family or a custom block list.")
     return tuple((n, i, j) for n, i in blocks for j in range(available[(n, i)]))

@@ -14,7 +14,15 @@ from ..references.masks import layer_mask, token_grid
 
 from .kernels import ReferenceKeys, gather_reference_keys, mrsa_attention, token_selection
 from .layers import SigmaRange
-from .patch import COND, UNCOND, RefRequest, row_runs
+from .patch import COND, UNCOND, RefRequest, apply_to_rows, row_runs
+
+
+def reference_layer_mask(reference, n_tokens: int, latent_hw: tuple) -> torch.Tensor:
+    """The mask of ``reference`` fitted to a ``latent_hw`` target latent, on the token grid of a
+    layer with ``n_tokens`` tokens, flattened row-major ``[n_tokens]`` (``masks.layer_mask``:
+    hard masks keep tokens covered at least half, soft masks keep the covered fraction)."""
+    h, w = token_grid(n_tokens, *latent_hw)
+    return layer_mask(reference.fitted(*latent_hw)[1], h, w, reference.soft_mask)
 
 
 class MultiReferenceAttention:
@@ -48,7 +56,7 @@ class MultiReferenceAttention:
     def active_at(self, layout, extra_options) -> bool:
         return layout is not None and self.active(layout.sigma)
 
-    def reference_requests(self, labels: set) -> list[RefRequest]:
+    def reference_requests(self, labels: set, sigma: float | None = None) -> list[RefRequest]:
         out = []
         wanted = [COND] if COND in labels else []
         if self.style_fidelity < 1.0 and UNCOND in labels:
@@ -64,8 +72,7 @@ class MultiReferenceAttention:
         key = (n_tokens, hw, str(device))
         hit = self._selections.get(key)
         if hit is None:
-            h, w = token_grid(n_tokens, *hw)
-            hit = [token_selection(layer_mask(r.fitted(*hw)[1], h, w, r.soft_mask).to(device), float(r.weight))
+            hit = [token_selection(reference_layer_mask(r, n_tokens, hw).to(device), float(r.weight))
                    for r in self.references]
             self._selections[key] = hit
         return hit
@@ -89,14 +96,8 @@ class MultiReferenceAttention:
         if not mrsa_rows and refs_u is None:
             return inner(q, k, v, extra_options)
 
-        if subset_ok:   # plain attention only where it is used, on contiguous views
-            out = torch.empty_like(q)
-            for run in row_runs([i for i in range(q.shape[0]) if i not in mrsa_rows]):
-                out[run] = inner(q[run], k[run], v[run], extra_options)
-        else:
-            out = inner(q, k, v, extra_options).clone()
-        for run in row_runs(sorted(mrsa_rows)):
-            out[run] = mrsa_attention(q[run], k[run], v[run], refs_c, heads)
+        out = apply_to_rows(q, k, v, extra_options, inner, subset_ok,
+                            [(mrsa_rows, lambda run: mrsa_attention(q[run], k[run], v[run], refs_c, heads))])
         if refs_u is not None:
             sf = self.style_fidelity
             for run in row_runs(un_rows):

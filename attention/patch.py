@@ -13,6 +13,13 @@
   techniques that claim the block around the base attention, which is ComfyUI's own
   ``optimized_attention`` or a replace another pack had put on the block (wrapped, not lost).
 
+A technique (``mrsa.MultiReferenceAttention``, ``dmsa.DisentangleMixingAttention``) provides:
+``keys(kind)`` (the attn1/attn2 block keys it patches), ``active(sigma)`` (whether it acts in a model
+call at that sigma), ``active_at(layout, extra_options)`` (the same inside one attention call;
+``layout`` is None in a call without reference rows), ``reference_requests(labels, sigma)`` (the
+``RefRequest`` list for a call with these ``cond_or_uncond`` labels at that sigma) and
+``attn1``/``attn2(q, k, v, extra_options, *, inner, layout, key, subset_ok)``.
+
 Nothing here imports ComfyUI at module level.
 """
 from __future__ import annotations
@@ -99,6 +106,33 @@ def row_runs(rows: list[int]) -> list[slice]:
     return runs
 
 
+def apply_to_rows(q, k, v, extra_options, inner, subset_ok: bool, groups) -> torch.Tensor:
+    """The output of an attention call in which some rows are computed by a technique.
+
+    ``groups``: ``[(rows, fn), ...]``; ``fn(run)`` returns the output ``[len, N, C]`` of the rows
+    of the slice ``run`` (contiguous runs of ``rows``). Every other row gets the plain attention
+    ``inner``: on those rows only when ``subset_ok`` (views, no copies), otherwise on the whole
+    batch (another technique or another pack's replace is wrapped and must see every row). The
+    result is always a tensor the caller may modify in place.
+    """
+    special = set()
+    for rows, _ in groups:
+        special.update(rows)
+    if subset_ok:
+        plain = [i for i in range(q.shape[0]) if i not in special]
+        if len(plain) == q.shape[0]:
+            return inner(q, k, v, extra_options)
+        out = torch.empty_like(q)
+        for run in row_runs(plain):
+            out[run] = inner(q[run], k[run], v[run], extra_options)
+    else:
+        out = inner(q, k, v, extra_options).clone()
+    for rows, fn in groups:
+        for run in row_runs(sorted(rows)):
+            out[run] = fn(run)
+    return out
+
+
 # --------------------------------------------------------------------------- base attention
 
 _comfy_attention = None
@@ -148,7 +182,10 @@ class PersonalizeAttention:
         if not techs:
             return self.base(q, k, v, extra_options)
         if layout is not None and layout.mode == "record":
-            layout.bank[key] = (k.detach(), v.detach())
+            # The references-only call of a separate pass: bank their self-attention keys/values.
+            # Cross-attention is not banked (it would overwrite the attn1 entry of the same block).
+            if self.kind == "attn1":
+                layout.bank[key] = (k.detach(), v.detach())
             return self.base(q, k, v, extra_options)
         # The innermost technique may hand the base attention a subset of rows; anything wrapping
         # another technique or another pack's replace hands it the whole batch.
@@ -218,7 +255,7 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
     requests: dict = {}
     for tech in state.techniques:
         if tech.active(sigma):
-            for req in tech.reference_requests(set(labels)):
+            for req in tech.reference_requests(set(labels), sigma):
                 requests.setdefault((req.reference, req.label), req)
     if not requests:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
