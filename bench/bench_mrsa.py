@@ -185,6 +185,7 @@ def run_speed(opts) -> dict:
     setup_comfy(Path(given).expanduser().resolve(), opts.attention)
     import comfy.sd  # noqa: PLC0415
     import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
+    import comfy.model_management  # noqa: PLC0415
     import_pack()
     from personalize_pack.attention.layers import SigmaRange, discover_attention_blocks, resolve_layers  # noqa: PLC0415
     from personalize_pack.attention.mrsa import MultiReferenceAttention  # noqa: PLC0415
@@ -222,6 +223,8 @@ def run_speed(opts) -> dict:
     probe = BatchProbe(dm)
     g = torch.Generator().manual_seed(0)
     cond = ([[torch.randn(1, 77, 768, generator=g), {}]], [[torch.randn(1, 77, 768, generator=g), {}]])
+    if opts.only == "floor":
+        return {"floor": run_floor(model, opts, hw, cond, comfy.model_management)}
     sigmas = SigmaRange.from_percents(model.model.model_sampling, 0.0, 1.0)
     patched = {R: install_technique(model, MultiReferenceAttention(make_references(R, hw, opts.mask), keys,
                                                                    sigmas, 1.0, 0))
@@ -285,6 +288,42 @@ def run_speed(opts) -> dict:
             emit(row)
             results.append(row)
     return {"speed": results}
+
+
+def run_floor(model, opts, hw, cond, mm) -> list:
+    """The floor of any pass that recomputes the references every step: a plain UNet call of batch
+    2B+R over one of batch 2B, timed directly (median of interleaved calls). The sampling ratio
+    of ours over this floor is the overhead the patch itself adds."""
+    import torch  # noqa: PLC0415
+
+    mm.load_models_gpu([model])
+    base = model.model
+    ctx = cond[0][0][0]
+
+    def call(n):
+        x = torch.randn(n, 4, *hw)
+        t = torch.full((n,), 5.0)
+        with torch.no_grad():
+            start = time.perf_counter()
+            base.apply_model(x, t, c_crossattn=ctx.expand(n, -1, -1), transformer_options={})
+            return time.perf_counter() - start
+
+    call(2)
+    rows = []
+    for B in opts.batches:
+        sizes = [2 * B] + [2 * B + R for R in opts.refs]
+        times = {n: [] for n in sizes}
+        for i in range(max(3, opts.repeats)):
+            for n in (sizes if i % 2 == 0 else sizes[::-1]):
+                times[n].append(call(n))
+        for R in opts.refs:
+            ratio = median(times[2 * B + R]) / median(times[2 * B])
+            row = {"kind": "floor", "batch": B, "refs": R, "plain_call_batch": 2 * B, "ours_call_batch": 2 * B + R,
+                   "plain_call_s": rnd(median(times[2 * B])), "ours_call_batch_s": rnd(median(times[2 * B + R])),
+                   "floor_ratio": rnd(ratio)}
+            emit(row)
+            rows.append(row)
+    return rows
 
 
 # =========================================================================== memory
@@ -471,7 +510,8 @@ def main(argv=None) -> int:
                     help="reference masks in the speed runs: full (worst case) or a centred half-area box")
     ap.add_argument("--attention", choices=("pytorch", "default"), default="pytorch",
                     help="ComfyUI attention: pytorch SDPA (as the anchors) or ComfyUI's CPU default")
-    ap.add_argument("--only", choices=("speed", "memory"), help="run one part only")
+    ap.add_argument("--only", choices=("speed", "floor", "memory"),
+                    help="run one part only (floor: plain UNet calls of batch 2B+R over 2B)")
     ap.add_argument("--mem-tokens", type=int, default=4096, help="tokens of the memory call; default 4096")
     ap.add_argument("--mem-refs", type=int, default=3, help="references of the memory call; default 3")
     ap.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
@@ -486,7 +526,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     out = {}
-    if opts.only in (None, "speed"):
+    if opts.only in (None, "speed", "floor"):
         out.update(run_speed(opts))
     if opts.only in (None, "memory"):
         out.update(run_memory(opts))

@@ -27,6 +27,10 @@ def init_comfyui() -> Path | None:
     from comfy.cli_args import args
     if "comfy.model_management" not in sys.modules:
         args.cpu = True
+        # PyTorch SDPA attention (ComfyUI's default on GPUs). ComfyUI's CPU default, sub-quadratic
+        # attention, picks its chunk sizes from the free memory at each call, so two runs of the same
+        # graph can differ in the last bits; equality tests need a deterministic kernel.
+        args.use_pytorch_cross_attention = True
     args.disable_api_nodes = True
     import execution  # noqa: F401
     import folder_paths

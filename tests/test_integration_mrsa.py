@@ -7,8 +7,7 @@ import copy
 import pytest
 import torch
 
-from comfy_host import init_comfyui
-from conftest import comfyui_root
+from conftest import assert_same_sample, comfyui_root, encode, load_image, ref_node, sample
 
 ROOT = comfyui_root()
 pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree "
@@ -16,104 +15,15 @@ pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COM
                                                      "integration tests")
 
 
-def _comfy():
-    init_comfyui()
-    import comfy.sample
-    import comfy.sd  # noqa: F401
-    return comfy
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny_models")
-
-
-@pytest.fixture(scope="session")
-def sd15(tiny_dir):
-    _comfy()
-    import comfy.sd
-    from tiny_models import build_sd15
-    path = build_sd15(tiny_dir / "checkpoints" / "tiny_sd15.safetensors")
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
-    return model, clip, vae
-
-
-@pytest.fixture(scope="session")
-def sdxl(tiny_dir):
-    _comfy()
-    import comfy.sd
-    from tiny_models import build_sdxl_unet
-    path = build_sdxl_unet(tiny_dir / "diffusion_models" / "tiny_sdxl.safetensors")
-    return comfy.sd.load_diffusion_model(str(path))
-
-
-def encode(clip, text):
-    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-
-
-def sample(model, positive, negative, size=(8, 8), batch=1, steps=3, cfg=5.0, seed=3, sampler="euler",
-           scheduler="normal"):
-    comfy = _comfy()
-    latent = torch.zeros(batch, 4, *size)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
-                               disable_pbar=True, seed=seed)
-
-
-def assert_same_sample(a, b, vae=None):
-    """Equal up to float32 rounding. Running the references in the same UNet call changes the batch
-    size, which changes the rounding of a few kernels (about 1e-7 relative per call); a random model
-    leaves the latent at noise scale (~15), so the bound is 1e-4 relative to the latent's size, and
-    1e-4 absolute on the decoded image."""
-    scale = max(1.0, float(b.abs().max()))
-    assert float((a - b).abs().max()) <= 1e-4 * scale
-    if vae is not None:
-        torch.testing.assert_close(vae.decode(a), vae.decode(b), atol=1e-4, rtol=0)
+def zero_masked(refs):
+    from personalize_pack.references.reference import Reference
+    return tuple(Reference(latent=r.latent, mask=torch.zeros_like(r.mask), weight=r.weight, caption=r.caption)
+                 for r in refs)
 
 
 def mrsa_node():
     from personalize_pack.nodes.attention import MultiReferenceAttentionNode
     return MultiReferenceAttentionNode
-
-
-def ref_node():
-    from personalize_pack.nodes.references import ReferenceEncode
-    return ReferenceEncode
-
-
-def load_image(path, size=64):
-    import numpy as np
-    from PIL import Image
-    im = Image.open(path).convert("RGB").resize((size, size))
-    return torch.from_numpy(np.asarray(im).astype("float32") / 255.0)[None]
-
-
-def load_mask(path, size=64):
-    return load_image(path, size)[..., 0]
-
-
-@pytest.fixture(scope="session")
-def data_dir():
-    """The example references shipped with the pack (DreamBench photos, FreeCustom masks)."""
-    from conftest import PACK_ROOT
-    return PACK_ROOT / "workflows" / "inputs"
-
-
-@pytest.fixture(scope="session")
-def references(sd15, data_dir):
-    model, clip, vae = sd15
-    enc = ref_node()
-    r = enc.execute(load_image(data_dir / "personalize_cat_04.jpg"), vae, load_mask(data_dir / "personalize_cat_04_mask.jpg"),
-                    encode(clip, "a cat"), None, 3.0, 0.5, False, 64).result[0]
-    r = enc.execute(load_image(data_dir / "personalize_dog6_02.jpg"), vae, load_mask(data_dir / "personalize_dog6_02_mask.jpg"),
-                    encode(clip, "a dog"), r, 3.0, 0.5, False, 64).result[0]
-    return r
-
-
-def zero_masked(refs):
-    from personalize_pack.references.reference import Reference
-    return tuple(Reference(latent=r.latent, mask=torch.zeros_like(r.mask), weight=r.weight, caption=r.caption)
-                 for r in refs)
 
 
 def patch(model, refs, preset="SD1.5 FreeCustom (output 6-11)", **kw):
@@ -264,7 +174,8 @@ def test_node_registration():
     from conftest import import_pack
     ext = asyncio.run(import_pack().comfy_entrypoint())
     ids = [n.define_schema().node_id for n in asyncio.run(ext.get_node_list())]
-    assert ids == ["PersonalizeReferenceEncode", "PersonalizeMultiReferenceAttention"]
+    assert ids == ["PersonalizeReferenceEncode", "PersonalizeMultiReferenceAttention",
+                   "PersonalizeDisentangleMixingAttention"]
     for n in asyncio.run(ext.get_node_list()):
         schema = n.define_schema()
         assert schema.category.startswith("personalize/") and schema.description

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import PACK_ROOT, comfyui_root
+from conftest import PACK_ROOT, TINY_SD15, comfyui_root
 
 WORKFLOW = PACK_ROOT / "workflows" / "personalize_freecustom_multi_reference.json"
 
@@ -298,13 +298,11 @@ needs_comfyui = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set 
 
 
 @pytest.fixture(scope="session")
-def tiny_models_dir(tmp_path_factory):
+def tiny_models_dir(tiny_sd15_path):
+    """The shared tiny SD1.5 checkpoint's models folder (conftest builds it once per session)."""
     import comfy_host
     comfy_host.init_nodes_with_pack()
-    from tiny_models import build_sd15
-    models = tmp_path_factory.mktemp("workflow_models")
-    build_sd15(models / "checkpoints" / "tiny.safetensors")
-    return models
+    return tiny_sd15_path.parents[1]
 
 
 @needs_comfyui
@@ -313,7 +311,7 @@ def test_shipped_workflow_runs_headless(tiny_models_dir, tmp_path):
 
     out_dir, in_dir = tmp_path / "out", tmp_path / "in"
     outputs = rw.run_workflow(WORKFLOW, ROOT, output_dir=out_dir, models_dir=tiny_models_dir, input_dir=in_dir,
-                              overrides={"CheckpointLoaderSimple.ckpt_name": "tiny.safetensors",
+                              overrides={"CheckpointLoaderSimple.ckpt_name": TINY_SD15,
                                          "EmptyLatentImage.width": 64, "EmptyLatentImage.height": 64,
                                          "KSampler.steps": 2})
     assert sorted(p.name for p in in_dir.iterdir()) == sorted(
