@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..attention.dmsa import DMSA_PRESETS, DisentangleMixingAttention, find_token_positions
 from ..attention.layers import PRESET_NAMES, SigmaRange, discover_attention_blocks, resolve_layers
 from ..attention.mrsa import MultiReferenceAttention
 from ..attention.patch import install_technique
@@ -65,4 +66,107 @@ class MultiReferenceAttentionNode(io.ComfyNode):
         return io.NodeOutput(install_technique(model, tech))
 
 
-NODES = [MultiReferenceAttentionNode]
+def _token_ids(clip, text: str) -> list[int]:
+    """Token ids of ``text`` as its conditioning lays them out (CLIP chunks concatenated)."""
+    tokens = clip.tokenize(text)
+    key = "l" if "l" in tokens else next(iter(tokens))
+    return [int(t[0]) for chunk in tokens[key] for t in chunk]
+
+
+def blend_word_tokens(clip, prompt: str, word: str) -> tuple[list[int], int]:
+    """Positions of ``word``'s tokens in ``prompt``'s conditioning, and its length."""
+    if not word.strip():
+        raise ValueError("blend_word: empty; give the word of the prompt whose region takes the appearance")
+    prompt_ids = _token_ids(clip, prompt)
+    special = set(_token_ids(clip, ""))
+    word_ids = [t for t in _token_ids(clip, word.strip()) if t not in special]
+    return find_token_positions(prompt_ids, word_ids, word="blend_word"), len(prompt_ids)
+
+
+def _single(references, input_name):
+    refs = tuple(references or ())
+    if len(refs) != 1:
+        raise ValueError(f"{input_name}: expected exactly one reference, got {len(refs)}; connect a single "
+                         f"Reference Encode (with a one-image batch)")
+    return refs[0]
+
+
+class DisentangleMixingAttentionNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        presets = list(DMSA_PRESETS)
+        return io.Schema(
+            node_id="PersonalizeDisentangleMixingAttention",
+            display_name="Disentangle-Mixing Attention (FreeMix)",
+            category="personalize/attention",
+            description=(
+                "FreeMix's disentangle-mixing self-attention (DMSA): the structure (shape, pose, layout) of one "
+                "reference and the appearance (texture, identity) of another. Early in the schedule the image "
+                "attends to the structure reference's masked tokens; later, in the highest-resolution decoder "
+                "blocks, the region of the blend word (found from its cross-attention maps) takes its keys and "
+                "values from the appearance reference's subject."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to patch (a patched copy is returned)."),
+                References.Input("structure", tooltip="The reference that gives shape, pose and layout (Reference "
+                                                       "Encode with its subject mask and caption)."),
+                References.Input("appearance", tooltip="The reference that gives texture and identity (Reference "
+                                                        "Encode with its subject mask and caption)."),
+                io.Clip.Input("clip", tooltip="The CLIP your prompt is encoded with (to find the blend word's tokens)."),
+                io.String.Input("prompt", multiline=True, default="a photo of a dog in the grass",
+                                tooltip="The positive prompt, exactly as in your CLIP Text Encode."),
+                io.String.Input("blend_word", default="dog",
+                                tooltip="The word of the prompt whose region takes the appearance (several tokens "
+                                        "are fine; every occurrence counts)."),
+                io.Combo.Input("preset", options=presets, default=presets[0],
+                               tooltip="Blocks of the two phases and of the blend map: FreeMix's SD1.5 defaults or "
+                                       "the SDXL analogue."),
+                io.Float.Input("structure_start", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the schedule where the structure phase starts."),
+                io.Float.Input("structure_end", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the schedule where the structure phase ends."),
+                io.Float.Input("appearance_start", default=0.4, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the schedule where the appearance phase starts (FreeMix: step "
+                                       "20 of 50). From then on the appearance blocks use it instead of the "
+                                       "structure phase."),
+                io.Float.Input("appearance_end", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the schedule where the appearance phase ends."),
+                io.Boolean.Input("structure_phase", default=True, tooltip="Off: skip the structure phase."),
+                io.Boolean.Input("appearance_phase", default=True, tooltip="Off: skip the appearance phase."),
+                io.Float.Input("structure_weight", default=3.0, min=-20.0, max=20.0, step=0.1,
+                               tooltip="Logit bias inside the structure reference's mask (FreeMix: 3.0)."),
+                io.Float.Input("mask_threshold", default=0.2, min=0.0, max=1.0, step=0.01,
+                               tooltip="The blend word's normalised cross-attention map above this is the "
+                                       "subject region (FreeMix: 0.2)."),
+                io.Float.Input("spatial_norm_start", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the schedule from which the structure phase standardises "
+                                       "queries and structure keys per channel (the paper's spatial "
+                                       "normalisation, removing residual appearance). 1.0 = off, FreeMix's "
+                                       "default."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Seed of the fresh noise the references are re-noised with at each step."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, structure, appearance, clip, prompt, blend_word, preset, structure_start=0.0,
+                structure_end=1.0, appearance_start=0.4, appearance_end=1.0, structure_phase=True,
+                appearance_phase=True, structure_weight=3.0, mask_threshold=0.2, spatial_norm_start=1.0,
+                seed=0) -> io.NodeOutput:
+        s_ref = _single(check_references(model, structure, "structure"), "structure")
+        a_ref = _single(check_references(model, appearance, "appearance"), "appearance")
+        if preset not in DMSA_PRESETS:
+            raise ValueError(f"preset: unknown '{preset}'; choose one of {list(DMSA_PRESETS)}")
+        keys = DMSA_PRESETS[preset].keys(discover_attention_blocks(model.model.diffusion_model))
+        ms = model.model.model_sampling
+        s_range = SigmaRange.from_percents(ms, structure_start, structure_end) if structure_phase else None
+        a_range = SigmaRange.from_percents(ms, appearance_start, appearance_end) if appearance_phase else None
+        n_range = SigmaRange.from_percents(ms, spatial_norm_start, 1.0) if spatial_norm_start < 1.0 else None
+        tokens, n_tokens = blend_word_tokens(clip, prompt, blend_word) if appearance_phase else ((), None)
+        tech = DisentangleMixingAttention(s_ref, a_ref, *keys, s_range, a_range, blend_tokens=tokens,
+                                          prompt_tokens=n_tokens, structure_weight=structure_weight,
+                                          threshold=mask_threshold, norm_range=n_range, seed=seed)
+        return io.NodeOutput(install_technique(model, tech))
+
+
+NODES = [MultiReferenceAttentionNode, DisentangleMixingAttentionNode]
