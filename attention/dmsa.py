@@ -407,6 +407,9 @@ class DisentangleMixingAttention:
         sigma = _call_sigma(layout, extra_options)
         return sigma is not None and self.active(sigma)
 
+    def max_reference_rows(self) -> int:
+        return int(bool(self.structure_keys)) + int(bool(self.appearance_keys))
+
     def reference_requests(self, labels: set, sigma: float | None = None) -> list[RefRequest]:
         """Cond references only (uncond rows are always plain): the structure reference while
         the structure phase may act, the appearance reference while the appearance phase may."""

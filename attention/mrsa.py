@@ -56,6 +56,9 @@ class MultiReferenceAttention:
     def active_at(self, layout, extra_options) -> bool:
         return layout is not None and self.active(layout.sigma)
 
+    def max_reference_rows(self) -> int:
+        return len(self.references) * (2 if self.style_fidelity < 1.0 else 1)
+
     def reference_requests(self, labels: set, sigma: float | None = None) -> list[RefRequest]:
         out = []
         wanted = [COND] if COND in labels else []

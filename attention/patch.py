@@ -17,7 +17,8 @@ A technique (``mrsa.MultiReferenceAttention``, ``dmsa.DisentangleMixingAttention
 ``keys(kind)`` (the attn1/attn2 block keys it patches), ``active(sigma)`` (whether it acts in a model
 call at that sigma), ``active_at(layout, extra_options)`` (the same inside one attention call;
 ``layout`` is None in a call without reference rows), ``reference_requests(labels, sigma)`` (the
-``RefRequest`` list for a call with these ``cond_or_uncond`` labels at that sigma) and
+``RefRequest`` list for a call with these ``cond_or_uncond`` labels at that sigma),
+``max_reference_rows()`` (the most reference rows it adds to one call) and
 ``attn1``/``attn2(q, k, v, extra_options, *, inner, layout, key, subset_ok)``.
 
 Nothing here imports ComfyUI at module level.
@@ -43,9 +44,14 @@ COND, UNCOND = 0, 1
 @dataclass(frozen=True)
 class PersonalizeState:
     techniques: tuple = ()
+    base_memory_factor: float | None = None     # the model's own memory_usage_factor
 
     def with_technique(self, technique) -> "PersonalizeState":
-        return PersonalizeState(self.techniques + (technique,))
+        return PersonalizeState(self.techniques + (technique,), self.base_memory_factor)
+
+    def reference_rows(self) -> int:
+        """The most reference rows one model call may carry (a bound; shared rows count twice)."""
+        return sum(t.max_reference_rows() for t in self.techniques)
 
 
 @dataclass(frozen=True)
@@ -343,8 +349,14 @@ def install_technique(model, technique):
 
     m = model.clone()
     opts = dict(m.model_options.get("transformer_options", {}))
-    opts[STATE_KEY] = (opts.get(STATE_KEY) or PersonalizeState()).with_technique(technique)
+    state = opts.get(STATE_KEY) or PersonalizeState(base_memory_factor=m.get_model_object("memory_usage_factor"))
+    state = state.with_technique(technique)
+    opts[STATE_KEY] = state
     m.model_options["transformer_options"] = opts
+    # ComfyUI sizes its batches and frees memory from memory_usage_factor x batch; the reference rows
+    # ride in the same call, so raise the factor by the worst case (batch 1 with CFG: 2 rows + refs).
+    if state.base_memory_factor is not None:
+        m.add_object_patch("memory_usage_factor", state.base_memory_factor * (1 + state.reference_rows() / 2))
     if not m.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, reference_pass)
     for kind in ("attn1", "attn2"):

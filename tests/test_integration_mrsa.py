@@ -58,6 +58,12 @@ def test_references_change_the_sample_and_input_model_is_untouched(sd15, referen
     assert (patched - plain).abs().max() > 1e-3
     assert snapshot(model) == before
     assert "personalize" not in model.model_options.get("transformer_options", {})
+    # ComfyUI's memory estimate of the patched model counts the two reference rows (batch 1 + CFG)
+    base = model.get_model_object("memory_usage_factor")
+    assert m.get_model_object("memory_usage_factor") == pytest.approx(base * 2.0)
+    assert "memory_usage_factor" not in model.object_patches
+    stacked = patch(m, references[:1])
+    assert stacked.get_model_object("memory_usage_factor") == pytest.approx(base * 2.5)
     again = sample(model, pos, neg)
     torch.testing.assert_close(again, plain)
 
