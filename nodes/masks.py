@@ -1,0 +1,190 @@
+"""Mask nodes: Segment Anything loader and mask node. Schema, input checks and wiring only (the work
+is in ``references/sam.py``)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..references import sam as samlib
+
+# ComfyUI has no "sams" key; other SAM packs (Impact, storyicon) use models/sams. Register it the way
+# cubiq's packs register theirs, so extra_model_paths.yaml entries work.
+if "sams" not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths["sams"] = ([os.path.join(folder_paths.models_dir, "sams")],
+                                                   folder_paths.supported_pt_extensions)
+
+SamType = io.Custom("PERSONALIZE_SAM")
+DEVICES = ("auto", "cpu")
+log = logging.getLogger(__name__)
+
+
+def _sams_folders() -> str:
+    return ", ".join(folder_paths.get_folder_paths("sams")) or os.path.join(folder_paths.models_dir, "sams")
+
+
+def missing_file_message(model_name: str) -> str:
+    if not model_name:
+        return f"no SAM checkpoint in the sams folder ({_sams_folders()}); " + samlib.download_hint(_sams_folders())
+    return (f"{model_name!r} is not in the sams folder ({_sams_folders()}); "
+            + samlib.download_hint(_sams_folders()))
+
+
+class SAMModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        files = folder_paths.get_filename_list("sams")
+        default = next((f for f in samlib.OFFICIAL_FILES if f in files), files[0] if files else samlib.OFFICIAL_FILES[0])
+        return io.Schema(
+            node_id="PersonalizeSAMModelLoader",
+            display_name="SAM Model Loader (Personalize)",
+            category="personalize/masks",
+            description=(
+                "Loads a Segment Anything (SAM) checkpoint from ComfyUI/models/sams for the SAM Mask node: the "
+                "official sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth or sam_vit_h_4b8939.pth (the variant is read "
+                "from the weights). Needs the segment-anything package (pip install segment-anything in "
+                "ComfyUI's Python)."),
+            inputs=[
+                io.Combo.Input("model_name", options=files, default=default,
+                               tooltip="A SAM checkpoint in ComfyUI/models/sams (official files: "
+                                       + ", ".join(samlib.OFFICIAL_FILES) + "; ViT-B is the smallest and fastest)."),
+                io.Combo.Input("device", options=list(DEVICES), default="auto",
+                               tooltip="auto: ComfyUI's device (the GPU when there is one), loaded and unloaded by "
+                                       "ComfyUI's model management; cpu: always run SAM on the CPU."),
+            ],
+            outputs=[SamType.Output(display_name="sam")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model_name):
+        # replaces ComfyUI's "value not in list" for model_name, so that the message says what to
+        # download and where (ComfyUI prefixes it with the input's name)
+        if not model_name or folder_paths.get_full_path("sams", model_name) is None:
+            return missing_file_message(model_name)
+        return True
+
+    @classmethod
+    def execute(cls, model_name, device="auto") -> io.NodeOutput:
+        path = folder_paths.get_full_path("sams", model_name) if model_name else None
+        if path is None:
+            raise FileNotFoundError("model_name: " + missing_file_message(model_name))
+        samlib.import_sam_modeling()          # fails early, saying what to install
+        sam = samlib.load_sam(path)
+        sam.extras["device"] = device
+        expected = next((v for v, spec in samlib.OFFICIAL.items() if spec[0] == model_name), None)
+        if expected and sam.config.variant != expected:
+            log.warning("Personalize SAM: %s holds a %s, not the %s its name says", model_name, sam.config.label,
+                        expected)
+        return io.NodeOutput(sam)
+
+
+def _patcher(sam: samlib.SamModel):
+    """ComfyUI's model patcher for the SAM network (made once per loaded model), so ComfyUI's model
+    management moves it to the device, frees memory for it and unloads it like any other model."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import torch
+    if "patcher" not in sam.extras:
+        load = mm.get_torch_device() if sam.extras.get("device", "auto") == "auto" else torch.device("cpu")
+        holder = torch.nn.Module()     # the patcher sets attributes (e.g. .device) that Sam defines read-only
+        holder.sam = sam.net
+        sam.extras["patcher"] = comfy.model_patcher.CoreModelPatcher(holder, load_device=load,
+                                                                     offload_device=mm.unet_offload_device())
+    return sam.extras["patcher"]
+
+
+class SAMMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PersonalizeSAMMask",
+            display_name="SAM Mask (Personalize)",
+            category="personalize/masks",
+            description=(
+                "Segment Anything: a subject MASK of the image from point and/or box prompts, or automatically "
+                "(the largest confident object). Coordinates are pixels of the input image from its top-left "
+                "corner (or fractions of its size). Use the MASK in Reference Encode, or anywhere a MASK goes. "
+                "An image batch gives one mask per image, with the same prompts."),
+            inputs=[
+                SamType.Input("sam", tooltip="From SAM Model Loader (Personalize)."),
+                io.Image.Input("image", tooltip="The image to segment (a batch gives one mask per image)."),
+                io.Combo.Input("mode", options=list(samlib.MODES), default="points",
+                               tooltip="points: positive (and negative) points on the subject; box: a box around "
+                                       "it; points + box: both; largest object: no prompts, SAM is prompted with a "
+                                       "grid of points and the largest confident mask that is not the background "
+                                       "(it touches at most 2 image borders) is kept."),
+                io.String.Input("points", default="256,256",
+                                tooltip="Points on the subject, 'x,y; x,y' (x right, y down from the top-left "
+                                        "corner, in pixels of the input image or fractions with units = "
+                                        "fractions). Used by the points modes."),
+                io.String.Input("negative_points", default="",
+                                tooltip="Points NOT on the subject, 'x,y; x,y' (optional; points modes)."),
+                io.String.Input("box", default="",
+                                tooltip="A box around the subject 'x0,y0,x1,y1' (left, top, right, bottom; pixels "
+                                        "or fractions). Used by the box modes; must lie inside the image."),
+                io.Combo.Input("units", options=list(samlib.UNITS), default="pixels",
+                               tooltip="pixels: coordinates in pixels of the input image (0..width, 0..height); "
+                                       "fractions: 0..1 of the width and height (independent of the image size)."),
+                io.Combo.Input("multimask", options=list(samlib.MULTIMASK), default="auto",
+                               tooltip="best of 3: SAM predicts three masks (e.g. part / object / group) and the "
+                                       "one with the highest predicted IoU is kept; single: SAM's single-mask "
+                                       "output; auto: best of 3 for a single point, single otherwise (SAM's advice)."),
+                io.Float.Input("threshold", default=0.0, min=-20.0, max=20.0, step=0.1,
+                               tooltip="Logit threshold of the mask (SAM: 0). Higher gives a tighter mask, lower a "
+                                       "looser one."),
+                io.Int.Input("grid", default=8, min=2, max=32,
+                             tooltip="largest object mode: points per side of the prompt grid (8 = 64 prompts; "
+                                     "more finds smaller objects but takes longer)."),
+                io.Float.Input("min_confidence", default=samlib.LARGEST_MIN_IOU, min=0.0, max=1.0, step=0.01,
+                               tooltip="largest object mode: minimum predicted IoU of a candidate mask "
+                                       "(SAM's automatic mask generator: 0.88). Lower it when no object is found."),
+            ],
+            outputs=[io.Mask.Output(display_name="mask")],
+        )
+
+    @classmethod
+    def execute(cls, sam, image, mode="points", points="", negative_points="", box="", units="pixels",
+                multimask="auto", threshold=0.0, grid=8, min_confidence=samlib.LARGEST_MIN_IOU) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.utils
+        import torch
+
+        if not all(hasattr(sam, a) for a in ("net", "config", "extras")):   # duck-typed: the pack may be loaded twice
+            raise ValueError("sam: expected a model from SAM Model Loader (Personalize)")
+        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] not in (1, 3, 4) \
+                or image.shape[0] < 1:
+            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"image: expected a ComfyUI IMAGE [B,H,W,3], got {shape}")
+        B, H, W = (int(s) for s in image.shape[:3])
+        prompts = samlib.make_prompts(mode, points, negative_points, box, H, W, units)
+        samlib.use_multimask(multimask, prompts)      # checks the option before any work
+
+        patcher = _patcher(sam)
+        mm.load_models_gpu([patcher], memory_required=_memory_estimate(sam, grid), force_full_load=True)
+        pbar = comfy.utils.ProgressBar(B)
+        out = []
+        for i in range(B):
+            mm.throw_exception_if_processing_interrupted()
+            m = samlib.segment_image(sam, image[i], prompts, multimask, threshold, grid=grid,
+                                     min_iou=min_confidence, check_interrupt=mm.throw_exception_if_processing_interrupted)
+            if float(m.max()) <= 0:
+                log.warning("Personalize SAM Mask: the mask of image %d is empty; move the prompts or lower the "
+                            "threshold", i + 1)
+            out.append(m.to(mm.intermediate_device()))
+            pbar.update(1)
+        return io.NodeOutput(torch.stack(out))
+
+
+def _memory_estimate(sam: samlib.SamModel, grid: int) -> int:
+    """Working memory of one image: the encoder's activations (about 40 float32 copies of its token
+    grid) plus one chunk of grid prompts in the decoder."""
+    c = sam.config
+    tokens = (c.img_size // c.patch_size) ** 2
+    encoder = tokens * c.embed_dim * 4 * 40
+    decoder = min(grid * grid, 32) * 3 * (c.img_size // 4) ** 2 * 4 * 4
+    return encoder + decoder
+
+
+NODES = [SAMModelLoader, SAMMask]

@@ -1,0 +1,660 @@
+"""Segment Anything (SAM) for subject masks: reading and checking a SAM checkpoint, building the
+network with ``segment_anything``'s own model classes, and the pre/post-processing around it.
+
+Pure torch; ``segment_anything`` is imported inside the functions that build the network, so this
+module imports without it. Nothing here imports ComfyUI.
+
+The pre/post-processing is written here rather than taken from ``SamPredictor`` so that it works on
+float ComfyUI images (no uint8 round trip), on any device, on a whole grid of prompts at once, and so
+that each step can be tested on its own. It follows SAM's conventions exactly:
+
+* **pre-processing**: the image (0..1 floats) is scaled to 0..255, its longer side resized to the
+  model's input size (1024 for every official SAM) with antialiased bilinear interpolation (the new
+  size rounds half up, as ``ResizeLongestSide.get_preprocess_shape``), normalised with SAM's pixel
+  mean and std, and padded with zeros on the bottom and the right to a square;
+* **prompts** are in pixels of the original image (``x`` right, ``y`` down, from the top-left
+  corner, as SamPredictor's); they are scaled by the resize factors of each axis;
+* **post-processing**: the decoder's low-resolution logits (a quarter of the input size) are upscaled
+  bilinearly to the padded input size, the padding is cut off, the rest is resized bilinearly to the
+  original image size and thresholded (``logit > threshold``, SAM's threshold is 0). Of the three
+  multimask outputs the one with the highest predicted IoU is kept.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# The official checkpoints
+# ---------------------------------------------------------------------------------------------
+
+DOWNLOAD_BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
+OFFICIAL = {  # variant: (file name, image encoder embed dim, depth, heads, global-attention blocks)
+    "vit_b": ("sam_vit_b_01ec64.pth", 768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": ("sam_vit_l_0b3195.pth", 1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": ("sam_vit_h_4b8939.pth", 1280, 32, 16, (7, 15, 23, 31)),
+}
+OFFICIAL_FILES = tuple(v[0] for v in OFFICIAL.values())
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+DECODER_HEADS = 8          # every SAM's mask decoder; not visible in the weights' shapes
+MODES = ("points", "box", "points + box", "largest object")
+MULTIMASK = ("auto", "best of 3", "single")
+UNITS = ("pixels", "fractions")
+
+# SamAutomaticMaskGenerator's defaults, used by the "largest object" mode
+LARGEST_MIN_IOU = 0.88
+LARGEST_MIN_STABILITY = 0.95
+STABILITY_OFFSET = 1.0
+
+
+class SamFileError(ValueError):
+    """A SAM checkpoint that cannot be used; the message says why and what to do."""
+
+
+def install_hint() -> str:
+    exe = sys.executable or "python"
+    return (f"install it into ComfyUI's Python environment: `\"{exe}\" -m pip install segment-anything` "
+            f"(ComfyUI portable: `python_embeded\\python.exe -m pip install segment-anything`), then restart "
+            f"ComfyUI")
+
+
+def download_hint(folder: str = "ComfyUI/models/sams") -> str:
+    files = ", ".join(f"{name} ({DOWNLOAD_BASE}{name})" for name, *_ in OFFICIAL.values())
+    return f"download an official Segment Anything checkpoint into {folder}: {files}"
+
+
+def import_sam_modeling():
+    """``segment_anything.modeling``, or an ImportError that says what to install."""
+    try:
+        import segment_anything.modeling as modeling
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] == "segment_anything":
+            raise ImportError("The SAM nodes need the segment-anything package, which is not installed; "
+                              + install_hint()) from None
+        raise ImportError(f"segment-anything is installed but could not be imported ({exc}); it needs "
+                          f"torchvision matching your torch. " + install_hint()) from exc
+    except Exception as exc:  # e.g. torchvision built for another torch: "operator torchvision::nms does not exist"
+        raise ImportError(f"segment-anything is installed but could not be imported ({type(exc).__name__}: "
+                          f"{exc}); it imports torchvision, which must match your torch version") from exc
+    return modeling
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+def _describe_start(head: bytes) -> str:
+    text = head[:40].decode("latin-1")
+    printable = "".join(c if 32 <= ord(c) < 127 else "." for c in text)
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "it is a web page (HTML), not a model: the download saved an error or login page"
+    if head.startswith(b"\xff\xd8\xff") or head.startswith(b"\x89PNG"):
+        return "it is an image, not a model"
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer, not the model itself"
+    return f"it starts with {printable!r}"
+
+
+def read_state_dict(path: str | os.PathLike) -> dict:
+    """The tensors of a ``.pth`` / ``.pt`` (``torch.load(weights_only=True)``, memory-mapped when the
+    file is in PyTorch's zip format) or ``.safetensors`` file. Every failure is a ``SamFileError``
+    that names the file and says whether it is missing, empty, damaged or of another kind."""
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise SamFileError(f"SAM checkpoint {path} does not exist; " + download_hint())
+    size = os.path.getsize(path)
+    if size == 0:
+        raise SamFileError(f"{name} is empty (0 bytes), an interrupted download? Download it again; "
+                           + download_hint())
+    with open(path, "rb") as f:
+        head = f.read(64)
+    redo = f"Download it again ({download_hint()})."
+    is_zip = head.startswith(b"PK\x03\x04")
+    is_pickle = head[:1] == b"\x80"
+    is_safetensors = (len(head) >= 9 and head[8:9] == b"{"
+                      and int.from_bytes(head[:8], "little") < size)
+    if is_safetensors:
+        try:
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        except Exception as exc:
+            raise SamFileError(f"{name} is a damaged or incomplete safetensors file (a truncated download?): "
+                               f"{exc}. {redo}") from None
+    elif is_zip or is_pickle:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        except pickle.UnpicklingError as exc:
+            if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+                raise SamFileError(f"{name} holds pickled Python objects, not just tensors, so it is not a plain "
+                                   f"SAM state dict; it is not unpickled for safety. Use an official SAM "
+                                   f"checkpoint ({', '.join(OFFICIAL_FILES)}).") from None
+            raise SamFileError(f"{name} is damaged or incomplete (a truncated download?): {exc}. {redo}") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise SamFileError(f"{name} is damaged or incomplete (a truncated download?): could not read it as a "
+                               f"PyTorch file ({str(exc).splitlines()[0]}). {redo}") from None
+    else:
+        raise SamFileError(f"{name} is not a PyTorch (.pth) or safetensors checkpoint: {_describe_start(head)}. "
+                           f"{redo}")
+    return sd
+
+
+def unwrap_state_dict(obj, name: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The flat ``{key: tensor}`` of a SAM checkpoint: accepts a state dict, one nested under
+    ``model`` / ``state_dict``, and a ``module.`` prefix (DataParallel)."""
+    for _ in range(2):
+        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            for key in ("model", "state_dict", "module"):
+                if isinstance(obj.get(key), dict):
+                    obj = obj[key]
+                    break
+    if not isinstance(obj, dict) or not obj:
+        raise SamFileError(f"{name} is not a state dict of tensors (got {type(obj).__name__}); use an official "
+                           f"SAM checkpoint ({', '.join(OFFICIAL_FILES)})")
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------
+# Detecting the layout from the shapes
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Everything needed to build the network, read from the weights' shapes."""
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int
+    patch_size: int
+    img_size: int
+    mlp_ratio: float
+    prompt_dim: int
+    mask_in_chans: int
+    decoder_depth: int
+    decoder_mlp_dim: int
+    num_multimask_outputs: int
+    iou_head_depth: int
+    iou_head_hidden_dim: int
+    decoder_heads: int = DECODER_HEADS
+    variant: str = "custom"
+
+    @property
+    def label(self) -> str:
+        if self.variant != "custom":
+            return f"SAM {self.variant.replace('_', '-').upper().replace('VIT', 'ViT')}"
+        return (f"custom SAM (embed {self.embed_dim}, depth {self.depth}, {self.num_heads} heads, "
+                f"input {self.img_size} px)")
+
+
+def _shape(sd, key, name):
+    if key not in sd:
+        raise SamFileError(f"{name}: not a complete SAM checkpoint: key {key!r} is missing")
+    return tuple(sd[key].shape)
+
+
+def _indices(sd, prefix):
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return sorted({int(m.group(1)) for k in sd for m in [pat.match(k)] if m})
+
+
+def detect_config(sd: dict[str, torch.Tensor], name: str = "checkpoint") -> SamConfig:
+    """Read the SAM layout from a state dict's key names and shapes. The official ViT-B/L/H
+    (embed dim 768/1024/1280, depth 12/24/32, 1024 px input) are recognised by name; any other
+    consistent ``segment_anything`` layout (e.g. a tiny test model) loads as ``custom``. Other model
+    kinds (SAM 2, SAM-HQ, MobileSAM, Hugging Face transformers SAM, non-SAM files) are errors that
+    say what the file is."""
+    keys = list(sd)
+    sample = ", ".join(keys[:3])
+    use = f"use an official SAM checkpoint ({', '.join(OFFICIAL_FILES)})"
+    if any(k.startswith(("image_encoder.trunk.", "sam_mask_decoder.", "memory_encoder.")) for k in keys):
+        raise SamFileError(f"{name} is a SAM 2 checkpoint; these nodes run the original Segment Anything: {use}")
+    if any(k.startswith("mask_decoder.hf_") for k in keys):
+        raise SamFileError(f"{name} is a SAM-HQ checkpoint, which these nodes do not run: {use}")
+    if any(k.startswith(("vision_encoder.", "sam.vision_encoder.")) for k in keys):
+        raise SamFileError(f"{name} is a Hugging Face transformers SAM (different key names): {use}")
+    if not any(k.startswith("image_encoder.") for k in keys) or not any(k.startswith("mask_decoder.") for k in keys):
+        raise SamFileError(f"{name} is not a Segment Anything checkpoint (no image_encoder.* / mask_decoder.* "
+                           f"weights; its first keys are {sample}): {use}")
+    if "image_encoder.patch_embed.proj.weight" not in sd:
+        kind = "MobileSAM (TinyViT encoder)" if any(k.startswith("image_encoder.layers.") for k in keys) \
+            else "a SAM with another image encoder"
+        raise SamFileError(f"{name} looks like {kind}, which these nodes do not run: {use}")
+
+    E, cin, P, P2 = _shape(sd, "image_encoder.patch_embed.proj.weight", name)
+    if cin != 3 or P != P2:
+        raise SamFileError(f"{name}: unexpected patch embedding {(E, cin, P, P2)}: {use}")
+    pos = _shape(sd, "image_encoder.pos_embed", name)
+    if len(pos) != 4 or pos[1] != pos[2] or pos[3] != E:
+        raise SamFileError(f"{name}: unexpected position embedding {pos}: {use}")
+    grid = pos[1]
+    blocks = _indices(sd, "image_encoder.blocks.")
+    if not blocks or blocks != list(range(len(blocks))):
+        raise SamFileError(f"{name}: the image encoder's blocks are missing or not numbered 0..N-1: {use}")
+    head_dim, globals_, window = None, [], 0
+    for i in blocks:
+        rel = f"image_encoder.blocks.{i}.attn.rel_pos_h"
+        if rel not in sd:
+            raise SamFileError(f"{name}: block {i} has no relative position table ({rel}); {use}")
+        n, hd = sd[rel].shape
+        head_dim = head_dim or hd
+        if n == 2 * grid - 1:
+            globals_.append(i)
+        else:
+            window = window or (n + 1) // 2
+    if E % head_dim:
+        raise SamFileError(f"{name}: head size {head_dim} does not divide the embed dim {E}: {use}")
+    mlp = _shape(sd, "image_encoder.blocks.0.mlp.lin1.weight", name)[0]
+    prompt_dim = _shape(sd, "image_encoder.neck.0.weight", name)[0]
+    dec_layers = _indices(sd, "mask_decoder.transformer.layers.")
+    if not dec_layers:
+        raise SamFileError(f"{name}: the mask decoder's transformer layers are missing: {use}")
+    n_tokens = _shape(sd, "mask_decoder.mask_tokens.weight", name)[0]
+    iou_layers = _indices(sd, "mask_decoder.iou_prediction_head.layers.")
+    cfg = SamConfig(
+        embed_dim=E, depth=len(blocks), num_heads=E // head_dim, global_attn_indexes=tuple(globals_),
+        window_size=window, patch_size=P, img_size=grid * P, mlp_ratio=mlp / E, prompt_dim=prompt_dim,
+        mask_in_chans=_shape(sd, "prompt_encoder.mask_downscaling.3.weight", name)[0],
+        decoder_depth=len(dec_layers),
+        decoder_mlp_dim=_shape(sd, "mask_decoder.transformer.layers.0.mlp.lin1.weight", name)[0],
+        num_multimask_outputs=n_tokens - 1, iou_head_depth=len(iou_layers),
+        iou_head_hidden_dim=_shape(sd, "mask_decoder.iou_prediction_head.layers.0.weight", name)[0])
+    for variant, (_, e, d, h, g) in OFFICIAL.items():
+        if (E, len(blocks), grid * P) == (e, d, 1024):
+            if (cfg.num_heads, cfg.global_attn_indexes) != (h, g):
+                raise SamFileError(f"{name}: embed dim {E} and depth {d} are SAM {variant}'s, but its attention "
+                                   f"layout ({cfg.num_heads} heads, global blocks {cfg.global_attn_indexes}) is "
+                                   f"not: {use}")
+            cfg = SamConfig(**{**cfg.__dict__, "variant": variant})
+    return cfg
+
+
+def build_network(cfg: SamConfig, device="cpu"):
+    """A ``segment_anything.modeling.Sam`` with the layout of ``cfg`` (the same constructor arguments as
+    ``segment_anything.build_sam``), on ``device`` (``"meta"`` builds it without memory)."""
+    from functools import partial
+    m = import_sam_modeling()
+    S = cfg.img_size // cfg.patch_size
+    with torch.device(device):
+        net = m.Sam(
+            image_encoder=m.ImageEncoderViT(
+                depth=cfg.depth, embed_dim=cfg.embed_dim, img_size=cfg.img_size, mlp_ratio=cfg.mlp_ratio,
+                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=cfg.num_heads,
+                patch_size=cfg.patch_size, qkv_bias=True, use_rel_pos=True,
+                global_attn_indexes=cfg.global_attn_indexes, window_size=cfg.window_size,
+                out_chans=cfg.prompt_dim),
+            prompt_encoder=m.PromptEncoder(
+                embed_dim=cfg.prompt_dim, image_embedding_size=(S, S),
+                input_image_size=(cfg.img_size, cfg.img_size), mask_in_chans=cfg.mask_in_chans),
+            mask_decoder=m.MaskDecoder(
+                num_multimask_outputs=cfg.num_multimask_outputs,
+                transformer=m.TwoWayTransformer(depth=cfg.decoder_depth, embedding_dim=cfg.prompt_dim,
+                                                mlp_dim=cfg.decoder_mlp_dim, num_heads=cfg.decoder_heads),
+                transformer_dim=cfg.prompt_dim, iou_head_depth=cfg.iou_head_depth,
+                iou_head_hidden_dim=cfg.iou_head_hidden_dim),
+            pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD))
+    return net.eval()
+
+
+@dataclass
+class SamModel:
+    """A loaded SAM: the ``segment_anything`` network and what was read about it."""
+    net: torch.nn.Module
+    config: SamConfig
+    name: str = "sam"
+    path: str | None = None
+    extras: dict = field(default_factory=dict)   # room for the host (e.g. ComfyUI's model patcher)
+
+    @property
+    def img_size(self) -> int:
+        return self.config.img_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+
+def load_sam(path: str | os.PathLike) -> SamModel:
+    """Read, check and build a SAM checkpoint on the CPU. The network is built on the meta device and
+    takes the file's tensors as its parameters (memory-mapped for ``.pth`` files), so loading is quick
+    and the weights are read from disk when first used."""
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    sd = unwrap_state_dict(read_state_dict(path), name)
+    cfg = detect_config(sd, name)
+    net = build_network(cfg, "meta")
+    try:
+        result = net.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as exc:          # shapes that contradict each other
+        raise SamFileError(f"{name} does not fit the {cfg.label} layout its shapes suggest "
+                           f"({str(exc).splitlines()[-1].strip()}); {download_hint()}") from None
+    missing = [k for k in result.missing_keys if not k.startswith(("pixel_mean", "pixel_std"))]
+    if missing or result.unexpected_keys:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if result.unexpected_keys:
+            parts.append(f"{len(result.unexpected_keys)} unexpected (e.g. {', '.join(result.unexpected_keys[:3])})")
+        raise SamFileError(f"{name} does not match the {cfg.label} layout its shapes suggest: keys "
+                           f"{'; '.join(parts)}. The file is incomplete or not an official SAM checkpoint; "
+                           f"{download_hint()}")
+    for buf, values in (("pixel_mean", PIXEL_MEAN), ("pixel_std", PIXEL_STD)):
+        net.register_buffer(buf, torch.tensor(values).view(-1, 1, 1), persistent=False)
+    left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+    if left:
+        raise SamFileError(f"{name}: weights {left[:3]} were not in the file; {download_hint()}")
+    if any(p.dtype != torch.float32 for p in net.parameters()):
+        net = net.float()
+    net.requires_grad_(False)
+    return SamModel(net=net.eval(), config=cfg, name=name, path=path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre- and post-processing
+# ---------------------------------------------------------------------------------------------
+
+def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
+    """Size of the image with its longer side resized to ``long_side`` (SAM's rounding: half up)."""
+    scale = long_side / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def preprocess(image: torch.Tensor, img_size: int, mean=PIXEL_MEAN, std=PIXEL_STD):
+    """ComfyUI IMAGE ``[B, H, W, C]`` (0..1) → SAM input ``[B, 3, img_size, img_size]`` and the
+    resized size ``(h, w)`` before padding."""
+    if image.dim() == 3:
+        image = image[None]
+    x = image[..., :3].float()
+    if x.shape[-1] == 1:
+        x = x.expand(*x.shape[:-1], 3)
+    x = x.permute(0, 3, 1, 2) * 255.0
+    h, w = preprocess_shape(x.shape[-2], x.shape[-1], img_size)
+    if (h, w) != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    return F.pad(x, (0, img_size - w, 0, img_size - h)), (h, w)
+
+
+def transform_coords(coords: torch.Tensor, original_size: tuple[int, int], img_size: int) -> torch.Tensor:
+    """Points ``[..., 2]`` (x, y) in pixels of the original image → pixels of the model input."""
+    H, W = original_size
+    h, w = preprocess_shape(H, W, img_size)
+    out = coords.to(torch.float32).clone()
+    out[..., 0] = out[..., 0] * (w / W)
+    out[..., 1] = out[..., 1] * (h / H)
+    return out
+
+
+def transform_boxes(boxes: torch.Tensor, original_size: tuple[int, int], img_size: int) -> torch.Tensor:
+    """Boxes ``[..., 4]`` (x0, y0, x1, y1) in pixels of the original image → model input pixels."""
+    return transform_coords(boxes.reshape(*boxes.shape[:-1], 2, 2), original_size, img_size).reshape(boxes.shape)
+
+
+def postprocess_masks(low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int],
+                      img_size: int) -> torch.Tensor:
+    """Low-resolution logits ``[N, C, h, w]`` → logits ``[N, C, H, W]`` of the original image: upscale to
+    the padded input, cut the padding off, resize to the original size (bilinear throughout)."""
+    x = F.interpolate(low_res.float(), size=(img_size, img_size), mode="bilinear", align_corners=False)
+    x = x[..., :input_size[0], :input_size[1]]
+    return F.interpolate(x, size=tuple(original_size), mode="bilinear", align_corners=False)
+
+
+def stability_score(logits: torch.Tensor, threshold: float = 0.0, offset: float = STABILITY_OFFSET) -> torch.Tensor:
+    """SAM's stability score: IoU of the masks thresholded at ``threshold ± offset`` (over the last two
+    dims)."""
+    inner = (logits > threshold + offset).flatten(-2).sum(-1).float()
+    outer = (logits > threshold - offset).flatten(-2).sum(-1).float()
+    return torch.where(outer > 0, inner / outer.clamp(min=1), torch.zeros_like(outer))
+
+
+def low_res_valid_size(low_res_size: int, input_size: tuple[int, int], img_size: int) -> tuple[int, int]:
+    """Rows and columns of the low-resolution logits that cover the image (not the padding)."""
+    f = img_size / low_res_size
+    return min(low_res_size, math.ceil(input_size[0] / f)), min(low_res_size, math.ceil(input_size[1] / f))
+
+
+def borders_touched(masks: torch.Tensor) -> torch.Tensor:
+    """How many of the 4 image borders each binary mask ``[..., h, w]`` touches."""
+    m = masks.bool()
+    return (m[..., 0, :].any(-1).int() + m[..., -1, :].any(-1).int()
+            + m[..., :, 0].any(-1).int() + m[..., :, -1].any(-1).int())
+
+
+def pick_largest_object(low_res: torch.Tensor, iou: torch.Tensor, valid_size: tuple[int, int],
+                        threshold: float = 0.0, min_iou: float = LARGEST_MIN_IOU,
+                        min_stability: float = LARGEST_MIN_STABILITY, max_borders: int = 2):
+    """The "largest object" rule, on the decoder's low-resolution logits ``[N, C, h, w]`` (N grid
+    prompts, C masks each) and predicted IoUs ``[N, C]``, cropped to ``valid_size`` (the image part):
+
+    1. a candidate is *confident*: predicted IoU ≥ ``min_iou`` and stability score ≥ ``min_stability``
+       (SamAutomaticMaskGenerator's filters, 0.88 and 0.95 with offset 1.0);
+    2. it is an *object*, not the background: it touches at most ``max_borders`` of the image's four
+       borders (a subject cut off at the bottom touches one or two; the background around it three or
+       four) and is not empty;
+    3. the candidate with the largest area wins (ties: the higher predicted IoU).
+
+    Returns ``(prompt index, mask index, area fraction)`` or None when no candidate passes."""
+    vh, vw = valid_size
+    logits = low_res[..., :vh, :vw]
+    binary = logits > threshold
+    area = binary.flatten(-2).sum(-1).float()
+    ok = ((iou >= min_iou) & (stability_score(logits, threshold) >= min_stability)
+          & (borders_touched(binary) <= max_borders) & (area > 0))
+    if not bool(ok.any()):
+        return None
+    score = torch.where(ok, area + iou.float().clamp(0, 1) * 0.5, torch.full_like(area, -1.0))
+    flat = int(score.flatten().argmax())
+    n, c = divmod(flat, iou.shape[1])
+    return n, c, float(area[n, c]) / (vh * vw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts: parsing and checking
+# ---------------------------------------------------------------------------------------------
+
+_NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+def _numbers(text: str, name: str, what: str) -> list[float]:
+    parts = [p.strip() for p in text.split(",")]
+    if any(not re.fullmatch(_NUM, p) for p in parts):
+        raise ValueError(f"{name}: could not read {text.strip()!r} as {what}; write numbers separated by commas")
+    return [float(p) for p in parts]
+
+
+def parse_points(text: str | None, name: str = "points") -> list[tuple[float, float]]:
+    """``"x,y; x,y"`` (``;`` or new lines between points) → ``[(x, y), ...]``; empty text → ``[]``."""
+    text = (text or "").strip()
+    if not text:
+        return []
+    out = []
+    for part in re.split(r"[;\n]+", text):
+        if not part.strip():
+            continue
+        nums = _numbers(part.strip().strip("()[]"), name, "a point 'x,y'")
+        if len(nums) != 2:
+            raise ValueError(f"{name}: {part.strip()!r} has {len(nums)} numbers; a point is 'x,y' and points "
+                             f"are separated by ';', e.g. '250,300; 120,80'")
+        out.append((nums[0], nums[1]))
+    return out
+
+
+def parse_box(text: str | None, name: str = "box") -> tuple[float, float, float, float] | None:
+    """``"x0,y0,x1,y1"`` (left, top, right, bottom) → a tuple; empty text → None."""
+    text = (text or "").strip().strip("()[]")
+    if not text:
+        return None
+    nums = _numbers(text, name, "a box 'x0,y0,x1,y1'")
+    if len(nums) != 4:
+        raise ValueError(f"{name}: {text!r} has {len(nums)} numbers; a box is 'x0,y0,x1,y1' (left, top, right, "
+                         f"bottom)")
+    x0, y0, x1, y1 = nums
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"{name}: {text!r} is not a box 'x0,y0,x1,y1' with x0 < x1 and y0 < y1 (left, top, right, "
+                         f"bottom)")
+    return x0, y0, x1, y1
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Checked prompts in pixels of the original image."""
+    mode: str
+    points: tuple[tuple[float, float], ...] = ()
+    labels: tuple[int, ...] = ()           # 1 positive, 0 negative
+    box: tuple[float, float, float, float] | None = None
+
+
+def _to_pixels(values, size, units, name):
+    if units == "fractions":
+        for v in values:
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name}: {v:g} is not a fraction in 0..1 (units is 'fractions'); use units "
+                                 f"'pixels' for pixel coordinates")
+        return [v * s for v, s in zip(values, size)]
+    return list(values)
+
+
+def make_prompts(mode: str, points: str = "", negative_points: str = "", box: str = "", height: int = 1,
+                 width: int = 1, units: str = "pixels") -> Prompts:
+    """Parse and check the prompts of ``mode`` for an image of ``height`` x ``width``. Coordinates are
+    pixels from the top-left corner (``x`` in 0..width, ``y`` in 0..height), or fractions of the width
+    and height with ``units='fractions'``. Inputs the mode does not use are ignored."""
+    if mode not in MODES:
+        raise ValueError(f"mode: unknown {mode!r}; choose one of {', '.join(MODES)}")
+    if units not in UNITS:
+        raise ValueError(f"units: unknown {units!r}; choose 'pixels' or 'fractions'")
+    if mode == "largest object":
+        return Prompts(mode)
+    unit = "pixels" if units == "pixels" else "fractions of the image size"
+    pts, labels, bx = [], [], None
+    if mode in ("points", "points + box"):
+        pos = parse_points(points, "points")
+        neg = parse_points(negative_points, "negative_points")
+        for label, name, group in ((1, "points", pos), (0, "negative_points", neg)):
+            for x, y in group:
+                px, py = _to_pixels((x, y), (width, height), units, name)
+                if not (0 <= px <= width and 0 <= py <= height):
+                    raise ValueError(f"{name}: point ({x:g}, {y:g}) lies outside the {width}x{height} image "
+                                     f"(coordinates are {unit} from the top-left corner)")
+                pts.append((px, py))
+                labels.append(label)
+        if mode == "points" and not pos:
+            raise ValueError("points: mode 'points' needs at least one positive point, e.g. '250,300' or "
+                             "'250,300; 120,80' (pixels of the input image, from the top-left corner)")
+        if mode == "points + box" and not pts:
+            raise ValueError("points: mode 'points + box' needs at least one point (in points or "
+                             "negative_points); use mode 'box' for a box alone")
+    if mode in ("box", "points + box"):
+        b = parse_box(box, "box")
+        if b is None:
+            raise ValueError(f"box: mode '{mode}' needs a box 'x0,y0,x1,y1' (left, top, right, bottom in {unit})")
+        x0, y0, x1, y1 = _to_pixels(b, (width, height, width, height), units, "box")
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            raise ValueError(f"box: ({', '.join(f'{v:g}' for v in b)}) lies outside the {width}x{height} image; "
+                             f"x must be in 0..{width if units == 'pixels' else 1}, y in "
+                             f"0..{height if units == 'pixels' else 1} ({unit} from the top-left corner)")
+        bx = (x0, y0, x1, y1)
+    return Prompts(mode, tuple(pts), tuple(labels), bx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the network
+# ---------------------------------------------------------------------------------------------
+
+def grid_points(n: int, height: int, width: int) -> torch.Tensor:
+    """``n x n`` points at the centres of a regular grid over the image, in pixels ``[n*n, 2]``."""
+    t = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+    ys, xs = torch.meshgrid(t * height, t * width, indexing="ij")
+    return torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)
+
+
+@torch.inference_mode()
+def encode_image(sam: SamModel, image: torch.Tensor):
+    """One image ``[H, W, C]`` (0..1) → (image embedding ``[1, C, h, w]``, resized input size)."""
+    net = sam.net
+    x, input_size = preprocess(image.to(sam.device), sam.img_size,
+                               net.pixel_mean.flatten().tolist(), net.pixel_std.flatten().tolist())
+    return net.image_encoder(x), input_size
+
+
+@torch.inference_mode()
+def decode(sam: SamModel, embedding: torch.Tensor, coords=None, labels=None, boxes=None, multimask=True):
+    """Decoder on one image embedding. ``coords [N, P, 2]`` / ``labels [N, P]`` / ``boxes [N, 4]`` in model
+    input pixels → low-resolution logits ``[N, C, h, w]`` and predicted IoUs ``[N, C]``."""
+    net = sam.net
+    points = None
+    if coords is not None:
+        points = (coords.to(sam.device, torch.float32), labels.to(sam.device, torch.int64))
+    if boxes is not None:
+        boxes = boxes.to(sam.device, torch.float32)
+    sparse, dense = net.prompt_encoder(points=points, boxes=boxes, masks=None)
+    return net.mask_decoder(image_embeddings=embedding, image_pe=net.prompt_encoder.get_dense_pe(),
+                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                            multimask_output=multimask)
+
+
+def use_multimask(option: str, prompts: Prompts) -> bool:
+    """``auto`` follows SAM's advice: three candidate masks for a single point (ambiguous), one mask
+    for a box or several points."""
+    if option not in MULTIMASK:
+        raise ValueError(f"multimask: unknown {option!r}; choose one of {', '.join(MULTIMASK)}")
+    if option == "auto":
+        return prompts.box is None and len(prompts.points) == 1
+    return option == "best of 3"
+
+
+def segment_image(sam: SamModel, image: torch.Tensor, prompts: Prompts, multimask: str = "auto",
+                  threshold: float = 0.0, grid: int = 8, min_iou: float = LARGEST_MIN_IOU,
+                  min_stability: float = LARGEST_MIN_STABILITY, max_borders: int = 2, chunk: int = 32,
+                  check_interrupt: Callable[[], None] | None = None) -> torch.Tensor:
+    """A binary mask ``[H, W]`` (float 0/1, on the model's device) of one image ``[H, W, C]``."""
+    H, W = int(image.shape[0]), int(image.shape[1])
+    S = sam.img_size
+    embedding, input_size = encode_image(sam, image)
+    if prompts.mode == "largest object":
+        pts = transform_coords(grid_points(grid, H, W), (H, W), S)
+        best = None   # (score, low-res logits [1, h, w])
+        for start in range(0, pts.shape[0], chunk):
+            if check_interrupt is not None:
+                check_interrupt()
+            c = pts[start:start + chunk, None, :]
+            low, iou = decode(sam, embedding, c, torch.ones(c.shape[:2], dtype=torch.int64), None, True)
+            valid = low_res_valid_size(low.shape[-1], input_size, S)
+            pick = pick_largest_object(low, iou, valid, threshold, min_iou, min_stability, max_borders)
+            if pick is not None:
+                n, k, area = pick
+                key = (area, float(iou[n, k]))
+                if best is None or key > best[0]:
+                    best = (key, low[n, k][None, None].clone())
+        if best is None:
+            raise ValueError(f"mode 'largest object': SAM found no confident object in the image (a {grid}x{grid} "
+                             f"grid of points, masks with predicted IoU >= {min_iou:g} and stability >= "
+                             f"{min_stability:g} touching at most {max_borders} image borders); give points or a box, or "
+                             f"lower min_confidence")
+        low_best = best[1]
+    else:
+        coords = labels = boxes = None
+        if prompts.points:
+            coords = transform_coords(torch.tensor(prompts.points)[None], (H, W), S)
+            labels = torch.tensor(prompts.labels)[None]
+        if prompts.box is not None:
+            boxes = transform_boxes(torch.tensor(prompts.box)[None], (H, W), S)
+        low, iou = decode(sam, embedding, coords, labels, boxes, use_multimask(multimask, prompts))
+        k = int(iou[0].argmax())
+        low_best = low[:1, k:k + 1]
+    logits = postprocess_masks(low_best, input_size, (H, W), S)
+    return (logits[0, 0] > threshold).float()
