@@ -64,6 +64,43 @@ NOTE = "\n\n".join([
 ])
 
 
+# FreeMix's dog-with-cat-appearance setting: structure from the dog, appearance from the cat, FreeMix's
+# seed (500) and sampler (DDIM 50 steps, cfg 7.5), FreeCustom's negative prompt; the subject masks come
+# from SAM Mask nodes (box / points + box prompts fitted to the two shipped 512x512 photos).
+FREEMIX = dict(
+    stem="personalize_freemix_structure_appearance",
+    checkpoint="v1-5-pruned-emaonly.safetensors",
+    sam="sam_vit_b_01ec64.pth",
+    prompt="a photo of a dog in the grass",
+    blend_word="dog",
+    negative=FREECUSTOM["negative"],
+    # (role, subject, image, caption, SAM mode, points, box); pixels of the 512x512 images
+    refs=[("structure", "dog", "personalize_dog6_02.jpg", "a dog", "box", "", "80,0,420,512"),
+          ("appearance", "cat", "personalize_cat_04.jpg", "a cat", "points + box", "225,300", "88,28,412,512")],
+    seed=500, steps=50, cfg=7.5, sampler="ddim", scheduler="ddim_uniform", size=512,
+)
+
+NOTE_FREEMIX = "\n\n".join([
+    "FreeMix structure + appearance (Personalize)",
+    'Makes "a photo of a dog in the grass" with the shape and pose of the dog photo and the look (fur, colours) of '
+    "the cat photo.",
+    "How it works: SAM Mask nodes cut each subject out of its photo (the dog with a box prompt, the cat with a box "
+    "and a point; coordinates are pixels of the 512x512 images, edit them for your own photos). Reference Encode "
+    'VAE-encodes each photo with its mask and caption ("a dog", "a cat"). Disentangle-Mixing Attention (FreeMix '
+    "DMSA) patches the model: early in the schedule the image attends to the structure reference's masked tokens "
+    "(decoder blocks 4-11, weight 3.0); from 40% of the schedule, in the region of the blend word \"dog\" (found "
+    "from its cross-attention maps), the highest-resolution decoder blocks take their keys and values from the "
+    "appearance reference. Sampler settings follow FreeMix: DDIM, 50 steps, cfg 7.5, seed 500.",
+    "Models: an SD1.5 checkpoint in ComfyUI/models/checkpoints/ (v1-5-pruned-emaonly.safetensors or any SD1.5 "
+    "fine-tune), and the SAM ViT-B checkpoint sam_vit_b_01ec64.pth (from the Segment Anything release, "
+    "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth) in ComfyUI/models/sams/. The SAM nodes "
+    "need the segment-anything package: pip install segment-anything, in ComfyUI's Python.",
+    "Inputs: the two example photos ship in this pack's workflows/inputs/ folder; copy them into ComfyUI/input/ "
+    "(tools/run_workflow.py does it for you). Any MASK works instead of SAM (a hand-drawn mask from Load Image, "
+    "core SAM3, other SAM packs). Credits and licenses: workflows/inputs/CREDITS.md.",
+])
+
+
 class Graph:
     """A tiny UI-format graph builder: nodes with sockets from the live schema, links, order."""
 
@@ -182,6 +219,62 @@ def freecustom_workflow(schemas: dict, classes: dict) -> dict:
     return g.to_json()
 
 
+def freemix_workflow(schemas: dict, classes: dict) -> dict:
+    c = FREEMIX
+    g = Graph(schemas, classes)
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), "Load Checkpoint (SD1.5)", ckpt_name=c["checkpoint"])
+    g.note(NOTE_FREEMIX, (0, 140), (320, 760), title="Read me: FreeMix structure + appearance")
+    pos = g.node("CLIPTextEncode", (380, 0), (400, 160), "Prompt", text=c["prompt"])
+    neg = g.node("CLIPTextEncode", (380, 200), (400, 160), "Negative prompt (FreeCustom)", text=c["negative"])
+    g.link(ckpt, 1, pos, "clip")
+    g.link(ckpt, 1, neg, "clip")
+    sam = g.node("PersonalizeSAMModelLoader", (380, 400), (320, 82), "SAM Model Loader (ViT-B)", model_name=c["sam"],
+                 device="auto")
+
+    encoded = {}
+    for k, (role, subject, image, caption, mode, points, box) in enumerate(c["refs"]):
+        y = 540 + k * 560
+        img = g.node("LoadImage", (380, y), (300, 330), f"{role.capitalize()} reference: {subject}", image=image)
+        seg = g.node("PersonalizeSAMMask", (720, y), (320, 330), f"SAM mask: {subject} ({mode})", mode=mode,
+                     points=points, negative_points="", box=box, units="pixels", multimask="auto", threshold=0.0,
+                     grid=8, min_confidence=0.88)
+        cap = g.node("CLIPTextEncode", (720, y + 370), (320, 110), f"{role.capitalize()} caption", text=caption)
+        enc = g.node("PersonalizeReferenceEncode", (1080, y), (320, 260), f"Reference Encode: {role} ({subject})",
+                     weight=3.0, mask_threshold=0.5, soft_mask=False, resolution=c["size"])
+        g.link(sam, 0, seg, "sam")
+        g.link(img, 0, seg, "image")
+        g.link(ckpt, 1, cap, "clip")
+        g.link(img, 0, enc, "image")
+        g.link(ckpt, 2, enc, "vae")
+        g.link(seg, 0, enc, "mask")
+        g.link(cap, 0, enc, "caption")
+        encoded[role] = enc
+
+    dmsa = g.node("PersonalizeDisentangleMixingAttention", (1460, 400), (360, 520), None, prompt=c["prompt"],
+                  blend_word=c["blend_word"], preset="SD1.5 FreeMix", structure_start=0.0, structure_end=1.0,
+                  appearance_start=0.4, appearance_end=1.0, structure_phase=True, appearance_phase=True,
+                  structure_weight=3.0, mask_threshold=0.2, spatial_norm_start=1.0, seed=0)
+    g.link(ckpt, 0, dmsa, "model")
+    g.link(encoded["structure"], 0, dmsa, "structure")
+    g.link(encoded["appearance"], 0, dmsa, "appearance")
+    g.link(ckpt, 1, dmsa, "clip")
+    latent = g.node("EmptyLatentImage", (1460, 200), (320, 110), None, width=c["size"], height=c["size"],
+                    batch_size=1)
+    sampler = g.node("KSampler", (1880, 0), (320, 270), "KSampler (DDIM, as FreeMix)", seed=c["seed"],
+                     steps=c["steps"], cfg=c["cfg"], sampler_name=c["sampler"], scheduler=c["scheduler"],
+                     denoise=1.0)
+    g.link(dmsa, 0, sampler, "model")
+    g.link(pos, 0, sampler, "positive")
+    g.link(neg, 0, sampler, "negative")
+    g.link(latent, 0, sampler, "latent_image")
+    decode = g.node("VAEDecode", (2240, 0), (210, 50), None)
+    g.link(sampler, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+    save = g.node("SaveImage", (2240, 100), (520, 560), None, filename_prefix="personalize_freemix")
+    g.link(decode, 0, save, "images")
+    return g.to_json()
+
+
 def prepare_inputs(data_dir: Path) -> None:
     from PIL import Image
     INPUTS.mkdir(parents=True, exist_ok=True)
@@ -236,6 +329,56 @@ def thumbnail(path: Path) -> None:
     card.save(path, quality=90)
 
 
+def _parse_nums(text):
+    return [float(v) for part in text.split(";") if part.strip() for v in part.split(",")]
+
+
+def thumbnail_freemix(path: Path) -> None:
+    """An honest illustrative card (no generated or segmented image): the two references with the SAM
+    prompts the workflow uses drawn on them, the nodes they go through and the prompt."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    W, H = 400, 300
+    card = Image.new("RGB", (W, H), (30, 32, 38))
+    d = ImageDraw.Draw(card)
+    font = lambda s: ImageFont.load_default(size=s)  # noqa: E731
+    d.text((12, 9), "FreeMix structure + appearance", fill=(240, 240, 240), font=font(18))
+    d.text((12, 32), "Personalize node pack - illustrative card", fill=(150, 155, 165), font=font(11))
+    tints = [(80, 170, 255), (255, 150, 60)]
+    side = 104
+    for k, (role, subject, image, caption, mode, points, box) in enumerate(FREEMIX["refs"]):
+        im = Image.open(INPUTS / image).convert("RGB")
+        s = side / max(im.size)
+        im = im.resize((side, side), Image.LANCZOS)
+        x, y = 12, 54 + k * 122
+        card.paste(im, (x, y))
+        x0, y0, x1, y1 = (v * s for v in _parse_nums(box))
+        d.rectangle((x + x0, y + y0, x + min(x1, side - 1), y + min(y1, side - 1)), outline=tints[k], width=2)
+        pts = _parse_nums(points)
+        for px, py in zip(pts[::2], pts[1::2]):
+            cx, cy = x + px * s, y + py * s
+            d.ellipse((cx - 4, cy - 4, cx + 4, cy + 4), fill=(60, 220, 90), outline=(0, 0, 0))
+        d.text((x + 4, y + 88), f"{role}: {caption}", fill=(255, 255, 255), font=font(11), stroke_width=2,
+               stroke_fill=(0, 0, 0))
+        end = (146, 80 + 12 * k)
+        d.line((x + 108, y + 52, *end), fill=tints[k], width=2)
+        d.ellipse((end[0] - 3, end[1] - 3, end[0] + 3, end[1] + 3), fill=tints[k])
+    boxes = [("SAM Mask + Reference Encode", "box / points + box prompts, x2", 66),
+             ("Disentangle-Mixing Attention", "FreeMix DMSA, blend word \"dog\"", 126),
+             ("KSampler", "DDIM 50 steps, cfg 7.5, seed 500", 186)]
+    for title, sub, y in boxes:
+        d.rounded_rectangle((148, y, 388, y + 44), radius=6, fill=(52, 56, 66), outline=(120, 125, 140))
+        d.text((156, y + 5), title, fill=(240, 240, 240), font=font(14))
+        d.text((156, y + 25), sub, fill=(170, 175, 185), font=font(11))
+        if y > 66:
+            d.line((268, y - 16, 268, y - 1), fill=(200, 200, 200), width=2)
+            d.polygon([(263, y - 7), (273, y - 7), (268, y - 1)], fill=(200, 200, 200))
+    d.text((148, 240), "prompt (then VAE Decode, Save Image):", fill=(150, 155, 165), font=font(11))
+    d.text((148, 254), '"a photo of a dog', fill=(255, 230, 160), font=font(13))
+    d.text((148, 271), ' in the grass"', fill=(255, 230, 160), font=font(13))
+    card.save(path, quality=90)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", help="ComfyUI install (default: $COMFYUI_PATH)")
@@ -250,18 +393,20 @@ def main() -> int:
     import nodes
     classes = nodes.NODE_CLASS_MAPPINGS
     types = ["CheckpointLoaderSimple", "CLIPTextEncode", "LoadImage", "ImageToMask", "PersonalizeReferenceEncode",
-             "PersonalizeMultiReferenceAttention", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage"]
+             "PersonalizeMultiReferenceAttention", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage",
+             "PersonalizeSAMModelLoader", "PersonalizeSAMMask", "PersonalizeDisentangleMixingAttention"]
     schemas = rw.live_schemas(types)
     ks = schemas["KSampler"]["required"]   # fall back to euler/normal where DDIM is missing
-    if FREECUSTOM["sampler"] not in ks["sampler_name"][0]:
-        FREECUSTOM["sampler"] = "euler"
-    if FREECUSTOM["scheduler"] not in ks["scheduler"][0]:
-        FREECUSTOM["scheduler"] = "normal"
-    wf = freecustom_workflow(schemas, classes)
-    out = WORKFLOWS / f"{FREECUSTOM['stem']}.json"
-    out.write_text(json.dumps(wf, indent=2) + "\n", encoding="utf-8")
-    thumbnail(WORKFLOWS / f"{FREECUSTOM['stem']}.jpg")
-    print(f"wrote {out} and its thumbnail")
+    for c in (FREECUSTOM, FREEMIX):
+        if c["sampler"] not in ks["sampler_name"][0]:
+            c["sampler"] = "euler"
+        if c["scheduler"] not in ks["scheduler"][0]:
+            c["scheduler"] = "normal"
+    for c, build, card in ((FREECUSTOM, freecustom_workflow, thumbnail), (FREEMIX, freemix_workflow, thumbnail_freemix)):
+        out = WORKFLOWS / f"{c['stem']}.json"
+        out.write_text(json.dumps(build(schemas, classes), indent=2) + "\n", encoding="utf-8")
+        card(WORKFLOWS / f"{c['stem']}.jpg")
+        print(f"wrote {out} and its thumbnail")
     return 0
 
 
