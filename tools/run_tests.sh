@@ -16,14 +16,16 @@ if [ -n "${COMFYUI_PATH:-}" ]; then
     TORCH=(torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0)
 else
     VENV=${PERSONALIZE_VENV:-.venv}
-    TORCH=(torch==2.13.0)
+    # segment-anything (the SAM nodes) imports torchvision, which needs the torch it was built for.
+    TORCH=(torch==2.14.1 torchvision==0.29.1)
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
-"$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "${TORCH[@]}"
+# (re)install torch when it is missing, or when torchvision does not import beside it
+"$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null || "${PIP[@]}" "${TORCH[@]}"
 "${PIP[@]}" -r requirements.txt pytest
 if [ -n "${COMFYUI_PATH:-}" ]; then
     "${PIP[@]}" -r "$COMFYUI_PATH/requirements.txt"
