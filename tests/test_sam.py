@@ -23,7 +23,7 @@ except Exception as exc:  # noqa: BLE001 - any import failure (missing, or torch
                 f"pip install segment-anything torchvision", allow_module_level=True)
 
 from personalize_pack.references import sam as S  # noqa: E402
-from tiny_sam import TINY, build_tiny_sam, save_tiny_sam  # noqa: E402
+from tiny_sam import build_tiny_sam, save_tiny_sam  # noqa: E402
 
 DOG = PACK_ROOT / "workflows" / "inputs" / "personalize_dog6_02.jpg"
 
