@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Speed benchmark of the pack's FreeMix disentangle-mixing self-attention (DMSA) and of SAM on the CPU.
+"""Speed benchmark of the pack's FreeMix disentangle-mixing self-attention (DMSA) on the CPU.
 
 Reuses bench_mrsa.py's machinery (random-weight SD1.5 UNet built in memory, step timing through the
 sampling callback, the UNet batch probe, the direct floor measurement). Every ratio is computed from
@@ -9,7 +9,6 @@ stderr). See bench/README.md for what each line means and the targets.
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_dmsa.py                 # full run
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_dmsa.py --layout small --size 64 --steps 4 \
         --repeats 1                                                          # smoke test
-    python bench/bench_dmsa.py --only sam                                    # SAM only
 
 DMSA: ``plain`` (the unpatched model) and ``dmsa`` (the model patched exactly as the
 Disentangle-Mixing Attention node patches it: preset "SD1.5 FreeMix", a structure and an appearance
@@ -21,8 +20,7 @@ UNet batch of every step is recorded (2 target rows + 1 reference row in the str
 the appearance phase) to check the assignment. The floor is a plain UNet call of batch 3 and 4 over
 one of batch 2, timed directly (bench_mrsa.run_floor).
 
-SAM: ``segment_anything.build_sam_vit_b(checkpoint=None)`` (random weights), one 512x512 image with a
-box prompt, image encoder + prompt/mask decoder, seconds per image (median of 3 after a warm-up).
+The SAM Mask node's time per image is measured by bench_sam.py.
 """
 from __future__ import annotations
 
@@ -45,7 +43,6 @@ emit, log, median, rnd = bm.emit, bm.log, bm.median, bm.rnd
 TARGET_STEP_RATIO = 1.8          # dmsa ÷ plain, median step, B=1 (see bench/README.md)
 PRESET = "SD1.5 FreeMix"
 BLEND_TOKENS, PROMPT_TOKENS = [5], 77
-SAM_SIZE = 512
 
 
 # =========================================================================== DMSA speed
@@ -55,8 +52,7 @@ def comfyui_path(opts) -> Path:
     if not given and PACK_ROOT.parent.name == "custom_nodes":     # the pack installed in ComfyUI
         given = str(PACK_ROOT.parents[1])
     if not given:
-        raise SystemExit("DMSA benchmark: set COMFYUI_PATH or pass --comfyui /path/to/ComfyUI "
-                         "(or run --only sam, which needs torch and segment-anything alone)")
+        raise SystemExit("DMSA benchmark: set COMFYUI_PATH or pass --comfyui /path/to/ComfyUI")
     return Path(given).expanduser().resolve()
 
 
@@ -226,58 +222,6 @@ def run_dmsa(opts) -> dict:
     return {"dmsa": rows}
 
 
-# =========================================================================== SAM
-
-def run_sam(opts) -> dict:
-    import numpy as np  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-    try:
-        from segment_anything import SamPredictor, build_sam_vit_b  # noqa: PLC0415
-    except ImportError as e:
-        raise SystemExit(f"SAM benchmark: segment-anything is not installed ({e}); pip install segment-anything")
-
-    pack_sam = (PACK_ROOT / "references" / "sam.py").is_file()
-    torch.manual_seed(0)
-    t = time.perf_counter()
-    sam = build_sam_vit_b(checkpoint=None).eval()
-    build_s = time.perf_counter() - t
-    predictor = SamPredictor(sam)
-
-    rng = np.random.default_rng(0)
-    image = (rng.random((SAM_SIZE, SAM_SIZE, 3)) * 255).astype(np.uint8)       # RGB uint8 HWC
-    q = SAM_SIZE // 4
-    box = np.array([q, q, SAM_SIZE - q, SAM_SIZE - q])                          # centred box, half the side
-
-    def once():
-        t0 = time.perf_counter()
-        predictor.set_image(image)                                              # image encoder (1024 px input)
-        t1 = time.perf_counter()
-        masks, scores, _ = predictor.predict(box=box, multimask_output=False)  # prompt encoder + mask decoder
-        t2 = time.perf_counter()
-        if masks.shape != (1, SAM_SIZE, SAM_SIZE) or not np.isfinite(scores).all():
-            raise RuntimeError(f"unexpected SAM output {masks.shape}")
-        return t2 - t0, t1 - t0, t2 - t1
-
-    once()                                                                      # warm-up
-    runs = [once() for _ in range(opts.sam_repeats)]
-    total, enc, dec = ([r[i] for r in runs] for i in range(3))
-    log(f"SAM ViT-B {SAM_SIZE}px: {median(total):.2f} s per image (encoder {median(enc):.2f} s)")
-    row = {"kind": "sam", "model": "vit_b", "weights": "random (checkpoint=None)",
-           "params": sum(p.numel() for p in sam.parameters()), "image_px": [SAM_SIZE, SAM_SIZE],
-           "encoder_input_px": int(sam.image_encoder.img_size), "prompt": "box", "box": box.tolist(),
-           "timed": "segment_anything SamPredictor.set_image + predict(box, multimask_output=False)",
-           "pack_sam_present": pack_sam,
-           "note": ("references/sam.py is not in the pack yet; this times segment-anything's SamPredictor, "
-                    "what a SAM node spends at least" if not pack_sam else
-                    "references/sam.py exists but this bench still times SamPredictor; point it at the pack's function"),
-           "seconds_per_image": rnd(median(total), 3), "encoder_s": rnd(median(enc), 3),
-           "decoder_s": rnd(median(dec), 3), "runs_s": [rnd(x, 3) for x in total], "repeats": opts.sam_repeats,
-           "build_s": rnd(build_s, 1), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-           "torch": torch.__version__}
-    emit(row)
-    return {"sam": [row]}
-
-
 # =========================================================================== main
 
 def main(argv=None) -> int:
@@ -297,20 +241,14 @@ def main(argv=None) -> int:
                     help="reference masks: a centred box of half the area (default) or all ones")
     ap.add_argument("--attention", choices=("pytorch", "default"), default="pytorch",
                     help="ComfyUI attention: pytorch SDPA (as bench_mrsa) or ComfyUI's CPU default")
-    ap.add_argument("--sam-repeats", type=int, default=3, help="timed SAM images after the warm-up; default 3")
-    ap.add_argument("--only", choices=("dmsa", "sam"), help="run one part only")
     opts = ap.parse_args(argv)
     if opts.steps < 2:
         ap.error("--steps must be at least 2 (the first step is skipped)")
-    if opts.repeats < 1 or opts.sam_repeats < 1:
-        ap.error("--repeats and --sam-repeats must be at least 1")
+    if opts.repeats < 1:
+        ap.error("--repeats must be at least 1")
 
     t0 = time.perf_counter()
-    out = {}
-    if opts.only in (None, "dmsa"):
-        out.update(run_dmsa(opts))
-    if opts.only in (None, "sam"):
-        out.update(run_sam(opts))
+    out = run_dmsa(opts)
 
     checks = {}
     representative = opts.layout == "full" and opts.size == 256

@@ -177,7 +177,10 @@ def test_latent_that_does_not_fit_the_layers(sd15, references):
 
 def test_node_registration():
     import asyncio
+
+    from comfy_host import init_comfyui
     from conftest import import_pack
+    init_comfyui()
     ext = asyncio.run(import_pack().comfy_entrypoint())
     ids = [n.define_schema().node_id for n in asyncio.run(ext.get_node_list())]
     assert ids == ["PersonalizeReferenceEncode", "PersonalizeMultiReferenceAttention",

@@ -12,13 +12,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ -n "${COMFYUI_PATH:-}" ]; then
     VENV=${PERSONALIZE_VENV:-.venv-comfyui}
-    # ComfyUI imports torchvision and torchaudio at start-up; this trio imports on CPU-only machines.
-    TORCH=(torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0)
 else
     VENV=${PERSONALIZE_VENV:-.venv}
-    # segment-anything (the SAM nodes) imports torchvision, which needs the torch it was built for.
-    TORCH=(torch==2.14.1 torchvision==0.29.1)
 fi
+# segment-anything (the SAM nodes) and ComfyUI import torchvision, which needs the torch it was built
+# for: this pair imports on CPU-only machines.
+TORCH=(torch==2.14.1 torchvision==0.29.1)
 
 if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
@@ -28,6 +27,9 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null || "${PIP[@]}" "${TORCH[@]}"
 "${PIP[@]}" -r requirements.txt pytest
 if [ -n "${COMFYUI_PATH:-}" ]; then
+    # ComfyUI also imports torchaudio at start-up; 2.11.0 (the newest) works beside torch 2.14.1 but
+    # pins an older torch, hence --no-deps.
+    "$VENV/bin/python" -c "import torchaudio" 2>/dev/null || "${PIP[@]}" --no-deps torchaudio==2.11.0
     "${PIP[@]}" -r "$COMFYUI_PATH/requirements.txt"
 fi
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time the pack's SAM Mask node per image on the CPU with the ViT-B layout.
 
-    COMFYUI_PATH=/path/to/ComfyUI python tools/bench_sam.py [--repeats 3] [--threads N]
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_sam.py [--repeats 3] [--threads N]
 
 The network is segment_anything's own ``sam_model_registry["vit_b"]()`` with random weights (the
 official file cannot be downloaded here; the cost does not depend on the weights), saved to a
@@ -33,22 +33,12 @@ import torch
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 IMAGE = PACK_ROOT / "workflows" / "inputs" / "personalize_dog6_02.jpg"
+sys.path.insert(0, str(PACK_ROOT / "tests"))
+from conftest import import_pack  # noqa: E402  (the pack under a valid module name, as the tests do)
 
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def import_pack():
-    import importlib.util
-    name = "personalize_pack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(PACK_ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def timed(fn, repeats):
