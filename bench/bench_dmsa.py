@@ -25,7 +25,6 @@ The SAM Mask node's time per image is measured by bench_sam.py.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import platform
 import sys
@@ -91,30 +90,16 @@ def run_dmsa(opts) -> dict:
     import torch  # noqa: PLC0415
 
     bm.setup_comfy(comfyui_path(opts), opts.attention)
-    import comfy.sd  # noqa: PLC0415
     import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
     import comfy.model_management  # noqa: PLC0415
     bm.import_pack()
-    from personalize_pack.attention.layers import discover_attention_blocks  # noqa: PLC0415
 
     if opts.size % 8:
         raise SystemExit("--size must be a multiple of 8")
     hw = (opts.size // 8, opts.size // 8)
 
-    t = time.perf_counter()
-    sd = bm.build_unet_state_dict(opts.layout)
-    build_s = time.perf_counter() - t
-    t = time.perf_counter()
-    model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.float32})
-    del sd
-    gc.collect()
-    if model is None:
-        raise SystemExit("ComfyUI did not detect the generated UNet")
-    load_s = time.perf_counter() - t
+    model, blocks, build_s, load_s = bm.load_sd15_unet(opts.layout)
     dm = model.model.diffusion_model
-    blocks = discover_attention_blocks(dm)
-    if sorted(blocks) != sorted(bm.SD15_ATTENTION_BLOCKS):
-        raise SystemExit(f"attention blocks {sorted(blocks)} are not SD1.5's {sorted(bm.SD15_ATTENTION_BLOCKS)}")
     patched, tech, (s_keys, a_keys, m_keys) = build_dmsa(model, blocks, hw, opts)
     phases, sigmas = step_phases(model, tech, opts.steps)
     counted = phases[1:]

@@ -121,6 +121,29 @@ def build_unet_state_dict(layout: str, seed: int = 0) -> dict:
     return random_state(unet, "", torch.Generator().manual_seed(seed))
 
 
+def load_sd15_unet(layout: str):
+    """Build the random SD1.5-shaped UNet, load it into ComfyUI as fp32 and check its attention
+    blocks. Returns ``(model, blocks, build_s, load_s)``."""
+    import torch  # noqa: PLC0415
+    import comfy.sd  # noqa: PLC0415
+    from personalize_pack.attention.layers import discover_attention_blocks  # noqa: PLC0415
+
+    t = time.perf_counter()
+    sd = build_unet_state_dict(layout)
+    build_s = time.perf_counter() - t
+    t = time.perf_counter()
+    model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.float32})
+    del sd
+    gc.collect()
+    if model is None:
+        raise SystemExit("ComfyUI did not detect the generated UNet")
+    load_s = time.perf_counter() - t
+    blocks = discover_attention_blocks(model.model.diffusion_model)
+    if sorted(blocks) != sorted(SD15_ATTENTION_BLOCKS):
+        raise SystemExit(f"attention blocks {sorted(blocks)} are not SD1.5's {sorted(SD15_ATTENTION_BLOCKS)}")
+    return model, blocks, build_s, load_s
+
+
 class BatchProbe:
     """Forward pre-hook on the UNet: the batch size of every UNet call (bench instrumentation)."""
 
@@ -183,11 +206,10 @@ def run_speed(opts) -> dict:
         raise SystemExit("speed benchmark: set COMFYUI_PATH or pass --comfyui /path/to/ComfyUI "
                          "(or run --only memory, which needs torch alone)")
     setup_comfy(Path(given).expanduser().resolve(), opts.attention)
-    import comfy.sd  # noqa: PLC0415
     import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
     import comfy.model_management  # noqa: PLC0415
     import_pack()
-    from personalize_pack.attention.layers import SigmaRange, discover_attention_blocks, resolve_layers  # noqa: PLC0415
+    from personalize_pack.attention.layers import SigmaRange, resolve_layers  # noqa: PLC0415
     from personalize_pack.attention.mrsa import MultiReferenceAttention  # noqa: PLC0415
     from personalize_pack.attention.patch import install_technique  # noqa: PLC0415
 
@@ -195,20 +217,8 @@ def run_speed(opts) -> dict:
         raise SystemExit("--size must be a multiple of 8")
     hw = (opts.size // 8, opts.size // 8)
 
-    t = time.perf_counter()
-    sd = build_unet_state_dict(opts.layout)
-    build_s = time.perf_counter() - t
-    t = time.perf_counter()
-    model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.float32})
-    del sd
-    gc.collect()
-    if model is None:
-        raise SystemExit("ComfyUI did not detect the generated UNet")
-    load_s = time.perf_counter() - t
+    model, blocks, build_s, load_s = load_sd15_unet(opts.layout)
     dm = model.model.diffusion_model
-    blocks = discover_attention_blocks(dm)
-    if sorted(blocks) != sorted(SD15_ATTENTION_BLOCKS):
-        raise SystemExit(f"attention blocks {sorted(blocks)} are not SD1.5's {sorted(SD15_ATTENTION_BLOCKS)}")
     keys = resolve_layers(PRESET, "", blocks)
     params = sum(p.numel() for p in dm.parameters())
     emit({"kind": "setup", "layout": opts.layout, "unet_params": params,

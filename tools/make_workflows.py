@@ -289,17 +289,47 @@ def prepare_inputs(data_dir: Path) -> None:
         shutil.copyfile(data_dir / rel, INPUTS / "licenses" / Path(rel).name)
 
 
+def _card(title: str):
+    """The 400x300 card with its title; returns (image, draw, font)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    card = Image.new("RGB", (400, 300), (30, 32, 38))
+    d = ImageDraw.Draw(card)
+    font = lambda s: ImageFont.load_default(size=s)  # noqa: E731
+    d.text((12, 9), title, fill=(240, 240, 240), font=font(18))
+    d.text((12, 32), "Personalize node pack - illustrative card", fill=(150, 155, 165), font=font(11))
+    return card, d, font
+
+
+def _reference_tile(d, font, k: int, tint, caption: str):
+    """Caption and connector of the k-th reference tile (the tile itself is pasted by the caller)."""
+    x, y = 12, 54 + k * 122
+    d.text((x + 4, y + 88), caption, fill=(255, 255, 255), font=font(11), stroke_width=2, stroke_fill=(0, 0, 0))
+    end = (146, 80 + 12 * k)
+    d.line((x + 108, y + 52, *end), fill=tint, width=2)
+    d.ellipse((end[0] - 3, end[1] - 3, end[0] + 3, end[1] + 3), fill=tint)
+
+
+def _node_chain(d, font, boxes, prompt_lines) -> None:
+    """Three node boxes joined by arrows, then the prompt."""
+    for (title, sub), y in zip(boxes, (66, 126, 186)):
+        d.rounded_rectangle((148, y, 388, y + 44), radius=6, fill=(52, 56, 66), outline=(120, 125, 140))
+        d.text((156, y + 5), title, fill=(240, 240, 240), font=font(14))
+        d.text((156, y + 25), sub, fill=(170, 175, 185), font=font(11))
+        if y > 66:
+            d.line((268, y - 16, 268, y - 1), fill=(200, 200, 200), width=2)
+            d.polygon([(263, y - 7), (273, y - 7), (268, y - 1)], fill=(200, 200, 200))
+    d.text((148, 240), "prompt (then VAE Decode, Save Image):", fill=(150, 155, 165), font=font(11))
+    for i, line in enumerate(prompt_lines):
+        d.text((148, 254 + 17 * i), line, fill=(255, 230, 160), font=font(13))
+
+
 def thumbnail(path: Path) -> None:
     """An honest illustrative card (no generated image): the references with their masks tinted,
     the nodes they go through and the prompt."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image
 
-    W, H = 400, 300
-    card = Image.new("RGB", (W, H), (30, 32, 38))
-    d = ImageDraw.Draw(card)
-    font = lambda s: ImageFont.load_default(size=s)  # noqa: E731
-    d.text((12, 9), "FreeCustom multi-reference", fill=(240, 240, 240), font=font(18))
-    d.text((12, 32), "Personalize node pack - illustrative card", fill=(150, 155, 165), font=font(11))
+    card, d, font = _card("FreeCustom multi-reference")
     tints = [(255, 150, 60), (80, 170, 255)]
     for k, (subject, image, mask, caption) in enumerate(FREECUSTOM["refs"]):
         im = Image.open(INPUTS / image).convert("RGB").resize((104, 104), Image.LANCZOS)
@@ -309,23 +339,11 @@ def thumbnail(path: Path) -> None:
         x, y = 12, 54 + k * 122
         card.paste(Image.composite(tinted, dark, m.point(lambda v: 255 if v > 127 else 0)), (x, y))
         d.rectangle((x - 1, y - 1, x + 104, y + 104), outline=tints[k])
-        d.text((x + 4, y + 88), caption, fill=(255, 255, 255), font=font(11), stroke_width=2, stroke_fill=(0, 0, 0))
-        end = (146, 80 + 12 * k)
-        d.line((x + 108, y + 52, *end), fill=tints[k], width=2)
-        d.ellipse((end[0] - 3, end[1] - 3, end[0] + 3, end[1] + 3), fill=tints[k])
-    boxes = [("Reference Encode", "image + mask + caption, x2", 66),
-             ("Multi-Reference Attention", "FreeCustom MRSA, output 6-11", 126),
-             ("KSampler", "DDIM 50 steps, cfg 7.5", 186)]
-    for title, sub, y in boxes:
-        d.rounded_rectangle((148, y, 388, y + 44), radius=6, fill=(52, 56, 66), outline=(120, 125, 140))
-        d.text((156, y + 5), title, fill=(240, 240, 240), font=font(14))
-        d.text((156, y + 25), sub, fill=(170, 175, 185), font=font(11))
-        if y > 66:
-            d.line((268, y - 16, 268, y - 1), fill=(200, 200, 200), width=2)
-            d.polygon([(263, y - 7), (273, y - 7), (268, y - 1)], fill=(200, 200, 200))
-    d.text((148, 240), "prompt (then VAE Decode, Save Image):", fill=(150, 155, 165), font=font(11))
-    d.text((148, 254), '"a cat and a dog sitting', fill=(255, 230, 160), font=font(13))
-    d.text((148, 271), ' together on a sofa"', fill=(255, 230, 160), font=font(13))
+        _reference_tile(d, font, k, tints[k], caption)
+    _node_chain(d, font, [("Reference Encode", "image + mask + caption, x2"),
+                          ("Multi-Reference Attention", "FreeCustom MRSA, output 6-11"),
+                          ("KSampler", "DDIM 50 steps, cfg 7.5")],
+                ['"a cat and a dog sitting', ' together on a sofa"'])
     card.save(path, quality=90)
 
 
@@ -336,14 +354,9 @@ def _parse_nums(text):
 def thumbnail_freemix(path: Path) -> None:
     """An honest illustrative card (no generated or segmented image): the two references with the SAM
     prompts the workflow uses drawn on them, the nodes they go through and the prompt."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image
 
-    W, H = 400, 300
-    card = Image.new("RGB", (W, H), (30, 32, 38))
-    d = ImageDraw.Draw(card)
-    font = lambda s: ImageFont.load_default(size=s)  # noqa: E731
-    d.text((12, 9), "FreeMix structure + appearance", fill=(240, 240, 240), font=font(18))
-    d.text((12, 32), "Personalize node pack - illustrative card", fill=(150, 155, 165), font=font(11))
+    card, d, font = _card("FreeMix structure + appearance")
     tints = [(80, 170, 255), (255, 150, 60)]
     side = 104
     for k, (role, subject, image, caption, mode, points, box) in enumerate(FREEMIX["refs"]):
@@ -358,24 +371,11 @@ def thumbnail_freemix(path: Path) -> None:
         for px, py in zip(pts[::2], pts[1::2]):
             cx, cy = x + px * s, y + py * s
             d.ellipse((cx - 4, cy - 4, cx + 4, cy + 4), fill=(60, 220, 90), outline=(0, 0, 0))
-        d.text((x + 4, y + 88), f"{role}: {caption}", fill=(255, 255, 255), font=font(11), stroke_width=2,
-               stroke_fill=(0, 0, 0))
-        end = (146, 80 + 12 * k)
-        d.line((x + 108, y + 52, *end), fill=tints[k], width=2)
-        d.ellipse((end[0] - 3, end[1] - 3, end[0] + 3, end[1] + 3), fill=tints[k])
-    boxes = [("SAM Mask + Reference Encode", "box / points + box prompts, x2", 66),
-             ("Disentangle-Mixing Attention", "FreeMix DMSA, blend word \"dog\"", 126),
-             ("KSampler", "DDIM 50 steps, cfg 7.5, seed 500", 186)]
-    for title, sub, y in boxes:
-        d.rounded_rectangle((148, y, 388, y + 44), radius=6, fill=(52, 56, 66), outline=(120, 125, 140))
-        d.text((156, y + 5), title, fill=(240, 240, 240), font=font(14))
-        d.text((156, y + 25), sub, fill=(170, 175, 185), font=font(11))
-        if y > 66:
-            d.line((268, y - 16, 268, y - 1), fill=(200, 200, 200), width=2)
-            d.polygon([(263, y - 7), (273, y - 7), (268, y - 1)], fill=(200, 200, 200))
-    d.text((148, 240), "prompt (then VAE Decode, Save Image):", fill=(150, 155, 165), font=font(11))
-    d.text((148, 254), '"a photo of a dog', fill=(255, 230, 160), font=font(13))
-    d.text((148, 271), ' in the grass"', fill=(255, 230, 160), font=font(13))
+        _reference_tile(d, font, k, tints[k], f"{role}: {caption}")
+    _node_chain(d, font, [("SAM Mask + Reference Encode", "box / points + box prompts, x2"),
+                          ("Disentangle-Mixing Attention", "FreeMix DMSA, blend word \"dog\""),
+                          ("KSampler", "DDIM 50 steps, cfg 7.5, seed 500")],
+                ['"a photo of a dog', ' in the grass"'])
     card.save(path, quality=90)
 
 
