@@ -168,15 +168,39 @@ class Graph:
                 "extra": {"ds": {"scale": 0.65, "offset": [40, 40]}}, "version": 0.4}
 
 
-def freecustom_workflow(schemas: dict, classes: dict) -> dict:
-    c = FREECUSTOM
-    g = Graph(schemas, classes)
+def _checkpoint_and_prompts(g, c, note: str, note_height: int, note_title: str):
+    """Load Checkpoint, the read-me note and the two prompts: (checkpoint, positive, negative)."""
     ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), "Load Checkpoint (SD1.5)", ckpt_name=c["checkpoint"])
-    g.note(NOTE, (0, 140), (320, 620), title="Read me: FreeCustom multi-reference")
+    g.note(note, (0, 140), (320, note_height), title=note_title)
     pos = g.node("CLIPTextEncode", (380, 0), (400, 160), "Prompt", text=c["prompt"])
     neg = g.node("CLIPTextEncode", (380, 200), (400, 160), "Negative prompt (FreeCustom)", text=c["negative"])
     g.link(ckpt, 1, pos, "clip")
     g.link(ckpt, 1, neg, "clip")
+    return ckpt, pos, neg
+
+
+def _sample_and_save(g, c, ckpt, model, pos, neg, x: int, sampler_title: str, prefix: str) -> None:
+    """Empty latent, KSampler on the patched model, VAE Decode and Save Image, from column ``x``."""
+    latent = g.node("EmptyLatentImage", (x, 200), (320, 110), None, width=c["size"], height=c["size"],
+                    batch_size=1)
+    sampler = g.node("KSampler", (x + 400, 0), (320, 270), sampler_title, seed=c["seed"],
+                     steps=c["steps"], cfg=c["cfg"], sampler_name=c["sampler"], scheduler=c["scheduler"],
+                     denoise=1.0)
+    g.link(model, 0, sampler, "model")
+    g.link(pos, 0, sampler, "positive")
+    g.link(neg, 0, sampler, "negative")
+    g.link(latent, 0, sampler, "latent_image")
+    decode = g.node("VAEDecode", (x + 760, 0), (210, 50), None)
+    g.link(sampler, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+    save = g.node("SaveImage", (x + 760, 100), (520, 560), None, filename_prefix=prefix)
+    g.link(decode, 0, save, "images")
+
+
+def freecustom_workflow(schemas: dict, classes: dict) -> dict:
+    c = FREECUSTOM
+    g = Graph(schemas, classes)
+    ckpt, pos, neg = _checkpoint_and_prompts(g, c, NOTE, 620, "Read me: FreeCustom multi-reference")
 
     refs = None
     for k, (subject, image, mask, caption) in enumerate(c["refs"]):
@@ -202,32 +226,14 @@ def freecustom_workflow(schemas: dict, classes: dict) -> dict:
                  end_percent=1.0, style_fidelity=1.0, seed=0)
     g.link(ckpt, 0, mra, "model")
     g.link(refs, 0, mra, "references")
-    latent = g.node("EmptyLatentImage", (1440, 200), (320, 110), None, width=c["size"], height=c["size"],
-                    batch_size=1)
-    sampler = g.node("KSampler", (1840, 0), (320, 270), "KSampler (DDIM, as FreeCustom)", seed=c["seed"],
-                     steps=c["steps"], cfg=c["cfg"], sampler_name=c["sampler"], scheduler=c["scheduler"],
-                     denoise=1.0)
-    g.link(mra, 0, sampler, "model")
-    g.link(pos, 0, sampler, "positive")
-    g.link(neg, 0, sampler, "negative")
-    g.link(latent, 0, sampler, "latent_image")
-    decode = g.node("VAEDecode", (2200, 0), (210, 50), None)
-    g.link(sampler, 0, decode, "samples")
-    g.link(ckpt, 2, decode, "vae")
-    save = g.node("SaveImage", (2200, 100), (520, 560), None, filename_prefix="personalize_freecustom")
-    g.link(decode, 0, save, "images")
+    _sample_and_save(g, c, ckpt, mra, pos, neg, 1440, "KSampler (DDIM, as FreeCustom)", "personalize_freecustom")
     return g.to_json()
 
 
 def freemix_workflow(schemas: dict, classes: dict) -> dict:
     c = FREEMIX
     g = Graph(schemas, classes)
-    ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), "Load Checkpoint (SD1.5)", ckpt_name=c["checkpoint"])
-    g.note(NOTE_FREEMIX, (0, 140), (320, 760), title="Read me: FreeMix structure + appearance")
-    pos = g.node("CLIPTextEncode", (380, 0), (400, 160), "Prompt", text=c["prompt"])
-    neg = g.node("CLIPTextEncode", (380, 200), (400, 160), "Negative prompt (FreeCustom)", text=c["negative"])
-    g.link(ckpt, 1, pos, "clip")
-    g.link(ckpt, 1, neg, "clip")
+    ckpt, pos, neg = _checkpoint_and_prompts(g, c, NOTE_FREEMIX, 760, "Read me: FreeMix structure + appearance")
     sam = g.node("PersonalizeSAMModelLoader", (380, 400), (320, 82), "SAM Model Loader (ViT-B)", model_name=c["sam"],
                  device="auto")
 
@@ -258,20 +264,7 @@ def freemix_workflow(schemas: dict, classes: dict) -> dict:
     g.link(encoded["structure"], 0, dmsa, "structure")
     g.link(encoded["appearance"], 0, dmsa, "appearance")
     g.link(ckpt, 1, dmsa, "clip")
-    latent = g.node("EmptyLatentImage", (1460, 200), (320, 110), None, width=c["size"], height=c["size"],
-                    batch_size=1)
-    sampler = g.node("KSampler", (1880, 0), (320, 270), "KSampler (DDIM, as FreeMix)", seed=c["seed"],
-                     steps=c["steps"], cfg=c["cfg"], sampler_name=c["sampler"], scheduler=c["scheduler"],
-                     denoise=1.0)
-    g.link(dmsa, 0, sampler, "model")
-    g.link(pos, 0, sampler, "positive")
-    g.link(neg, 0, sampler, "negative")
-    g.link(latent, 0, sampler, "latent_image")
-    decode = g.node("VAEDecode", (2240, 0), (210, 50), None)
-    g.link(sampler, 0, decode, "samples")
-    g.link(ckpt, 2, decode, "vae")
-    save = g.node("SaveImage", (2240, 100), (520, 560), None, filename_prefix="personalize_freemix")
-    g.link(decode, 0, save, "images")
+    _sample_and_save(g, c, ckpt, dmsa, pos, neg, 1460, "KSampler (DDIM, as FreeMix)", "personalize_freemix")
     return g.to_json()
 
 
