@@ -54,3 +54,15 @@ def test_dmsa_bad_inputs(sd15, references):
     from personalize_pack.nodes.attention import blend_word_tokens
     tokens, n = blend_word_tokens(clip, "a watercolour teapot on a table", "watercolour teapot")
     assert len(tokens) >= 2 and tokens == sorted(tokens) and n >= 77
+
+
+def test_dmsa_bad_settings(sd15, references):
+    model, clip, _ = sd15
+    with pytest.raises(ValueError, match="preset: unknown 'SD3'"):
+        dmsa(model, clip, references[1:], references[:1], preset="SD3")
+    with pytest.raises(ValueError, match="output:0"):      # the SDXL preset's blocks are missing in SD1.5
+        dmsa(model, clip, references[1:], references[:1], preset="SDXL FreeMix analogue")
+    with pytest.raises(ValueError, match="threshold must lie in 0..1"):
+        dmsa(model, clip, references[1:], references[:1], mask_threshold=1.5)
+    with pytest.raises(ValueError, match="start_percent/end_percent|must not be after"):
+        dmsa(model, clip, references[1:], references[:1], appearance_start=0.9, appearance_end=0.2)

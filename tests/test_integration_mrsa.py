@@ -136,6 +136,11 @@ class FluxLikeVAE:
         return torch.zeros(pixels.shape[0], 16, pixels.shape[1] // 8, pixels.shape[2] // 8)
 
 
+class VideoLikeVAE:
+    def encode(self, pixels):
+        return torch.zeros(pixels.shape[0], 16, 1, pixels.shape[1] // 8, pixels.shape[2] // 8)
+
+
 def test_bad_inputs_give_clear_errors(sd15, references, data_dir):
     model, clip, vae = sd15
     enc = ref_node()
@@ -148,6 +153,12 @@ def test_bad_inputs_give_clear_errors(sd15, references, data_dir):
         enc.execute(img, vae, torch.ones(2, 64, 64), None, None, 3.0, 0.5, False, 64)
     with pytest.raises(ValueError, match="mask: mask 0 is empty"):
         enc.execute(img, vae, torch.zeros(1, 64, 64), None, None, 3.0, 0.5, False, 64)
+    with pytest.raises(ValueError, match="caption: expected a CONDITIONING"):
+        enc.execute(img, vae, None, "a cat", None, 3.0, 0.5, False, 64)
+    with pytest.raises(ValueError, match="caption: expected a CONDITIONING"):
+        enc.execute(img, vae, None, [[torch.zeros(77, 768), {}]], None, 3.0, 0.5, False, 64)
+    with pytest.raises(ValueError, match="vae: this VAE does not produce an image latent"):
+        enc.execute(img, VideoLikeVAE(), None, None, None, 3.0, 0.5, False, 64)
     other = enc.execute(img, FluxLikeVAE(), None, None, None, 3.0, 0.5, False, 64).result[0]
     with pytest.raises(ValueError, match="16-channel latents.*4-channel"):
         patch(model, other)
