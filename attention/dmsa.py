@@ -209,7 +209,7 @@ def find_token_positions(prompt_ids: Sequence[int], word_ids: Sequence[int], wor
         raise ValueError(f"{word}: the word has no tokens; give a word that appears in the prompt")
     out = [i + j for i in range(len(p) - len(w) + 1) if p[i:i + len(w)] == w for j in range(len(w))]
     if not out:
-        raise ValueError(f"{word}: not found in the prompt; the blend word must appear in the positive prompt "
+        raise ValueError(f"{word}: not found in the prompt; the word must appear in the positive prompt "
                          f"as a whole word, spelled the same way (e.g. 'dog' in 'a photo of a dog')")
     return sorted(set(out))
 

@@ -69,6 +69,31 @@ def discover_attention_blocks(diffusion_model) -> dict[tuple[str, int], int]:
     return found
 
 
+def transformer_blocks(diffusion_model) -> dict[tuple[str, int, int], object]:
+    """``{(block_name, block_id, block_index): transformer block module}`` of a ComfyUI UNet, in
+    IP-Adapter's processor order: input blocks, then output blocks, then the middle block (the order
+    of diffusers' ``attn_processors``, docs/algorithms.md §0.2), each by id and index."""
+    found: dict[tuple[str, int, int], object] = {}
+
+    def add(name, i, block):
+        j = 0
+        for layer in block:
+            blocks = getattr(layer, "transformer_blocks", None)
+            if blocks is not None and type(layer).__name__ == "SpatialTransformer":
+                for tb in blocks:
+                    found[(name, i, j)] = tb
+                    j += 1
+
+    for name, seq in (("input", getattr(diffusion_model, "input_blocks", None)),
+                      ("output", getattr(diffusion_model, "output_blocks", None))):
+        for i, block in enumerate(seq or []):
+            add(name, i, block)
+    middle = getattr(diffusion_model, "middle_block", None)
+    if middle is not None:
+        add("middle", 0, middle)
+    return found
+
+
 def resolve_layers(preset: str, custom: str, available: dict[tuple[str, int], int]
                    ) -> tuple[tuple[str, int, int], ...]:
     """The ``(block, id, index)`` keys to patch for a preset (or custom list) in a model whose

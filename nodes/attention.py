@@ -66,7 +66,7 @@ class MultiReferenceAttentionNode(io.ComfyNode):
         return io.NodeOutput(install_technique(model, tech))
 
 
-def _token_ids(clip, text: str) -> list[int]:
+def prompt_token_ids(clip, text: str) -> list[int]:
     """Token ids of ``text`` as its conditioning lays them out (CLIP chunks concatenated)."""
     tokens = clip.tokenize(text)
     key = "l" if "l" in tokens else next(iter(tokens))
@@ -77,9 +77,9 @@ def blend_word_tokens(clip, prompt: str, word: str) -> tuple[list[int], int]:
     """Positions of ``word``'s tokens in ``prompt``'s conditioning, and its length."""
     if not word.strip():
         raise ValueError("blend_word: empty; give the word of the prompt whose region takes the appearance")
-    prompt_ids = _token_ids(clip, prompt)
-    special = set(_token_ids(clip, ""))
-    word_ids = [t for t in _token_ids(clip, word.strip()) if t not in special]
+    prompt_ids = prompt_token_ids(clip, prompt)
+    special = set(prompt_token_ids(clip, ""))
+    word_ids = [t for t in prompt_token_ids(clip, word.strip()) if t not in special]
     return find_token_positions(prompt_ids, word_ids, word="blend_word"), len(prompt_ids)
 
 

@@ -94,3 +94,20 @@ def build_sdxl_unet(path: Path, seed: int = 1) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path))
     return path
+
+
+TINY_CLIP_VISION = dict(hidden_size=32, image_size=224, intermediate_size=64, num_attention_heads=2,
+                        num_hidden_layers=3, patch_size=32, projection_dim=24, num_channels=3, hidden_act="gelu",
+                        layer_norm_eps=1e-5, model_type="clip_vision_model")
+
+
+def build_clip_vision(seed: int = 2, **overrides):
+    """A CLIP vision model of ComfyUI's own classes (``comfy.clip_vision.ClipVisionModel``) at a
+    tiny width, every weight filled with explicit random values."""
+    import comfy.clip_vision
+
+    cv = comfy.clip_vision.ClipVisionModel(dict(TINY_CLIP_VISION, **overrides))
+    sd = {k: v.float() for k, v in random_state(cv.model, "", torch.Generator().manual_seed(seed)).items()}
+    missing, unexpected = cv.load_sd(sd)
+    assert not missing and not unexpected, (missing, unexpected)
+    return cv

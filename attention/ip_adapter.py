@@ -1,0 +1,629 @@
+"""IP-Adapter and MIP-Adapter checkpoints: reading the file, recognising the variant from its
+tensors, the image-projection model, and the map from per-layer weights to ComfyUI blocks.
+Pure torch + safetensors; nothing here imports ComfyUI.
+
+A checkpoint has two parts (docs/algorithms.md §3.4):
+
+* ``image_proj``: turns CLIP vision output into ``tokens`` extra context tokens of the UNet's
+  context width. Three layouts are understood:
+
+  - linear ("ImageProjModel"): ``proj`` Linear ``E -> tokens*ctx`` then LayerNorm ``norm`` over
+    each token; reads CLIP ``image_embeds`` ``[B, E]``. SD1.5 base/light, SDXL base/vit-h, MIP sdxl.
+  - Resampler ("plus"): learned queries ``latents [1, Q, D]`` cross-attend (perceiver layers) to
+    the projected CLIP ``penultimate_hidden_states`` ``[B, 257, E]``; ``Q`` tokens out.
+    SD1.5 plus/plus-face, SDXL plus vit-h, MIP sdxl_plus.
+  - MLP ("full face"): ``Linear E->E, GELU, Linear E->ctx, LayerNorm`` on every CLIP token, so one
+    output token per penultimate-state token (257 for ViT-H/14 at 224 px).
+
+  FaceID checkpoints (insightface identity embeddings) are recognised and refused.
+
+* ``ip_adapter``: per cross-attention layer ``n`` (key prefix ``2n+1``, because diffusers numbers
+  attn1/attn2 processors in pairs) the image key/value projections ``to_k_ip``, ``to_v_ip``
+  ``[C_n, ctx]``; a MIP-Adapter adds the learned gate ``text_to_weight`` ``[1, C_n]``.
+  Layer ``n`` counts diffusers' ``attn_processors`` order, which is ComfyUI's input blocks, then
+  output blocks, then the middle block (docs/algorithms.md §0.2).
+
+The official MIP code loads the layer weights with ``strict=False``, so a missing or misnamed key
+silently leaves a randomly initialised layer; here every missing or unexpected key is an error.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import pickletools
+import re
+import zipfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+IP_ADAPTER = "IP-Adapter"
+MIP_ADAPTER = "MIP-Adapter"
+IMAGE_EMBEDS = "image_embeds"
+PENULTIMATE = "penultimate_hidden_states"
+
+DIM_HEAD = 64              # every official Resampler uses 64-wide heads; the tensors cannot say
+FULL_FACE_TOKENS = 257     # CLIP ViT-H/14 at 224 px: 16 x 16 patches + the class token
+FAMILIES = {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}
+_FAMILY_IDS = {"SD1.5": "sd15", "SD2.x": "sd21", "SDXL": "sdxl"}
+# CLIP vision towers by the width of each output
+_CLIP_MODELS = {IMAGE_EMBEDS: {768: "ViT-L", 1024: "ViT-H", 1280: "ViT-bigG"},
+                PENULTIMATE: {1024: "ViT-L", 1280: "ViT-H", 1664: "ViT-bigG"}}
+_CLIP_FILES = {"ViT-H": "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors",
+               "ViT-bigG": "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors",
+               "ViT-L": "a CLIP ViT-L/14 vision model"}
+_OUTPUT_WORDS = {IMAGE_EMBEDS: "image embeds", PENULTIMATE: "penultimate states"}
+_BLOCK_ORDER = {"input": 0, "output": 1, "middle": 2}
+
+
+class AdapterLayer(NamedTuple):
+    """The weights of one cross-attention layer (float32, CPU)."""
+    to_k_ip: torch.Tensor          # [C, ctx]
+    to_v_ip: torch.Tensor          # [C, ctx]
+    gate: torch.Tensor | None      # [C] (MIP's text_to_weight) or None
+
+    @property
+    def width(self) -> int:
+        return self.to_k_ip.shape[0]
+
+
+# --------------------------------------------------------------------------- projection models
+# Parameter names follow the checkpoint keys, so a state dict loads with strict=True.
+
+class ImageProjModel(nn.Module):
+    """``LayerNorm(proj(e).reshape(B, tokens, ctx))`` for CLIP image embeds ``e [B, E]``."""
+
+    def __init__(self, embed_dim: int, tokens: int, ctx: int):
+        super().__init__()
+        self.tokens, self.ctx = tokens, ctx
+        self.proj = nn.Linear(embed_dim, tokens * ctx)
+        self.norm = nn.LayerNorm(ctx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).reshape(x.shape[0], self.tokens, self.ctx))
+
+
+class MLPProjModel(nn.Module):
+    """Full-face projection of every CLIP token: ``LayerNorm(W2 GELU(W1 x + b1) + b2)``."""
+
+    def __init__(self, embed_dim: int, hidden: int, ctx: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, ctx),
+                                  nn.LayerNorm(ctx))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class PerceiverAttention(nn.Module):
+    """The latents (queries) attend over the image features and themselves:
+    ``softmax(q k^T / sqrt(d)) v`` with ``q = W_q LN2(lat)``, ``[k; v] = W_kv [LN1(x); LN2(lat)]``,
+    then ``W_out``. The ``1/sqrt(d)`` is applied as ``d^-1/4`` on each of q and k, as the
+    official code does for half-precision range."""
+
+    def __init__(self, dim: int, inner: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x)
+        latents = self.norm2(latents)
+        b, n, _ = latents.shape
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)
+        q, k, v = (t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        s = q.shape[-1] ** -0.25
+        w = torch.softmax(((q * s) @ (k * s).transpose(-1, -2)).float(), dim=-1).to(v.dtype)
+        out = (w @ v).transpose(1, 2).reshape(b, n, -1)
+        return self.to_out(out)
+
+
+def _feed_forward(dim: int, inner: int) -> nn.Sequential:
+    """``x -> W2 GELU(W1 LN(x))`` without biases (keys ``0`` LayerNorm, ``1`` and ``3`` Linear)."""
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(),
+                         nn.Linear(inner, dim, bias=False))
+
+
+class Resampler(nn.Module):
+    """IP-Adapter Plus projection: ``x' = proj_in(x)``; per layer ``lat += attn(x', lat)``,
+    ``lat += ff(lat)``; output ``norm_out(proj_out(lat))`` of shape ``[B, queries, out]``."""
+
+    def __init__(self, embed_dim: int, dim: int, inner: int, heads: int, queries: int, depth: int,
+                 ff_inner: int, out_dim: int):
+        super().__init__()
+        self.latents = nn.Parameter(torch.empty(1, queries, dim))
+        self.proj_in = nn.Linear(embed_dim, dim)
+        self.proj_out = nn.Linear(dim, out_dim)
+        self.norm_out = nn.LayerNorm(out_dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim, inner, heads), _feed_forward(dim, ff_inner)])
+            for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        latents = self.latents.expand(x.shape[0], -1, -1)
+        x = self.proj_in(x)
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm_out(self.proj_out(latents))
+
+
+# --------------------------------------------------------------------------- the adapter
+
+class ImagePromptAdapter:
+    """A loaded IP-Adapter / MIP-Adapter: its image projection and per-layer weights."""
+
+    def __init__(self, *, kind: str, variant: str, family: str, context_dim: int, tokens: int,
+                 clip_output: str, clip_width: int, default_scale: float, image_proj: nn.Module,
+                 projection: str, layers: list, name: str):
+        self.kind = kind
+        self.variant = variant
+        self.family = family
+        self.context_dim = context_dim
+        self.tokens = tokens
+        self.clip_output = clip_output
+        self.clip_width = clip_width
+        self.default_scale = default_scale
+        self.image_proj = image_proj
+        self.projection = projection          # "linear" | "resampler" | "mlp"
+        self.layers = layers
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<ImagePromptAdapter '{self.name}': {self.describe()}>"
+
+    @property
+    def clip_model(self) -> str:
+        """The CLIP vision tower whose output has this adapter's width, e.g. ``"ViT-H"``."""
+        return _clip_model(self.clip_output, self.clip_width)
+
+    def describe(self) -> str:
+        kind = {"linear": "", "resampler": " plus", "mlp": " full face"}[self.projection]
+        proj = {"linear": "linear projection", "resampler": "Resampler", "mlp": "MLP"}[self.projection]
+        if self.projection == "mlp":
+            tokens = "one token per CLIP token"
+        else:
+            tokens = f"{self.tokens} tokens"
+        gate = "learned gate" if self.layers and self.layers[0].gate is not None else "no gate"
+        return (f"{self.kind}, {self.family}{kind} ({proj}, {tokens} from {self.clip_model} "
+                f"{_OUTPUT_WORDS[self.clip_output]}, width {self.clip_width}), "
+                f"{len(self.layers)} cross-attention layers, {gate}")
+
+    def project(self, clip_features: torch.Tensor) -> torch.Tensor:
+        """CLIP vision output -> image-prompt tokens ``[B, tokens, ctx]`` (float32), computed on
+        the device of ``image_proj``. ``image_embeds`` adapters take ``[B, E]``; the others take
+        ``penultimate_hidden_states`` ``[B, N, E]`` (the full-face MLP returns ``N`` tokens)."""
+        if not torch.is_tensor(clip_features):
+            raise ValueError(f"clip_vision: expected a tensor of CLIP vision {self.clip_output}, "
+                             f"got {type(clip_features).__name__}")
+        want = 2 if self.clip_output == IMAGE_EMBEDS else 3
+        shape = "[batch, width]" if want == 2 else "[batch, tokens, width]"
+        if clip_features.ndim != want:
+            raise ValueError(f"clip_vision: the {self.variant} adapter '{self.name}' reads CLIP vision "
+                             f"{self.clip_output} shaped {shape}; got a tensor of shape "
+                             f"{tuple(clip_features.shape)}")
+        width = clip_features.shape[-1]
+        if width != self.clip_width:
+            have = _CLIP_MODELS[self.clip_output].get(width)
+            have = f" ({have})" if have else ""
+            raise ValueError(
+                f"clip_vision: the {self.variant} adapter '{self.name}' needs CLIP vision "
+                f"{_OUTPUT_WORDS[self.clip_output]} {self.clip_width} wide ({self.clip_model}), but "
+                f"this CLIP vision model gives {width}{have}. Load the {self.clip_model} CLIP vision "
+                f"model ({_CLIP_FILES.get(self.clip_model, 'the matching CLIP vision model')}).")
+        param = next(self.image_proj.parameters())
+        with torch.no_grad():
+            out = self.image_proj(clip_features.to(param.device, torch.float32))
+        return out.float()
+
+    def layer_keys(self, blocks: dict) -> dict:
+        """``{comfy_key: n}``: which adapter layer serves each ComfyUI cross-attention block.
+
+        ``blocks`` maps ``(block_name, block_id, block_index)`` to ``(inner_dim, context_dim)`` of
+        that block's attn2. Keys are put in IP-Adapter processor order (input blocks, output
+        blocks, middle block; by id, then index) and numbered ``0..L-1``; the model must have the
+        adapter's context width, exactly ``L`` cross-attention blocks, and layer ``n``'s width."""
+        if not blocks:
+            raise ValueError("model: no cross-attention blocks found; IP-Adapter needs an "
+                             "SD1.x/SD2.x/SDXL-style UNet model")
+        bad = [k for k in blocks if not (isinstance(k, tuple) and len(k) == 3 and k[0] in _BLOCK_ORDER)]
+        if bad:
+            raise ValueError(f"model: cannot order cross-attention blocks {bad[:3]}; expected keys "
+                             f"(block_name, block_id, block_index) with input/output/middle names")
+        contexts = sorted({int(ctx) for _, ctx in blocks.values()})
+        if contexts != [self.context_dim]:
+            model_ctx = contexts[0] if len(contexts) == 1 else contexts
+            model_family = FAMILIES.get(contexts[0], "an unknown family") if len(contexts) == 1 \
+                else "mixed widths"
+            raise ValueError(
+                f"ipadapter: '{self.name}' is an {self.family} adapter ({self.context_dim}-wide text "
+                f"conditioning) on a model with {model_ctx}-wide ({model_family}) conditioning; load "
+                f"the adapter for your model family")
+        ordered = sorted(blocks, key=lambda k: (_BLOCK_ORDER[k[0]], k[1], k[2]))
+        if len(ordered) != len(self.layers):
+            raise ValueError(
+                f"ipadapter: '{self.name}' has weights for {len(self.layers)} cross-attention layers, "
+                f"but the model has {len(ordered)} ({_count_blocks(ordered)}); this adapter was made "
+                f"for another UNet layout (an {self.family} adapter fits the standard {self.family} "
+                f"UNet)")
+        wrong = [(key, n, int(blocks[key][0]), layer.width)
+                 for n, (key, layer) in enumerate(zip(ordered, self.layers))
+                 if int(blocks[key][0]) != layer.width]
+        if wrong:
+            listed = "; ".join(f"{k} is {have} wide, layer {n} ({2 * n + 1}.to_k_ip) {want}"
+                               for k, n, have, want in wrong[:4])
+            more = f" and {len(wrong) - 4} more" if len(wrong) > 4 else ""
+            raise ValueError(f"ipadapter: '{self.name}' does not fit this model's cross-attention "
+                             f"widths: {listed}{more}")
+        return {key: n for n, key in enumerate(ordered)}
+
+
+def _count_blocks(keys) -> str:
+    counts: dict = {}
+    for name, _, _ in keys:
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{counts[n]} {n}" for n in _BLOCK_ORDER if n in counts)
+
+
+def _clip_model(output: str, width: int) -> str:
+    return _CLIP_MODELS[output].get(width, f"a {width}-wide CLIP")
+
+
+# --------------------------------------------------------------------------- reading files
+
+def load_adapter(path) -> ImagePromptAdapter:
+    """Read an IP-Adapter / MIP-Adapter file (``.safetensors``, or a ``.bin``/``.pt``/``.pth``
+    PyTorch checkpoint read with ``weights_only=True``) and recognise it."""
+    path = Path(path)
+    return adapter_from_state_dict(read_checkpoint(path), path.name)
+
+
+def read_checkpoint(path) -> dict:
+    """The raw dictionary of a checkpoint file. The format is sniffed from the bytes: a zip
+    archive or a pickle is a PyTorch checkpoint, a JSON header a safetensors file."""
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise ValueError(f"ipadapter: '{path}' does not exist or is not a file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"ipadapter: '{name}' is empty (0 bytes); the download probably failed")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"ipadapter: '{name}' is a truncated or damaged PyTorch checkpoint (its "
+                             f"zip archive has no end record, {size} bytes); download it again")
+        return _torch_load(path, name)
+    if head[:1] == b"\x80":                 # a pickle (protocol >= 2): legacy torch.save format
+        return _torch_load(path, name)
+    if len(head) >= 9 and head[8:9] == b"{":
+        return _read_safetensors(path, name, size)
+    raise ValueError(f"ipadapter: '{name}' is not an IP-Adapter checkpoint: it is neither a "
+                     f"safetensors file nor a PyTorch (.bin/.pt/.pth) checkpoint")
+
+
+def _read_safetensors(path: Path, name: str, size: int) -> dict:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if 8 + n > size:
+            raise ValueError(f"ipadapter: '{name}' is truncated: its safetensors header announces "
+                             f"{n} bytes but the file has {size}; download it again")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise ValueError(f"ipadapter: '{name}' is corrupt: its safetensors header cannot be "
+                         f"read; download it again") from None
+    if 8 + n + end > size:
+        raise ValueError(f"ipadapter: '{name}' is truncated: it has {size} bytes of the "
+                         f"{8 + n + end} its safetensors header announces; download it again")
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:                 # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"ipadapter: '{name}' is corrupt: {e}") from None
+
+
+def _torch_load(path: Path, name: str) -> dict:
+    """``torch.load(weights_only=True)``: tensors and plain containers only. A pickle that asks
+    to import anything else (the way a code payload runs) is refused before it runs."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        if "Unsupported global" in msg or "Unsupported class" in msg:
+            found = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"Unsupported class ([\w.]+)", msg)
+            _refuse(name, [found.group(1)] if found else [])
+        # torch's safe unpickler also stops at opcodes it does not know (a plain pickle.dump of
+        # protocol 4+); the opcodes themselves say whether the file imports foreign objects
+        foreign = [g for g in _pickled_globals(path) if not g.startswith(("torch.", "collections."))]
+        if foreign:
+            _refuse(name, foreign)
+        raise ValueError(f"ipadapter: '{name}' is truncated or corrupt: it cannot be read as a "
+                         f"PyTorch checkpoint; download it again") from None
+    except (EOFError, RuntimeError, OSError) as e:
+        raise ValueError(f"ipadapter: '{name}' is truncated or corrupt ({type(e).__name__}: "
+                         f"{str(e)[:120]}); download it again") from None
+
+
+def _refuse(name: str, imports: list) -> None:
+    what = f" (it asks to import {', '.join(imports[:3])})" if imports else ""
+    raise ValueError(f"ipadapter: '{name}' was refused: the file contains non-tensor pickled "
+                     f"objects{what}, and loading them could run code from the file. Use the "
+                     f".safetensors version of this model instead.")
+
+
+def _pickled_globals(path: Path) -> list:
+    """``module.name`` of every global the pickles at the start of a file import, read from the
+    opcodes without executing them (a legacy torch file is several pickles, then raw bytes)."""
+    found, strings = [], []
+    with open(path, "rb") as f:
+        while True:
+            try:
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name == "GLOBAL":
+                        found.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+            except Exception:               # noqa: BLE001 - the end of the pickles, or garbage
+                return found
+
+
+# --------------------------------------------------------------------------- recognition
+
+def adapter_from_state_dict(sd: dict, name: str = "adapter") -> ImagePromptAdapter:
+    """Recognise and build an adapter from a checkpoint dictionary: nested
+    ``{"image_proj": {...}, "ip_adapter": {...}}`` or flat with ``image_proj.``/``ip_adapter.``
+    key prefixes (``adapter_modules`` is accepted for ``ip_adapter``)."""
+    proj_sd, ip_sd = _split_parts(sd, name)
+    _refuse_faceid(proj_sd, ip_sd, name)
+    layers, ctx = _read_layers(ip_sd, name)
+    family = FAMILIES.get(ctx)
+    if family is None:
+        raise ValueError(f"ipadapter: '{name}' has {ctx}-wide context projections; IP-Adapters exist "
+                         f"for SD1.5 (768), SD2.x (1024) and SDXL (2048) models")
+    image_proj, projection, tokens, clip_output, clip_width, out_dim = _build_projection(proj_sd, name)
+    if out_dim != ctx:
+        raise ValueError(f"ipadapter: '{name}' is inconsistent: its image projection makes "
+                         f"{out_dim}-wide tokens but its layers read {ctx}-wide context")
+    gated = layers[0].gate is not None
+    kind = MIP_ADAPTER if gated else IP_ADAPTER
+    default_scale = (0.65 if projection == "resampler" else 0.75) if gated else 1.0
+    return ImagePromptAdapter(
+        kind=kind, variant=_variant_id(family, projection, clip_output, clip_width, gated),
+        family=family, context_dim=ctx, tokens=tokens, clip_output=clip_output,
+        clip_width=clip_width, default_scale=default_scale, image_proj=image_proj,
+        projection=projection, layers=layers, name=name)
+
+
+def _variant_id(family: str, projection: str, clip_output: str, clip_width: int, gated: bool) -> str:
+    """Short ids after the official file names: ``sd15``, ``sd15_plus``, ``sd15_full_face``,
+    ``sdxl``, ``sdxl_vit-h``, ``sdxl_plus_vit-h``, ``mip_sdxl``, ``mip_sdxl_plus``; a CLIP tower
+    other than the one the family's official file uses is appended (``sd15_vit-G``)."""
+    clip = _CLIP_MODELS[clip_output].get(clip_width, f"clip{clip_width}")
+    suffix = {"ViT-H": "vit-h", "ViT-bigG": "vit-G", "ViT-L": "vit-l"}.get(clip, clip)
+    base = _FAMILY_IDS[family] + {"linear": "", "resampler": "_plus", "mlp": "_full_face"}[projection]
+    if gated:
+        usual = "ViT-bigG" if projection == "linear" else "ViT-H"
+        return "mip_" + base + ("" if clip == usual else "_" + suffix)
+    if family == "SDXL":
+        if projection == "linear":
+            return base + ("" if clip == "ViT-bigG" else "_" + suffix)
+        return base + "_" + suffix           # sdxl_plus_vit-h: the official SDXL plus files
+    return base + ("" if clip == "ViT-H" else "_" + suffix)
+
+
+def _split_parts(sd, name: str) -> tuple[dict, dict]:
+    if not isinstance(sd, dict):
+        raise ValueError(f"ipadapter: '{name}' is not an IP-Adapter checkpoint: it holds a "
+                         f"{type(sd).__name__}, not a dictionary of tensors")
+    if any(isinstance(sd.get(k), dict) for k in ("image_proj", "ip_adapter", "adapter_modules")):
+        proj = sd.get("image_proj") or {}
+        ip = sd.get("ip_adapter") or sd.get("adapter_modules") or {}
+    else:
+        proj, ip = {}, {}
+        for k, v in sd.items():
+            for prefix, part in (("image_proj.", proj), ("ip_adapter.", ip), ("adapter_modules.", ip)):
+                if isinstance(k, str) and k.startswith(prefix):
+                    part[k[len(prefix):]] = v
+                    break
+    if not proj and not ip:
+        keys = ", ".join(str(k) for k in list(sd)[:5]) or "none"
+        raise ValueError(f"ipadapter: '{name}' is not an IP-Adapter checkpoint: it has no "
+                         f"'image_proj' or 'ip_adapter' weights (its first keys: {keys})")
+    missing = [p for p, d in (("image_proj (the image projection)", proj),
+                              ("ip_adapter (the per-layer to_k_ip/to_v_ip weights)", ip)) if not d]
+    if missing:
+        raise ValueError(f"ipadapter: '{name}' is incomplete: it has no {' and no '.join(missing)} "
+                         f"part")
+    for part in (proj, ip):
+        for k, v in part.items():
+            if not torch.is_tensor(v):
+                raise ValueError(f"ipadapter: '{name}' is not an IP-Adapter checkpoint: '{k}' holds "
+                                 f"a {type(v).__name__}, not a tensor")
+    as32 = lambda d: {str(k): v.detach().to("cpu", torch.float32) for k, v in d.items()}
+    return as32(proj), as32(ip)
+
+
+def _refuse_faceid(proj: dict, ip: dict, name: str) -> None:
+    """FaceID checkpoints project insightface identity embeddings (and most add LoRA weights to
+    the UNet's own attention); they are recognised by the keys cubiq's loader also uses."""
+    if any("lora" in k for k in ip):
+        what = "FaceID Plus" if any(k.startswith("perceiver_resampler.") for k in proj) else "FaceID"
+    elif any(k.startswith("perceiver_resampler.") for k in proj):
+        what = "FaceID Plus"
+    elif "proj.2.weight" in proj and "proj.3.weight" not in proj and "norm.weight" in proj:
+        what = "FaceID (or FaceID Portrait)"
+    else:
+        return
+    raise ValueError(f"ipadapter: '{name}' is an IP-Adapter {what} checkpoint; FaceID variants "
+                     f"read insightface face embeddings, which this pack does not compute, so they "
+                     f"are not supported. Use an IP-Adapter (base, light, plus, plus-face, full-face) "
+                     f"or a MIP-Adapter file.")
+
+
+_LAYER_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip|text_to_weight)\.weight$")
+
+
+def _read_layers(ip: dict, name: str) -> tuple[list, int]:
+    """Per-layer weights from keys ``{2n+1}.to_k_ip.weight`` etc.; every layer 0..L-1 must be
+    complete, and either every layer or none has a MIP gate."""
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    unexpected = []
+    for k, v in ip.items():
+        m = _LAYER_KEY.match(k)
+        if m:
+            found.setdefault(int(m.group(1)), {})[m.group(2)] = v
+        else:
+            unexpected.append(k)
+    if unexpected:
+        raise ValueError(f"ipadapter: '{name}' is not a plain IP-Adapter or MIP-Adapter checkpoint: "
+                         f"its ip_adapter part has unexpected keys "
+                         f"({', '.join(sorted(unexpected)[:5])}{', ...' if len(unexpected) > 5 else ''})")
+    even = sorted(i for i in found if i % 2 == 0)
+    if even:
+        raise ValueError(f"ipadapter: '{name}' has image key/value weights under even processor "
+                         f"numbers ({', '.join(map(str, even[:5]))}), which are self-attention "
+                         f"layers; it is not an IP-Adapter checkpoint of a known layout")
+    count = (max(found) + 1) // 2
+    gated = any("text_to_weight" in parts for parts in found.values())
+    needed = ("to_k_ip", "to_v_ip") + (("text_to_weight",) if gated else ())
+    missing = [f"{2 * n + 1}.{part}.weight (layer {n})" for n in range(count)
+               for part in needed if part not in found.get(2 * n + 1, {})]
+    if missing:
+        more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+        raise ValueError(f"ipadapter: '{name}' is incomplete: of its {count} cross-attention layers, "
+                         f"these weights are missing: {', '.join(missing[:6])}{more}. The file is "
+                         f"damaged or not a complete {'MIP-Adapter' if gated else 'IP-Adapter'} "
+                         f"checkpoint")
+    layers, ctx = [], None
+    for n in range(count):
+        parts = found[2 * n + 1]
+        k, v = parts["to_k_ip"], parts["to_v_ip"]
+        if k.ndim != 2 or v.shape != k.shape:
+            raise ValueError(f"ipadapter: '{name}' layer {n}: to_k_ip {tuple(k.shape)} and to_v_ip "
+                             f"{tuple(v.shape)} must both be [width, context]")
+        if ctx is None:
+            ctx = k.shape[1]
+        elif k.shape[1] != ctx:
+            raise ValueError(f"ipadapter: '{name}' layer {n} reads {k.shape[1]}-wide context but "
+                             f"layer 0 reads {ctx}-wide")
+        gate = parts.get("text_to_weight")
+        if gate is not None:
+            if tuple(gate.shape) != (1, k.shape[0]):
+                raise ValueError(f"ipadapter: '{name}' layer {n}: text_to_weight is "
+                                 f"{tuple(gate.shape)}, expected (1, {k.shape[0]})")
+            gate = gate.reshape(-1)
+        layers.append(AdapterLayer(k, v, gate))
+    return layers, ctx
+
+
+def _check_keys(sd: dict, shapes: dict, name: str, what: str) -> None:
+    """Every expected key present with its shape, and nothing else."""
+    missing = [k for k in shapes if k not in sd]
+    extra = sorted(k for k in sd if k not in shapes)
+    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(s)})" for k, s in shapes.items()
+             if k in sd and tuple(sd[k].shape) != tuple(s)]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+    if extra:
+        problems.append(f"unexpected {', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}")
+    if wrong:
+        problems.append(f"wrong shapes {', '.join(wrong[:4])}")
+    if problems:
+        raise ValueError(f"ipadapter: '{name}' has an image projection like {what} but it does not "
+                         f"match that layout: {'; '.join(problems)}")
+
+
+def _build_projection(proj: dict, name: str):
+    """``(module, projection, tokens, clip_output, clip_width, out_dim)`` from image_proj keys."""
+    if "latents" in proj:
+        make, tokens, width, out = _resampler_from(proj, name)
+        projection, clip_output = "resampler", PENULTIMATE
+    elif "proj.3.weight" in proj:
+        if "proj.0.weight" not in proj or proj["proj.0.weight"].ndim != 2:
+            raise ValueError(f"ipadapter: '{name}' has a full-face LayerNorm 'proj.3' without the "
+                             f"'proj.0' Linear before it; it is not a checkpoint of a known layout")
+        hidden, width = proj["proj.0.weight"].shape
+        out = proj["proj.3.weight"].shape[0]
+        _check_keys(proj, {"proj.0.weight": (hidden, width), "proj.0.bias": (hidden,),
+                           "proj.2.weight": (out, hidden), "proj.2.bias": (out,),
+                           "proj.3.weight": (out,), "proj.3.bias": (out,)},
+                    name, "the full-face MLP")
+        make = lambda: MLPProjModel(width, hidden, out)
+        projection, clip_output, tokens = "mlp", PENULTIMATE, FULL_FACE_TOKENS
+    elif "proj.weight" in proj:
+        if "norm.weight" not in proj or proj["proj.weight"].ndim != 2:
+            raise ValueError(f"ipadapter: '{name}' has a 'proj' image projection without its "
+                             f"LayerNorm 'norm'; it is not an IP-Adapter checkpoint of a known layout")
+        out = proj["norm.weight"].shape[0]
+        rows, width = proj["proj.weight"].shape
+        if rows % out:
+            raise ValueError(f"ipadapter: '{name}': image projection rows {rows} are not a multiple "
+                             f"of its token width {out}")
+        tokens = rows // out
+        _check_keys(proj, {"proj.weight": (rows, width), "proj.bias": (rows,),
+                           "norm.weight": (out,), "norm.bias": (out,)}, name, "ImageProjModel")
+        make = lambda: ImageProjModel(width, tokens, out)
+        projection, clip_output = "linear", IMAGE_EMBEDS
+    else:
+        keys = ", ".join(sorted(proj)[:6])
+        raise ValueError(f"ipadapter: '{name}' has an image projection of an unknown layout (keys: "
+                         f"{keys}); supported are IP-Adapter base/light, plus, plus-face, full-face, "
+                         f"SDXL and MIP-Adapter files")
+    with torch.device("meta"):                 # no random initialisation: the file fills it
+        module = make()
+    module.load_state_dict(proj, strict=True, assign=True)
+    module.requires_grad_(False).eval()
+    return module, projection, tokens, clip_output, width, out
+
+
+def _resampler_from(proj: dict, name: str):
+    """Derive the Resampler's sizes from its tensors and check every key; returns a factory."""
+    lat = proj["latents"]
+    if lat.ndim != 3 or lat.shape[0] != 1 or "proj_in.weight" not in proj \
+            or "layers.0.0.to_q.weight" not in proj or "proj_out.weight" not in proj \
+            or "layers.0.1.1.weight" not in proj:
+        raise ValueError(f"ipadapter: '{name}' has Resampler latents {tuple(lat.shape)} but not the "
+                         f"rest of a Resampler (proj_in, layers.0, proj_out)")
+    queries, dim = lat.shape[1], lat.shape[2]
+    width = proj["proj_in.weight"].shape[1]
+    inner = proj["layers.0.0.to_q.weight"].shape[0]
+    ff_inner = proj["layers.0.1.1.weight"].shape[0]
+    out = proj["proj_out.weight"].shape[0]
+    depth = 1 + max(int(m.group(1)) for m in (re.match(r"^layers\.(\d+)\.", k) for k in proj) if m)
+    if inner % DIM_HEAD:
+        raise ValueError(f"ipadapter: '{name}': Resampler attention width {inner} is not a multiple "
+                         f"of the {DIM_HEAD}-wide heads every IP-Adapter Resampler uses")
+    shapes = {"latents": (1, queries, dim), "proj_in.weight": (dim, width), "proj_in.bias": (dim,),
+              "proj_out.weight": (out, dim), "proj_out.bias": (out,),
+              "norm_out.weight": (out,), "norm_out.bias": (out,)}
+    for i in range(depth):
+        a, f = f"layers.{i}.0.", f"layers.{i}.1."
+        shapes.update({a + "norm1.weight": (dim,), a + "norm1.bias": (dim,),
+                       a + "norm2.weight": (dim,), a + "norm2.bias": (dim,),
+                       a + "to_q.weight": (inner, dim), a + "to_kv.weight": (2 * inner, dim),
+                       a + "to_out.weight": (dim, inner),
+                       f + "0.weight": (dim,), f + "0.bias": (dim,),
+                       f + "1.weight": (ff_inner, dim), f + "3.weight": (dim, ff_inner)})
+    _check_keys(proj, shapes, name, "the IP-Adapter Plus Resampler")
+    make = lambda: Resampler(width, dim, inner, inner // DIM_HEAD, queries, depth, ff_inner, out)
+    return make, queries, width, out
+
+
+__all__ = ["AdapterLayer", "ImagePromptAdapter", "ImageProjModel", "MLPProjModel", "Resampler",
+           "PerceiverAttention", "load_adapter", "read_checkpoint", "adapter_from_state_dict",
+           "FAMILIES", "IP_ADAPTER", "MIP_ADAPTER", "IMAGE_EMBEDS", "PENULTIMATE"]
