@@ -23,10 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..references.masks import resize_plane, token_grid
-from .kernels import merge_heads, sdpa_attention, split_heads
+from .kernels import sdpa_attention, split_heads
 from .patch import COND, UNCOND, row_runs
 
 
