@@ -334,3 +334,55 @@ def test_run_workflow_reports_validation_errors(tiny_models_dir, tmp_path):
         rw.run_workflow(WORKFLOW, ROOT, output_dir=tmp_path / "out", models_dir=tiny_models_dir,
                         input_dir=tmp_path / "in",
                         overrides={"CheckpointLoaderSimple.ckpt_name": "missing.safetensors"})
+
+
+MIP_WORKFLOW = PACK_ROOT / "workflows" / "personalize_mip_adapter_multi_object.json"
+
+
+@needs_comfyui
+def test_mip_workflow_runs_headless(tiny_models_dir, sd15, tmp_path, monkeypatch):
+    """The MIP-Adapter example on the tiny SD1.5 checkpoint with a random adapter of its shape and a
+    tiny CLIP vision model. ComfyUI's CLIP vision loader only recognises the real towers (the smallest
+    is a 300M-parameter ViT-L), so it is pointed at the tiny model for the tiny file; everything else
+    runs as a user's graph does."""
+    import comfy.clip_vision
+    from PIL import Image
+    from safetensors.torch import save_file
+    from tiny_adapters import adapter_state, save_adapter
+    from tiny_models import TINY_CLIP_VISION, build_clip_vision
+
+    save_adapter(tiny_models_dir / "ipadapter" / "tiny_mip_plus.safetensors", adapter_state(sd15[0], "mip_plus"))
+    tiny = build_clip_vision()
+    cv_path = tiny_models_dir / "clip_vision" / "tiny_clip_vision.safetensors"
+    cv_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tiny.get_sd().items()}, str(cv_path))
+    real_load = comfy.clip_vision.load
+
+    def load(path):
+        if str(path).endswith("tiny_clip_vision.safetensors"):
+            cv = comfy.clip_vision.ClipVisionModel(dict(TINY_CLIP_VISION))
+            cv.load_sd(comfy.utils.load_torch_file(str(path)))
+            return cv
+        return real_load(path)
+    import comfy.utils
+    monkeypatch.setattr(comfy.clip_vision, "load", load)
+
+    out_dir, in_dir = tmp_path / "out", tmp_path / "in"
+    outputs = rw.run_workflow(MIP_WORKFLOW, ROOT, output_dir=out_dir, models_dir=tiny_models_dir, input_dir=in_dir,
+                              overrides={"CheckpointLoaderSimple.ckpt_name": TINY_SD15,
+                                         "PersonalizeMIPAdapterLoader.adapter_name": "tiny_mip_plus.safetensors",
+                                         "CLIPVisionLoader.clip_name": "tiny_clip_vision.safetensors",
+                                         "EmptyLatentImage.width": 64, "EmptyLatentImage.height": 64,
+                                         "KSampler.steps": 2})
+    assert sorted(p.name for p in in_dir.iterdir()) == sorted(
+        f"personalize_mip_{i}_{n}.jpg" for i, ns in ((1, ("cat", "jacket")), (2, ("cat", "dice")), (3, ("barn", "dog")))
+        for n in ns)
+    images = [item for out in outputs.values() for item in out.get("images", []) if item.get("type") == "output"]
+    assert sorted(i["filename"].split("_0")[0] for i in images) == [f"personalize_mip_{k}" for k in (1, 2, 3)]
+    arrays = []
+    for item in images:
+        with Image.open(out_dir / item.get("subfolder", "") / item["filename"]) as im:
+            assert im.size == (64, 64)
+            arrays.append(np.asarray(im.convert("RGB"), dtype=np.float32))
+    assert all(np.isfinite(a).all() and a.std() > 1.0 for a in arrays)
+    assert np.abs(arrays[0] - arrays[1]).max() > 1.0          # different prompts and references, different images

@@ -101,6 +101,47 @@ NOTE_FREEMIX = "\n\n".join([
 ])
 
 
+# MIP-Adapter's three demo pairs (shared/data/cases.json) with the official inference settings: SDXL base,
+# model_sdxl.bin with its ViT-bigG image encoder, scale 0.75, 30 steps, cfg 5.0 (the SDXL pipeline default
+# the official code falls back to), seed 420, 1024x1024, the official negative prompt.
+MIP = dict(
+    stem="personalize_mip_adapter_multi_object",
+    checkpoint="sd_xl_base_1.0.safetensors",
+    adapter="model_sdxl.bin",
+    clip_vision="CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors",
+    negative="monochrome, lowres, bad anatomy, worst quality, low quality",
+    pairs=[("A wide shot of cat wearing jacket with boston city in background.",
+            [("cat", "personalize_mip_1_cat.jpg"), ("jacket", "personalize_mip_1_jacket.jpg")]),
+           ("A pet cat playing with dice on a sidewalk.",
+            [("cat", "personalize_mip_2_cat.jpg"), ("dice", "personalize_mip_2_dice.jpg")]),
+           ("Dog in front of barn in snowy ice.",
+            [("barn", "personalize_mip_3_barn.jpg"), ("dog", "personalize_mip_3_dog.jpg")])],
+    seed=420, steps=30, cfg=5.0, sampler="euler", scheduler="normal", size=1024, scale=0.75,
+)
+MIP_SOURCES = [(f"mip_adapter_combinations/combination_{i}/{name}.jpg", f"personalize_mip_{i}_{name}.jpg")
+               for i, names in ((1, ("cat", "jacket")), (2, ("cat", "dice")), (3, ("barn", "dog"))) for name in names]
+
+NOTE_MIP = "\n\n".join([
+    "MIP-Adapter: several reference objects in one picture (Personalize)",
+    "Three examples from the MIP-Adapter paper, one per row: a cat wearing a jacket, a cat playing with dice, a dog "
+    "in front of a barn. Each object comes from its own reference photo and keeps its identity; the objects do not "
+    "blend into each other.",
+    "How it works: each MIP-Adapter Reference node takes one object's photo and the word of the prompt that names "
+    "it (its entity word); the two are chained. MIP-Adapter Apply patches the model's cross-attention: every layer "
+    "adds each object's IP-Adapter attention, weighted per pixel by where its entity word attends, so each reference "
+    "lands on its own object. The prompt text feeds both the CLIP Text Encode and the Apply node (the entity words "
+    "must appear in it). Settings follow the paper's code: scale 0.75, 30 steps, cfg 5, seed 420, 1024x1024.",
+    "Models: an SDXL checkpoint in ComfyUI/models/checkpoints/ (sd_xl_base_1.0.safetensors or an SDXL fine-tune); "
+    "model_sdxl.bin from huggingface.co/hqhQAQ/MIP-Adapter in ComfyUI/models/ipadapter/; its image encoder, "
+    "CLIP ViT-bigG (h94/IP-Adapter sdxl_models/image_encoder, saved as "
+    "CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors) in ComfyUI/models/clip_vision/. For model_sdxl_plus.bin use "
+    "the ViT-H encoder (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors) and scale 0.65 (or -1: the variant's default). "
+    "Plain IP-Adapter files work too (training-free merge).",
+    "Inputs: the six photos ship in this pack's workflows/inputs/ folder; copy them into ComfyUI/input/ "
+    "(tools/run_workflow.py does it for you). Optional: connect a MASK to a MIP-Adapter Reference to fix where "
+    "that object goes. Credits and licenses: workflows/inputs/CREDITS.md.",
+])
+
 class Graph:
     """A tiny UI-format graph builder: nodes with sockets from the live schema, links, order."""
 
@@ -153,6 +194,13 @@ class Graph:
         self.links.append([link_id, src["id"], out_slot, dst["id"], slot, typ])
         src["outputs"][out_slot]["links"].append(link_id)
         dst["inputs"][slot]["link"] = link_id
+
+    def link_widget(self, src, out_slot, dst, widget_name):
+        """Feed a widget input from a link (a widget converted to an input, as the editor saves it)."""
+        typ = src["outputs"][out_slot]["type"]
+        dst["inputs"].append({"name": widget_name, "localized_name": widget_name, "type": typ,
+                              "widget": {"name": widget_name}, "link": None})
+        self.link(src, out_slot, dst, widget_name)
 
     def to_json(self) -> dict:
         # "order" is a topological order of the nodes, as the frontend stores it
@@ -268,6 +316,55 @@ def freemix_workflow(schemas: dict, classes: dict) -> dict:
     return g.to_json()
 
 
+def mip_workflow(schemas: dict, classes: dict) -> dict:
+    c = MIP
+    g = Graph(schemas, classes)
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), "Load Checkpoint (SDXL)", ckpt_name=c["checkpoint"])
+    g.note(NOTE_MIP, (0, 140), (320, 900), title="Read me: MIP-Adapter multi-object")
+    adapter = g.node("PersonalizeMIPAdapterLoader", (0, 1080), (320, 110), None, adapter_name=c["adapter"])
+    vision = g.node("CLIPVisionLoader", (0, 1230), (320, 60), "Load CLIP Vision (ViT-bigG)", clip_name=c["clip_vision"])
+    neg = g.node("CLIPTextEncode", (0, 1340), (320, 150), "Negative prompt (MIP-Adapter)", text=c["negative"])
+    g.link(ckpt, 1, neg, "clip")
+    for k, (prompt, objects) in enumerate(c["pairs"]):
+        y = k * 760
+        text = g.node("PrimitiveStringMultiline", (380, y), (400, 120), f"Prompt {k + 1}", value=prompt)
+        pos = g.node("CLIPTextEncode", (380, y + 160), (400, 100), f"Prompt {k + 1} (CLIP Text Encode)", text=prompt)
+        g.link(ckpt, 1, pos, "clip")
+        g.link_widget(text, 0, pos, "text")
+        chain = None
+        for j, (entity, image) in enumerate(objects):
+            img = g.node("LoadImage", (820 + j * 340, y), (300, 330), f"Row {k + 1}: {entity}", image=image)
+            ref = g.node("PersonalizeMIPAdapterReference", (820 + j * 340, y + 370), (300, 170),
+                         f"MIP-Adapter Reference: {entity}", entity=entity, weight=1.0, crop="center")
+            g.link(img, 0, ref, "image")
+            if chain is not None:
+                g.link(chain, 0, ref, "image_prompts")
+            chain = ref
+        apply = g.node("PersonalizeMIPAdapterApply", (1520, y), (340, 300), f"MIP-Adapter Apply {k + 1}",
+                       prompt=prompt, scale=c["scale"], start_percent=0.0, end_percent=1.0)
+        g.link(ckpt, 0, apply, "model")
+        g.link(adapter, 0, apply, "adapter")
+        g.link(vision, 0, apply, "clip_vision")
+        g.link(ckpt, 1, apply, "clip")
+        g.link_widget(text, 0, apply, "prompt")
+        g.link(chain, 0, apply, "image_prompts")
+        latent = g.node("EmptyLatentImage", (1520, y + 360), (340, 110), None, width=c["size"], height=c["size"],
+                        batch_size=1)
+        sampler = g.node("KSampler", (1900, y), (320, 270), f"KSampler {k + 1} (as MIP-Adapter)", seed=c["seed"],
+                         steps=c["steps"], cfg=c["cfg"], sampler_name=c["sampler"], scheduler=c["scheduler"],
+                         denoise=1.0)
+        g.link(apply, 0, sampler, "model")
+        g.link(pos, 0, sampler, "positive")
+        g.link(neg, 0, sampler, "negative")
+        g.link(latent, 0, sampler, "latent_image")
+        decode = g.node("VAEDecode", (2260, y), (210, 50), None)
+        g.link(sampler, 0, decode, "samples")
+        g.link(ckpt, 2, decode, "vae")
+        save = g.node("SaveImage", (2260, y + 90), (420, 520), None, filename_prefix=f"personalize_mip_{k + 1}")
+        g.link(decode, 0, save, "images")
+    return g.to_json()
+
+
 def prepare_inputs(data_dir: Path) -> None:
     from PIL import Image
     INPUTS.mkdir(parents=True, exist_ok=True)
@@ -277,6 +374,10 @@ def prepare_inputs(data_dir: Path) -> None:
             scale = 512 / max(im.size)
             im = im.resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS)
             im.save(INPUTS / dst, quality=92)
+    for src, dst in MIP_SOURCES:
+        im = Image.open(data_dir / src).convert("RGB")
+        scale = 512 / max(im.size)
+        im.resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS).save(INPUTS / dst, quality=92)
     (INPUTS / "licenses").mkdir(exist_ok=True)
     for rel in LICENSE_FILES:
         shutil.copyfile(data_dir / rel, INPUTS / "licenses" / Path(rel).name)
@@ -372,11 +473,38 @@ def thumbnail_freemix(path: Path) -> None:
     card.save(path, quality=90)
 
 
+def thumbnail_mip(path: Path) -> None:
+    """An honest illustrative card (no generated image): the three reference pairs with their entity
+    words, the nodes they go through and the prompts."""
+    from PIL import Image
+
+    card, d, font = _card("MIP-Adapter: several objects")
+    tints = [(255, 150, 60), (80, 170, 255)]
+    side = 64
+    for k, (prompt, objects) in enumerate(MIP["pairs"]):
+        y = 52 + k * 74
+        for j, (entity, image) in enumerate(objects):
+            x = 12 + j * (side + 6)
+            im = Image.open(INPUTS / image).convert("RGB").resize((side, side), Image.LANCZOS)
+            card.paste(im, (x, y))
+            d.rectangle((x - 1, y - 1, x + side, y + side), outline=tints[j])
+            d.text((x + 3, y + side - 15), entity, fill=(255, 255, 255), font=font(11), stroke_width=2,
+                   stroke_fill=(0, 0, 0))
+        words = prompt.rstrip(".").split()
+        lines = [" ".join(words[:4]), " ".join(words[4:8]), " ".join(words[8:])]
+        for i, line in enumerate(filter(None, lines)):
+            d.text((156, y + 6 + 16 * i), line, fill=(255, 230, 160), font=font(12))
+    d.text((12, 276), "MIP-Adapter Reference x2  >  MIP-Adapter Apply  >  KSampler (SDXL, 30 steps, cfg 5)",
+           fill=(170, 175, 185), font=font(10))
+    card.save(path, quality=90)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", help="ComfyUI install (default: $COMFYUI_PATH)")
     parser.add_argument("--inputs-from", type=Path,
-                        help="shared data folder to (re)make workflows/inputs/ from (dreambench/, freecustom_masks/)")
+                        help="shared data folder to (re)make workflows/inputs/ from (dreambench/, freecustom_masks/, "
+                             "mip_adapter_combinations/)")
     a = parser.parse_args()
     if a.inputs_from:
         prepare_inputs(a.inputs_from)
@@ -387,15 +515,18 @@ def main() -> int:
     classes = nodes.NODE_CLASS_MAPPINGS
     types = ["CheckpointLoaderSimple", "CLIPTextEncode", "LoadImage", "ImageToMask", "PersonalizeReferenceEncode",
              "PersonalizeMultiReferenceAttention", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage",
-             "PersonalizeSAMModelLoader", "PersonalizeSAMMask", "PersonalizeDisentangleMixingAttention"]
+             "PersonalizeSAMModelLoader", "PersonalizeSAMMask", "PersonalizeDisentangleMixingAttention",
+             "PersonalizeMIPAdapterLoader", "PersonalizeMIPAdapterReference", "PersonalizeMIPAdapterApply",
+             "CLIPVisionLoader", "PrimitiveStringMultiline"]
     schemas = rw.live_schemas(types)
     ks = schemas["KSampler"]["required"]   # fall back to euler/normal where DDIM is missing
-    for c in (FREECUSTOM, FREEMIX):
+    for c in (FREECUSTOM, FREEMIX, MIP):
         if c["sampler"] not in ks["sampler_name"][0]:
             c["sampler"] = "euler"
         if c["scheduler"] not in ks["scheduler"][0]:
             c["scheduler"] = "normal"
-    for c, build, card in ((FREECUSTOM, freecustom_workflow, thumbnail), (FREEMIX, freemix_workflow, thumbnail_freemix)):
+    for c, build, card in ((FREECUSTOM, freecustom_workflow, thumbnail), (FREEMIX, freemix_workflow, thumbnail_freemix),
+                           (MIP, mip_workflow, thumbnail_mip)):
         out = WORKFLOWS / f"{c['stem']}.json"
         out.write_text(json.dumps(build(schemas, classes), indent=2) + "\n", encoding="utf-8")
         card(WORKFLOWS / f"{c['stem']}.jpg")
