@@ -230,3 +230,45 @@ def test_unsafe_and_broken_files_are_refused(adapter_dir, tmp_path):
         load("truncated.safetensors")
     msg = nodes().MIPAdapterLoader.validate_inputs("missing.safetensors")
     assert isinstance(msg, str) and "ipadapter folder" in msg and "hqhQAQ/MIP-Adapter" in msg
+
+
+def test_image_prompt_encoding_with_comfyui_clip_vision(adapter_dir, clip_vision, data_dir):
+    """Tokens = the adapter's projection of the CLIP vision output, averaged over the views; the
+    unconditional tokens: zero image embeds, or the encoder on an image that normalises to zero."""
+    import comfy.clip_model
+    from personalize_pack.references.image_prompt import mean_colour_image
+    cat = load_image(data_dir / "personalize_cat_04.jpg", 80)
+    cat2 = load_image(data_dir / "personalize_mip_2_cat.jpg", 80)
+    views = reference(torch.cat([cat, cat2]), "cat")
+    for name, field in (("sd15_plain.safetensors", "image_embeds"), ("sd15_plus.bin", "penultimate_hidden_states")):
+        adapter, _ = load(name)
+        tokens, uncond = nodes().encode_image_prompts(adapter, clip_vision, views)
+        feats = clip_vision.encode_image(torch.cat([cat, cat2]), crop=True)[field]
+        want = adapter.image_proj(feats.float()).mean(0)
+        torch.testing.assert_close(tokens[0], want)
+        assert tokens[0].shape == (adapter.tokens, adapter.context_dim)
+        if field == "image_embeds":
+            torch.testing.assert_close(uncond, adapter.image_proj(torch.zeros(1, adapter.clip_width))[0])
+        else:
+            pix = comfy.clip_model.clip_preprocess(mean_colour_image(clip_vision.image_mean), size=224,
+                                                   mean=clip_vision.image_mean, std=clip_vision.image_std)
+            assert float(pix.abs().max()) < 0.01                 # the encoder sees (almost) an all-zero input
+            feats0 = clip_vision.encode_image(mean_colour_image(clip_vision.image_mean))[field]
+            torch.testing.assert_close(uncond, adapter.image_proj(feats0.float())[0])
+        assert (tokens[0] - uncond).abs().max() > 1e-3
+
+
+def test_entity_embeddings_are_the_words_own_tokens(sd15, prompts):
+    model, clip, _ = sd15
+    out = nodes().encode_entities(clip, PROMPT, prompts, 768)
+    for (cond, uncond), word in zip(out, ("cat", "dog")):
+        full = clip.encode_from_tokens(clip.tokenize(word))
+        empty = clip.encode_from_tokens(clip.tokenize(""))
+        assert cond.shape == (1, 768)                           # 'cat' and 'dog' are one token each
+        torch.testing.assert_close(cond, full[0, 1:2].float())
+        torch.testing.assert_close(uncond, empty[0, 1:2].float())
+    two = nodes().encode_entities(clip, "a teddy bear on a sofa", reference(torch.rand(1, 32, 32, 3), "teddy bear"),
+                                  768)
+    assert two[0][0].shape == (2, 768)
+    with pytest.raises(ValueError, match="conditioning is 768 wide"):
+        nodes().encode_entities(clip, PROMPT, prompts, 2048)

@@ -276,3 +276,26 @@ def test_wrapped_foreign_replace_is_called_and_kept():
     wki, wvi, _ = layers[KEY]
     O = sdpa_attention(q[1:], (prompts[0].tokens @ wki.T)[None], (prompts[0].tokens @ wvi.T)[None], HEADS)
     torch.testing.assert_close(out[1:], 2.0 * sdpa_attention(q[1:], k[1:], v[1:], HEADS) + tech.scale * O)
+
+
+# --------------------------------------------------------------------------- image prompts
+
+def test_image_prompt_framing_and_checks():
+    from personalize_pack.references.image_prompt import make_image_prompt, mean_colour_image, square_pad
+    img = torch.rand(2, 30, 50, 3)
+    sq = square_pad(img)
+    assert sq.shape == (2, 50, 50, 3)
+    torch.testing.assert_close(sq[:, 10:40], img)
+    assert torch.all(sq[:, :10] == 1.0) and torch.all(sq[:, 40:] == 1.0)     # white bands, image untouched
+    mean = (0.48145466, 0.4578275, 0.40821073)
+    m = mean_colour_image(mean)
+    assert m.shape == (1, 224, 224, 3)
+    assert float((m[0, 0, 0] - torch.tensor(mean)).abs().max()) <= 0.5 / 255 + 1e-7
+    p = make_image_prompt(torch.rand(1, 8, 8, 4), "  cat ", 0.5, torch.ones(16, 16) * 255)
+    assert p.entity == "cat" and p.image.shape[-1] == 3 and float(p.mask.max()) == 1.0
+    for bad, msg in ((dict(entity=""), "entity: empty"), (dict(crop="stretch"), "crop: unknown"),
+                     (dict(mask=torch.ones(3, 8, 8)), "3 masks given"), (dict(mask=torch.zeros(8, 8)), "mask is empty")):
+        kw = dict(image=torch.rand(1, 8, 8, 3), entity="cat")
+        kw.update(bad)
+        with pytest.raises(ValueError, match=msg):
+            make_image_prompt(**kw)
