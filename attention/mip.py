@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..references.masks import resize_plane, token_grid
-from .kernels import sdpa_attention, split_heads
+from .kernels import merge_heads, sdpa_attention, split_heads
 from .patch import COND, UNCOND, row_runs
 
 
@@ -95,15 +95,29 @@ def mip_delta(q: torch.Tensor, text_out: torch.Tensor, ip_k: list, ip_v: list, e
     t = text_gate(text_out, gate)
     if t is not None:
         w = t.unsqueeze(1).expand(b, m, n) if w is None else w * t.unsqueeze(1)
-    out = None
-    for i in range(m):
-        k = ip_k[i].to(q.device, q.dtype).unsqueeze(0).expand(b, -1, -1)
-        v = ip_v[i].to(q.device, q.dtype).unsqueeze(0).expand(b, -1, -1)
-        o = sdpa_attention(q, k, v, heads)
-        if w is not None:
-            o = o * w[:, i].unsqueeze(-1).to(o.dtype)
-        out = o if out is None else out + o
-    return out
+    return merged_attention(q, ip_k, ip_v, heads, w)
+
+
+def merged_attention(q: torch.Tensor, ip_k: list, ip_v: list, heads: int, w: torch.Tensor | None) -> torch.Tensor:
+    """``sum_i w[:, i, p] * Attn(q, ip_k[i], ip_v[i])`` in one pass: the logits against every
+    object's keys at once, a softmax within each object's own keys, the per-pixel weights applied to
+    those probabilities, and one product with all the values. Objects have the same token count
+    (they come from one adapter)."""
+    b, n, _ = q.shape
+    m = len(ip_k)
+    if m == 1 and w is None:                 # plain IP-Adapter attention: the fused kernel
+        return sdpa_attention(q, ip_k[0].to(q.device, q.dtype).unsqueeze(0).expand(b, -1, -1),
+                              ip_v[0].to(q.device, q.dtype).unsqueeze(0).expand(b, -1, -1), heads)
+    dt = torch.promote_types(q.dtype, torch.float32)
+    qh = split_heads(q.to(dt), heads)                                              # [B, h, N, d]
+    kh = split_heads(torch.cat(ip_k).to(q.device, dt).unsqueeze(0), heads)         # [1, h, M*T, d]
+    vh = split_heads(torch.cat(ip_v).to(q.device, dt).unsqueeze(0), heads)
+    logits = torch.matmul(qh, kh.transpose(-1, -2)) * qh.shape[-1] ** -0.5         # [B, h, N, M*T]
+    probs = torch.softmax(logits.view(b, heads, n, m, -1), dim=-1)
+    if w is not None:
+        probs = probs * w.to(dt).transpose(1, 2).view(b, 1, n, m, 1)
+    out = torch.matmul(probs.view(b, heads, n, -1), vh)                            # [B, h, N, d]
+    return merge_heads(out).to(q.dtype)
 
 
 # --------------------------------------------------------------------------- technique

@@ -34,7 +34,7 @@ Kernel (``--only kernel``, torch only): one cross-attention layer call in isolat
 320]`` (64x64 tokens, 8 heads), text k/v of 77 tokens, cond and uncond rows: the baseline IP-Adapter
 layer against the pack's ``PersonalizeAttention("attn2")`` + ``MultiImagePromptAttention`` for R=1,2,3
 (base attention plain SDPA for both), medians of many interleaved calls, and a breakdown of the MIP
-call into its parts (text attention, entity keys, word maps, text gate, per-object attentions, the
+call into its parts (text attention, entity keys, word maps, text gate, the per-object attentions and
 weighted sum), which shows where the time goes.
 """
 from __future__ import annotations
@@ -295,10 +295,9 @@ def run_kernel(opts) -> dict:
 
     bm.import_pack()
     import personalize_pack.attention.patch as patch  # noqa: PLC0415
-    from personalize_pack.attention.kernels import sdpa_attention  # noqa: PLC0415
     from personalize_pack.attention.layers import SigmaRange  # noqa: PLC0415
     from personalize_pack.attention.mip import (MultiImagePromptAttention, merge_weights,  # noqa: PLC0415
-                                                text_gate, word_maps)
+                                                merged_attention, text_gate, word_maps)
 
     heads, C, n_text = 8, 320, 77
     N = opts.kernel_tokens
@@ -394,23 +393,15 @@ def run_kernel(opts) -> dict:
                 per[lab]["t"] = text_gate(text[j:j + 1], layers[key][2])
             gate = layers[key][2]
 
-            def ip_attentions():
+            for lab in labels:
+                w, t = per[lab]["w"], per[lab]["t"]
+                per[lab]["wt"] = t.unsqueeze(1).expand(1, R, N) if w is None else w * t.unsqueeze(1)
+
+            def merged():
+                # the per-object attentions and their weighted sum, one pass (attention/mip.py)
                 for j, lab in enumerate(labels):
                     ks, vs = per[lab]["kv"]
-                    for i in range(R):
-                        sdpa_attention(q[j:j + 1], ks[i].unsqueeze(0), vs[i].unsqueeze(0), heads)
-
-            def weighted_sum():
-                for j, lab in enumerate(labels):
-                    o = text[j:j + 1]
-                    w = per[lab]["w"]
-                    t = per[lab]["t"]
-                    w = t.unsqueeze(1).expand(1, R, N) if w is None else w * t.unsqueeze(1)
-                    acc = None
-                    for i in range(R):
-                        x = o * w[:, i].unsqueeze(-1)
-                        acc = x if acc is None else acc + x
-                    o + acc
+                    merged_attention(q[j:j + 1], ks, vs, heads, per[lab]["wt"])
 
             parts = {
                 "text_attention": lambda: torch_attention(q, k, v, heads),
@@ -418,8 +409,7 @@ def run_kernel(opts) -> dict:
                 "word_maps": lambda: [word_maps(q[j:j + 1], per[lab]["ent"], heads) for j, lab in enumerate(labels)],
                 "merge_weights": lambda: [merge_weights(per[lab]["maps"], [None] * R) for lab in labels],
                 "text_gate": lambda: [text_gate(text[j:j + 1], gate) for j in range(2)],
-                "ip_attentions": ip_attentions,
-                "weighted_sum": weighted_sum,
+                "merged_attention": merged,
                 "clone_output": lambda: text.clone(),
             }
             if R == 1:
