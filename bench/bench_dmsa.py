@@ -47,12 +47,7 @@ BLEND_TOKENS, PROMPT_TOKENS = [5], 77
 # =========================================================================== DMSA speed
 
 def comfyui_path(opts) -> Path:
-    given = opts.comfyui or os.environ.get("COMFYUI_PATH")
-    if not given and PACK_ROOT.parent.name == "custom_nodes":     # the pack installed in ComfyUI
-        given = str(PACK_ROOT.parents[1])
-    if not given:
-        raise SystemExit("DMSA benchmark: set COMFYUI_PATH or pass --comfyui /path/to/ComfyUI")
-    return Path(given).expanduser().resolve()
+    return bm.comfyui_path(opts, "DMSA benchmark")
 
 
 def build_dmsa(model, blocks, hw, opts):

@@ -270,13 +270,7 @@ def run_speed(opts) -> dict:
 
 
 def comfyui_path(opts) -> Path:
-    given = opts.comfyui or os.environ.get("COMFYUI_PATH")
-    if not given and PACK_ROOT.parent.name == "custom_nodes":     # the pack installed in ComfyUI
-        given = str(PACK_ROOT.parents[1])
-    if not given:
-        raise SystemExit("MIP benchmark: set COMFYUI_PATH or pass --comfyui /path/to/ComfyUI "
-                         "(or run --only kernel, which needs torch alone)")
-    return Path(given).expanduser().resolve()
+    return bm.comfyui_path(opts, "MIP benchmark", " (or run --only kernel, which needs torch alone)")
 
 
 # =========================================================================== kernel

@@ -94,6 +94,16 @@ def rnd(x, n=4):
 
 # =========================================================================== speed
 
+def comfyui_path(opts, what: str, hint: str = "") -> Path:
+    """The ComfyUI folder: ``--comfyui``, ``$COMFYUI_PATH``, or the tree the pack is installed in."""
+    given = opts.comfyui or os.environ.get("COMFYUI_PATH")
+    if not given and PACK_ROOT.parent.name == "custom_nodes":     # the pack installed in ComfyUI
+        given = str(PACK_ROOT.parents[1])
+    if not given:
+        raise SystemExit(f"{what}: set COMFYUI_PATH or pass --comfyui /path/to/ComfyUI{hint}")
+    return Path(given).expanduser().resolve()
+
+
 def setup_comfy(root: Path, attention: str):
     if not (root / "comfy").is_dir():
         raise SystemExit(f"--comfyui / COMFYUI_PATH: {root} is not a ComfyUI folder (no comfy/ inside)")
@@ -199,13 +209,8 @@ def make_references(R, hw, mask_kind, seed=1):
 def run_speed(opts) -> dict:
     import torch  # noqa: PLC0415
 
-    given = opts.comfyui or os.environ.get("COMFYUI_PATH")
-    if not given and PACK_ROOT.parent.name == "custom_nodes":     # the pack installed in ComfyUI
-        given = str(PACK_ROOT.parents[1])
-    if not given:
-        raise SystemExit("speed benchmark: set COMFYUI_PATH or pass --comfyui /path/to/ComfyUI "
-                         "(or run --only memory, which needs torch alone)")
-    setup_comfy(Path(given).expanduser().resolve(), opts.attention)
+    setup_comfy(comfyui_path(opts, "speed benchmark", " (or run --only memory, which needs torch alone)"),
+                opts.attention)
     import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
     import comfy.model_management  # noqa: PLC0415
     import_pack()
