@@ -59,7 +59,7 @@ _BLOCK_ORDER = {"input": 0, "output": 1, "middle": 2}
 
 
 class AdapterLayer(NamedTuple):
-    """The weights of one cross-attention layer (float32, CPU)."""
+    """The weights of one cross-attention layer (CPU, in the checkpoint's floating-point precision)."""
     to_k_ip: torch.Tensor          # [C, ctx]
     to_v_ip: torch.Tensor          # [C, ctx]
     gate: torch.Tensor | None      # [C] (MIP's text_to_weight) or None
@@ -453,8 +453,13 @@ def _split_parts(sd, name: str) -> tuple[dict, dict]:
             if not torch.is_tensor(v):
                 raise ValueError(f"ipadapter: '{name}' is not an IP-Adapter checkpoint: '{k}' holds "
                                  f"a {type(v).__name__}, not a tensor")
+    # The image projection is small and runs once per image: float32. The layer weights (about
+    # 350M values for SDXL) stay in the file's precision; they are used once, in float32, when an
+    # Apply node projects the image-prompt tokens.
     as32 = lambda d: {str(k): v.detach().to("cpu", torch.float32) for k, v in d.items()}
-    return as32(proj), as32(ip)
+    floating = lambda d: {str(k): v.detach().to("cpu") if v.is_floating_point() else v.detach().to("cpu", torch.float32)
+                          for k, v in d.items()}
+    return as32(proj), floating(ip)
 
 
 def _refuse_faceid(proj: dict, ip: dict, name: str) -> None:
