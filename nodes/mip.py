@@ -208,7 +208,7 @@ class MIPAdapterApply(io.ComfyNode):
                                         "must appear in it."),
                 ImagePrompts.Input("image_prompts", tooltip="Objects from MIP-Adapter Reference (chain one per object)."),
                 io.Float.Input("scale", default=-1.0, min=-1.0, max=3.0, step=0.05,
-                               tooltip="Strength of the image prompts (lambda). -1: the variant's default, 0.75 for "
+                               tooltip="Strength of the image prompts (lambda). -1 (any negative value): the variant's default, 0.75 for "
                                        "MIP-Adapter SDXL, 0.65 for SDXL plus, 1.0 for plain IP-Adapter weights."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule at which the image prompts start acting."),
