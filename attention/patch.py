@@ -211,7 +211,7 @@ def _noise(shape, seed: int, index: int, label: int, sigma: float) -> torch.Tens
     return torch.randn(shape, generator=g)
 
 
-def _repeat_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
+def repeat_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
     return t if t.shape[1] == length else t.repeat(1, length // t.shape[1], 1)
 
 
@@ -297,8 +297,8 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
             else:
                 rows.append(c_crossattn[s_row:s_row + 1])
         length = math.lcm(c_crossattn.shape[1], *[r.shape[1] for r in rows])
-        ctx_ref = torch.cat([_repeat_tokens(r, length) for r in rows])
-        ctx_target = _repeat_tokens(c_crossattn, length)     # repeating all tokens leaves cross-attention unchanged
+        ctx_ref = torch.cat([repeat_tokens(r, length) for r in rows])
+        ctx_target = repeat_tokens(c_crossattn, length)     # repeating all tokens leaves cross-attention unchanged
     concat_ref = _rows_of(c_concat, n_target, src)
     kw_ref = {}
     for name, value in kwargs.items():
@@ -351,6 +351,12 @@ def install_technique(model, technique):
     opts = dict(m.model_options.get("transformer_options", {}))
     state = opts.get(STATE_KEY) or PersonalizeState(base_memory_factor=m.get_model_object("memory_usage_factor"))
     state = state.with_technique(technique)
+    owners = [t for t in state.techniques if getattr(t, "exclusive", False)]
+    if owners and any(t is not owners[0] and (getattr(t, "exclusive", False) or t.max_reference_rows())
+                      for t in state.techniques):
+        others = ", ".join(sorted({t.name for t in state.techniques if t is not owners[0]}))
+        raise ValueError(f"model: {owners[0].name} runs a second branch in the batch and cannot be combined with "
+                         f"{others} on the same MODEL; apply it to a model without them")
     opts[STATE_KEY] = state
     m.model_options["transformer_options"] = opts
     # ComfyUI sizes its batches and frees memory from memory_usage_factor x batch; the reference rows

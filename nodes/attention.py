@@ -4,10 +4,11 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..attention.dmsa import DMSA_PRESETS, DisentangleMixingAttention, find_token_positions
+from ..attention.fasa import FASA_PRESETS, FoundationAwareAttention, fasa_layer_keys, install_fasa
 from ..attention.layers import PRESET_NAMES, SigmaRange, discover_attention_blocks, resolve_layers
 from ..attention.mrsa import MultiReferenceAttention
 from ..attention.patch import install_technique
-from .references import References
+from .references import References, conditioning_tensor
 
 
 def check_references(model, references, input_name="references"):
@@ -169,4 +170,74 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
         return io.NodeOutput(install_technique(model, tech))
 
 
-NODES = [MultiReferenceAttentionNode, DisentangleMixingAttentionNode]
+FOUNDATION_MODES = ["prompt without identity (PhotoMaker)", "model without identity patches (InstantID-style)"]
+
+
+class FoundationAwareAttentionNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PersonalizeFoundationAwareAttention",
+            display_name="Foundation-Aware Attention (FreeCure)",
+            category="personalize/attention",
+            description=(
+                "FreeCure's foundation-aware self-attention (FASA): gives the prompt back its control over facial "
+                "attributes (hair, eyes, glasses, ...) in identity models such as PhotoMaker or InstantID. A "
+                "foundation branch with the identity switched off runs beside your image from the same noise; in "
+                "the late decoder blocks your image attends to the foundation image inside the attribute masks. "
+                "Make the masks on the foundation image of a first run (same seed, the foundation conditioning), "
+                "e.g. with Face Attribute Mask."),
+            inputs=[
+                io.Model.Input("model", tooltip="The identity model to patch (a patched copy is returned): e.g. the "
+                                                "checkpoint used with PhotoMaker Encode, or the model from an "
+                                                "InstantID apply node."),
+                io.Mask.Input("masks", tooltip="Attribute masks on the foundation image (one, or one per image of the "
+                                               "batch), e.g. from Face Attribute Mask. Same aspect ratio as the image."),
+                io.Combo.Input("foundation_mode", options=FOUNDATION_MODES, default=FOUNDATION_MODES[0],
+                               tooltip="How the identity is switched off in the foundation branch: PhotoMaker: the "
+                                       "same model with the prompt without the identity embedding (connect it to "
+                                       "'foundation'); InstantID-style: the branch runs without other packs' "
+                                       "cross-attention patches (where the identity adapter lives)."),
+                io.Conditioning.Input("foundation", optional=True,
+                                      tooltip="The foundation branch's positive conditioning: CLIP Text Encode of "
+                                              "your prompt (trigger word included) without PhotoMaker's identity. "
+                                              "Required for the PhotoMaker mode."),
+                io.Float.Input("weight", default=1.5, min=-10.0, max=10.0, step=0.1,
+                               tooltip="Logit bias of the foundation tokens inside the masks (FreeCure: 1.5 for SDXL, "
+                                       "0.5 for SD1.x). 0 switches FASA off."),
+                io.Combo.Input("layers", options=FASA_PRESETS, default=FASA_PRESETS[0],
+                               tooltip="Self-attention blocks FASA acts in: FreeCure's SDXL choice (transformer "
+                                       "blocks 50-69), its SD1.x choice (output 6-11), all decoder blocks, or custom."),
+                io.String.Input("custom_blocks", default="output:6-11",
+                                tooltip="Used when layers is 'custom': blocks like 'output:3-5, output:2'."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the schedule at which FASA starts (FreeCure: all steps)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the schedule at which FASA stops."),
+                io.Float.Input("mask_threshold", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Mask values below this are outside the attributes."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, masks, foundation_mode=FOUNDATION_MODES[0], foundation=None, weight=1.5,
+                layers=FASA_PRESETS[0], custom_blocks="output:6-11", start_percent=0.0, end_percent=1.0,
+                mask_threshold=0.5) -> io.NodeOutput:
+        if foundation_mode not in FOUNDATION_MODES:
+            raise ValueError(f"foundation_mode: unknown '{foundation_mode}'; choose one of {FOUNDATION_MODES}")
+        strip = foundation_mode == FOUNDATION_MODES[1]
+        cond = None
+        if foundation is not None:
+            cond = conditioning_tensor(foundation, "foundation", first_row=False)
+        elif not strip:
+            raise ValueError("foundation: not connected; the PhotoMaker mode needs the prompt without the identity "
+                             "(CLIP Text Encode of the same text) as the foundation conditioning")
+        keys = fasa_layer_keys(layers, custom_blocks, discover_attention_blocks(model.model.diffusion_model))
+        sigmas = SigmaRange.from_percents(model.model.model_sampling, start_percent, end_percent)
+        tech = FoundationAwareAttention(cond, masks, weight, keys, sigmas, strip_patches=strip,
+                                        mask_threshold=mask_threshold)
+        return io.NodeOutput(install_fasa(model, tech))
+
+
+NODES = [MultiReferenceAttentionNode, DisentangleMixingAttentionNode, FoundationAwareAttentionNode]

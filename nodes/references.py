@@ -9,16 +9,17 @@ from ..references.reference import Reference, check_image, fit_image, prepare_ma
 References = io.Custom("PERSONALIZE_REFERENCE")
 
 
-def _caption(conditioning):
+def conditioning_tensor(conditioning, name: str = "caption", first_row: bool = True):
+    """The text conditioning tensor ``[B, T, D]`` of a CONDITIONING (its first entry), or None."""
     if conditioning is None:
         return None
     try:
         cap = conditioning[0][0]
     except (TypeError, IndexError, KeyError):
-        raise ValueError("caption: expected a CONDITIONING from CLIP Text Encode") from None
+        raise ValueError(f"{name}: expected a CONDITIONING from CLIP Text Encode") from None
     if not isinstance(cap, torch.Tensor) or cap.dim() != 3:
-        raise ValueError("caption: expected a CONDITIONING from CLIP Text Encode")
-    return cap[:1].detach()
+        raise ValueError(f"{name}: expected a CONDITIONING from CLIP Text Encode")
+    return (cap[:1] if first_row else cap).detach()
 
 
 def encode_references(image, vae, mask=None, caption=None, weight=3.0, mask_threshold=0.5, soft_mask=False,
@@ -34,7 +35,7 @@ def encode_references(image, vae, mask=None, caption=None, weight=3.0, mask_thre
     f = h // latent.shape[-2]
     if f < 1 or latent.shape[-2] * f != h or latent.shape[-1] * f != w:
         raise ValueError(f"vae: latent {tuple(latent.shape[-2:])} does not divide the image {h}x{w}")
-    cap = _caption(caption)
+    cap = conditioning_tensor(caption)
     out = []
     for i in range(b):
         out.append(Reference(latent=latent[i:i + 1].float().cpu(), mask=masks[i].cpu(), weight=float(weight),

@@ -195,7 +195,8 @@ def test_node_registration():
     ext = asyncio.run(import_pack().comfy_entrypoint())
     ids = [n.define_schema().node_id for n in asyncio.run(ext.get_node_list())]
     assert ids == ["PersonalizeReferenceEncode", "PersonalizeMultiReferenceAttention",
-                   "PersonalizeDisentangleMixingAttention", "PersonalizeSAMModelLoader", "PersonalizeSAMMask",
+                   "PersonalizeDisentangleMixingAttention", "PersonalizeFoundationAwareAttention",
+                   "PersonalizeSAMModelLoader", "PersonalizeSAMMask",
                    "PersonalizeMIPAdapterLoader", "PersonalizeMIPAdapterReference", "PersonalizeMIPAdapterApply"]
     for n in asyncio.run(ext.get_node_list()):
         schema = n.define_schema()
