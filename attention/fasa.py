@@ -29,9 +29,8 @@ import torch
 
 from ..references.masks import as_mask_batch, layer_mask, token_grid
 from .kernels import gather_reference_keys, mrsa_attention, token_selection
-from .patch import COND, STATE_KEY, PersonalizeAttention, apply_to_rows, repeat_tokens
+from .patch import BRANCH_KEY, COND, STATE_KEY, PersonalizeAttention, apply_to_rows, repeat_tokens
 
-BRANCH_KEY = "personalize_branches"        # the BranchLayout of one model call
 BATCH_KEY = "personalize_foundation_batch"   # set by double_batch: images per branch
 OUTER_KEY = "personalize.foundation_batch"
 APPLY_KEY = "personalize.foundation_branch"

@@ -26,7 +26,7 @@ import torch
 
 from ..references.masks import resize_plane, token_grid
 from .kernels import merge_heads, sdpa_attention, split_heads
-from .patch import COND, UNCOND, row_runs
+from .patch import BRANCH_KEY, COND, UNCOND, row_runs
 
 
 # --------------------------------------------------------------------------- kernel
@@ -223,6 +223,9 @@ class MultiImagePromptAttention:
     def attn2(self, q, k, v, extra_options, *, inner, layout, key, subset_ok=False):
         heads = extra_options["n_heads"]
         out = inner(q, k, v, extra_options)
+        branches = extra_options.get(BRANCH_KEY)
+        if branches is not None and branches.mode == "record":
+            return out                   # FreeCure's foundation branch: the identity (image prompts) is off
         if layout is not None:
             labels, n_target = layout.labels, layout.n_target
         else:
@@ -241,7 +244,10 @@ class MultiImagePromptAttention:
         if not subset_ok:
             out = out.clone()      # a wrapped technique or another pack's replace may keep its result
         for label in (COND, UNCOND):
-            rows = [i for j, lab in enumerate(labels) if lab == label for i in range(j * chunk, (j + 1) * chunk)]
+            if branches is not None:     # only the personalised rows of FreeCure's two branches
+                rows = branches.personal_rows(label)
+            else:
+                rows = [i for j, lab in enumerate(labels) if lab == label for i in range(j * chunk, (j + 1) * chunk)]
             if not rows:
                 continue
             ip_k, ip_v = self.device_kv(key, label, q.device, q.dtype)

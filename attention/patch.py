@@ -35,6 +35,7 @@ from .kernels import sdpa_attention
 
 STATE_KEY = "personalize"
 ROWS_KEY = "personalize_rows"
+BRANCH_KEY = "personalize_branches"        # FreeCure's personalised/foundation layout of one model call
 WRAPPER_KEY = "personalize.reference_pass"
 COND, UNCOND = 0, 1
 

@@ -299,3 +299,21 @@ def test_image_prompt_framing_and_checks():
         kw.update(bad)
         with pytest.raises(ValueError, match=msg):
             make_image_prompt(**kw)
+
+
+def test_freecure_foundation_rows_get_no_image_prompts():
+    """On a model that also runs FreeCure's foundation branch, the image prompts (an identity) act on
+    the personalised rows only, and not at all in the foundation branch's own call."""
+    from personalize_pack.attention.fasa import BRANCH_KEY, BranchLayout
+    tech, prompts, layers, wk = make_technique()
+    q, k, v = qkv(4)
+    plain = sdpa_attention(q, k, v, HEADS)
+    state = PersonalizeState().with_technique(tech)
+    base = {STATE_KEY: state, "cond_or_uncond": [1, 0], "sigmas": torch.full((4,), 5.0), "block": KEY[:2],
+            "block_index": 0, "n_heads": HEADS, "dim_head": C // HEADS, "original_shape": [4, 4, 2, 3]}
+    joint = PersonalizeAttention("attn2")(q, k, v, dict(base, **{BRANCH_KEY: BranchLayout("joint", [1, 0], 1, 5.0)}))
+    torch.testing.assert_close(joint[[1, 3]], plain[[1, 3]])                 # foundation rows untouched
+    torch.testing.assert_close(joint[0], expected_row(tech, prompts, layers, wk, q[0], k[0], v[0], 1))
+    torch.testing.assert_close(joint[2], expected_row(tech, prompts, layers, wk, q[2], k[2], v[2], 0))
+    rec = PersonalizeAttention("attn2")(q, k, v, dict(base, **{BRANCH_KEY: BranchLayout("record", [1, 0], 2, 5.0)}))
+    torch.testing.assert_close(rec, plain)
