@@ -386,3 +386,38 @@ def test_mip_workflow_runs_headless(tiny_models_dir, sd15, tmp_path, monkeypatch
             arrays.append(np.asarray(im.convert("RGB"), dtype=np.float32))
     assert all(np.isfinite(a).all() and a.std() > 1.0 for a in arrays)
     assert np.abs(arrays[0] - arrays[1]).max() > 1.0          # different prompts and references, different images
+
+
+FREECURE_WORKFLOW = PACK_ROOT / "workflows" / "personalize_freecure_photomaker.json"
+
+
+@needs_comfyui
+def test_freecure_workflow_runs_headless(tiny_models_dir, tmp_path, monkeypatch):
+    """FreeCure's two passes with ComfyUI's PhotoMaker nodes on the tiny SD1.5 checkpoint: a tiny
+    PhotoMaker ID encoder (ComfyUI's own class at a tiny width, tests/tiny_models.py) replaces the
+    ViT-L one, the SD1.x FreeCure blocks replace the SDXL ones, and since a random model draws no
+    face, Face Attribute Mask is told to give an empty mask instead of stopping."""
+    pytest.importorskip("mediapipe", reason="Face Attribute Mask needs mediapipe (tools/run_tests.sh installs it)")
+    from PIL import Image
+    import nodes
+    from tiny_models import build_photomaker, tiny_photomaker_class
+
+    build_photomaker(tiny_models_dir / "photomaker" / "tiny_photomaker.safetensors")
+    pm = sys.modules[nodes.NODE_CLASS_MAPPINGS["PhotoMakerLoader"].__module__]   # as ComfyUI loaded it
+    monkeypatch.setattr(pm, "PhotoMakerIDEncoder", tiny_photomaker_class(pm))
+    out_dir, in_dir = tmp_path / "out", tmp_path / "in"
+    outputs = rw.run_workflow(FREECURE_WORKFLOW, ROOT, output_dir=out_dir, models_dir=tiny_models_dir, input_dir=in_dir,
+                              overrides={"CheckpointLoaderSimple.ckpt_name": TINY_SD15,
+                                         "PhotoMakerLoader.photomaker_model_name": "tiny_photomaker.safetensors",
+                                         "PersonalizeFoundationAwareAttention.layers": "SD1.5 FreeCure (output 6-11)",
+                                         "PersonalizeFaceAttributeMask.if_no_face": "empty mask",
+                                         "EmptyLatentImage.width": 64, "EmptyLatentImage.height": 64,
+                                         "KSampler.steps": 2})
+    assert [p.name for p in in_dir.iterdir()] == ["personalize_astronaut.jpg"]
+    saved = sorted(item["filename"] for out in outputs.values() for item in out.get("images", [])
+                   if item.get("type") == "output")
+    assert [f.rsplit("_", 2)[0] for f in saved] == ["personalize_freecure", "personalize_freecure_foundation"]
+    for name in saved:
+        with Image.open(out_dir / name) as im:
+            assert im.size == (64, 64)
+            assert np.asarray(im.convert("RGB"), dtype=np.float32).std() > 1.0

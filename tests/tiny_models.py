@@ -111,3 +111,36 @@ def build_clip_vision(seed: int = 2, **overrides):
     missing, unexpected = cv.load_sd(sd)
     assert not missing and not unexpected, (missing, unexpected)
     return cv
+
+
+def tiny_photomaker_class(pm=None):
+    """ComfyUI's own PhotoMaker ID encoder (``comfy_extras.nodes_photomaker``: its forward, its fuse
+    module) at a tiny width fitted to SD1.x's 768-wide conditioning: a tiny CLIP vision tower whose two
+    projections give 384 + 384 (the real one: ViT-L, 768 + 1280 for SDXL's 2048)."""
+    import comfy.clip_model
+    import comfy.model_management
+    import comfy.ops
+    if pm is None:                    # the module ComfyUI loaded the PhotoMaker nodes from, or a fresh import
+        from comfy_extras import nodes_photomaker as pm
+
+    class TinyPhotoMakerIDEncoder(pm.PhotoMakerIDEncoder):
+        def __init__(self):
+            self.load_device = comfy.model_management.text_encoder_device()
+            cfg = dict(TINY_CLIP_VISION, projection_dim=384, hidden_act="quick_gelu")
+            comfy.clip_model.CLIPVisionModelProjection.__init__(self, cfg, torch.float32, "cpu", comfy.ops.manual_cast)
+            self.visual_projection_2 = comfy.ops.manual_cast.Linear(cfg["hidden_size"], 384, bias=False)
+            self.fuse_module = pm.FuseModule(768, comfy.ops.manual_cast)
+
+    return TinyPhotoMakerIDEncoder
+
+
+def build_photomaker(path: Path, seed: int = 4) -> Path:
+    """A random tiny PhotoMaker file (the ID encoder's keys, as a safetensors PhotoMaker file holds
+    them) for ``tiny_photomaker_class``."""
+    from safetensors.torch import save_file
+
+    enc = tiny_photomaker_class()()
+    sd = {k: v.float() for k, v in random_state(enc, "", torch.Generator().manual_seed(seed)).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path

@@ -142,6 +142,39 @@ NOTE_MIP = "\n\n".join([
     "that object goes. Credits and licenses: workflows/inputs/CREDITS.md.",
 ])
 
+# FreeCure's two passes with ComfyUI's own PhotoMaker nodes (FreeCure's PhotoMaker settings: SDXL, DDIM 50
+# steps, CFG 5, mask weight 1.5, its SDXL blocks); the attributes are ones MediaPipe can mask offline.
+FREECURE = dict(
+    stem="personalize_freecure_photomaker",
+    checkpoint="sd_xl_base_1.0.safetensors",
+    photomaker="photomaker-v1.bin",
+    id_image="personalize_astronaut.jpg",
+    prompt="a photo of a woman photomaker with bright green eyes and red lipstick, portrait",
+    foundation="a photo of a woman with bright green eyes and red lipstick, portrait",
+    negative="nsfw, lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
+             "cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, blurry",
+    seed=20, steps=50, cfg=5.0, sampler="ddim", scheduler="ddim_uniform", size=1024, weight=1.5,
+)
+
+NOTE_FREECURE = "\n\n".join([
+    "FreeCure with PhotoMaker: the prompt's facial attributes back (Personalize)",
+    "PhotoMaker keeps the identity of the reference photo but tends to ignore attributes such as eye colour or "
+    "lipstick in the prompt. FreeCure fixes that without training, in two passes with the same seed:",
+    "Pass 1 (top): the plain model with the foundation prompt (the same text without the trigger word "
+    "'photomaker', so no identity) gives the foundation image; Face Attribute Mask (MediaPipe, offline) masks the "
+    "attributes the prompt names (here eyes and lips).",
+    "Pass 2 (bottom): Foundation-Aware Attention patches the model: the sampler runs the foundation branch beside "
+    "the PhotoMaker image from the same noise, and in the late decoder self-attention the PhotoMaker image attends "
+    "to the foundation image inside the masks (weight 1.5). Same seed, sampler and steps as pass 1, so the "
+    "foundation branch retraces the foundation image and the masks line up; keep a deterministic sampler.",
+    "Models: an SDXL checkpoint (sd_xl_base_1.0.safetensors) in ComfyUI/models/checkpoints/; PhotoMaker "
+    "photomaker-v1.bin (huggingface.co/TencentARC/PhotoMaker) in ComfyUI/models/photomaker/. Face Attribute Mask "
+    "needs the mediapipe package (see the pack's README); hair, hat and glasses need the BiSeNet provider "
+    "(Face Parsing Loader).",
+    "Inputs: the identity photo (NASA astronaut portrait, public domain, from scikit-image) ships in this pack's "
+    "workflows/inputs/ folder; copy it into ComfyUI/input/ or load your own face photo.",
+])
+
 class Graph:
     """A tiny UI-format graph builder: nodes with sockets from the live schema, links, order."""
 
@@ -365,6 +398,68 @@ def mip_workflow(schemas: dict, classes: dict) -> dict:
     return g.to_json()
 
 
+def freecure_workflow(schemas: dict, classes: dict) -> dict:
+    c = FREECURE
+    g = Graph(schemas, classes)
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), "Load Checkpoint (SDXL)", ckpt_name=c["checkpoint"])
+    g.note(NOTE_FREECURE, (0, 140), (320, 900), title="Read me: FreeCure with PhotoMaker")
+    neg = g.node("CLIPTextEncode", (0, 1080), (320, 180), "Negative prompt", text=c["negative"])
+    g.link(ckpt, 1, neg, "clip")
+    found_text = g.node("PrimitiveStringMultiline", (380, 0), (400, 110), "Foundation prompt (no trigger word)",
+                        value=c["foundation"])
+    found = g.node("CLIPTextEncode", (380, 150), (400, 100), "Foundation prompt (CLIP Text Encode)",
+                   text=c["foundation"])
+    g.link(ckpt, 1, found, "clip")
+    g.link_widget(found_text, 0, found, "text")
+    latent = g.node("EmptyLatentImage", (380, 300), (400, 110), None, width=c["size"], height=c["size"], batch_size=1)
+    # pass 1: the foundation image and its attribute masks
+    k1 = g.node("KSampler", (820, 0), (320, 270), "Pass 1: foundation (KSampler)", seed=c["seed"], steps=c["steps"],
+                cfg=c["cfg"], sampler_name=c["sampler"], scheduler=c["scheduler"], denoise=1.0)
+    g.link(ckpt, 0, k1, "model")
+    g.link(found, 0, k1, "positive")
+    g.link(neg, 0, k1, "negative")
+    g.link(latent, 0, k1, "latent_image")
+    d1 = g.node("VAEDecode", (1180, 0), (210, 50), None)
+    g.link(k1, 0, d1, "samples")
+    g.link(ckpt, 2, d1, "vae")
+    s1 = g.node("SaveImage", (1180, 90), (360, 420), "Foundation image", filename_prefix="personalize_freecure_foundation")
+    g.link(d1, 0, s1, "images")
+    mask = g.node("PersonalizeFaceAttributeMask", (1580, 0), (340, 330), None, attributes="from prompt",
+                  provider="mediapipe", faces="largest", if_no_face="error", grow=0, prompt=c["foundation"])
+    g.link(d1, 0, mask, "image")
+    g.link_widget(found_text, 0, mask, "prompt")
+    preview = g.node("PreviewImage", (1960, 0), (360, 420), "Attribute mask preview")
+    g.link(mask, 1, preview, "images")
+    # pass 2: PhotoMaker with FASA
+    y = 620
+    loader = g.node("PhotoMakerLoader", (380, y), (400, 60), None, photomaker_model_name=c["photomaker"])
+    face = g.node("LoadImage", (380, y + 100), (400, 380), "Identity photo", image=c["id_image"])
+    enc = g.node("PhotoMakerEncode", (820, y), (400, 200), "PhotoMaker Encode (prompt with trigger word)",
+                 text=c["prompt"])
+    g.link(loader, 0, enc, "photomaker")
+    g.link(face, 0, enc, "image")
+    g.link(ckpt, 1, enc, "clip")
+    fasa = g.node("PersonalizeFoundationAwareAttention", (1260, y), (360, 330), None,
+                  foundation_mode="prompt without identity (PhotoMaker)", weight=c["weight"],
+                  layers="SDXL FreeCure (output 1.6-9, 2-5)", custom_blocks="output:6-11", start_percent=0.0,
+                  end_percent=1.0, mask_threshold=0.5)
+    g.link(ckpt, 0, fasa, "model")
+    g.link(mask, 0, fasa, "masks")
+    g.link(found, 0, fasa, "foundation")
+    k2 = g.node("KSampler", (1660, y), (320, 270), "Pass 2: PhotoMaker + FASA (same seed)", seed=c["seed"],
+                steps=c["steps"], cfg=c["cfg"], sampler_name=c["sampler"], scheduler=c["scheduler"], denoise=1.0)
+    g.link(fasa, 0, k2, "model")
+    g.link(enc, 0, k2, "positive")
+    g.link(neg, 0, k2, "negative")
+    g.link(latent, 0, k2, "latent_image")
+    d2 = g.node("VAEDecode", (2020, y), (210, 50), None)
+    g.link(k2, 0, d2, "samples")
+    g.link(ckpt, 2, d2, "vae")
+    s2 = g.node("SaveImage", (2020, y + 90), (420, 520), None, filename_prefix="personalize_freecure")
+    g.link(d2, 0, s2, "images")
+    return g.to_json()
+
+
 def prepare_inputs(data_dir: Path) -> None:
     from PIL import Image
     INPUTS.mkdir(parents=True, exist_ok=True)
@@ -378,6 +473,11 @@ def prepare_inputs(data_dir: Path) -> None:
         im = Image.open(data_dir / src).convert("RGB")
         scale = 512 / max(im.size)
         im.resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS).save(INPUTS / dst, quality=92)
+    try:                                  # NASA's public-domain astronaut portrait, shipped in scikit-image
+        import skimage.data
+        Image.fromarray(skimage.data.astronaut()).save(INPUTS / FREECURE["id_image"], quality=92)
+    except ImportError:
+        print("scikit-image is not installed: the FreeCure example's identity photo was not written")
     (INPUTS / "licenses").mkdir(exist_ok=True)
     for rel in LICENSE_FILES:
         shutil.copyfile(data_dir / rel, INPUTS / "licenses" / Path(rel).name)
@@ -499,6 +599,24 @@ def thumbnail_mip(path: Path) -> None:
     card.save(path, quality=90)
 
 
+def thumbnail_freecure(path: Path) -> None:
+    """An honest illustrative card (no generated image): the identity photo, the two passes and the prompt."""
+    from PIL import Image
+
+    card, d, font = _card("FreeCure + PhotoMaker")
+    im = Image.open(INPUTS / FREECURE["id_image"]).convert("RGB").resize((104, 104), Image.LANCZOS)
+    card.paste(im, (12, 54))
+    d.rectangle((11, 53, 116, 158), outline=(255, 150, 60))
+    _reference_tile(d, font, 0, (255, 150, 60), "identity photo")
+    d.text((14, 176), "masks are made on", fill=(170, 175, 185), font=font(11))
+    d.text((14, 190), "the foundation image", fill=(170, 175, 185), font=font(11))
+    _node_chain(d, font, [("Pass 1: foundation", "same seed, no identity"),
+                          ("Face Attribute Mask", "eyes, lips (MediaPipe)"),
+                          ("Pass 2: Foundation-Aware Attn", "PhotoMaker + FASA, weight 1.5")],
+                ['"... with bright green eyes', ' and red lipstick"'])
+    card.save(path, quality=90)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", help="ComfyUI install (default: $COMFYUI_PATH)")
@@ -517,16 +635,17 @@ def main() -> int:
              "PersonalizeMultiReferenceAttention", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage",
              "PersonalizeSAMModelLoader", "PersonalizeSAMMask", "PersonalizeDisentangleMixingAttention",
              "PersonalizeMIPAdapterLoader", "PersonalizeMIPAdapterReference", "PersonalizeMIPAdapterApply",
-             "CLIPVisionLoader", "PrimitiveStringMultiline"]
+             "CLIPVisionLoader", "PrimitiveStringMultiline", "PersonalizeFoundationAwareAttention",
+             "PersonalizeFaceAttributeMask", "PhotoMakerLoader", "PhotoMakerEncode", "PreviewImage"]
     schemas = rw.live_schemas(types)
     ks = schemas["KSampler"]["required"]   # fall back to euler/normal where DDIM is missing
-    for c in (FREECUSTOM, FREEMIX, MIP):
+    for c in (FREECUSTOM, FREEMIX, MIP, FREECURE):
         if c["sampler"] not in ks["sampler_name"][0]:
             c["sampler"] = "euler"
         if c["scheduler"] not in ks["scheduler"][0]:
             c["scheduler"] = "normal"
     for c, build, card in ((FREECUSTOM, freecustom_workflow, thumbnail), (FREEMIX, freemix_workflow, thumbnail_freemix),
-                           (MIP, mip_workflow, thumbnail_mip)):
+                           (MIP, mip_workflow, thumbnail_mip), (FREECURE, freecure_workflow, thumbnail_freecure)):
         out = WORKFLOWS / f"{c['stem']}.json"
         out.write_text(json.dumps(build(schemas, classes), indent=2) + "\n", encoding="utf-8")
         card(WORKFLOWS / f"{c['stem']}.jpg")
