@@ -196,7 +196,8 @@ def test_node_registration():
     ids = [n.define_schema().node_id for n in asyncio.run(ext.get_node_list())]
     assert ids == ["PersonalizeReferenceEncode", "PersonalizeMultiReferenceAttention",
                    "PersonalizeDisentangleMixingAttention", "PersonalizeFoundationAwareAttention",
-                   "PersonalizeSAMModelLoader", "PersonalizeSAMMask",
+                   "PersonalizeSAMModelLoader", "PersonalizeSAMMask", "PersonalizeFaceParsingLoader",
+                   "PersonalizeFaceAttributeMask",
                    "PersonalizeMIPAdapterLoader", "PersonalizeMIPAdapterReference", "PersonalizeMIPAdapterApply"]
     for n in asyncio.run(ext.get_node_list()):
         schema = n.define_schema()

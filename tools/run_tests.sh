@@ -26,6 +26,12 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # (re)install torch when it is missing, or when torchvision does not import beside it
 "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null || "${PIP[@]}" "${TORCH[@]}"
 "${PIP[@]}" -r requirements.txt pytest
+# The face attribute masks: mediapipe 0.10.21 is the last release whose wheel ships its models. Its
+# metadata pins numpy<2 and pulls jax, so it goes in last and without its dependencies, after what
+# `mp.solutions` needs at run time (protobuf 4.x: 5.x and 7.x break its graph set-up). scikit-image
+# brings the public-domain astronaut photo that the mediapipe tests use.
+"${PIP[@]}" absl-py attrs flatbuffers "protobuf>=4.25.3,<5" matplotlib opencv-python-headless scikit-image
+"${PIP[@]}" --no-deps mediapipe==0.10.21
 if [ -n "${COMFYUI_PATH:-}" ]; then
     # ComfyUI also imports torchaudio at start-up; 2.11.0 (the newest) works beside torch 2.14.1 but
     # pins an older torch, hence --no-deps.

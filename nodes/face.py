@@ -1,0 +1,168 @@
+"""Face nodes for FreeCure: the BiSeNet face-parsing loader and the face attribute mask. Schema, input
+checks and wiring only (the work is in ``references/face_masks.py``)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..references import face_masks as fm
+
+# No ComfyUI folder holds BiSeNet face parsers; register models/face_parsing (extra_model_paths.yaml
+# entries for face_parsing work). Another pack may have registered the name already: keep its entry.
+if "face_parsing" not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths["face_parsing"] = ([os.path.join(folder_paths.models_dir, "face_parsing")],
+                                                           folder_paths.supported_pt_extensions)
+
+FaceParserType = io.Custom("PERSONALIZE_FACE_PARSER")
+DEVICES = ("auto", "cpu")
+log = logging.getLogger(__name__)
+
+
+def _folders() -> str:
+    return ", ".join(folder_paths.get_folder_paths("face_parsing")) or os.path.join(folder_paths.models_dir,
+                                                                                    "face_parsing")
+
+
+def missing_file_message(model_name: str) -> str:
+    what = f"{model_name!r} is not" if model_name else "no file is"
+    return f"{what} in the face_parsing folder ({_folders()}); " + fm.download_hint(_folders())
+
+
+class FaceParsingLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        files = folder_paths.get_filename_list("face_parsing")
+        default = fm.OFFICIAL_FILE if fm.OFFICIAL_FILE in files else (files[0] if files else fm.OFFICIAL_FILE)
+        return io.Schema(
+            node_id="PersonalizeFaceParsingLoader",
+            display_name="Face Parsing Loader (BiSeNet)",
+            category="personalize/masks",
+            description=(
+                "Loads the BiSeNet face parser that FreeCure uses (face-parsing.PyTorch, 19 CelebAMask-HQ classes: "
+                "skin, brows, eyes, glasses, ears, earrings, nose, mouth, lips, neck, necklace, clothes, hair, hat) "
+                "from ComfyUI/models/face_parsing, for the bisenet provider of Face Attribute Mask. The file is "
+                f"{fm.OFFICIAL_FILE} ({fm.OFFICIAL_URL}); it is read as tensors only."),
+            inputs=[
+                io.Combo.Input("model_name", options=files, default=default,
+                               tooltip=f"A BiSeNet face-parsing file in ComfyUI/models/face_parsing: the official "
+                                       f"{fm.OFFICIAL_FILE} (53 MB, from the README of {fm.REPO_URL}), or a "
+                                       f".safetensors copy with the same keys."),
+                io.Combo.Input("device", options=list(DEVICES), default="auto",
+                               tooltip="auto: ComfyUI's device (the GPU when there is one), loaded and unloaded by "
+                                       "ComfyUI's model management; cpu: always parse on the CPU (about 0.2 s "
+                                       "per image)."),
+            ],
+            outputs=[FaceParserType.Output(display_name="face_parser")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model_name):
+        # replaces ComfyUI's "value not in list", so the message says what to download and where
+        if not model_name or folder_paths.get_full_path("face_parsing", model_name) is None:
+            return missing_file_message(model_name)
+        return True
+
+    @classmethod
+    def execute(cls, model_name, device="auto") -> io.NodeOutput:
+        path = folder_paths.get_full_path("face_parsing", model_name) if model_name else None
+        if path is None:
+            raise FileNotFoundError("model_name: " + missing_file_message(model_name))
+        parser = fm.load_face_parser(path)
+        parser.extras["device"] = device
+        return io.NodeOutput(parser)
+
+
+def _patcher(parser: fm.FaceParser):
+    """ComfyUI's model patcher for the parser (made once per loaded model), so ComfyUI's model
+    management moves it to the device and unloads it like any other model."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import torch
+    if "patcher" not in parser.extras:
+        load = mm.get_torch_device() if parser.extras.get("device", "auto") == "auto" else torch.device("cpu")
+        parser.extras["patcher"] = comfy.model_patcher.CoreModelPatcher(parser.net, load_device=load,
+                                                                        offload_device=mm.unet_offload_device())
+    return parser.extras["patcher"]
+
+
+class FaceAttributeMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PersonalizeFaceAttributeMask",
+            display_name="Face Attribute Mask",
+            category="personalize/masks",
+            description=(
+                "A MASK of facial attributes (hair, eyes, glasses, lips, ...) on a face image, for FreeCure: run it "
+                "on the foundation image (the same seed generated without the identity model) with the attributes "
+                "your prompt asks for. Provider mediapipe (no model file; needs the mediapipe package) draws "
+                "the face, skin, eyes, irises, brows, nose, mouth and lips from face landmarks; provider bisenet "
+                "(Face Parsing Loader) also does hair, hat, glasses, ears, earrings, neck, necklace and clothes. "
+                "An image batch gives one mask per image."),
+            inputs=[
+                io.Image.Input("image", tooltip="The face image (FreeCure: the foundation image). A batch gives one "
+                                                "mask per image."),
+                io.String.Input("attributes", default="eyes",
+                                tooltip="Attributes to mask, separated by commas, e.g. 'hair, eyes' (the union is "
+                                        "masked). mediapipe: " + ", ".join(fm.MEDIAPIPE_ATTRIBUTES) + ". bisenet: "
+                                        + ", ".join(fm.BISENET_ATTRIBUTES) + ". 'from prompt' takes the attributes "
+                                        "that the prompt input names (hair, eyes, glasses, eyebrows, lips, ...). "
+                                        "Left/right are the person's own."),
+                io.Combo.Input("provider", options=list(fm.PROVIDERS), default="mediapipe",
+                               tooltip="mediapipe: MediaPipe Face Mesh landmarks (no model file; pip install "
+                                       f"--no-deps mediapipe=={fm.MEDIAPIPE_VERSION}, see the README); face features "
+                                       "only. bisenet: the BiSeNet face parser FreeCure uses (connect Face Parsing "
+                                       "Loader); also hair, hat, glasses, ears, neck and clothes."),
+                io.Combo.Input("faces", options=list(fm.FACES), default="largest",
+                               tooltip="largest: only the largest face's attributes (mediapipe); all: every face "
+                                       "found. bisenet parses the whole image, so it always masks every face."),
+                io.Combo.Input("if_no_face", options=list(fm.IF_NO_FACE), default="error",
+                               tooltip="error: stop with an error naming the image without a face; empty mask: that "
+                                       "image's mask is empty (a warning is logged)."),
+                io.Int.Input("grow", default=0, min=-256, max=256, step=1,
+                             tooltip="Grow the mask by this many pixels in every direction (negative: shrink it)."),
+                FaceParserType.Input("face_parser", optional=True,
+                                     tooltip="From Face Parsing Loader (BiSeNet); needed by the bisenet provider."),
+                io.String.Input("prompt", default="", multiline=True, optional=True,
+                                tooltip="The generation prompt, used when attributes says 'from prompt': its "
+                                        "attribute words (hair, eyes, glasses, eyebrows, lips, mouth, nose, ears, "
+                                        "earrings, hat, neck, necklace, clothes, skin) are masked."),
+            ],
+            outputs=[io.Mask.Output(display_name="mask"),
+                     io.Image.Output(display_name="preview", tooltip="The image with the mask tinted red.")],
+        )
+
+    @classmethod
+    def execute(cls, image, attributes="eyes", provider="mediapipe", faces="largest", if_no_face="error", grow=0,
+                face_parser=None, prompt="") -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.utils
+
+        B, _, _ = fm.check_image(image)
+        if provider not in fm.PROVIDERS:
+            raise ValueError(f"provider: unknown {provider!r}; use one of {', '.join(fm.PROVIDERS)}")
+        names = fm.parse_attributes(attributes, prompt or "")
+        fm.check_supported(names, provider)
+        if provider == "bisenet":
+            if face_parser is None:
+                raise ValueError("face_parser: the bisenet provider needs a face parser: connect Face Parsing Loader "
+                                 f"(BiSeNet) with {fm.OFFICIAL_FILE}, or use the mediapipe provider (no model file)")
+            if not all(hasattr(face_parser, a) for a in ("net", "extras")):   # duck-typed: the pack may load twice
+                raise ValueError("face_parser: expected a model from Face Parsing Loader (BiSeNet)")
+            patcher = _patcher(face_parser)
+            mm.load_models_gpu([patcher], memory_required=fm.memory_estimate(), force_full_load=True)
+        elif face_parser is not None:
+            log.info("Personalize Face Attribute Mask: provider mediapipe ignores the connected face_parser")
+        pbar = comfy.utils.ProgressBar(B)
+        masks = fm.face_attribute_masks(image, names, provider, face_parser if provider == "bisenet" else None,
+                                        faces, if_no_face, grow,
+                                        check_interrupt=mm.throw_exception_if_processing_interrupted,
+                                        progress=lambda n: pbar.update_absolute(n, B))
+        masks = masks.to(mm.intermediate_device())
+        return io.NodeOutput(masks, fm.overlay(image.to(masks.device), masks))
+
+
+NODES = [FaceParsingLoader, FaceAttributeMask]
