@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint_dicts import flat_state_dict
+
 log = logging.getLogger(__name__)
 
 PROVIDERS = ("mediapipe", "bisenet")
@@ -844,18 +846,10 @@ def read_state_dict(path: str | os.PathLike) -> dict:
 def unwrap_state_dict(obj, name: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The flat ``{key: tensor}``: a plain state dict, one nested under ``state_dict`` / ``model``, and
     a ``module.`` prefix (DataParallel) are accepted."""
-    for _ in range(2):
-        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-            for key in ("state_dict", "model", "net", "module"):
-                if isinstance(obj.get(key), dict):
-                    obj = obj[key]
-                    break
-    if not isinstance(obj, dict) or not obj:
+    sd = flat_state_dict(obj, ("state_dict", "model", "net", "module"))
+    if sd is None:
         raise FaceParsingFileError(f"{name} is not a state dict of tensors (got {type(obj).__name__}); use the "
                                    f"official {OFFICIAL_FILE} ({OFFICIAL_URL})")
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
 
 

@@ -32,6 +32,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .checkpoint_dicts import flat_state_dict
+
 # ---------------------------------------------------------------------------------------------
 # The official checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -151,18 +153,10 @@ def read_state_dict(path: str | os.PathLike) -> dict:
 def unwrap_state_dict(obj, name: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The flat ``{key: tensor}`` of a SAM checkpoint: accepts a state dict, one nested under
     ``model`` / ``state_dict``, and a ``module.`` prefix (DataParallel)."""
-    for _ in range(2):
-        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-            for key in ("model", "state_dict", "module"):
-                if isinstance(obj.get(key), dict):
-                    obj = obj[key]
-                    break
-    if not isinstance(obj, dict) or not obj:
+    sd = flat_state_dict(obj, ("model", "state_dict", "module"))
+    if sd is None:
         raise SamFileError(f"{name} is not a state dict of tensors (got {type(obj).__name__}); use an official "
                            f"SAM checkpoint ({', '.join(OFFICIAL_FILES)})")
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
 
 
