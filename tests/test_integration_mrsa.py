@@ -198,7 +198,8 @@ def test_node_registration():
                    "PersonalizeDisentangleMixingAttention", "PersonalizeFoundationAwareAttention",
                    "PersonalizeSAMModelLoader", "PersonalizeSAMMask", "PersonalizeFaceParsingLoader",
                    "PersonalizeFaceAttributeMask",
-                   "PersonalizeMIPAdapterLoader", "PersonalizeMIPAdapterReference", "PersonalizeMIPAdapterApply"]
+                   "PersonalizeMIPAdapterLoader", "PersonalizeMIPAdapterReference", "PersonalizeMIPAdapterApply",
+                   "PersonalizeSubject", "PersonalizeSubjectComposer", "PersonalizeMeanShiftedNoise"]
     for n in asyncio.run(ext.get_node_list()):
         schema = n.define_schema()
         assert schema.category.startswith("personalize/") and schema.description
