@@ -1,0 +1,109 @@
+"""MuDI's Detect-and-Compare (D&C) score, everything after detection and embedding
+(docs/metrics.md §3.2, docs/algorithms.md §5.5). Pure torch.
+
+Given the embeddings of the detected boxes and of every subject's reference images:
+
+* ``A[b, i] = mean_k cos(e(box_b), e(ref_{i,k}))``: boxes against subjects;
+* ``G[i, j] = mean_{k,l} cos(e(ref_{i,k}), e(ref_{j,l}))``: the references alone (self-pairs included);
+* a detection count other than the subject count scores 0;
+* otherwise the boxes are matched greedily, subject by subject in order, each taking the unused box
+  most similar to it, and ``D&C = 1 - ||P - G||_2`` with ``P`` the matched rows and the *spectral*
+  norm (largest singular value), as MuDI's demo computes it (numpy ``ord=2``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``cos(a_i, b_j)`` for ``a`` ``[n, d]`` and ``b`` ``[m, d]`` (float64)."""
+    a = F.normalize(a.double(), dim=-1)
+    b = F.normalize(b.double(), dim=-1)
+    return a @ b.T
+
+
+def ground_truth_matrix(references: list) -> torch.Tensor:
+    """``G[i, j]``: the mean cosine between subject i's and subject j's reference embeddings
+    (``references[i]`` ``[K_i, d]``), self-pairs included on the diagonal."""
+    n = len(references)
+    g = torch.empty(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            g[i, j] = cosine_matrix(references[i], references[j]).mean()
+    return g
+
+
+def box_subject_matrix(boxes: torch.Tensor, references: list) -> torch.Tensor:
+    """``A[b, i]``: the mean cosine between box b's embedding (``boxes`` ``[B, d]``) and subject i's
+    references."""
+    return torch.stack([cosine_matrix(boxes, r).mean(dim=1) for r in references], dim=1)
+
+
+def greedy_match(a: torch.Tensor) -> list[int]:
+    """For subjects i = 0..N-1 in order, the unused box with the largest ``A[., i]``."""
+    used: list[int] = []
+    for i in range(a.shape[1]):
+        col = a[:, i].clone()
+        if used:
+            col[used] = -float("inf")
+        used.append(int(torch.argmax(col)))
+    return used
+
+
+@dataclass
+class DetectCompareResult:
+    score: float
+    boxes_vs_subjects: torch.Tensor      # A [B, N]
+    ground_truth: torch.Tensor           # G [N, N]
+    matched: list                        # box index per subject ([] when the count gate failed)
+    reason: str = ""
+
+
+def detect_and_compare(box_embeddings: torch.Tensor, reference_embeddings: list) -> DetectCompareResult:
+    """The D&C score of one image from its box embeddings ``[B, d]`` (B may be 0) and the subjects'
+    reference embeddings (``[K_i, d]`` each)."""
+    if not reference_embeddings:
+        raise ValueError("references: no subjects given")
+    d = reference_embeddings[0].shape[-1]
+    for i, r in enumerate(reference_embeddings):
+        if r.dim() != 2 or r.shape[0] == 0 or r.shape[1] != d:
+            raise ValueError(f"references: subject {i + 1} needs a [K, {d}] embedding matrix with K >= 1, got "
+                             f"{tuple(r.shape)}")
+    g = ground_truth_matrix(reference_embeddings)
+    n = len(reference_embeddings)
+    boxes = box_embeddings.reshape(-1, d) if box_embeddings.numel() else torch.zeros(0, d)
+    a = box_subject_matrix(boxes, reference_embeddings) if boxes.shape[0] else torch.zeros(0, n, dtype=torch.float64)
+    if boxes.shape[0] != n:
+        return DetectCompareResult(0.0, a, g, [], f"{boxes.shape[0]} boxes detected for {n} subjects")
+    match = greedy_match(a)
+    p = a[match]
+    score = 1.0 - float(torch.linalg.matrix_norm(p - g, ord=2))
+    return DetectCompareResult(score, a, g, match)
+
+
+def pad_to_square(image: torch.Tensor, fill: float = 1.0) -> torch.Tensor:
+    """A crop ``[H, W, C]`` centred on a square canvas of side max(H, W) filled with ``fill`` (white),
+    as D&C prepares each detected box for the embedder."""
+    h, w, c = image.shape
+    s = max(h, w)
+    out = torch.full((s, s, c), fill, dtype=image.dtype)
+    top, left = (s - h) // 2, (s - w) // 2
+    out[top:top + h, left:left + w] = image
+    return out
+
+
+def crop_boxes(image: torch.Tensor, boxes) -> list:
+    """The white-padded square crops ``[S, S, C]`` of ``boxes`` (x0, y0, x1, y1 in pixels, clipped to
+    the image) from ``image`` ``[H, W, C]``."""
+    h, w, _ = image.shape
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        x0, y0 = max(0, int(round(float(x0)))), max(0, int(round(float(y0))))
+        x1, y1 = min(w, int(round(float(x1)))), min(h, int(round(float(y1))))
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"boxes: ({x0}, {y0}, {x1}, {y1}) is empty inside the {w}x{h} image")
+        out.append(pad_to_square(image[y0:y1, x0:x1]))
+    return out

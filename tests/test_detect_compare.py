@@ -1,0 +1,84 @@
+"""Detect-and-Compare arithmetic (metrics/detect_compare.py) against the documented figures of
+docs/algorithms.md §5.10(a) and an independent numpy computation."""
+import numpy as np
+import pytest
+import torch
+
+from personalize_pack.metrics.detect_compare import (crop_boxes, detect_and_compare, greedy_match,
+                                                     ground_truth_matrix, pad_to_square)
+
+C1 = torch.tensor([[1, 0, 0, 0], [0.9, 0.1, 0, 0], [0.8, 0.2, 0.1, 0]], dtype=torch.float64)
+C2 = torch.tensor([[0, 1, 0, 0], [0, 0.9, 0.3, 0], [0.1, 0.8, 0, 0.2]], dtype=torch.float64)
+
+
+def numpy_dc(boxes, refs):
+    """The demo's computation written plainly: cosines, means, count gate, greedy rows, ord=2 norm."""
+    cos = lambda a, b: float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    n = len(refs)
+    G = np.array([[np.mean([cos(a, b) for a in refs[i] for b in refs[j]]) for j in range(n)] for i in range(n)])
+    if len(boxes) != n:
+        return 0.0
+    A = np.array([[np.mean([cos(bx, r) for r in refs[i]]) for i in range(n)] for bx in boxes])
+    rows, used = [], set()
+    for i in range(n):
+        order = np.argsort(-A[:, i])
+        b = next(int(j) for j in order if int(j) not in used)
+        used.add(b)
+        rows.append(A[b])
+    return 1.0 - np.linalg.norm(np.array(rows) - G, ord=2)
+
+
+def test_documented_figures():
+    g = ground_truth_matrix([C1, C2])
+    np.testing.assert_allclose(g.numpy(), [[0.9868346, 0.1574078], [0.1574078, 0.9612077]], atol=1e-7)
+    good = torch.tensor([[0.05, 1, 0.05, 0], [1, 0.1, 0, 0]], dtype=torch.float64)   # given in swapped order
+    r = detect_and_compare(good, [C1, C2])
+    assert r.score == pytest.approx(0.9746748, abs=1e-7) and r.matched == [1, 0]
+    mixed = torch.tensor([[1, 1, 0, 0], [1, 0.9, 0, 0]], dtype=torch.float64)
+    assert detect_and_compare(mixed, [C1, C2]).score == pytest.approx(0.2097730, abs=1e-7)
+    one = detect_and_compare(good[:1], [C1, C2])
+    assert one.score == 0.0 and "1 boxes detected for 2 subjects" in one.reason
+    assert detect_and_compare(torch.zeros(0, 4), [C1, C2]).score == 0.0
+    assert detect_and_compare(torch.cat([good, good[:1]]), [C1, C2]).score == 0.0        # three boxes
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_cases_match_numpy(seed):
+    rng = np.random.default_rng(seed)
+    n = 2 + seed % 3
+    refs = [rng.standard_normal((rng.integers(1, 5), 8)) for _ in range(n)]
+    boxes = rng.standard_normal((n, 8))
+    got = detect_and_compare(torch.from_numpy(boxes), [torch.from_numpy(r) for r in refs]).score
+    assert got == pytest.approx(numpy_dc(boxes, refs), abs=1e-10)
+
+
+def test_greedy_is_not_the_optimal_assignment():
+    # subject 0 grabs box 0 although the best total would give it box 1 (MuDI's demo is greedy)
+    a = torch.tensor([[0.9, 0.85], [0.8, 0.1]])
+    assert greedy_match(a) == [0, 1]
+
+
+def test_spectral_not_frobenius():
+    boxes = torch.tensor([[0.05, 1, 0.05, 0], [1, 0.1, 0, 0]], dtype=torch.float64)
+    r = detect_and_compare(boxes, [C1, C2])
+    diff = r.boxes_vs_subjects[r.matched] - r.ground_truth
+    assert r.score == pytest.approx(1 - float(torch.linalg.svdvals(diff)[0]))
+    assert abs(r.score - (1 - float(diff.norm()))) > 1e-6
+
+
+def test_crops_are_white_padded_squares():
+    img = torch.rand(40, 60, 3)
+    crops = crop_boxes(img, [(10, 5, 30, 35), (0, 0, 60, 10), (-5, -5, 70, 50)])
+    assert [tuple(c.shape) for c in crops] == [(30, 30, 3), (60, 60, 3), (60, 60, 3)]
+    torch.testing.assert_close(crops[0][:, 5:25], img[5:35, 10:30])
+    assert torch.all(crops[0][:, :5] == 1.0) and torch.all(crops[1][:25] == 1.0)
+    assert pad_to_square(torch.zeros(3, 3, 3)).shape == (3, 3, 3)
+    with pytest.raises(ValueError, match="empty"):
+        crop_boxes(img, [(10, 10, 10, 20)])
+
+
+def test_bad_references():
+    with pytest.raises(ValueError, match="no subjects"):
+        detect_and_compare(torch.zeros(1, 4), [])
+    with pytest.raises(ValueError, match="subject 2"):
+        detect_and_compare(torch.zeros(2, 4), [C1, torch.zeros(0, 4)])
