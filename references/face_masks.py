@@ -22,10 +22,8 @@ import importlib
 import logging
 import math
 import os
-import pickle
 import re
 import sys
-import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint_dicts import flat_state_dict
+from .checkpoint_dicts import flat_state_dict, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -785,62 +783,11 @@ class BiSeNet(nn.Module):
 
 # --- reading a checkpoint -----------------------------------------------------------------------
 
-def _describe_start(head: bytes) -> str:
-    text = "".join(c if 32 <= ord(c) < 127 else "." for c in head[:40].decode("latin-1"))
-    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
-        return ("it is a web page (HTML), not a model: the download saved a page (Google Drive's 'can't scan "
-                "for viruses' page?) instead of the file")
-    if head.startswith(b"\xff\xd8\xff") or head.startswith(b"\x89PNG"):
-        return "it is an image, not a model"
-    if head.startswith(b"version https://git-lfs"):
-        return "it is a Git LFS pointer, not the model itself"
-    return f"it starts with {text!r}"
-
-
 def read_state_dict(path: str | os.PathLike) -> dict:
-    """The tensors of a ``.pth`` (``torch.load(weights_only=True)``) or ``.safetensors`` file. Every
-    failure is a ``FaceParsingFileError`` that names the file and says whether it is missing, empty,
-    truncated, of another kind, or holds pickled Python objects (never unpickled)."""
-    path = os.fspath(path)
-    name = os.path.basename(path)
-    if not os.path.isfile(path):
-        raise FaceParsingFileError(f"face-parsing model {path} does not exist; " + download_hint())
-    size = os.path.getsize(path)
-    redo = f"Download it again: {download_hint()}."
-    if size == 0:
-        raise FaceParsingFileError(f"{name} is empty (0 bytes), an interrupted download? {redo}")
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
-        try:
-            from safetensors.torch import load_file
-            return load_file(path)
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            raise FaceParsingFileError(f"{name} is a damaged or incomplete safetensors file (a truncated "
-                                       f"download?): {exc}. {redo}") from None
-    is_zip = head.startswith(b"PK\x03\x04")
-    if not (is_zip or head[:1] == b"\x80"):
-        raise FaceParsingFileError(f"{name} is not a PyTorch (.pth) or safetensors model: {_describe_start(head)}. "
-                                   f"{redo}")
-    if is_zip and not zipfile.is_zipfile(path):
-        raise FaceParsingFileError(f"{name} is damaged or incomplete (a truncated download?): its zip archive has "
-                                   f"no end record ({size} bytes). {redo}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as exc:
-        msg = str(exc)
-        if "Unsupported global" in msg or "Unsupported class" in msg or "GLOBAL" in msg:
-            found = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"Unsupported class ([\w.]+)", msg)
-            what = f" (it asks to import {found.group(1)})" if found else ""
-            raise FaceParsingFileError(f"{name} holds pickled Python objects{what}, not just tensors, so it is not a "
-                                       f"plain face-parsing state dict; it is not unpickled for safety. Use the "
-                                       f"official {OFFICIAL_FILE} ({OFFICIAL_URL}).") from None
-        raise FaceParsingFileError(f"{name} is damaged or incomplete (a truncated download?): "
-                                   f"{msg.splitlines()[0][:160]}. {redo}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise FaceParsingFileError(f"{name} is damaged or incomplete (a truncated download?): could not read it "
-                                   f"as a PyTorch file ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}). "
-                                   f"{redo}") from None
+    """The tensors of a ``.pth`` or ``.safetensors`` face-parsing file (``checkpoint_dicts.read_checkpoint``:
+    weights_only, never unpickled objects); every failure is a ``FaceParsingFileError`` naming the file."""
+    return read_checkpoint(path, FaceParsingFileError, f"Download it again: {download_hint()}.",
+                           missing_prefix="face-parsing model ", get=download_hint())
 
 
 def unwrap_state_dict(obj, name: str = "checkpoint") -> dict[str, torch.Tensor]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import re
 import sys
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .checkpoint_dicts import flat_state_dict
+from .checkpoint_dicts import flat_state_dict, read_checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # The official checkpoints
@@ -94,60 +93,11 @@ def import_sam_modeling():
 # Reading a checkpoint
 # ---------------------------------------------------------------------------------------------
 
-def _describe_start(head: bytes) -> str:
-    text = head[:40].decode("latin-1")
-    printable = "".join(c if 32 <= ord(c) < 127 else "." for c in text)
-    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
-        return "it is a web page (HTML), not a model: the download saved an error or login page"
-    if head.startswith(b"\xff\xd8\xff") or head.startswith(b"\x89PNG"):
-        return "it is an image, not a model"
-    if head.startswith(b"version https://git-lfs"):
-        return "it is a Git LFS pointer, not the model itself"
-    return f"it starts with {printable!r}"
-
-
 def read_state_dict(path: str | os.PathLike) -> dict:
-    """The tensors of a ``.pth`` / ``.pt`` (``torch.load(weights_only=True)``, memory-mapped when the
-    file is in PyTorch's zip format) or ``.safetensors`` file. Every failure is a ``SamFileError``
-    that names the file and says whether it is missing, empty, damaged or of another kind."""
-    path = os.fspath(path)
-    name = os.path.basename(path)
-    if not os.path.isfile(path):
-        raise SamFileError(f"SAM checkpoint {path} does not exist; " + download_hint())
-    size = os.path.getsize(path)
-    if size == 0:
-        raise SamFileError(f"{name} is empty (0 bytes), an interrupted download? Download it again; "
-                           + download_hint())
-    with open(path, "rb") as f:
-        head = f.read(64)
-    redo = f"Download it again ({download_hint()})."
-    is_zip = head.startswith(b"PK\x03\x04")
-    is_pickle = head[:1] == b"\x80"
-    is_safetensors = (len(head) >= 9 and head[8:9] == b"{"
-                      and int.from_bytes(head[:8], "little") < size)
-    if is_safetensors:
-        try:
-            from safetensors.torch import load_file
-            sd = load_file(path)
-        except Exception as exc:
-            raise SamFileError(f"{name} is a damaged or incomplete safetensors file (a truncated download?): "
-                               f"{exc}. {redo}") from None
-    elif is_zip or is_pickle:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-        except pickle.UnpicklingError as exc:
-            if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
-                raise SamFileError(f"{name} holds pickled Python objects, not just tensors, so it is not a plain "
-                                   f"SAM state dict; it is not unpickled for safety. Use an official SAM "
-                                   f"checkpoint ({', '.join(OFFICIAL_FILES)}).") from None
-            raise SamFileError(f"{name} is damaged or incomplete (a truncated download?): {exc}. {redo}") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise SamFileError(f"{name} is damaged or incomplete (a truncated download?): could not read it as a "
-                               f"PyTorch file ({str(exc).splitlines()[0]}). {redo}") from None
-    else:
-        raise SamFileError(f"{name} is not a PyTorch (.pth) or safetensors checkpoint: {_describe_start(head)}. "
-                           f"{redo}")
-    return sd
+    """The tensors of a SAM ``.pth`` / ``.pt`` or ``.safetensors`` file (``checkpoint_dicts.read_checkpoint``:
+    weights_only, memory-mapped); every failure is a ``SamFileError`` naming the file."""
+    return read_checkpoint(path, SamFileError, f"Download it again ({download_hint()}).",
+                           missing_prefix="SAM checkpoint ", get=download_hint())
 
 
 def unwrap_state_dict(obj, name: str = "checkpoint") -> dict[str, torch.Tensor]:

@@ -199,7 +199,8 @@ def test_node_registration():
                    "PersonalizeSAMModelLoader", "PersonalizeSAMMask", "PersonalizeFaceParsingLoader",
                    "PersonalizeFaceAttributeMask",
                    "PersonalizeMIPAdapterLoader", "PersonalizeMIPAdapterReference", "PersonalizeMIPAdapterApply",
-                   "PersonalizeSubject", "PersonalizeSubjectComposer", "PersonalizeMeanShiftedNoise"]
+                   "PersonalizeSubject", "PersonalizeSubjectComposer", "PersonalizeMeanShiftedNoise",
+                   "PersonalizeEvalModelLoader", "PersonalizeCLIPScore", "PersonalizeDINOScore"]
     for n in asyncio.run(ext.get_node_list()):
         schema = n.define_schema()
         assert schema.category.startswith("personalize/") and schema.description

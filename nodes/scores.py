@@ -1,0 +1,207 @@
+"""Evaluation nodes: a loader for the CLIP / DINO evaluation models (models/personalize_eval) and the
+CLIP Score (CLIP-T, CLIP-I) and DINO Score nodes of docs/metrics.md §3.1. Schema, input checks and
+wiring only (the work is in ``metrics/``)."""
+from __future__ import annotations
+
+import math
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..metrics import models as evalmodels
+from ..metrics.scores import clip_t, pairwise_mean_cosine
+
+FOLDER = "personalize_eval"
+if FOLDER not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)],
+                                                   folder_paths.supported_pt_extensions)
+
+EvalModelType = io.Custom("PERSONALIZE_EVAL_MODEL")
+KINDS = ("clip", "dino")
+
+
+def _folders() -> str:
+    return ", ".join(folder_paths.get_folder_paths(FOLDER)) or os.path.join(folder_paths.models_dir, FOLDER)
+
+
+def missing_file_message(model_name: str, kind: str = "clip") -> str:
+    what = f"{model_name!r} is not" if model_name else "no model file is"
+    return (f"{what} in the {FOLDER} folder ({_folders()}); {evalmodels.download_hint('dino')}; "
+            f"{evalmodels.download_hint('clip')}")
+
+
+class EvalModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        files = folder_paths.get_filename_list(FOLDER)
+        default = next((f for f in (evalmodels.CLIP_FILE, evalmodels.CLIP_SAFETENSORS_FILE, evalmodels.DINO_FILE)
+                        if f in files), files[0] if files else evalmodels.CLIP_FILE)
+        return io.Schema(
+            node_id="PersonalizeEvalModelLoader",
+            display_name="Evaluation Model Loader (Personalize)",
+            category="personalize/metrics",
+            description=(
+                "Loads an evaluation model from ComfyUI/models/personalize_eval for the CLIP Score and DINO Score "
+                f"nodes: CLIP (open_clip format, e.g. {evalmodels.CLIP_FILE} of OpenAI ViT-B/32; needs "
+                f"open_clip_torch) or DINO ViT-S/16 ({evalmodels.DINO_FILE})."),
+            inputs=[
+                io.Combo.Input("kind", options=list(KINDS), default="clip",
+                               tooltip="clip: an open_clip CLIP model (for CLIP Score); dino: the DINO-v1 ViT "
+                                       "(for DINO Score)."),
+                io.Combo.Input("model_name", options=files, default=default,
+                               tooltip=f"A file in ComfyUI/models/personalize_eval: {evalmodels.CLIP_FILE} from "
+                                       f"{evalmodels.CLIP_REPO} (CLIP), or {evalmodels.DINO_FILE} (DINO)."),
+                io.String.Input("clip_architecture", default=evalmodels.CLIP_ARCH,
+                                tooltip="CLIP only: the open_clip architecture name of the file. OpenAI's weights "
+                                        "need the -quickgelu names (ViT-B-32-quickgelu for the papers' ViT-B/32)."),
+            ],
+            outputs=[EvalModelType.Output(display_name="eval_model")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, kind, model_name, clip_architecture=evalmodels.CLIP_ARCH):
+        if not model_name or folder_paths.get_full_path(FOLDER, model_name) is None:
+            return missing_file_message(model_name, kind)
+        return True
+
+    @classmethod
+    def execute(cls, kind, model_name, clip_architecture=evalmodels.CLIP_ARCH) -> io.NodeOutput:
+        path = folder_paths.get_full_path(FOLDER, model_name) if model_name else None
+        if path is None:
+            raise FileNotFoundError("model_name: " + missing_file_message(model_name, kind))
+        if kind == "clip":
+            return io.NodeOutput(evalmodels.load_clip(path, clip_architecture))
+        if kind == "dino":
+            return io.NodeOutput(evalmodels.load_dino(path))
+        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+
+
+def _device():
+    import comfy.model_management as mm
+    return mm.get_torch_device()
+
+
+def _run_on_device(module, fn):
+    """Moves ``module`` to ComfyUI's device for ``fn`` and back to the CPU afterwards."""
+    import comfy.model_management as mm
+    dev = _device()
+    module.to(dev)
+    try:
+        return fn(dev)
+    finally:
+        module.to("cpu")
+        mm.soft_empty_cache()
+
+
+def _check_images(name, images, required=True):
+    import torch
+    if images is None and not required:
+        return None
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] < 3 or images.shape[0] < 1:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{name}: expected a ComfyUI IMAGE [B,H,W,3], got {shape}")
+    return images
+
+
+def parse_prompts(text: str, n: int) -> list[str]:
+    """One prompt per line (blank lines dropped): a single line is used for every image, otherwise
+    there must be one line per image."""
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError("prompts: give the prompt of the images (one line for all, or one line per image)")
+    if len(lines) == 1:
+        return lines * n
+    if len(lines) != n:
+        raise ValueError(f"prompts: {len(lines)} prompt lines for {n} images; give one line for all images or "
+                         f"one per image")
+    return lines
+
+
+class CLIPScore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PersonalizeCLIPScore",
+            display_name="CLIP Score (Personalize)",
+            category="personalize/metrics",
+            description=(
+                "CLIP-T and CLIP-I as MIP-Adapter and Custom Diffusion compute them. CLIP-T: per image "
+                "2.5 * max(0, cos(image, prompt)), averaged (a raw cosine of 0.30 reads 0.75). CLIP-I: the mean "
+                "cosine over every (image, reference) pair. Use the prompt with the placeholder word replaced by "
+                "the class noun."),
+            inputs=[
+                EvalModelType.Input("eval_model", tooltip="A CLIP model from Evaluation Model Loader (kind clip)."),
+                io.Image.Input("images", tooltip="The generated images (a batch)."),
+                io.String.Input("prompts", multiline=True, default="",
+                                tooltip="The prompt of the images: one line for all of them, or one line per image "
+                                        "in batch order."),
+                io.Image.Input("reference_images", optional=True,
+                               tooltip="Optional reference images of the subject for CLIP-I. Without them clip_i "
+                                       "is NaN and the report says so."),
+            ],
+            outputs=[io.Float.Output(display_name="clip_t"), io.Float.Output(display_name="clip_i"),
+                     io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, eval_model, images, prompts, reference_images=None) -> io.NodeOutput:
+        if not isinstance(eval_model, evalmodels.ClipModel) and not hasattr(eval_model, "tokenizer"):
+            raise ValueError("eval_model: expected a CLIP model from Evaluation Model Loader (kind clip)")
+        images = _check_images("images", images)
+        refs = _check_images("reference_images", reference_images, required=False)
+        texts = parse_prompts(prompts, images.shape[0])
+
+        def work(dev):
+            g = evalmodels.clip_image_embeds(eval_model, images, dev)
+            t = evalmodels.clip_text_embeds(eval_model, texts, dev)
+            r = evalmodels.clip_image_embeds(eval_model, refs, dev) if refs is not None else None
+            return g, t, r
+
+        g, t, r = _run_on_device(eval_model.model, work)
+        per_image = clip_t(g, t)
+        score_t = float(per_image.mean())
+        lines = [f"CLIP-T {score_t:.4f} over {images.shape[0]} image(s) ({eval_model.arch}; 2.5*max(0,cos))"]
+        lines += [f"  image {i + 1}: {float(v):.4f}  {texts[i]}" for i, v in enumerate(per_image)]
+        if r is None:
+            score_i = math.nan
+            lines.append("CLIP-I: NaN (no reference_images connected)")
+        else:
+            score_i = float(pairwise_mean_cosine(g, r))
+            lines.append(f"CLIP-I {score_i:.4f} over {g.shape[0]}x{r.shape[0]} (image, reference) pairs")
+        return io.NodeOutput(score_t, score_i, "\n".join(lines))
+
+
+class DINOScore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PersonalizeDINOScore",
+            display_name="DINO Score (Personalize)",
+            category="personalize/metrics",
+            description=(
+                "DINO subject similarity as MIP-Adapter and Custom Diffusion compute it: the mean cosine of the "
+                "DINO ViT-S/16 CLS embeddings over every (image, reference) pair (shorter side 256, centre crop "
+                "224, ImageNet normalisation)."),
+            inputs=[
+                EvalModelType.Input("eval_model", tooltip="A DINO model from Evaluation Model Loader (kind dino)."),
+                io.Image.Input("images", tooltip="The generated images (a batch)."),
+                io.Image.Input("reference_images", tooltip="Reference images of the subject (a batch)."),
+            ],
+            outputs=[io.Float.Output(display_name="dino"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, eval_model, images, reference_images) -> io.NodeOutput:
+        if not isinstance(eval_model, evalmodels.DinoViT) and not hasattr(eval_model, "patch_embed"):
+            raise ValueError("eval_model: expected a DINO model from Evaluation Model Loader (kind dino)")
+        images = _check_images("images", images)
+        refs = _check_images("reference_images", reference_images)
+        g, r = _run_on_device(eval_model, lambda dev: (evalmodels.dino_embeds(eval_model, images, dev),
+                                                       evalmodels.dino_embeds(eval_model, refs, dev)))
+        score = float(pairwise_mean_cosine(g, r))
+        report = f"DINO {score:.4f} over {g.shape[0]}x{r.shape[0]} (image, reference) pairs"
+        return io.NodeOutput(score, report)
+
+
+NODES = [EvalModelLoader, CLIPScore, DINOScore]
