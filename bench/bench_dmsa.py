@@ -46,10 +46,6 @@ BLEND_TOKENS, PROMPT_TOKENS = [5], 77
 
 # =========================================================================== DMSA speed
 
-def comfyui_path(opts) -> Path:
-    return bm.comfyui_path(opts, "DMSA benchmark")
-
-
 def build_dmsa(model, blocks, hw, opts):
     """The technique exactly as nodes/attention.py's DisentangleMixingAttentionNode builds it
     (node defaults: structure 0..1, appearance opts.appearance_start..1, weight 3.0, threshold 0.2,
@@ -84,16 +80,9 @@ def step_phases(model, tech, steps) -> tuple[list[str], list[float]]:
 def run_dmsa(opts) -> dict:
     import torch  # noqa: PLC0415
 
-    bm.setup_comfy(comfyui_path(opts), opts.attention)
+    model, blocks, hw, build_s, load_s = bm.speed_setup(opts, "DMSA benchmark")
     import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
     import comfy.model_management  # noqa: PLC0415
-    bm.import_pack()
-
-    if opts.size % 8:
-        raise SystemExit("--size must be a multiple of 8")
-    hw = (opts.size // 8, opts.size // 8)
-
-    model, blocks, build_s, load_s = bm.load_sd15_unet(opts.layout)
     dm = model.model.diffusion_model
     patched, tech, (s_keys, a_keys, m_keys) = build_dmsa(model, blocks, hw, opts)
     phases, sigmas = step_phases(model, tech, opts.steps)

@@ -370,8 +370,7 @@ def run_kernel(opts) -> dict:
 
 # =========================================================================== speed part
 
-def comfyui_path(opts) -> Path:
-    return bm.comfyui_path(opts, "FASA benchmark", " (or run --only kernel, which needs torch alone)")
+KERNEL_HINT = " (or run --only kernel, which needs torch alone)"
 
 
 def build_fasa(model, mask, foundation, strip: bool):
@@ -447,16 +446,10 @@ def run_floor(model, batches, hw, ctx, repeats) -> dict:
 def run_speed(opts) -> dict:
     import torch  # noqa: PLC0415
 
-    bm.setup_comfy(comfyui_path(opts), opts.attention)
+    model, blocks, hw, build_s, load_s = bm.speed_setup(opts, "FASA benchmark", KERNEL_HINT)
     import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
-    bm.import_pack()
     from personalize_pack.attention.fasa import fasa_layer_keys  # noqa: PLC0415
 
-    if opts.size % 8:
-        raise SystemExit("--size must be a multiple of 8")
-    hw = (opts.size // 8, opts.size // 8)
-
-    model, blocks, build_s, load_s = bm.load_sd15_unet(opts.layout)
     dm = model.model.diffusion_model
     keys = fasa_layer_keys(PRESET, "", blocks)
     mask = attribute_mask(opts.size, opts.size, opts.mask)

@@ -156,19 +156,13 @@ def install_ip_adapter(model, kv: dict, attention):
 def run_speed(opts) -> dict:
     import torch  # noqa: PLC0415
 
-    bm.setup_comfy(comfyui_path(opts), opts.attention)
+    model, blocks, hw, build_s, load_s = bm.speed_setup(opts, "MIP benchmark", KERNEL_HINT)
     import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
-    bm.import_pack()
     from personalize_pack.attention.layers import SigmaRange  # noqa: PLC0415
     from personalize_pack.attention.mip import MultiImagePromptAttention  # noqa: PLC0415
     from personalize_pack.attention.patch import install_technique  # noqa: PLC0415
     from personalize_pack.nodes.mip import UNetKeyProjection, cross_attention_layers  # noqa: PLC0415
 
-    if opts.size % 8:
-        raise SystemExit("--size must be a multiple of 8")
-    hw = (opts.size // 8, opts.size // 8)
-
-    model, blocks, build_s, load_s = bm.load_sd15_unet(opts.layout)
     dm = model.model.diffusion_model
     attn2 = cross_attention_layers(model)                     # IP-Adapter order
     widths = {k: int(a.to_k.weight.shape[0]) for k, a in attn2.items()}
@@ -269,8 +263,7 @@ def run_speed(opts) -> dict:
     return {"speed": rows}
 
 
-def comfyui_path(opts) -> Path:
-    return bm.comfyui_path(opts, "MIP benchmark", " (or run --only kernel, which needs torch alone)")
+KERNEL_HINT = " (or run --only kernel, which needs torch alone)"
 
 
 # =========================================================================== kernel

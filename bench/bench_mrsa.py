@@ -154,6 +154,18 @@ def load_sd15_unet(layout: str):
     return model, blocks, build_s, load_s
 
 
+def speed_setup(opts, what: str, hint: str = ""):
+    """What every speed benchmark starts with: ComfyUI on the CPU (``opts.comfyui``,
+    ``opts.attention``), the pack imported, the SD1.5-shaped UNet of ``opts.layout`` loaded, the
+    latent size of ``opts.size``. Returns ``(model, blocks, hw, build_s, load_s)``."""
+    setup_comfy(comfyui_path(opts, what, hint), opts.attention)
+    import_pack()
+    if opts.size % 8:
+        raise SystemExit("--size must be a multiple of 8")
+    model, blocks, build_s, load_s = load_sd15_unet(opts.layout)
+    return model, blocks, (opts.size // 8, opts.size // 8), build_s, load_s
+
+
 class BatchProbe:
     """Forward pre-hook on the UNet: the batch size of every UNet call (bench instrumentation)."""
 
