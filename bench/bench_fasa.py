@@ -633,15 +633,10 @@ def main(argv=None) -> int:
             checks["fasa_vs_plain_B1"] = {"value": row["target_value"], "target": TARGET_STEP_RATIO,
                                           "direction": "<=", "met": row["met"], "applies": representative}
     consistent = [row["layouts_consistent"] for row in out.get("ratios", [])]
-    emit({"kind": "summary", "checks": checks,
-          "all_met": (all(c["met"] for c in checks.values() if c["applies"])
-                      if any(c["applies"] for c in checks.values()) else None),
-          "unet_layouts_consistent": all(consistent) if consistent else None,
-          "loadavg": [rnd(x, 2) for x in os.getloadavg()],
-          "note": None if all(c["applies"] for c in checks.values()) else
-          "the target is defined for --layout full --size 256 at B=1; checks with applies=false only show that "
-          "the benchmark works",
-          "wall_s": rnd(time.perf_counter() - t0, 1)})
+    bm.emit_summary(checks, t0, "the target is defined for --layout full --size 256 at B=1; checks with applies=false only "
+                    "show that the benchmark works",
+                    unet_layouts_consistent=all(consistent) if consistent else None,
+                    loadavg=[rnd(x, 2) for x in os.getloadavg()])
     return 0
 
 

@@ -479,15 +479,10 @@ def main(argv=None) -> int:
                 "value": row["target_value"], "target": TARGET_MIP_RATIO, "direction": "<=", "met": row["met"],
                 "applies": representative}
     consistent = [row["batches_consistent"] for row in out.get("speed", []) if row["kind"] == "ratios"]
-    emit({"kind": "summary", "checks": checks,
-          "all_met": (all(c["met"] for c in checks.values() if c["applies"])
-                      if any(c["applies"] for c in checks.values()) else None),
-          "unet_batches_consistent": all(consistent) if consistent else None,
-          "loadavg": [rnd(x, 2) for x in os.getloadavg()],
-          "note": None if all(c["applies"] for c in checks.values()) else
-          "the target is defined for --layout full --size 256; checks with applies=false only show that the "
-          "benchmark works",
-          "wall_s": rnd(time.perf_counter() - t0, 1)})
+    bm.emit_summary(checks, t0, "the target is defined for --layout full --size 256; checks with applies=false only show "
+                    "that the benchmark works",
+                    unet_batches_consistent=all(consistent) if consistent else None,
+                    loadavg=[rnd(x, 2) for x in os.getloadavg()])
     return 0
 
 

@@ -80,6 +80,15 @@ def emit(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
 
 
+def emit_summary(checks: dict, t0: float, note: str, **extra) -> None:
+    """The closing ``summary`` line: every check, whether all that apply are met, ``note`` when some
+    do not apply (a smoke-test size), ``extra`` fields, and the wall time since ``t0``."""
+    applying = [c["met"] for c in checks.values() if c["applies"]]
+    emit({"kind": "summary", "checks": checks, "all_met": all(applying) if applying else None, **extra,
+          "note": None if all(c["applies"] for c in checks.values()) else note,
+          "wall_s": rnd(time.perf_counter() - t0, 1)})
+
+
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
@@ -573,14 +582,9 @@ def main(argv=None) -> int:
     representative = opts.layout == "full" and opts.size == 256
     for name, c in checks.items():
         c.setdefault("applies", representative)
-    emit({"kind": "summary", "checks": checks,
-          "all_met": (all(c["met"] for c in checks.values() if c["applies"])
-                      if any(c["applies"] for c in checks.values()) else None),
-          "speed_targets_apply": representative if "speed" in out else None,
-          "note": None if all(c["applies"] for c in checks.values()) else
-          "targets are defined for --layout full --size 256 (speed) and 4096 tokens, R=3 (memory); "
-          "checks with applies=false only show that the benchmark works",
-          "wall_s": rnd(time.perf_counter() - t0, 1)})
+    emit_summary(checks, t0, "targets are defined for --layout full --size 256 (speed) and 4096 tokens, R=3 "
+                 "(memory); checks with applies=false only show that the benchmark works",
+                 speed_targets_apply=representative if "speed" in out else None)
     return 0
 
 
