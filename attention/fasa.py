@@ -29,7 +29,7 @@ import torch
 
 from ..references.masks import as_mask_batch, layer_mask, token_grid
 from .kernels import gather_reference_keys, mrsa_attention, token_selection
-from .patch import BRANCH_KEY, COND, STATE_KEY, PersonalizeAttention, apply_to_rows, repeat_tokens
+from .patch import BRANCH_KEY, COND, STATE_KEY, PersonalizeAttention, Technique, apply_to_rows, repeat_tokens
 
 BATCH_KEY = "personalize_foundation_batch"   # set by double_batch: images per branch
 OUTER_KEY = "personalize.foundation_batch"
@@ -101,14 +101,15 @@ class BranchLayout:
 
 # --------------------------------------------------------------------------- the technique
 
-class FoundationAwareAttention:
+class FoundationAwareAttention(Technique):
     """FASA on ``layer_keys`` within ``sigma_range``.
 
     ``foundation``: ``[1 or B, T, D]`` text conditioning of the foundation branch, or None (the
     foundation rows keep the personalised conditioning: the identity is switched off by
     ``strip_patches`` alone). ``masks``: ``[1 or B, H, W]`` attribute masks in the generated
     image's space (0..1). ``strip_patches``: the foundation branch runs without other packs'
-    cross-attention patches (where InstantID-style identity adapters live).
+    cross-attention patches (where InstantID-style identity adapters live). It adds no reference
+    rows: the doubled batch goes through ComfyUI's own memory estimate.
     """
 
     name = "FreeCure FASA"
@@ -129,21 +130,9 @@ class FoundationAwareAttention:
         self._selections: dict = {}
 
     # -- technique protocol -------------------------------------------------------------
-    def keys(self, kind: str) -> frozenset:
-        return self.attn1_keys if kind == "attn1" else frozenset()
-
-    def active(self, sigma: float) -> bool:
-        return sigma in self.sigmas
-
     def active_at(self, layout, extra_options) -> bool:
         b = extra_options.get(BRANCH_KEY)
         return b is not None and (b.mode == "record" or self.active(b.sigma))
-
-    def reference_requests(self, labels: set, sigma: float | None = None) -> list:
-        return []
-
-    def max_reference_rows(self) -> int:
-        return 0          # the doubled batch goes through ComfyUI's own memory estimate
 
     # -- masks --------------------------------------------------------------------------
     def image_masks(self, batch: int, hw: tuple) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 
 from ..references.masks import resize_plane, token_grid
 from .kernels import merge_heads, sdpa_attention, split_heads
-from .patch import BRANCH_KEY, COND, UNCOND, row_runs
+from .patch import BRANCH_KEY, COND, UNCOND, Technique, row_runs
 
 
 # --------------------------------------------------------------------------- kernel
@@ -141,7 +141,7 @@ class EncodedPrompt:
     weight: float = 1.0
 
 
-class MultiImagePromptAttention:
+class MultiImagePromptAttention(Technique):
     """The MIP-Adapter patch on every cross-attention layer the adapter has weights for.
 
     ``layers``: ``{key: (to_k_ip [C, ctx], to_v_ip [C, ctx], gate [C] or None)}``.
@@ -174,9 +174,6 @@ class MultiImagePromptAttention:
         self._masks = {}
 
     # -- technique protocol -------------------------------------------------------------
-    def keys(self, kind: str) -> frozenset:
-        return self.attn2_keys if kind == "attn2" else frozenset()
-
     def active(self, sigma: float) -> bool:
         return self.scale != 0.0 and sigma in self.sigmas
 
@@ -187,12 +184,6 @@ class MultiImagePromptAttention:
         if isinstance(sig, torch.Tensor) and sig.numel():
             return self.active(float(sig.reshape(-1)[0]))
         return self.scale != 0.0
-
-    def reference_requests(self, labels: set, sigma: float | None = None) -> list:
-        return []
-
-    def max_reference_rows(self) -> int:
-        return 0
 
     # -- attention ----------------------------------------------------------------------
     def device_kv(self, key, label: int, device, dtype):

@@ -14,7 +14,7 @@ from ..references.masks import layer_mask, token_grid
 
 from .kernels import ReferenceKeys, gather_reference_keys, mrsa_attention, token_selection
 from .layers import SigmaRange
-from .patch import COND, UNCOND, RefRequest, apply_to_rows, row_runs
+from .patch import COND, UNCOND, RefRequest, Technique, apply_to_rows, row_runs
 
 
 def reference_layer_mask(reference, n_tokens: int, latent_hw: tuple) -> torch.Tensor:
@@ -25,7 +25,7 @@ def reference_layer_mask(reference, n_tokens: int, latent_hw: tuple) -> torch.Te
     return layer_mask(reference.fitted(*latent_hw)[1], h, w, reference.soft_mask)
 
 
-class MultiReferenceAttention:
+class MultiReferenceAttention(Technique):
     """One MRSA patch: references, the self-attention keys it patches, a sigma range."""
 
     name = "FreeCustom MRSA"
@@ -47,12 +47,6 @@ class MultiReferenceAttention:
         self._selections: dict = {}
 
     # -- technique protocol -------------------------------------------------------------
-    def keys(self, kind: str) -> frozenset:
-        return self.attn1_keys if kind == "attn1" else frozenset()
-
-    def active(self, sigma: float) -> bool:
-        return sigma in self.sigmas
-
     def active_at(self, layout, extra_options) -> bool:
         return layout is not None and self.active(layout.sigma)
 

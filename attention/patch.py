@@ -55,6 +55,24 @@ class PersonalizeState:
         return sum(t.max_reference_rows() for t in self.techniques)
 
 
+class Technique:
+    """Defaults of the technique protocol (module docstring): the blocks are ``attn1_keys`` /
+    ``attn2_keys`` (empty when absent), the technique acts while the sigma lies in ``self.sigmas``,
+    and it needs no reference rows."""
+
+    def keys(self, kind: str) -> frozenset:
+        return getattr(self, f"{kind}_keys", frozenset())
+
+    def active(self, sigma: float) -> bool:
+        return sigma in self.sigmas
+
+    def reference_requests(self, labels: set, sigma: float | None = None) -> list:
+        return []
+
+    def max_reference_rows(self) -> int:
+        return 0
+
+
 @dataclass(frozen=True)
 class RefRequest:
     """A technique asks for ``reference`` to be run with the ``label`` (COND/UNCOND) conditioning
