@@ -3,18 +3,16 @@ checks and wiring only (the work is in ``references/face_masks.py``)."""
 from __future__ import annotations
 
 import logging
-import os
 
 import folder_paths
 from comfy_api.latest import io
 
 from ..references import face_masks as fm
+from .folders import folder_list, register_folder
 
 # No ComfyUI folder holds BiSeNet face parsers; register models/face_parsing (extra_model_paths.yaml
 # entries for face_parsing work). Another pack may have registered the name already: keep its entry.
-if "face_parsing" not in folder_paths.folder_names_and_paths:
-    folder_paths.folder_names_and_paths["face_parsing"] = ([os.path.join(folder_paths.models_dir, "face_parsing")],
-                                                           folder_paths.supported_pt_extensions)
+register_folder("face_parsing")
 
 FaceParserType = io.Custom("PERSONALIZE_FACE_PARSER")
 DEVICES = ("auto", "cpu")
@@ -22,8 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def _folders() -> str:
-    return ", ".join(folder_paths.get_folder_paths("face_parsing")) or os.path.join(folder_paths.models_dir,
-                                                                                    "face_parsing")
+    return folder_list("face_parsing")
 
 
 def missing_file_message(model_name: str) -> str:

@@ -3,18 +3,16 @@ is in ``references/sam.py``)."""
 from __future__ import annotations
 
 import logging
-import os
 
 import folder_paths
 from comfy_api.latest import io
 
 from ..references import sam as samlib
+from .folders import folder_list, register_folder
 
 # ComfyUI has no "sams" key; other SAM packs (Impact, storyicon) use models/sams. Register it the way
 # cubiq's packs register theirs, so extra_model_paths.yaml entries work.
-if "sams" not in folder_paths.folder_names_and_paths:
-    folder_paths.folder_names_and_paths["sams"] = ([os.path.join(folder_paths.models_dir, "sams")],
-                                                   folder_paths.supported_pt_extensions)
+register_folder("sams")
 
 SamType = io.Custom("PERSONALIZE_SAM")
 DEVICES = ("auto", "cpu")
@@ -22,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def _sams_folders() -> str:
-    return ", ".join(folder_paths.get_folder_paths("sams")) or os.path.join(folder_paths.models_dir, "sams")
+    return folder_list("sams")
 
 
 def missing_file_message(model_name: str) -> str:

@@ -2,7 +2,6 @@
 is in ``attention/ip_adapter.py``, ``attention/mip.py`` and ``references/image_prompt.py``)."""
 from __future__ import annotations
 
-import os
 
 import folder_paths
 import torch
@@ -15,11 +14,10 @@ from ..attention.mip import EncodedPrompt, MultiImagePromptAttention
 from ..attention.patch import install_technique
 from ..references.image_prompt import CROPS, framed, make_image_prompt, mean_colour_image
 from .attention import prompt_token_ids
+from .folders import folder_list, register_folder
 
 # cubiq's IPAdapter pack keeps its files in models/ipadapter; users already have them there.
-if "ipadapter" not in folder_paths.folder_names_and_paths:
-    folder_paths.folder_names_and_paths["ipadapter"] = ([os.path.join(folder_paths.models_dir, "ipadapter")],
-                                                        folder_paths.supported_pt_extensions)
+register_folder("ipadapter")
 
 AdapterType = io.Custom("PERSONALIZE_IP_ADAPTER")
 ImagePrompts = io.Custom("PERSONALIZE_IMAGE_PROMPT")
@@ -27,7 +25,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 
 def _folders() -> str:
-    return ", ".join(folder_paths.get_folder_paths("ipadapter"))
+    return folder_list("ipadapter")
 
 
 def missing_adapter_message(name: str) -> str:

@@ -4,25 +4,23 @@ wiring only (the work is in ``metrics/``)."""
 from __future__ import annotations
 
 import math
-import os
 
 import folder_paths
 from comfy_api.latest import io
 
 from ..metrics import models as evalmodels
 from ..metrics.scores import clip_t, pairwise_mean_cosine
+from .folders import folder_list, register_folder
 
 FOLDER = "personalize_eval"
-if FOLDER not in folder_paths.folder_names_and_paths:
-    folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)],
-                                                   folder_paths.supported_pt_extensions)
+register_folder(FOLDER)
 
 EvalModelType = io.Custom("PERSONALIZE_EVAL_MODEL")
 KINDS = ("clip", "dino")
 
 
 def _folders() -> str:
-    return ", ".join(folder_paths.get_folder_paths(FOLDER)) or os.path.join(folder_paths.models_dir, FOLDER)
+    return folder_list(FOLDER)
 
 
 def missing_file_message(model_name: str, kind: str = "clip") -> str:
