@@ -107,3 +107,29 @@ def crop_boxes(image: torch.Tensor, boxes) -> list:
             raise ValueError(f"boxes: ({x0}, {y0}, {x1}, {y1}) is empty inside the {w}x{h} image")
         out.append(pad_to_square(image[y0:y1, x0:x1]))
     return out
+
+
+@dataclass
+class Detection:
+    """One detector box: ``box`` (x0, y0, x1, y1) in pixels of the scored image, the detector's
+    ``score`` and the index of the text query it answers (``label``)."""
+    box: tuple
+    score: float
+    label: int
+
+
+def score_image(image: torch.Tensor, queries: list, reference_embeddings: list, detector, embedder,
+                threshold: float = 0.4) -> tuple:
+    """D&C of one generated image ``[H, W, 3]`` (0..1): every box ``detector.detect(image, queries,
+    threshold)`` returns (no NMS, duplicates count), cropped and white-padded to a square, embedded with
+    ``embedder.embed(crops)`` (``[B, d]``), then ``detect_and_compare`` against the subjects' reference
+    embeddings (``reference_embeddings[i]`` ``[K_i, d]``, in the order of ``queries``). Returns
+    ``(DetectCompareResult, detections)``."""
+    if len(queries) != len(reference_embeddings):
+        raise ValueError(f"subjects: {len(queries)} names for {len(reference_embeddings)} reference sets")
+    detections = list(detector.detect(image, list(queries), threshold))
+    if detections:
+        boxes = embedder.embed(crop_boxes(image, [d.box for d in detections]))
+    else:
+        boxes = torch.zeros(0, reference_embeddings[0].shape[-1])
+    return detect_and_compare(boxes, reference_embeddings), detections

@@ -31,9 +31,21 @@ class EvalModelError(ValueError):
     """A missing, damaged or wrong evaluation model file (the message names the file)."""
 
 
+DREAMSIM_FOLDER = "dreamsim"
+DREAMSIM_URL = ("https://github.com/ssundaram21/dreamsim/releases/download/v0.2.0-checkpoints/"
+                "dreamsim_ensemble_checkpoint.zip")
+DINO_B16_FILE = "dino_vitbase16_pretrain.pth"
+DINO_B16_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
+
+
 def download_hint(kind: str) -> str:
     if kind == "dino":
         return f"the DINO ViT-S/16 file is {DINO_FILE} ({DINO_URL})"
+    if kind == "dreamsim":
+        return (f"DreamSim's ensemble is the folder {DREAMSIM_FOLDER}/ holding the unzipped {DREAMSIM_URL} "
+                f"(clip_vitb16_pretrain.pth.tar, open_clip_vitb16_pretrain.pth.tar, ensemble_lora/) plus DINO's "
+                f"ViT-B/16 backbone {DINO_B16_FILE} ({DINO_B16_URL}), where a dreamsim run caches it "
+                f"({DREAMSIM_FOLDER}/checkpoints/) or directly in {DREAMSIM_FOLDER}/")
     return (f"the CLIP file is {CLIP_FILE} or {CLIP_SAFETENSORS_FILE} from {CLIP_REPO} (OpenAI ViT-B/32 in "
             f"open_clip's format; architecture {CLIP_ARCH})")
 
@@ -72,23 +84,29 @@ class _Attention(nn.Module):
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's activation, ``x * sigmoid(1.702 x)``."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 class _Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.act = quick_gelu if act == "quick_gelu" else F.gelu
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, act: str = "gelu", eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = _Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = _Mlp(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = _Mlp(dim, int(dim * mlp_ratio), act)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -112,11 +130,17 @@ class DinoConfig:
     patch_size: int = 16
     image_size: int = 224
     mlp_ratio: float = 4.0
+    # DreamSim's CLIP / OpenCLIP backbones in DINO's layout: QuickGELU (OpenAI CLIP), LayerNorm eps
+    # 1e-5 and CLIP's ``ln_pre`` stored as ``pos_drop`` (a LayerNorm instead of the dropout)
+    act: str = "gelu"
+    eps: float = 1e-6
+    pre_norm: bool = False
 
 
 class DinoViT(nn.Module):
     """DINO-v1 ViT (pre-norm blocks, LayerNorm eps 1e-6, qkv bias, exact GELU); ``forward`` returns the
-    CLS token after the final norm (384-d for ViT-S/16). Parameter names match the official file."""
+    CLS token after the final norm (384-d for ViT-S/16). Parameter names match the official file.
+    ``tokens`` gives every token after the last block, before the final norm."""
 
     def __init__(self, config: DinoConfig = DinoConfig()):
         super().__init__()
@@ -125,34 +149,42 @@ class DinoViT(nn.Module):
         self.patch_embed = _PatchEmbed(c.embed_dim, c.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, c.embed_dim))
-        self.blocks = nn.ModuleList(_Block(c.embed_dim, c.heads, c.mlp_ratio) for _ in range(c.depth))
-        self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
+        self.pos_drop = nn.LayerNorm(c.embed_dim, eps=c.eps) if c.pre_norm else nn.Identity()
+        self.blocks = nn.ModuleList(_Block(c.embed_dim, c.heads, c.mlp_ratio, c.act, c.eps) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(c.embed_dim, eps=c.eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.config.image_size,) * 2:
-            raise ValueError(f"DINO expects {self.config.image_size}px inputs, got {tuple(x.shape[-2:])}")
+            raise ValueError(f"the ViT expects {self.config.image_size}px inputs, got {tuple(x.shape[-2:])}")
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.pos_drop(x)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)[:, 0]
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.tokens(x))[:, 0]
 
 
-def dino_config_from_state_dict(sd: dict[str, torch.Tensor], name: str = "checkpoint") -> DinoConfig:
-    """The ViT's size read from the tensors (heads: width / 64, as in DINO's ViT-T/S/B)."""
+def dino_config_from_state_dict(sd: dict[str, torch.Tensor], name: str = "checkpoint", kind: str = "dino",
+                                **overrides) -> DinoConfig:
+    """The ViT's size read from the tensors (heads: width / 64, as in DINO's ViT-T/S/B); ``pre_norm``
+    when the file has a ``pos_drop`` LayerNorm. ``overrides`` set the other fields (act, eps)."""
     need = ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight")
     missing = [k for k in need if k not in sd]
     if missing:
         sample = ", ".join(sorted(sd)[:4])
-        raise EvalModelError(f"{name} is not a DINO ViT checkpoint: no {', '.join(missing)} (its keys start "
-                             f"{sample}). {download_hint('dino')}")
+        raise EvalModelError(f"{name} is not a DINO ViT checkpoint: no {', '.join(missing)} (its keys "
+                             f"start {sample}). {download_hint(kind)}")
     dim = sd["cls_token"].shape[-1]
     patch = sd["patch_embed.proj.weight"].shape[-1]
     depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
     hidden = sd.get("blocks.0.mlp.fc1.weight", torch.empty(dim * 4, dim)).shape[0]
     return DinoConfig(embed_dim=dim, depth=depth, heads=max(1, dim // 64), patch_size=patch,
-                      image_size=grid * patch, mlp_ratio=hidden / dim)
+                      image_size=grid * patch, mlp_ratio=hidden / dim, pre_norm="pos_drop.weight" in sd,
+                      **overrides)
 
 
 def load_dino(path: str | os.PathLike) -> DinoViT:

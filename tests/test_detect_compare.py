@@ -82,3 +82,50 @@ def test_bad_references():
         detect_and_compare(torch.zeros(1, 4), [])
     with pytest.raises(ValueError, match="subject 2"):
         detect_and_compare(torch.zeros(2, 4), [C1, torch.zeros(0, 4)])
+
+
+class BoxDetector:
+    """Stand-in detector: fixed boxes, recording what it was asked."""
+
+    def __init__(self, boxes):
+        self.boxes, self.calls = boxes, []
+
+    def detect(self, image, queries, threshold):
+        from personalize_pack.metrics.detect_compare import Detection
+        self.calls.append((tuple(image.shape), list(queries), threshold))
+        return [Detection(tuple(b), 0.9, i % len(queries)) for i, b in enumerate(self.boxes)]
+
+
+class MeanColour:
+    """Stand-in embedder: the crop's mean colour and its size, so crops can be told apart."""
+
+    def __init__(self):
+        self.sizes = []
+
+    def embed(self, crops):
+        self.sizes += [tuple(c.shape) for c in crops]
+        return torch.stack([torch.cat([c.mean(dim=(0, 1)), torch.tensor([c.shape[0] / 100.0])]) for c in crops]).double()
+
+
+def test_score_image_crops_every_box_and_scores_them():
+    from personalize_pack.metrics.detect_compare import score_image
+    img = torch.zeros(60, 80, 3)
+    img[:, :40, 0] = 1.0          # red left half
+    img[:, 40:, 2] = 1.0          # blue right half
+    refs = [torch.tensor([[1.0, 0, 0, 0.3]], dtype=torch.float64), torch.tensor([[0, 0, 1.0, 0.3]], dtype=torch.float64)]
+    det = BoxDetector([(45, 10, 75, 40), (5, 10, 35, 40)])      # blue box first
+    emb = MeanColour()
+    result, dets = score_image(img, ["red thing", "blue thing"], refs, det, emb, threshold=0.3)
+    assert det.calls == [((60, 80, 3), ["red thing", "blue thing"], 0.3)]
+    assert emb.sizes == [(30, 30, 3), (30, 30, 3)] and len(dets) == 2
+    crops = crop_boxes(img, [d.box for d in dets])
+    want = detect_and_compare(MeanColour().embed(crops), refs)
+    assert result.matched == [1, 0] and result.score == pytest.approx(want.score, abs=1e-12)
+    # one box for two subjects: 0, and the embedder still sees the crop
+    assert score_image(img, ["red thing", "blue thing"], refs, BoxDetector([(5, 10, 35, 40)]), MeanColour())[0].score == 0.0
+    # no box: 0 without calling the embedder
+    empty = MeanColour()
+    r, d = score_image(img, ["red thing", "blue thing"], refs, BoxDetector([]), empty)
+    assert r.score == 0.0 and d == [] and empty.sizes == []
+    with pytest.raises(ValueError, match="2 names for 1 reference sets"):
+        score_image(img, ["a", "b"], refs[:1], det, emb)
