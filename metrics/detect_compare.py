@@ -109,6 +109,27 @@ def crop_boxes(image: torch.Tensor, boxes) -> list:
     return out
 
 
+def image_to_pil(image: torch.Tensor):
+    """A ComfyUI image ``[H, W, 3]`` or ``[1, H, W, 3]`` (float, 0..1) as a uint8 RGB PIL image, rounded
+    to the nearest level as diffusers' ``numpy_to_pil`` saves the images MuDI scores."""
+    import numpy as np
+    from PIL import Image
+
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"image: expected a torch tensor [H, W, 3], got {type(image).__name__}")
+    if image.dim() == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.dim() != 3 or image.shape[-1] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image: expected one RGB image [H, W, 3] or [1, H, W, 3], got {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise ValueError(f"image: expected float values in 0..1, got {image.dtype}")
+    image = image.detach().float()
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError("image: contains NaN or infinite values")
+    pixels = (image.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(pixels))
+
+
 @dataclass
 class Detection:
     """One detector box: ``box`` (x0, y0, x1, y1) in pixels of the scored image, the detector's
@@ -133,3 +154,41 @@ def score_image(image: torch.Tensor, queries: list, reference_embeddings: list, 
     else:
         boxes = torch.zeros(0, reference_embeddings[0].shape[-1])
     return detect_and_compare(boxes, reference_embeddings), detections
+
+
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60))
+
+
+def annotate(image: torch.Tensor, detections: list, names: list, matched: list, caption: str = "") -> torch.Tensor:
+    """``image`` ``[H, W, 3]`` with every detected box drawn in its query's colour and labelled with the
+    query name and detector score; boxes the greedy match assigned to a subject are drawn thick and
+    labelled with that subject; ``caption`` (e.g. the score) is written in the top-left corner."""
+    import numpy as np
+    from PIL import ImageDraw, ImageFont
+
+    pil = image_to_pil(image[..., :3])
+    draw = ImageDraw.Draw(pil)
+    w, h = pil.size
+    thick = max(2, round(min(h, w) / 160))
+    try:
+        font = ImageFont.load_default(size=max(10, min(h, w) // 40))
+    except TypeError:                                   # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    line = font.getbbox("Ag")[3] + 2
+    owner = {box: subject for subject, box in enumerate(matched)}
+    for b, d in enumerate(detections):
+        colour = PALETTE[d.label % len(PALETTE)]
+        x0, y0, x1, y1 = (float(v) for v in d.box)
+        width = 2 * thick if b in owner else thick
+        draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
+        label = f"{names[d.label]} {d.score:.2f}"
+        if b in owner:
+            label += f" -> {names[owner[b]]}"
+        tx, ty = x0 + width, (y0 - line if y0 >= line else y0 + width)
+        draw.rectangle(draw.textbbox((tx, ty), label, font=font), fill=colour)
+        draw.text((tx, ty), label, fill=(255, 255, 255), font=font)
+    if caption:
+        draw.rectangle(draw.textbbox((4, 4), caption, font=font), fill=(0, 0, 0))
+        draw.text((4, 4), caption, fill=(255, 255, 255), font=font)
+    return torch.from_numpy(np.asarray(pil).copy()).float() / 255.0

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from .detect_compare import image_to_pil
 from .models import (DINO_B16_FILE, DREAMSIM_FOLDER, DinoViT, EvalModelError, dino_config_from_state_dict,
                      download_hint, read_state_dict)
 from .scores import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
@@ -48,14 +49,6 @@ def normalize_embedding(e: torch.Tensor) -> torch.Tensor:
     return e / e.norm(dim=-1, keepdim=True)
 
 
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """A ``[H, W, C]`` float image in 0..1 as an 8-bit RGB PIL image (the inputs MuDI gives DreamSim)."""
-    if image.dim() != 3 or image.shape[-1] < 3:
-        raise ValueError(f"images: expected [H, W, 3] images, got {tuple(image.shape)}")
-    a = (image[..., :3].detach().float().cpu().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
-    return Image.fromarray(a, "RGB")
-
-
 def preprocess(images) -> torch.Tensor:
     """``[N, 3, 224, 224]`` in 0..1 from a list of ``[H, W, 3]`` images or an ``[N, H, W, 3]`` batch:
     PIL's bicubic resize to 224×224 (not aspect-preserving) and ``ToTensor``, as DreamSim's preprocess."""
@@ -69,7 +62,7 @@ def preprocess(images) -> torch.Tensor:
         raise ValueError("images: nothing to embed")
     out = []
     for img in images:
-        pil = to_pil(img).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+        pil = image_to_pil(img[..., :3]).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
         out.append(torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float() / 255.0)
     return torch.stack(out)
 

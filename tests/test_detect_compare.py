@@ -129,3 +129,16 @@ def test_score_image_crops_every_box_and_scores_them():
     assert r.score == 0.0 and d == [] and empty.sizes == []
     with pytest.raises(ValueError, match="2 names for 1 reference sets"):
         score_image(img, ["a", "b"], refs[:1], det, emb)
+
+
+def test_annotate_draws_boxes_in_their_querys_colour():
+    from personalize_pack.metrics.detect_compare import PALETTE, Detection, annotate
+    img = torch.full((200, 200, 3), 0.5)
+    dets = [Detection((40, 60, 120, 150), 0.7, 0), Detection((130, 100, 190, 190), 0.5, 1)]
+    out = annotate(img, dets, ["cat", "dog"], matched=[0], caption="")
+    assert out.shape == img.shape and out.dtype == torch.float32
+    px = (out * 255).round().to(torch.uint8)
+    assert tuple(px[100, 40].tolist()) == PALETTE[0] and tuple(px[100, 43].tolist()) == PALETTE[0]   # thick: matched
+    assert tuple(px[150, 130].tolist()) == PALETTE[1] and tuple(px[150, 133].tolist()) == (128, 128, 128)  # thin
+    assert tuple(px[100, 80].tolist()) == (128, 128, 128)            # inside a box: untouched
+    assert torch.equal(px[195:, :30], torch.full((5, 30, 3), 128, dtype=torch.uint8))

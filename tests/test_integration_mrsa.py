@@ -200,7 +200,8 @@ def test_node_registration():
                    "PersonalizeFaceAttributeMask",
                    "PersonalizeMIPAdapterLoader", "PersonalizeMIPAdapterReference", "PersonalizeMIPAdapterApply",
                    "PersonalizeSubject", "PersonalizeSubjectComposer", "PersonalizeMeanShiftedNoise",
-                   "PersonalizeEvalModelLoader", "PersonalizeCLIPScore", "PersonalizeDINOScore"]
+                   "PersonalizeEvalModelLoader", "PersonalizeCLIPScore", "PersonalizeDINOScore",
+                   "PersonalizeDetectCompareLoader", "PersonalizeDetectCompareSubject", "PersonalizeDetectCompare"]
     for n in asyncio.run(ext.get_node_list()):
         schema = n.define_schema()
         assert schema.category.startswith("personalize/") and schema.description

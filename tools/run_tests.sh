@@ -26,6 +26,9 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # (re)install torch when it is missing, or when torchvision does not import beside it
 "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null || "${PIP[@]}" "${TORCH[@]}"
 "${PIP[@]}" -r requirements.txt pytest
+# ComfyUI brings transformers; the Detect-and-Compare detector (OWLv2) uses it (it does not depend on
+# torch, so the pair above stays as it is).
+"${PIP[@]}" transformers
 # The face attribute masks: mediapipe 0.10.21 is the last release whose wheel ships its models. Its
 # metadata pins numpy<2 and pulls jax, so it goes in last and without its dependencies, after what
 # `mp.solutions` needs at run time (protobuf 4.x: 5.x and 7.x break its graph set-up). scikit-image
