@@ -116,7 +116,9 @@ def add_link(wf, origin, origin_slot, target, target_slot, type_):
 
 # --- the shipped workflow --------------------------------------------------------------------
 
-def test_shipped_workflow_is_ui_format(workflow):
+def assert_ui_format(workflow, path):
+    """The keys, links and node fields the frontend needs, a Note naming the checkpoint folder, and the
+    thumbnail beside the workflow."""
     for key in ("last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"):
         assert key in workflow
     ids = {n["id"] for n in workflow["nodes"]}
@@ -126,11 +128,16 @@ def test_shipped_workflow_is_ui_format(workflow):
         target = next(n for n in workflow["nodes"] if n["id"] == dst)
         assert link_id in source["outputs"][src_slot]["links"]
         assert target["inputs"][dst_slot]["link"] == link_id
-        assert source["outputs"][src_slot]["type"] == target["inputs"][dst_slot]["type"] == typ
+        assert source["outputs"][src_slot]["type"] == typ
+        assert target["inputs"][dst_slot]["type"] in (typ, "*")          # "*": an input that takes any type
     for n in workflow["nodes"]:
         assert {"pos", "size", "mode", "order", "widgets_values"} <= set(n)
     assert any(n["type"] == "Note" and "models/checkpoints" in n["widgets_values"][0] for n in workflow["nodes"])
-    assert (WORKFLOW.with_suffix(".jpg")).is_file()
+    assert path.with_suffix(".jpg").is_file()
+
+
+def test_shipped_workflow_is_ui_format(workflow):
+    assert_ui_format(workflow, WORKFLOW)
 
 
 def test_shipped_workflow_converts(workflow):
@@ -421,3 +428,183 @@ def test_freecure_workflow_runs_headless(tiny_models_dir, tmp_path, monkeypatch)
         with Image.open(out_dir / name) as im:
             assert im.size == (64, 64)
             assert np.asarray(im.convert("RGB"), dtype=np.float32).std() > 1.0
+
+
+# --- the MuDI example: compose, mean-shifted noise, SamplerCustomAdvanced, Detect-and-Compare --------
+
+MUDI_WORKFLOW = PACK_ROOT / "workflows" / "personalize_mudi_compose_and_score.json"
+MUDI_SIZE = 128      # the smallest square canvas on which two subjects fit with the composer's 32 px margin
+MUDI_OVERRIDES = {"CheckpointLoaderSimple.ckpt_name": TINY_SD15,
+                  "PersonalizeSubjectComposer.width": MUDI_SIZE, "PersonalizeSubjectComposer.height": MUDI_SIZE,
+                  "EmptyLatentImage.width": MUDI_SIZE, "EmptyLatentImage.height": MUDI_SIZE,
+                  "BasicScheduler.steps": 2}
+MUDI_INPUTS = ["personalize_cat_04.jpg", "personalize_cat_04_mask.jpg", "personalize_dog6_02.jpg",
+               "personalize_dog6_02_mask.jpg"]
+DC_NODES = ("PersonalizeDetectCompareLoader", "PersonalizeDetectCompareSubject", "PersonalizeDetectCompare")
+
+
+@pytest.fixture
+def mudi_workflow():
+    return json.loads(MUDI_WORKFLOW.read_text(encoding="utf-8"))
+
+
+def test_mudi_workflow_is_ui_format(mudi_workflow):
+    wf = mudi_workflow
+    assert_ui_format(wf, MUDI_WORKFLOW)
+    assert [g["title"][:2] for g in wf["groups"]] == ["1.", "2.", "3."]
+    for g in wf["groups"]:
+        assert len(g["bounding"]) == 4 and g["bounding"][2] > 0 and g["bounding"][3] > 0
+    lora = node_by_type(wf, "LoraLoader")
+    assert lora["mode"] == 4                                              # bypassed by default
+    assert all(n["mode"] == 0 for n in wf["nodes"] if n is not lora)
+    notes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note"]
+    assert any("Seg-Mix" in t and "DreamBooth" in t and "layout" in t for t in notes)
+    assert any("models/personalize_eval" in t and "caption" in t and "report" in t for t in notes)
+    assert node_by_type(wf, "CheckpointLoaderSimple")["widgets_values"] == ["sd_xl_base_1.0.safetensors"]
+    assert node_by_title(wf, "Prompt")["widgets_values"] == ["a cat and a dog sitting together on a sofa"]
+    comp = node_by_type(wf, "PersonalizeSubjectComposer")["widgets_values"]
+    assert comp[:2] == [1024, 1024]
+    assert node_by_type(wf, "EmptyLatentImage")["widgets_values"] == [1024, 1024, 1]
+    assert node_by_type(wf, "BasicScheduler")["widgets_values"][1] == 30
+    assert node_by_type(wf, "PersonalizeDetectCompare")["widgets_values"] == [0.4]
+    assert node_by_type(wf, "PersonalizeDetectCompareLoader")["widgets_values"] == ["owlv2-base-patch16-ensemble",
+                                                                                     "dreamsim"]
+    shipped = {p.name for p in (PACK_ROOT / "workflows" / "inputs").iterdir()}
+    loaded = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LoadImage"]
+    assert sorted(loaded) == sorted(MUDI_INPUTS) and set(loaded) <= shipped
+
+
+@pytest.fixture(scope="module")
+def dc_eval_dir(tmp_path_factory):
+    """Tiny random OWLv2 and DreamSim folders under the names the workflow's loader asks for, in a
+    personalize_eval folder registered with ComfyUI."""
+    pytest.importorskip("transformers", reason="the Detect-and-Compare detector (OWLv2) needs transformers")
+    import comfy_host
+    comfy_host.init_nodes_with_pack()
+    import folder_paths
+    from tiny_dreamsim import build_tiny_dreamsim
+    from tiny_owl import build_tiny_owlv2
+
+    d = tmp_path_factory.mktemp("mudi_eval") / "personalize_eval"
+    build_tiny_owlv2(d / "owlv2-base-patch16-ensemble")
+    build_tiny_dreamsim(d / "dreamsim")
+    folder_paths.add_model_folder_path("personalize_eval", str(d))
+    return d
+
+
+@pytest.fixture
+def temp_dir(tmp_path, monkeypatch):
+    """PreviewImage writes into ComfyUI's temp folder: a fresh one per test."""
+    import folder_paths
+    path = tmp_path / "temp"
+    path.mkdir()
+    monkeypatch.setattr(folder_paths, "temp_directory", str(path))
+    return path
+
+
+def _rgb(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.float32)
+
+
+def _images(outputs, node_id, kind):
+    items = (outputs.get(str(node_id)) or {}).get("images", [])
+    return [item for item in items if item.get("type") == kind]
+
+
+def _run_mudi(wf, tiny_models_dir, tmp_path, tag, overrides=None):
+    path = tmp_path / f"{tag}.json"
+    path.write_text(json.dumps(wf), encoding="utf-8")
+    out_dir, in_dir = tmp_path / f"out_{tag}", tmp_path / "in"
+    outputs = rw.run_workflow(path, ROOT, output_dir=out_dir, models_dir=tiny_models_dir, input_dir=in_dir,
+                              overrides=dict(MUDI_OVERRIDES, **(overrides or {})), log=lambda msg: None)
+    saved = [item for out in outputs.values() for item in out.get("images", []) if item.get("type") == "output"]
+    assert len(saved) == 1 and saved[0]["filename"].startswith("personalize_mudi")
+    return outputs, out_dir / saved[0].get("subfolder", "") / saved[0]["filename"]
+
+
+@needs_comfyui
+def test_mudi_workflow_runs_headless(tiny_models_dir, dc_eval_dir, temp_dir, tmp_path, mudi_workflow, monkeypatch):
+    """The whole MuDI example on the tiny SD1.5 checkpoint (the workflow's SDXL is only its default; the
+    nodes are model-agnostic) at 128 px, 2 steps, with tiny random OWLv2 and DreamSim models: the image is
+    saved, the collage preview holds both subjects where the composer's masks say, the score's annotated
+    preview carries its caption and the report names both subjects. The LoRA loader stays bypassed."""
+    import nodes
+    wf = mudi_workflow
+    ids = {n.get("title") or n["type"]: n["id"] for n in wf["nodes"]}
+
+    # the bypassed LoraLoader is dropped and the checkpoint's MODEL and CLIP pass through it
+    prompt = rw.ui_to_api(wf, rw.live_schemas({n["type"] for n in wf["nodes"]}))
+    ckpt = str(node_by_type(wf, "CheckpointLoaderSimple")["id"])
+    assert all(n["class_type"] != "LoraLoader" for n in prompt.values())
+    for cls in ("CFGGuider", "BasicScheduler", "PersonalizeMeanShiftedNoise"):
+        assert api_by_type(prompt, cls)["inputs"]["model"] == [ckpt, 0]
+    assert api_by_title(prompt, "Prompt")["inputs"]["clip"] == [ckpt, 1]
+    assert api_by_type(prompt, "PersonalizeMeanShiftedNoise")["inputs"]["gamma"] == 1.0      # the node's default
+
+    outputs, saved = _run_mudi(wf, tiny_models_dir, tmp_path, "mudi")
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == sorted(MUDI_INPUTS)
+    image = _rgb(saved)
+    assert image.shape == (MUDI_SIZE, MUDI_SIZE, 3) and np.isfinite(image).all() and image.std() > 1.0
+
+    # the collage preview is the composer's image at the workflow's layout seed, with both subjects in it
+    (shown,) = _images(outputs, ids["Composed subjects (preview)"], "temp")
+    collage = _rgb(temp_dir / shown.get("subfolder", "") / shown["filename"])
+    comp_values = node_by_type(wf, "PersonalizeSubjectComposer")["widgets_values"]
+    import folder_paths
+    monkeypatch.setattr(folder_paths, "input_directory", str(tmp_path / "in"))
+    load = nodes.NODE_CLASS_MAPPINGS["LoadImage"]().load_image           # decoded as the workflow decodes them
+    subject, composer = (nodes.NODE_CLASS_MAPPINGS[k] for k in ("PersonalizeSubject", "PersonalizeSubjectComposer"))
+    chain = None
+    for name, photo, mask in (("cat", *MUDI_INPUTS[:2]), ("dog", *MUDI_INPUTS[2:])):
+        chain = subject.execute(load(photo)[0], load(mask)[0][..., 0], name, chain).result[0]   # red channel
+    expected, masks, layout = composer.execute(chain, MUDI_SIZE, MUDI_SIZE, *comp_values[2:]).result
+    assert json.loads(layout)["seed"] == comp_values[7]
+    assert collage.shape == (MUDI_SIZE, MUDI_SIZE, 3)
+    assert np.abs(collage - np.clip(expected[0].numpy() * 255.0, 0, 255)).max() <= 1.0
+    masks = masks.numpy() > 0.5
+    assert masks.shape == (2, MUDI_SIZE, MUDI_SIZE)
+    for m in masks:
+        assert m.sum() > 50                                               # each subject is visible
+        white = (collage[m] >= 250).all(axis=-1)
+        assert white.mean() < 0.5                                         # and is not the background colour
+    assert (collage[~masks.any(axis=0)] == 255).all()                    # the rest is the white canvas
+
+    # the score: the annotated image is the saved one with boxes and the caption drawn on it
+    (ann,) = _images(outputs, ids["Annotated (score in the caption)"], "temp")
+    annotated = _rgb(temp_dir / ann.get("subfolder", "") / ann["filename"])
+    assert annotated.shape == image.shape and np.abs(annotated - image).max() > 0
+    report = outputs[str(ids["D&C report"])]["text"][0]
+    assert report.startswith("D&C ") and "2 subjects (cat, dog), threshold 0.4" in report
+
+
+@needs_comfyui
+def test_mudi_gamma_zero_equals_random_noise(tiny_models_dir, temp_dir, tmp_path, mudi_workflow):
+    """Mean-Shifted Noise with gamma 0 gives the image of the same workflow with core's RandomNoise of the
+    same seed in its place, bit for bit; the default gamma (1) gives another image. The score nodes are
+    muted here (they only read the image)."""
+    wf = mudi_workflow
+    for n in wf["nodes"]:
+        if n["type"] in DC_NODES or n.get("title") in ("Annotated (score in the caption)", "D&C report"):
+            n["mode"] = 2
+    _, shifted = _run_mudi(wf, tiny_models_dir, tmp_path, "gamma1")
+    _, zero = _run_mudi(wf, tiny_models_dir, tmp_path, "gamma0", {"PersonalizeMeanShiftedNoise.gamma": 0.0})
+
+    # the same graph with RandomNoise (same seed) feeding SamplerCustomAdvanced's noise input
+    plain = copy.deepcopy(wf)
+    msn = node_by_type(plain, "PersonalizeMeanShiftedNoise")
+    seed = msn["widgets_values"][1]
+    dropped = {inp["link"] for inp in msn["inputs"] if inp["link"] is not None}
+    plain["links"] = [lk for lk in plain["links"] if lk[0] not in dropped]
+    for n in plain["nodes"]:
+        for out in n["outputs"]:
+            out["links"] = [i for i in out["links"] if i not in dropped]
+    msn.update(type="RandomNoise", title="RandomNoise", inputs=[], widgets_values=[seed, "fixed"],
+               properties={"Node name for S&R": "RandomNoise"})
+    _, random_noise = _run_mudi(plain, tiny_models_dir, tmp_path, "random")
+
+    a, b = _rgb(zero), _rgb(random_noise)
+    assert a.std() > 1.0
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(_rgb(shifted) - a).max() > 1.0

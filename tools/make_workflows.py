@@ -175,12 +175,73 @@ NOTE_FREECURE = "\n\n".join([
     "workflows/inputs/ folder; copy it into ComfyUI/input/ or load your own face photo.",
 ])
 
+# MuDI with the same cat + dog: the subjects composed on a white canvas as Seg-Mix does, sampled with core's
+# SamplerCustomAdvanced from mean-shifted noise (the node's default gamma), scored with Detect-and-Compare
+# (OWLv2 + DreamSim, MuDI's demo threshold 0.4). SDXL at 1024x1024 as MuDI; 30 steps, cfg 5 and euler are
+# ordinary SDXL settings (MuDI's inference notebooks are not readable). The prompt is cases.json's cat_and_dog.
+MUDI = dict(
+    stem="personalize_mudi_compose_and_score",
+    checkpoint="sd_xl_base_1.0.safetensors",
+    lora="mudi_segmix_lora_cat_dog.safetensors",
+    prompt="a cat and a dog sitting together on a sofa",
+    negative="monochrome, lowres, bad anatomy, worst quality, low quality",
+    refs=[("cat", "personalize_cat_04.jpg", "personalize_cat_04_mask.jpg"),
+          ("dog", "personalize_dog6_02.jpg", "personalize_dog6_02_mask.jpg")],
+    compose_seed=20, seed=42, steps=30, cfg=5.0, sampler="euler", scheduler="normal", size=1024, threshold=0.4,
+)
+
+NOTE_MUDI = "\n\n".join([
+    "MuDI: compose two subjects, sample, score (Personalize)",
+    'Puts the cat and the dog of the two photos into one picture, "a cat and a dog sitting together on a sofa", '
+    "with MuDI's initialisation, then scores with MuDI's Detect-and-Compare how well each subject was kept.",
+    "1. Subjects: each Subject (MuDI) node takes a photo and its subject mask (FreeCustom's masks, red channel); "
+    "the two are chained. Subject Composer pastes the cut-out subjects on a white 1024x1024 canvas as MuDI's "
+    "Seg-Mix does (random places, never overlapping, 0.75-1.0 of the largest size that fits; its seed picks the "
+    "layout). The preview shows the collage.",
+    "2. Mean-Shifted Noise (MuDI) VAE-encodes the collage and shifts the starting noise toward it inside the "
+    "subject masks, so each subject starts where the collage puts it (gamma 1: full strength; 0: exactly core's "
+    "RandomNoise). It is the NOISE of SamplerCustomAdvanced; Empty Latent Image only gives the size, so compose at "
+    "the size you generate. MuDI's code for this step is not public: the formula is a reconstruction (README).",
+    "3. Sampling with core nodes: SDXL, euler, 30 steps, cfg 5, 1024x1024 (ordinary SDXL settings).",
+    "4. Score (right): Detect-and-Compare finds the subjects by name with OWLv2 and compares the crops with the "
+    "reference photos with DreamSim; 1 is best, 0 when the number of boxes is not the number of subjects.",
+    "Models: an SDXL checkpoint (sd_xl_base_1.0.safetensors or an SDXL fine-tune) in ComfyUI/models/checkpoints/; "
+    "optionally a LoRA of your subjects in ComfyUI/models/loras/ (see the LoRA note); the evaluation models in "
+    "ComfyUI/models/personalize_eval/ (see the score note).",
+    "Inputs: the four example images ship in this pack's workflows/inputs/ folder; copy them into ComfyUI/input/ "
+    "(tools/run_workflow.py does it for you). For your own subjects: a photo and a mask each (mask editor, SAM "
+    "Mask, any MASK). Credits and licenses: workflows/inputs/CREDITS.md.",
+])
+
+NOTE_MUDI_LORA = "\n\n".join([
+    "The subjects' LoRA (optional; bypassed)",
+    "MuDI's gains come with a LoRA trained with Seg-Mix on both subjects together (a Seg-Mix training node is "
+    "coming to this pack). Any DreamBooth / LoRA of your subjects works too.",
+    "To use one: put it in ComfyUI/models/loras/, pick it in Load LoRA, un-bypass the node (select it, Ctrl+B) and "
+    'write its identifiers into the prompt (e.g. "a photo of a olis cat and a hta dog ...").',
+    "Without a LoRA the base model does not know your subjects' identity, but the composition still guides the "
+    "layout: each subject starts where the collage puts it.",
+])
+
+NOTE_MUDI_SCORE = "\n\n".join([
+    "The score: Detect-and-Compare (MuDI)",
+    "Models, in ComfyUI/models/personalize_eval/ (README: the Model files table and the Detect-and-Compare "
+    "Loader (MuDI) section): the folder owlv2-base-patch16-ensemble (every file of "
+    "huggingface.co/google/owlv2-base-patch16-ensemble, run through transformers) and the folder dreamsim "
+    "(DreamSim's v0.2.0 ensemble checkpoint, unzipped, with DINO's ViT-B/16 dino_vitbase16_pretrain.pth in "
+    "dreamsim/checkpoints/).",
+    "The subjects' names are the detector's text queries (\"cat\", \"dog\"); their references are the same photos "
+    "as the subjects'. Threshold 0.4 as MuDI's demo.",
+    "Where the score is: in the caption of the annotated image (D&C 0.xxx, with the boxes drawn), in the report "
+    "(shown as text below) and in the matrices output (JSON: boxes, box-vs-subject and ground-truth matrices).",
+])
+
 class Graph:
     """A tiny UI-format graph builder: nodes with sockets from the live schema, links, order."""
 
     def __init__(self, schemas: dict, classes: dict):
         self.schemas, self.classes = schemas, classes
-        self.nodes, self.links = [], []
+        self.nodes, self.links, self.groups = [], [], []
 
     def node(self, class_type, pos, size, title=None, **values):
         schema = self.schemas[class_type]
@@ -220,6 +281,11 @@ class Graph:
         self.nodes.append(node)
         return node
 
+    def group(self, title, bounding, color="#3f789e"):
+        """A titled box behind nodes: ``bounding`` is (x, y, width, height), its title bar inside the top."""
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": list(bounding),
+                            "color": color, "font_size": 24, "flags": {}})
+
     def link(self, src, out_slot, dst, input_name):
         slot = next(i for i, inp in enumerate(dst["inputs"]) if inp["name"] == input_name)
         link_id = len(self.links) + 1
@@ -245,7 +311,7 @@ class Graph:
         for n in self.nodes:
             n["order"] = done.index(n["id"])
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-                "links": self.links, "groups": [], "config": {},
+                "links": self.links, "groups": self.groups, "config": {},
                 "extra": {"ds": {"scale": 0.65, "offset": [40, 40]}}, "version": 0.4}
 
 
@@ -460,6 +526,97 @@ def freecure_workflow(schemas: dict, classes: dict) -> dict:
     return g.to_json()
 
 
+def mudi_workflow(schemas: dict, classes: dict) -> dict:
+    c = MUDI
+    g = Graph(schemas, classes)
+    # left: checkpoint, the optional LoRA (bypassed) and the notes
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), (340, 98), "Load Checkpoint (SDXL)", ckpt_name=c["checkpoint"])
+    lora = g.node("LoraLoader", (0, 150), (340, 130), "Load LoRA: your subjects' LoRA (bypassed)",
+                  lora_name=c["lora"], strength_model=1.0, strength_clip=1.0)
+    lora["mode"] = 4                                   # bypassed: MODEL and CLIP pass through unchanged
+    g.link(ckpt, 0, lora, "model")
+    g.link(ckpt, 1, lora, "clip")
+    g.note(NOTE_MUDI_LORA, (0, 330), (340, 330), title="Read me: the subjects' LoRA (optional)")
+    g.note(NOTE_MUDI, (0, 710), (340, 1000), title="Read me: MuDI compose and score")
+
+    # 1. the subjects and their collage
+    g.group("1. Subjects: photo + mask, composed (MuDI)", (380, -75, 1380, 1075))
+    photos, subjects = {}, None
+    for k, (name, image, mask) in enumerate(c["refs"]):
+        y = k * 520
+        img = g.node("LoadImage", (400, y), (300, 330), f"Subject {k + 1}: {name}", image=image)
+        msk = g.node("LoadImage", (730, y), (300, 330), f"Subject {k + 1}: {name} mask", image=mask)
+        to_mask = g.node("ImageToMask", (730, y + 380), (300, 60), f"{name} mask (red channel)", channel="red")
+        subj = g.node("PersonalizeSubject", (1060, y), (300, 100), f"Subject (MuDI): {name}", name=name)
+        g.link(msk, 0, to_mask, "image")
+        g.link(img, 0, subj, "image")
+        g.link(to_mask, 0, subj, "mask")
+        if subjects is not None:
+            g.link(subjects, 0, subj, "subjects")
+        photos[name], subjects = img, subj
+    comp = g.node("PersonalizeSubjectComposer", (1400, 0), (340, 330), None, width=c["size"], height=c["size"],
+                  placement="random", scale_min=0.75, scale_max=1.0, max_overlap=0.0, background="white",
+                  seed=c["compose_seed"], margin=32)
+    g.link(subjects, 0, comp, "subjects")
+    shown = g.node("PreviewImage", (1400, 380), (340, 400), "Composed subjects (preview)")
+    g.link(comp, 0, shown, "images")
+
+    # 2. mean-shifted noise and sampling with core nodes
+    g.group("2. Mean-shifted noise + sampling (SDXL, core nodes)", (1800, -75, 1380, 1075))
+    pos = g.node("CLIPTextEncode", (1820, 0), (400, 150), "Prompt", text=c["prompt"])
+    neg = g.node("CLIPTextEncode", (1820, 200), (400, 150), "Negative prompt", text=c["negative"])
+    noise = g.node("PersonalizeMeanShiftedNoise", (1820, 400), (400, 200), None, noise_seed=c["seed"])
+    latent = g.node("EmptyLatentImage", (1820, 650), (400, 110), "Empty Latent Image (the size: as the canvas)",
+                    width=c["size"], height=c["size"], batch_size=1)
+    guider = g.node("CFGGuider", (2260, 0), (320, 100), None, cfg=c["cfg"])
+    sampler = g.node("KSamplerSelect", (2260, 150), (320, 60), None, sampler_name=c["sampler"])
+    sigmas = g.node("BasicScheduler", (2260, 260), (320, 110), None, scheduler=c["scheduler"], steps=c["steps"],
+                    denoise=1.0)
+    for clip_user in (pos, neg):
+        g.link(lora, 1, clip_user, "clip")
+    g.link(lora, 0, noise, "model")
+    g.link(comp, 0, noise, "image")
+    g.link(ckpt, 2, noise, "vae")
+    g.link(comp, 1, noise, "masks")
+    g.link(lora, 0, guider, "model")
+    g.link(pos, 0, guider, "positive")
+    g.link(neg, 0, guider, "negative")
+    g.link(lora, 0, sigmas, "model")
+    run = g.node("SamplerCustomAdvanced", (2620, 0), (320, 130), None)
+    g.link(noise, 0, run, "noise")
+    g.link(guider, 0, run, "guider")
+    g.link(sampler, 0, run, "sampler")
+    g.link(sigmas, 0, run, "sigmas")
+    g.link(latent, 0, run, "latent_image")
+    decode = g.node("VAEDecode", (2620, 180), (210, 50), None)
+    g.link(run, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+    save = g.node("SaveImage", (2620, 280), (520, 560), None, filename_prefix="personalize_mudi")
+    g.link(decode, 0, save, "images")
+
+    # 3. the score
+    g.group("3. Score: Detect-and-Compare (MuDI)", (3220, -75, 960, 1075))
+    models = g.node("PersonalizeDetectCompareLoader", (3240, 0), (360, 82), None)
+    chain = None
+    for k, (name, _, _) in enumerate(c["refs"]):
+        ref = g.node("PersonalizeDetectCompareSubject", (3240, 130 + k * 130), (360, 80), f"D&C Subject: {name}",
+                     name=name)
+        g.link(photos[name], 0, ref, "reference_images")
+        if chain is not None:
+            g.link(chain, 0, ref, "subjects")
+        chain = ref
+    g.note(NOTE_MUDI_SCORE, (3240, 420), (360, 520), title="Read me: the score")
+    score = g.node("PersonalizeDetectCompare", (3640, 0), (340, 110), None, threshold=c["threshold"])
+    g.link(models, 0, score, "dc_models")
+    g.link(decode, 0, score, "images")
+    g.link(chain, 0, score, "subjects")
+    annotated = g.node("PreviewImage", (3640, 160), (520, 560), "Annotated (score in the caption)")
+    g.link(score, 1, annotated, "images")
+    report = g.node("PreviewAny", (3640, 770), (520, 200), "D&C report")
+    g.link(score, 2, report, "source")
+    return g.to_json()
+
+
 def prepare_inputs(data_dir: Path) -> None:
     from PIL import Image
     INPUTS.mkdir(parents=True, exist_ok=True)
@@ -617,6 +774,28 @@ def thumbnail_freecure(path: Path) -> None:
     card.save(path, quality=90)
 
 
+def thumbnail_mudi(path: Path) -> None:
+    """An honest illustrative card (no generated image): the two subjects cut out by their masks, as the
+    Subject nodes see them, the nodes they go through and the prompt."""
+    from PIL import Image
+
+    card, d, font = _card("MuDI: compose, sample, score")
+    tints = [(255, 150, 60), (80, 170, 255)]
+    for k, (name, image, mask) in enumerate(MUDI["refs"]):
+        im = Image.open(INPUTS / image).convert("RGB").resize((104, 104), Image.LANCZOS)
+        m = Image.open(INPUTS / mask).convert("L").resize((104, 104), Image.BILINEAR)
+        x, y = 12, 54 + k * 122
+        card.paste(Image.composite(im, Image.new("RGB", im.size, (255, 255, 255)),
+                                   m.point(lambda v: 255 if v > 127 else 0)), (x, y))
+        d.rectangle((x - 1, y - 1, x + 104, y + 104), outline=tints[k])
+        _reference_tile(d, font, k, tints[k], f"{name} (cut out)")
+    _node_chain(d, font, [("Subject x2 > Composer", f"cut-outs on white, {MUDI['size']}x{MUDI['size']}"),
+                          ("Mean-Shifted Noise", "start noise shifted to the collage"),
+                          ("Sample > Detect-and-Compare", "SDXL 30 steps; OWLv2 + DreamSim")],
+                ['"a cat and a dog sitting', ' together on a sofa"'])
+    card.save(path, quality=90)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", help="ComfyUI install (default: $COMFYUI_PATH)")
@@ -636,16 +815,20 @@ def main() -> int:
              "PersonalizeSAMModelLoader", "PersonalizeSAMMask", "PersonalizeDisentangleMixingAttention",
              "PersonalizeMIPAdapterLoader", "PersonalizeMIPAdapterReference", "PersonalizeMIPAdapterApply",
              "CLIPVisionLoader", "PrimitiveStringMultiline", "PersonalizeFoundationAwareAttention",
-             "PersonalizeFaceAttributeMask", "PhotoMakerLoader", "PhotoMakerEncode", "PreviewImage"]
+             "PersonalizeFaceAttributeMask", "PhotoMakerLoader", "PhotoMakerEncode", "PreviewImage",
+             "LoraLoader", "PersonalizeSubject", "PersonalizeSubjectComposer", "PersonalizeMeanShiftedNoise",
+             "CFGGuider", "KSamplerSelect", "BasicScheduler", "SamplerCustomAdvanced", "PersonalizeDetectCompareLoader",
+             "PersonalizeDetectCompareSubject", "PersonalizeDetectCompare", "PreviewAny"]
     schemas = rw.live_schemas(types)
     ks = schemas["KSampler"]["required"]   # fall back to euler/normal where DDIM is missing
-    for c in (FREECUSTOM, FREEMIX, MIP, FREECURE):
+    for c in (FREECUSTOM, FREEMIX, MIP, FREECURE, MUDI):
         if c["sampler"] not in ks["sampler_name"][0]:
             c["sampler"] = "euler"
         if c["scheduler"] not in ks["scheduler"][0]:
             c["scheduler"] = "normal"
     for c, build, card in ((FREECUSTOM, freecustom_workflow, thumbnail), (FREEMIX, freemix_workflow, thumbnail_freemix),
-                           (MIP, mip_workflow, thumbnail_mip), (FREECURE, freecure_workflow, thumbnail_freecure)):
+                           (MIP, mip_workflow, thumbnail_mip), (FREECURE, freecure_workflow, thumbnail_freecure),
+                           (MUDI, mudi_workflow, thumbnail_mudi)):
         out = WORKFLOWS / f"{c['stem']}.json"
         out.write_text(json.dumps(build(schemas, classes), indent=2) + "\n", encoding="utf-8")
         card(WORKFLOWS / f"{c['stem']}.jpg")
