@@ -11,7 +11,15 @@ dog, ...), checked once by ``make_subject`` outside the timing. Each row: median
 ``--repeats`` runs after one warm-up, with a new seed per run (so the layouts, and the rejection
 sampler's number of tries, differ between runs).
 
-``noise``: reserved for the Mean-Shifted Noise node (not written yet).
+``noise``: the Mean-Shifted Noise node's work: the latent shift once, then ``generate_noise`` against
+the plain seeded noise it adds to.
+
+``dc``: Detect-and-Compare per generated image (``--size`` px, two subjects with three reference photos
+each): detection, crops + embedding, and the arithmetic, with random models of the real classes
+(transformers' OWLv2, the pack's DreamSim ensemble). ``--dc-models tiny`` (default) uses the test
+suite's tiny models (64 px OWLv2, 64-wide one-block DreamSim ViTs); ``--dc-models base`` builds both at
+the published sizes (OWLv2 base-patch16 at 960 px, three ViT-B/16), random weights, so the time is
+that of the real files. Needs transformers.
 
 One JSON object per line on stdout; progress on stderr. See bench/README.md.
 """
@@ -35,7 +43,7 @@ PHOTOS = ("personalize_cat_04", "personalize_dog6_02")
 sys.path.insert(0, str(PACK_ROOT / "tests"))
 from conftest import import_pack  # noqa: E402  (the pack under a valid module name, as the tests do)
 
-PARTS = ("composer", "noise")
+PARTS = ("composer", "noise", "dc")
 
 
 def emit(obj: dict) -> None:
@@ -117,12 +125,86 @@ def bench_noise(opts) -> None:
         log(f"noise N={n}: shift {med(shift_t)} ms, generate {med(gen_t)} ms (plain noise {med(base_t)} ms)")
 
 
+# =========================================================================== Detect-and-Compare
+
+def build_base_owlv2(folder: Path) -> Path:
+    """OWLv2 base-patch16 (transformers' default Owlv2Config: 960 px, patch 16, ViT-B) with random
+    weights and the tiny test tokenizer (the tokenizer does not change the model's cost)."""
+    from tiny_owl import write_tokenizer_files
+    from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer_files(folder)
+    tok = CLIPTokenizer.from_pretrained(str(folder), pad_token="!", model_max_length=16)
+    ids = tok.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>", "!"])
+    cfg = Owlv2Config(text_config=dict(vocab_size=vocab, bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2]),
+                      vision_config=dict(image_size=960))                # the released model's input size
+    Owlv2ForObjectDetection(cfg).save_pretrained(folder)
+    Owlv2Processor(image_processor=Owlv2ImageProcessor(), tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+def bench_dc(opts) -> None:
+    import tempfile
+
+    import_pack()
+    from personalize_pack.metrics import detect_compare as dc
+    from personalize_pack.metrics.dreamsim import load_dreamsim
+    from personalize_pack.metrics.owl import load_owlv2
+    from tiny_dreamsim import build_tiny_dreamsim
+    from tiny_owl import build_tiny_owlv2
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_dc_"))
+    if opts.dc_models == "base":
+        owl_dir, ds_dir = build_base_owlv2(tmp / "owl"), build_tiny_dreamsim(tmp / "ds", width=768, depth=12, rank=16)
+    else:
+        owl_dir, ds_dir = build_tiny_owlv2(tmp / "owl"), build_tiny_dreamsim(tmp / "ds")
+    dev = torch.device(opts.device)
+    detector, embedder = load_owlv2(owl_dir).to(dev), load_dreamsim(ds_dir).to(dev)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    load = lambda p, s: torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((s, s))).astype("float32") / 255)  # noqa: E731
+    refs_imgs = [[load(INPUTS / f"{stem}.jpg", 512)] * 3 for stem in PHOTOS]
+    t = time.perf_counter()
+    refs = [embedder.embed(r) for r in refs_imgs]
+    ref_s = time.perf_counter() - t
+    queries = ["cat", "dog"]
+    image = load(INPUTS / "personalize_mip_2_cat.jpg", opts.size)
+    # detection at MuDI's demo threshold; the embedding and the arithmetic on the two best boxes (as if
+    # the detector had found exactly one box per subject, the case where all three steps run)
+    top = sorted(detector.detect(image, queries, 0.0), key=lambda d: -d.score)[:2]
+    crops = dc.crop_boxes(image, [d.box for d in top])
+    det_t, emb_t, math_t, total_t = [], [], [], []
+    for _ in range(max(2, opts.repeats // 4) + 1):
+        sync()
+        t0 = time.perf_counter()
+        dets = detector.detect(image, queries, 0.4)
+        sync()
+        t1 = time.perf_counter()
+        boxes = embedder.embed(dc.crop_boxes(image, [d.box for d in top]))
+        sync()
+        t2 = time.perf_counter()
+        result = dc.detect_and_compare(boxes, refs)
+        t3 = time.perf_counter()
+        det_t.append(t1 - t0), emb_t.append(t2 - t1), math_t.append(t3 - t2), total_t.append(t3 - t0)
+    det_t, emb_t, math_t, total_t = (x[1:] for x in (det_t, emb_t, math_t, total_t))       # first run: warm-up
+    med = lambda xs: round(1000 * statistics.median(xs), 2)  # noqa: E731
+    emit({"part": "dc", "models": opts.dc_models, "device": str(dev), "size": opts.size, "subjects": 2, "references": 6,
+          "boxes_at_0.4": len(dets), "boxes_embedded": len(crops), "score": round(result.score, 4), "detect_ms": med(det_t), "embed_boxes_ms": med(emb_t),
+          "arithmetic_ms": med(math_t), "per_image_ms": med(total_t), "references_once_ms": round(1000 * ref_s, 1),
+          "repeats": len(total_t)})
+    log(f"dc ({opts.dc_models}): {med(total_t)} ms per image (detect {med(det_t)}, embed {med(emb_t)}, "
+        f"arithmetic {med(math_t)}); references once {1000 * ref_s:.0f} ms")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=PARTS, default=None, help="run one part only")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--size", type=int, default=1024, help="canvas side in pixels")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu", help="dc: where the detector and embedder run (cpu, cuda)")
+    ap.add_argument("--dc-models", choices=("tiny", "base"), default="tiny",
+                    help="dc: the test suite's tiny models, or random models at the published sizes")
     opts = ap.parse_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -130,7 +212,7 @@ def main(argv=None) -> int:
           "cpu": platform.processor() or platform.machine(), "python": platform.python_version()})
     for part in PARTS:
         if opts.only in (None, part):
-            {"composer": bench_composer, "noise": bench_noise}[part](opts)
+            {"composer": bench_composer, "noise": bench_noise, "dc": bench_dc}[part](opts)
     return 0
 
 

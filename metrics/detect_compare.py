@@ -96,15 +96,21 @@ def pad_to_square(image: torch.Tensor, fill: float = 1.0) -> torch.Tensor:
 
 
 def crop_boxes(image: torch.Tensor, boxes) -> list:
-    """The white-padded square crops ``[S, S, C]`` of ``boxes`` (x0, y0, x1, y1 in pixels, clipped to
-    the image) from ``image`` ``[H, W, C]``."""
+    """The white-padded square crops ``[S, S, C]`` of ``boxes`` (x0, y0, x1, y1 in pixels, rounded and
+    clipped to the image) from ``image`` ``[H, W, C]``. A box that is empty after clipping (a detector
+    can return one outside the picture or of zero size) still counts as a detection: it becomes the
+    nearest 1-pixel crop, where MuDI's PIL code would fail on a zero-size image."""
+    import math
+
     h, w, _ = image.shape
     out = []
-    for x0, y0, x1, y1 in boxes:
-        x0, y0 = max(0, int(round(float(x0)))), max(0, int(round(float(y0))))
-        x1, y1 = min(w, int(round(float(x1)))), min(h, int(round(float(y1))))
-        if x1 <= x0 or y1 <= y0:
-            raise ValueError(f"boxes: ({x0}, {y0}, {x1}, {y1}) is empty inside the {w}x{h} image")
+    for box in boxes:
+        if len(box) != 4 or not all(math.isfinite(float(v)) for v in box):
+            raise ValueError(f"boxes: expected finite (x0, y0, x1, y1), got {tuple(box)}")
+        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+        x0, x1 = min(max(0, x0), w - 1), min(max(1, x1), w)
+        y0, y1 = min(max(0, y0), h - 1), min(max(1, y1), h)
+        x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
         out.append(pad_to_square(image[y0:y1, x0:x1]))
     return out
 

@@ -73,8 +73,12 @@ def test_crops_are_white_padded_squares():
     torch.testing.assert_close(crops[0][:, 5:25], img[5:35, 10:30])
     assert torch.all(crops[0][:, :5] == 1.0) and torch.all(crops[1][:25] == 1.0)
     assert pad_to_square(torch.zeros(3, 3, 3)).shape == (3, 3, 3)
-    with pytest.raises(ValueError, match="empty"):
-        crop_boxes(img, [(10, 10, 10, 20)])
+    # empty boxes (zero width, or outside the image) become the nearest 1-pixel crop
+    zero, outside = crop_boxes(img, [(10, 10, 10, 20), (70, -9, 90, -2)])
+    assert zero.shape == (10, 10, 3) and torch.equal(zero[:, 4:5], img[10:20, 10:11])
+    assert outside.shape == (1, 1, 3) and torch.equal(outside[0, 0], img[0, 59])
+    with pytest.raises(ValueError, match="finite"):
+        crop_boxes(img, [(0, 0, float("nan"), 5)])
 
 
 def test_bad_references():
