@@ -3,7 +3,6 @@ has a top-level ``nodes`` module, so the pack root is never put on ``sys.path``)
 for the integration tests (``COMFYUI_PATH``, or the pack sitting in ``custom_nodes/``)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -12,18 +11,8 @@ import pytest
 import torch
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
-PACK_NAME = "personalize_pack"
-
-
-def import_pack():
-    if PACK_NAME in sys.modules:
-        return sys.modules[PACK_NAME]
-    spec = importlib.util.spec_from_file_location(PACK_NAME, PACK_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(PACK_ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(PACK_ROOT / "tools"))
+from pack_import import import_pack  # noqa: E402  (the tests and benchmarks import it from here)
 
 
 def comfyui_root() -> Path | None:
