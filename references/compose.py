@@ -18,6 +18,12 @@ positions where the subject's mask overlaps an already placed subject's mask by 
 is drawn again, and after ``LAYOUT_ATTEMPTS`` layouts it is an error (subjects are never shrunk below
 the requested scale range). A random paste order decides who is on top (later on top); every pixel
 that no subject covers is the background colour (white, like Seg-Mix).
+
+``edges`` (Seg-Mix training only, not offered by the Subject Composer node; exactly two subjects):
+MuDI's collage layout. Subject 0 is left-aligned at ``x = U{1..edge_margin}``, subject 1
+right-aligned with a right margin ``U{1..edge_margin}`` (``edge_margin`` default ``width // 4``, 256
+at 1024), each at its own uniform y. The boxes may overlap; the random paste order decides who is
+on top there.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import torch
 from .masks import as_mask_batch, resize_plane
 
 PLACEMENTS = ("random", "left to right")
+EDGES = "edges"     # Seg-Mix training's two-subject layout (module docstring); not in the node's list
 BACKGROUNDS = {"white": 1.0, "black": 0.0}
 TRIES_PER_SUBJECT = 100
 LAYOUT_ATTEMPTS = 20
@@ -147,8 +154,10 @@ def check_compose_args(n: int, width: int, height: int, placement: str, scale_mi
         raise ValueError("subjects: no subjects to compose; connect at least one Subject node")
     if int(width) < 1 or int(height) < 1:
         raise ValueError(f"width/height: the canvas must be at least 1x1 px, got {width}x{height}")
-    if placement not in PLACEMENTS:
+    if placement not in PLACEMENTS and placement != EDGES:
         raise ValueError(f"placement: expected one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    if placement == EDGES and n != 2:
+        raise ValueError(f"placement: '{EDGES}' composes exactly two subjects, got {n}")
     if background not in BACKGROUNDS:
         raise ValueError(f"background: expected one of {', '.join(BACKGROUNDS)}, got {background!r}")
     if not (0.0 < scale_min <= scale_max <= 1.0):
@@ -166,10 +175,11 @@ def check_compose_args(n: int, width: int, height: int, placement: str, scale_mi
 
 def compose_subjects(subjects, width: int = 1024, height: int = 1024, placement: str = "random",
                      scale_min: float = 0.75, scale_max: float = 1.0, max_overlap: float = 0.0,
-                     background: str = "white", seed: int = 0, margin: float = 32) -> Composition:
+                     background: str = "white", seed: int = 0, margin: float = 32,
+                     edge_margin: int | None = None) -> Composition:
     """Paste ``subjects`` (a sequence of :class:`Subject`) on a ``width x height`` canvas (module
     docstring: geometry, placement, overlap). Deterministic for a given seed (a local generator;
-    the global RNG is never touched)."""
+    the global RNG is never touched). ``edge_margin``: only for the ``edges`` placement."""
     subjects = tuple(subjects or ())
     n = len(subjects)
     width, height = int(width), int(height)
@@ -206,6 +216,11 @@ def compose_subjects(subjects, width: int = 1024, height: int = 1024, placement:
         positions = []
         for i, (img, msk) in enumerate(pieces):
             nh, nw = msk.shape
+            if placement == EDGES:
+                em = max(1, int(width // 4 if edge_margin is None else edge_margin))
+                x = _randint(g, 1, em) if i == 0 else width - _randint(g, 1, em) - nw
+                positions.append((max(0, min(x, width - nw)), _randint(g, 0, height - nh)))
+                continue
             if placement == "left to right":
                 c0 = round(i * col_w)
                 c1 = round((i + 1) * col_w)
