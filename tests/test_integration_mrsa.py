@@ -201,7 +201,8 @@ def test_node_registration():
                    "PersonalizeMIPAdapterLoader", "PersonalizeMIPAdapterReference", "PersonalizeMIPAdapterApply",
                    "PersonalizeSubject", "PersonalizeSubjectComposer", "PersonalizeMeanShiftedNoise",
                    "PersonalizeEvalModelLoader", "PersonalizeCLIPScore", "PersonalizeDINOScore",
-                   "PersonalizeDetectCompareLoader", "PersonalizeDetectCompareSubject", "PersonalizeDetectCompare"]
+                   "PersonalizeDetectCompareLoader", "PersonalizeDetectCompareSubject", "PersonalizeDetectCompare",
+                   "PersonalizeApplyInfusion"]
     for n in asyncio.run(ext.get_node_list()):
         schema = n.define_schema()
         assert schema.category.startswith("personalize/") and schema.description

@@ -1,0 +1,122 @@
+"""Infusion at inference (docs/algorithms.md §6.1, §6.8): learned offsets on the cross-attention key
+and value of the concept token. Pure torch.
+
+At every cross-attention layer the offsets file has weights for, for the conditional rows only
+(``cond_or_uncond == 0``):
+
+    K = W_k ctx ;  K[p] += strength * Δk        (Δk absent in V-only files)
+    V = W_v ctx ;  V[p] += strength * Δv
+    out = softmax(Q Kᵀ / √d) V                  (the layer's ordinary attention, all tokens)
+
+``p`` is the concept token's position in the prompt's conditioning. ComfyUI repeats a shorter
+conditioning to the batch's token count (``repeat`` of the whole sequence), so the offset goes on
+``p + j L`` for every repeat ``j`` of the prompt's length ``L``: attention over a repeated sequence
+with equal offsets on every copy equals attention over one copy. The unconditional rows, the
+reference rows another technique appends, and FreeCure's foundation branch are left as they are.
+"""
+from __future__ import annotations
+
+import torch
+
+from .patch import BRANCH_KEY, COND, Technique, row_runs
+
+
+# --------------------------------------------------------------------------- kernel
+
+def concept_positions(n_tokens: int, position: int, prompt_length: int) -> list[int]:
+    """The token positions that carry the concept in a conditioning of ``n_tokens`` tokens made of
+    repeats of a prompt of ``prompt_length`` tokens whose concept token is ``position``."""
+    if prompt_length <= 0 or not 0 <= position < prompt_length:
+        raise ValueError(f"concept position {position} is outside a prompt of {prompt_length} tokens")
+    if n_tokens % prompt_length:
+        raise ValueError(f"Infusion: the conditioning has {n_tokens} tokens, but the prompt given to Apply Infusion "
+                         f"has {prompt_length}; give Apply Infusion the same prompt as your CLIP Text Encode")
+    return [position + j * prompt_length for j in range(n_tokens // prompt_length)]
+
+
+def infuse_kv(k: torch.Tensor, v: torch.Tensor, rows, positions, dk: torch.Tensor | None,
+              dv: torch.Tensor | None, strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k``, ``v`` ``[B, N, C]`` with ``strength * dk`` / ``strength * dv`` (``[C]``, None = no
+    offset) added at token ``positions`` of batch ``rows``. The sums are formed in at least float32
+    and rounded once to the input's dtype. The inputs are not modified (copies are returned where
+    an offset applies)."""
+    rows = sorted(int(r) for r in rows)
+    if not rows or not positions:
+        return k, v
+    pos = torch.as_tensor(list(positions), device=k.device, dtype=torch.long)
+
+    def add(x, d):
+        if d is None:
+            return x
+        dt = torch.promote_types(x.dtype, torch.float32)
+        delta = d.to(x.device, dt) * strength
+        x = x.clone()
+        for run in row_runs(rows):
+            x[run, pos] = (x[run, pos].to(dt) + delta).to(x.dtype)
+        return x
+
+    return add(k, dk), add(v, dv)
+
+
+# --------------------------------------------------------------------------- technique
+
+class InfusionAttention(Technique):
+    """The Infusion patch on the cross-attention layers of ``offsets``.
+
+    ``offsets``: ``{layer key: (Δk [C] or None, Δv [C])}``; ``position``: the concept token's index
+    in the prompt's conditioning, start token included; ``prompt_length``: that conditioning's token
+    count (77 per CLIP chunk); ``strength``: the multiplier on every offset (1 = the official model).
+    """
+
+    name = "Infusion"
+
+    def __init__(self, offsets: dict, position: int, prompt_length: int, strength: float = 1.0):
+        if not offsets:
+            raise ValueError("offsets: no cross-attention layers")
+        concept_positions(prompt_length, position, prompt_length)       # checks the position
+        self.offsets = {k: (None if dk is None else dk.detach().float().cpu(), dv.detach().float().cpu())
+                        for k, (dk, dv) in offsets.items()}
+        self.position = int(position)
+        self.prompt_length = int(prompt_length)
+        self.strength = float(strength)
+        self.attn2_keys = frozenset(self.offsets)
+        self._device: dict = {}
+
+    # -- technique protocol -------------------------------------------------------------
+    def active(self, sigma: float) -> bool:
+        return self.strength != 0.0
+
+    def active_at(self, layout, extra_options) -> bool:
+        return self.strength != 0.0
+
+    # -- attention ----------------------------------------------------------------------
+    def device_offsets(self, key, device):
+        ck = (key, str(device))
+        hit = self._device.get(ck)
+        if hit is None:
+            dk, dv = self.offsets[key]
+            hit = (None if dk is None else dk.to(device), dv.to(device))
+            self._device[ck] = hit
+        return hit
+
+    def cond_rows(self, q, extra_options, layout) -> list[int]:
+        branches = extra_options.get(BRANCH_KEY)
+        if branches is not None:
+            # FreeCure: the personalised rows only; its foundation branch runs without the concept.
+            return [] if branches.mode == "record" else branches.personal_rows(COND)
+        if layout is not None:
+            labels, n_target = layout.labels, layout.n_target
+        else:
+            labels, n_target = list(extra_options.get("cond_or_uncond") or [COND]), q.shape[0]
+        if not labels or n_target % len(labels):
+            return []
+        chunk = n_target // len(labels)
+        return [i for j, lab in enumerate(labels) if lab == COND for i in range(j * chunk, (j + 1) * chunk)]
+
+    def attn2(self, q, k, v, extra_options, *, inner, layout, key, subset_ok=False):
+        rows = self.cond_rows(q, extra_options, layout)
+        if rows:
+            dk, dv = self.device_offsets(key, k.device)
+            positions = concept_positions(k.shape[1], self.position, self.prompt_length)
+            k, v = infuse_kv(k, v, rows, positions, dk, dv, self.strength)
+        return inner(q, k, v, extra_options)
