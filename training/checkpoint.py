@@ -1,0 +1,493 @@
+"""Atomic files and training checkpoints (pure torch + safetensors; no ComfyUI).
+
+Every file the training writes goes through :func:`atomic_write_bytes`: a temporary file next to the
+target (its name carries the process id, so concurrent writers never share one), ``fsync``, then
+``os.replace`` and an ``fsync`` of the folder. A failed write (disk full, permission) removes the
+temporary file and leaves the previous file untouched.
+
+A checkpoint is ``state_dir/checkpoint.safetensors`` plus ``state_dir/checkpoint.json``. The
+safetensors file is self-contained: the job's tensors (``job.*``), the optimizer state flattened into
+tensors (``optim.*``), the RNG states (``rng.*``) and the loss history (``losses``), with the step, the
+config hash and a JSON index (optimizer hyper-parameters, non-tensor state, RNG extras) in its
+metadata. The JSON file is written after it and repeats the step, hash and tensor index for people
+and for the parent; a crash between the two writes leaves a newer safetensors file next to an older
+JSON file, so the loader trusts the safetensors metadata only.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as _st_save
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+INDEX_NAME = "checkpoint.json"
+FORMAT = "personalize-training-checkpoint/1"
+
+# job.json keys that may change between a run and its resume without changing what is trained.
+VOLATILE_KEYS = frozenset({"steps", "checkpoint_every", "validate_every", "device", "comfyui_path", "resume",
+                           "output", "state_dir", "threads"})
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (another run's settings, unreadable, beyond the step count)."""
+
+
+# =========================================================================== atomic files
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _write_file(fh, chunks) -> None:
+    """The one place bytes reach the disk (tests replace it to simulate a full disk): every chunk
+    (bytes or a buffer), then flush and fsync."""
+    for chunk in chunks:
+        fh.write(chunk)
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (a no-op where folders cannot be opened: Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _disk_error(exc: OSError, path: Path) -> OSError:
+    if exc.errno == errno.ENOSPC:
+        return OSError(errno.ENOSPC, f"no space left on the device while writing {path}; the previous "
+                                     f"file there (if any) is intact. Free some space and run again")
+    return exc
+
+
+def atomic_write_chunks(path, chunks) -> Path:
+    """Write the concatenation of ``chunks`` to ``path`` atomically: readers see the old file or the
+    new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            _write_file(fh, chunks)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise _disk_error(exc, path) from exc
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    return atomic_write_chunks(path, [data])
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"),
+                     ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        _ST_DTYPES[getattr(torch, _attr)] = _name
+
+
+def safetensors_chunks(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> list:
+    """The safetensors file of ``tensors`` (CPU) as a header and one buffer per tensor, without
+    copying the data into one big bytes object (the write streams it, releasing the GIL)."""
+    if sys.byteorder != "little":
+        data = _st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+        return [data]
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    bufs, offset = [], 0
+    for name, t in tensors.items():
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"cannot store {t.dtype} ({name}) in safetensors")
+        flat = t.contiguous().reshape(-1)
+        buf = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
+        n = flat.numel() * flat.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        bufs.append(buf)
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    return [len(head).to_bytes(8, "little"), head] + bufs
+
+
+def atomic_save_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file`` made atomic (tensors are moved to the CPU and made contiguous)."""
+    return atomic_write_chunks(path, safetensors_chunks(tensors, metadata))
+
+
+def remove_stale_temp_files(folder, prefix: str = ".") -> None:
+    """Delete ``<prefix>*.tmp`` files in ``folder`` that a killed writer left behind (call while
+    holding the folder's lock, so no live writer owns them)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(prefix) and p.name.endswith(".tmp") and p.is_file():
+                _remove_quietly(p)
+
+
+def finish_atomic(tmp, path) -> Path:
+    """Move a finished temporary file (written by someone else, e.g. a job's ``save_final``) into
+    place: ``fsync`` it, ``os.replace``, ``fsync`` the folder. Removes ``tmp`` on failure."""
+    tmp, path = Path(tmp), Path(path)
+    try:
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise _disk_error(exc, path) from exc
+    fsync_dir(path.parent)
+    return path
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# =========================================================================== output names
+
+_BAD_CHARS = set('/\\:*?"<>|\0')
+
+
+def output_path(models_dir, name: str, ext: str) -> Path:
+    """The file ``<models_dir>/<name><ext>`` for a user-given output name, or a ``ValueError`` that
+    says why the name is refused: empty, a path (``/``, ``\\``, a drive ``:``), ``..``, a hidden
+    name (leading ``.``), characters Windows forbids, or anything that would land outside
+    ``models_dir``. ``ext`` (``".safetensors"``) is added unless the name already ends with it."""
+    if not isinstance(name, str):
+        raise ValueError(f"output name must be a string, not {type(name).__name__}")
+    clean = name.strip()
+    if not clean:
+        raise ValueError("output name is empty: give the file a name (letters, digits, '-', '_')")
+    bad = sorted({c for c in clean if c in _BAD_CHARS or ord(c) < 32})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        raise ValueError(f"output name {name!r} contains {shown}: give a plain file name, not a path "
+                         f"(the file is always written to {models_dir})")
+    if ".." in clean:
+        raise ValueError(f"output name {name!r} contains '..': give a plain file name")
+    if clean.startswith("."):
+        raise ValueError(f"output name {name!r} starts with '.': give a plain, visible file name")
+    ext = ext if not ext or ext.startswith(".") else "." + ext
+    fname = clean if ext and clean.lower().endswith(ext.lower()) else clean + ext
+    root = Path(os.path.abspath(models_dir))
+    target = Path(os.path.abspath(root / fname))
+    if target.parent != root or os.path.isabs(clean):
+        raise ValueError(f"output name {name!r} would be written outside {root}")
+    return target
+
+
+# =========================================================================== config hash
+
+def config_hash(config: dict, ignore=VOLATILE_KEYS, extra: str | None = None) -> str:
+    """A stable hash of what a run trains: ``config`` without the keys in ``ignore`` (step count,
+    intervals, paths, device), plus ``extra`` (a job's fingerprint of its data). Key order does not
+    matter; tuples hash as lists."""
+    kept = {k: v for k, v in config.items() if k not in ignore}
+    text = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
+    h = hashlib.sha256(text.encode("utf-8"))
+    if extra:
+        h.update(b"\0" + extra.encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+def file_digest(path, chunk: int = 1 << 20) -> str | None:
+    """sha256 of a file's bytes (``None`` when it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# =========================================================================== optimizer state
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return {"__tuple__": [_jsonable(v) for v in value]}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint index")
+
+
+def _unjson(value):
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_unjson(v) for v in value["__tuple__"])
+        return {k: _unjson(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unjson(v) for v in value]
+    return value
+
+
+def optimizer_to_tensors(state_dict: dict, prefix: str = "optim.") -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten ``optimizer.state_dict()``: every tensor becomes ``<prefix>state.<param>.<key>`` (or
+    ``<prefix>group.<i>.<key>`` for a tensor hyper-parameter), everything else goes into the returned
+    JSON-able index."""
+    tensors: dict[str, torch.Tensor] = {}
+    state_index: dict[str, dict] = {}
+    for pid, entry in state_dict["state"].items():
+        plain = {}
+        for key, val in entry.items():
+            if torch.is_tensor(val):
+                tensors[f"{prefix}state.{pid}.{key}"] = val
+            else:
+                plain[key] = _jsonable(val)
+        state_index[str(pid)] = {"tensors": sorted(k for k, v in entry.items() if torch.is_tensor(v)),
+                                 "values": plain}
+    groups = []
+    for i, group in enumerate(state_dict["param_groups"]):
+        g = {}
+        tensor_keys = []
+        for key, val in group.items():
+            if torch.is_tensor(val):
+                tensors[f"{prefix}group.{i}.{key}"] = val
+                tensor_keys.append(key)
+            else:
+                g[key] = _jsonable(val)
+        groups.append({"values": g, "tensors": tensor_keys})
+    return tensors, {"state": state_index, "param_groups": groups}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], index: dict, prefix: str = "optim.") -> dict:
+    """The inverse of :func:`optimizer_to_tensors`: a dict ``optimizer.load_state_dict`` accepts."""
+    state = {}
+    for pid, entry in index["state"].items():
+        vals = {k: _unjson(v) for k, v in entry["values"].items()}
+        for key in entry["tensors"]:
+            vals[key] = tensors[f"{prefix}state.{pid}.{key}"]
+        state[int(pid)] = vals
+    groups = []
+    for i, entry in enumerate(index["param_groups"]):
+        g = {k: _unjson(v) for k, v in entry["values"].items()}
+        for key in entry["tensors"]:
+            g[key] = tensors[f"{prefix}group.{i}.{key}"]
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+# =========================================================================== RNG state
+
+def rng_state(prefix: str = "rng.") -> tuple[dict[str, torch.Tensor], dict]:
+    """The global RNG states: torch's CPU generator, every CUDA device's (only when CUDA is already
+    initialised, so a CPU run never starts it), Python's ``random`` and NumPy's legacy global
+    generator. Returns (tensors, JSON-able extras)."""
+    tensors = {f"{prefix}torch_cpu": torch.get_rng_state()}
+    extras: dict[str, Any] = {}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"{prefix}cuda.{i}"] = s
+        extras["cuda_devices"] = torch.cuda.device_count()
+    version, internal, gauss = random.getstate()
+    tensors[f"{prefix}python"] = torch.tensor(internal, dtype=torch.int64)
+    extras["python"] = {"version": version, "gauss_next": gauss}
+    if "numpy" in sys.modules:
+        import numpy as np
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        tensors[f"{prefix}numpy"] = torch.from_numpy(keys.astype(np.int64))
+        extras["numpy"] = {"name": name, "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+    return tensors, extras
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], extras: dict, prefix: str = "rng.") -> None:
+    """Restore what :func:`rng_state` saved (CUDA states only for devices that exist here)."""
+    if f"{prefix}torch_cpu" in tensors:
+        torch.set_rng_state(tensors[f"{prefix}torch_cpu"].to(torch.uint8))
+    cuda = [tensors[f"{prefix}cuda.{i}"] for i in range(extras.get("cuda_devices", 0)) if f"{prefix}cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        for i, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.to(torch.uint8), i)
+    if f"{prefix}python" in tensors and "python" in extras:
+        py = extras["python"]
+        random.setstate((py["version"], tuple(int(x) for x in tensors[f"{prefix}python"].tolist()), py["gauss_next"]))
+    if f"{prefix}numpy" in tensors and "numpy" in extras:
+        import numpy as np
+        npx = extras["numpy"]
+        np.random.set_state((npx["name"], tensors[f"{prefix}numpy"].numpy().astype(np.uint32), npx["pos"],
+                             npx["has_gauss"], npx["cached"]))
+
+
+# =========================================================================== checkpoints
+
+@dataclass
+class Checkpoint:
+    step: int
+    config_hash: str
+    job_tensors: dict[str, torch.Tensor]
+    optimizer_state: dict | None
+    rng_tensors: dict[str, torch.Tensor]
+    rng_extras: dict
+    losses: list[float]
+    path: Path
+    info: dict = field(default_factory=dict)
+
+    def restore_rng(self) -> None:
+        set_rng_state(self.rng_tensors, self.rng_extras)
+
+
+def checkpoint_paths(state_dir) -> tuple[Path, Path]:
+    state_dir = Path(state_dir)
+    return state_dir / CHECKPOINT_NAME, state_dir / INDEX_NAME
+
+
+def snapshot_tensors(tensors: dict[str, torch.Tensor], pinned: dict | None = None):
+    """Copies of ``tensors`` on the CPU that later in-place updates do not reach: CPU tensors are
+    cloned; CUDA tensors are copied without waiting into page-locked buffers (kept in ``pinned``
+    between calls, reused when the shape and dtype match) when ``pinned`` is given, else copied
+    synchronously. Returns (copies, a CUDA event to ``synchronize()`` before reading them, or None)."""
+    out, cuda = {}, False
+    for name, t in tensors.items():
+        t = t.detach()
+        if t.is_cuda and pinned is not None:
+            buf = pinned.get(name)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                pinned[name] = buf
+            buf.copy_(t, non_blocking=True)
+            out[name], cuda = buf, True
+        elif t.is_cuda:
+            out[name] = t.to("cpu")
+        else:
+            out[name] = t.clone(memory_format=torch.contiguous_format)
+    event = None
+    if cuda:
+        event = torch.cuda.Event()
+        event.record()
+    return out, event
+
+
+@dataclass
+class CheckpointPayload:
+    """A checkpoint captured in memory (:func:`checkpoint_payload`), ready for :func:`write_checkpoint`
+    (which may run in another thread while training goes on)."""
+    step: int
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    summary: dict
+    ready: Any = None                 # a CUDA event: the device-to-host copies are done
+
+    def wait_ready(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+
+
+def checkpoint_payload(step: int, config_hash_: str, job_tensors: dict[str, torch.Tensor],
+                       optimizer: torch.optim.Optimizer | dict | None = None, losses=(), rng: bool = True,
+                       info: dict | None = None, pinned: dict | None = None) -> CheckpointPayload:
+    """Capture the checkpoint of ``step`` (steps done): ``job_tensors`` (the job's own state:
+    trainable weights, its generators), the optimizer (or its ``state_dict()``) flattened, the
+    global RNG states, ``losses`` (every step's loss so far) and ``info`` (JSON-able facts). Every
+    tensor is copied (:func:`snapshot_tensors`), so training may go on at once."""
+    tensors = {f"job.{k}": v for k, v in job_tensors.items()}
+    index: dict[str, Any] = {"format": FORMAT, "step": int(step), "config_hash": config_hash_,
+                             "info": _jsonable(dict(info or {}))}
+    if optimizer is not None:
+        sd = optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer
+        opt_tensors, index["optimizer"] = optimizer_to_tensors(sd)
+        tensors.update(opt_tensors)
+    if rng:
+        rng_t, index["rng"] = rng_state()
+        tensors.update(rng_t)
+    tensors["losses"] = torch.tensor([float(x) for x in losses], dtype=torch.float64)
+    tensors, ready = snapshot_tensors(tensors, pinned)
+    meta = {"format": FORMAT, "step": str(int(step)), "config_hash": config_hash_,
+            "index": json.dumps(index, sort_keys=True)}
+    summary = dict(index)
+    summary["tensors"] = {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
+                          for k, v in sorted(tensors.items())}
+    return CheckpointPayload(int(step), tensors, meta, summary, ready)
+
+
+def write_checkpoint(state_dir, payload: CheckpointPayload) -> Path:
+    """Write a captured checkpoint atomically: the safetensors file, then the JSON file. On a failed
+    write (``OSError``; a full disk gives a message that says so) the previous checkpoint stays as
+    it was and no temporary file is left."""
+    st_path, json_path = checkpoint_paths(state_dir)
+    payload.wait_ready()
+    atomic_save_safetensors(st_path, payload.tensors, payload.metadata)
+    atomic_write_text(json_path, json.dumps(payload.summary, indent=1, sort_keys=True))
+    return st_path
+
+
+def save_checkpoint(state_dir, step: int, config_hash_: str, job_tensors: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | dict | None = None, losses=(), rng: bool = True,
+                    info: dict | None = None) -> Path:
+    """:func:`checkpoint_payload` + :func:`write_checkpoint`, in the calling thread."""
+    return write_checkpoint(state_dir, checkpoint_payload(step, config_hash_, job_tensors, optimizer, losses, rng,
+                                                          info))
+
+
+def load_checkpoint(state_dir, device: str | torch.device = "cpu") -> Checkpoint | None:
+    """The checkpoint in ``state_dir`` (``None`` when there is none). Trusts the safetensors file's
+    own metadata (the JSON file may be one checkpoint older after a crash). Job tensors are put on
+    ``device``; optimizer and RNG tensors stay on the CPU (``optimizer.load_state_dict`` moves them)."""
+    st_path, _ = checkpoint_paths(state_dir)
+    if not st_path.is_file():
+        return None
+    try:
+        with safe_open(str(st_path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001  (a damaged file: say which)
+        raise CheckpointError(f"cannot read the checkpoint {st_path}: {exc}. Delete it (or train with "
+                              f"resume: false) to start over") from exc
+    if meta.get("format") != FORMAT or "index" not in meta:
+        raise CheckpointError(f"{st_path} is not a training checkpoint of this pack (format "
+                              f"{meta.get('format')!r}); delete it or train with resume: false")
+    index = json.loads(meta["index"])
+    step = int(meta["step"])
+    job = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("job.")}
+    opt = optimizer_from_tensors(tensors, index["optimizer"]) if "optimizer" in index else None
+    rng_t = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    losses = tensors["losses"].tolist() if "losses" in tensors else []
+    return Checkpoint(step=step, config_hash=meta.get("config_hash", ""), job_tensors=job, optimizer_state=opt,
+                      rng_tensors=rng_t, rng_extras=index.get("rng", {}), losses=losses, path=st_path,
+                      info=_unjson(index.get("info", {})))
+
+
+def remove_checkpoint(state_dir) -> None:
+    """Delete the checkpoint pair (a fresh start with ``resume: false``)."""
+    for p in checkpoint_paths(state_dir):
+        _remove_quietly(p)
