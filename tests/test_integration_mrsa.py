@@ -202,7 +202,8 @@ def test_node_registration():
                    "PersonalizeSubject", "PersonalizeSubjectComposer", "PersonalizeMeanShiftedNoise",
                    "PersonalizeEvalModelLoader", "PersonalizeCLIPScore", "PersonalizeDINOScore",
                    "PersonalizeDetectCompareLoader", "PersonalizeDetectCompareSubject", "PersonalizeDetectCompare",
-                   "PersonalizeApplyInfusion"]
+                   "PersonalizeApplyInfusion",
+                   "PersonalizeSegMixDataset", "PersonalizeTrainSegMixLoRA", "PersonalizeTrainInfusion"]
     for n in asyncio.run(ext.get_node_list()):
         schema = n.define_schema()
         assert schema.category.startswith("personalize/") and schema.description
