@@ -608,3 +608,206 @@ def test_mudi_gamma_zero_equals_random_noise(tiny_models_dir, temp_dir, tmp_path
     assert a.std() > 1.0
     np.testing.assert_array_equal(a, b)
     assert np.abs(_rgb(shifted) - a).max() > 1.0
+
+
+# --- the MuDI training example: Seg-Mix Dataset x2 -> Train Seg-Mix LoRA -> core Load LoRA -> KSampler -----
+
+MUDI_TRAIN_WORKFLOW = PACK_ROOT / "workflows" / "personalize_mudi_train_segmix_lora.json"
+MUDI_TRAIN_LORA = "mudi_cat_dog.safetensors"
+MUDI_TRAIN_SIZE = 64
+MUDI_TRAIN_OVERRIDES = {"CheckpointLoaderSimple.ckpt_name": TINY_SD15,
+                        # two AdamW steps at MuDI's 1e-4 move the LoRA too little to show in an 8-bit picture
+                        "PersonalizeTrainSegMixLoRA.steps": 2, "PersonalizeTrainSegMixLoRA.learning_rate": 1e-2,
+                        "PersonalizeTrainSegMixLoRA.resolution": 64,
+                        "PersonalizeTrainSegMixLoRA.validate_every": 2, "PersonalizeTrainSegMixLoRA.checkpoint_every": 1,
+                        "EmptyLatentImage.width": MUDI_TRAIN_SIZE, "EmptyLatentImage.height": MUDI_TRAIN_SIZE,
+                        "KSampler.steps": 2}
+TRAIN_TITLES = ("Loss curve", "Validation images", "Training report")
+
+
+@pytest.fixture
+def mudi_train_workflow():
+    return json.loads(MUDI_TRAIN_WORKFLOW.read_text(encoding="utf-8"))
+
+
+def _link(wf, link_id):
+    return next(lk for lk in wf["links"] if lk[0] == link_id)
+
+
+def _input_link(wf, node, name):
+    """(origin node id, origin slot) of the link into ``node``'s input ``name``."""
+    slot = next(i for i in node["inputs"] if i["name"] == name)
+    lk = _link(wf, slot["link"])
+    return lk[1], lk[2]
+
+
+def test_mudi_train_workflow_is_ui_format(mudi_train_workflow):
+    wf = mudi_train_workflow
+    assert_ui_format(wf, MUDI_TRAIN_WORKFLOW)
+    assert [g["title"][:2] for g in wf["groups"]] == ["1.", "2.", "3."]
+    assert all(n["mode"] == 0 for n in wf["nodes"])
+    ckpt = node_by_type(wf, "CheckpointLoaderSimple")
+    assert ckpt["widgets_values"] == ["sd_xl_base_1.0.safetensors"]
+
+    # 1. two chained Seg-Mix Dataset nodes on the shipped photos and masks (red channel), default identifier
+    cat, dog = (node_by_title(wf, f"Seg-Mix Dataset (MuDI): {p}") for p in ("olis cat", "hta dog"))
+    assert cat["widgets_values"] == ["olis cat", "a photo of {}", ""]
+    assert dog["widgets_values"] == ["hta dog", "a photo of {}", ""]
+    assert next(i for i in cat["inputs"] if i["name"] == "dataset")["link"] is None
+    assert _input_link(wf, dog, "dataset") == (cat["id"], 0)
+    for ds, name, photo in ((cat, "cat", "personalize_cat_04"), (dog, "dog", "personalize_dog6_02")):
+        img = next(n for n in wf["nodes"] if n["id"] == _input_link(wf, ds, "images")[0])
+        assert img["widgets_values"][0] == f"{photo}.jpg"
+        to_mask = next(n for n in wf["nodes"] if n["id"] == _input_link(wf, ds, "masks")[0])
+        assert to_mask["type"] == "ImageToMask" and to_mask["widgets_values"] == ["red"]
+        msk = next(n for n in wf["nodes"] if n["id"] == _input_link(wf, to_mask, "image")[0])
+        assert msk["widgets_values"][0] == f"{photo}_mask.jpg"
+    shipped = {p.name for p in (PACK_ROOT / "workflows" / "inputs").iterdir()}
+    assert {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LoadImage"} <= shipped
+
+    # 2. MuDI's settings except the steps; previews of the loss curve, the validation images and the report
+    train = node_by_type(wf, "PersonalizeTrainSegMixLoRA")
+    assert train["widgets_values"] == ["mudi_cat_dog", 300, 32, 1e-4, 0.3, 0.75, 1.0, "dco", 1000.0, 1024, 1, True,
+                                       42, "fixed", "a photo of olis cat and hta dog, simple background", 100, 100, 1]
+    assert _input_link(wf, train, "dataset") == (dog["id"], 0)
+    for name, slot in (("model", 0), ("clip", 1), ("vae", 2)):
+        assert _input_link(wf, train, name) == (ckpt["id"], slot)
+    for title, slot in zip(TRAIN_TITLES, (2, 3, 4)):
+        preview = node_by_title(wf, title)
+        assert preview["type"] == ("PreviewAny" if slot == 4 else "PreviewImage")
+        assert _input_link(wf, preview, preview["inputs"][0]["name"]) == (train["id"], slot)
+    notes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note"]
+    assert any("2010" in t and "300" in t and "gradient checkpointing" in t and "memory" in t for t in notes)
+    assert any("Mean-Shifted Noise" in t and "models/loras" in t for t in notes)
+
+    # 3. core Load LoRA: lora_name from the training node's first output, MODEL and CLIP from the checkpoint
+    lora = node_by_type(wf, "LoraLoader")
+    assert lora["widgets_values"] == [MUDI_TRAIN_LORA, 1.0, 1.0]
+    assert _input_link(wf, lora, "lora_name") == (train["id"], 0)
+    assert train["outputs"][0]["name"] == "lora_name" and train["outputs"][0]["type"] == "COMBO"
+    assert _input_link(wf, lora, "model") == (ckpt["id"], 0) and _input_link(wf, lora, "clip") == (ckpt["id"], 1)
+    ks = node_by_type(wf, "KSampler")
+    assert _input_link(wf, ks, "model") == (lora["id"], 0)
+    assert ks["widgets_values"] == [42, "fixed", 30, 5.0, "euler", "normal", 1.0]
+    assert node_by_title(wf, "Prompt")["widgets_values"] == ["a photo of olis cat and hta dog sitting together on a sofa"]
+    assert _input_link(wf, node_by_title(wf, "Prompt"), "clip") == (lora["id"], 1)
+    assert node_by_type(wf, "EmptyLatentImage")["widgets_values"] == [1024, 1024, 1]
+    assert node_by_type(wf, "SaveImage")["widgets_values"] == ["personalize_mudi_lora"]
+
+
+def _lora_link_type_ok() -> bool:
+    """Whether ComfyUI's validation accepts the training node's lora_name output in core LoraLoader's
+    lora_name input (the check execution.validate_inputs makes for every linked input)."""
+    import nodes
+    from comfy_execution.validation import validate_node_input
+    received = nodes.NODE_CLASS_MAPPINGS["PersonalizeTrainSegMixLoRA"].RETURN_TYPES[0]
+    return validate_node_input(received, nodes.LoraLoader.INPUT_TYPES()["required"]["lora_name"][0])
+
+
+@needs_comfyui
+def test_mudi_train_lora_name_link_passes_validation(tiny_models_dir, loras_dir):
+    """Core LoraLoader declares lora_name with the file list as its type; the training node's first
+    return type is that live list, so ComfyUI's validation accepts the link, also for a file written
+    after the node was loaded."""
+    assert _lora_link_type_ok()
+    (loras_dir / "written_later.safetensors").write_bytes(b"")
+    import folder_paths
+    folder_paths.filename_list_cache.pop("loras", None)
+    assert _lora_link_type_ok()
+
+
+@pytest.fixture
+def loras_dir(tmp_path):
+    """A fresh models/loras folder, ComfyUI's default for the test (Train Seg-Mix LoRA writes into the
+    first one); the folder list and its file list cache are restored after."""
+    import folder_paths
+    path = tmp_path / "loras"
+    path.mkdir()
+    before = folder_paths.get_folder_paths("loras")
+    folder_paths.add_model_folder_path("loras", str(path), is_default=True)
+    folder_paths.filename_list_cache.pop("loras", None)
+    yield path
+    folder_paths.folder_names_and_paths["loras"][0][:] = before
+    folder_paths.filename_list_cache.pop("loras", None)
+
+
+@needs_comfyui
+def test_mudi_train_workflow_runs_headless(tiny_models_dir, loras_dir, temp_dir, tmp_path, mudi_train_workflow,
+                                           monkeypatch):
+    """The whole training example on the tiny SD1.5 checkpoint (SDXL is only the workflow's default):
+    2 training steps at 64 px in the training child, a validation image after the second, then core's Load LoRA
+    with the new file and a 64 px picture. The LoRA lands in the (temporary) models/loras, Load LoRA
+    receives exactly its name, and the picture differs from the same graph without the LoRA."""
+    import folder_paths
+    import nodes
+    wf = mudi_train_workflow
+    ids = {n.get("title") or n["type"]: n["id"] for n in wf["nodes"]}
+    train_id, lora_id = (str(node_by_type(wf, t)["id"]) for t in ("PersonalizeTrainSegMixLoRA", "LoraLoader"))
+    ckpt = str(node_by_type(wf, "CheckpointLoaderSimple")["id"])
+
+    # the converted prompt: Load LoRA's lora_name is the training node's first output, not the saved value
+    prompt = rw.ui_to_api(wf, rw.live_schemas({n["type"] for n in wf["nodes"]}))
+    lora_inputs = prompt[lora_id]["inputs"]
+    assert lora_inputs == {"lora_name": [train_id, 0], "strength_model": 1.0, "strength_clip": 1.0,
+                           "model": [ckpt, 0], "clip": [ckpt, 1]}
+    assert prompt[train_id]["inputs"]["output_name"] == "mudi_cat_dog"
+
+    assert _lora_link_type_ok()
+    received = []
+    real_load_lora = nodes.LoraLoader.load_lora
+
+    def spy(self, model, clip, lora_name, strength_model, strength_clip):
+        received.append((lora_name, strength_model, strength_clip, folder_paths.get_full_path("loras", lora_name)))
+        return real_load_lora(self, model, clip, lora_name, strength_model, strength_clip)
+    monkeypatch.setattr(nodes.LoraLoader, "load_lora", spy)
+
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(wf), encoding="utf-8")
+    out_dir, in_dir = tmp_path / "out", tmp_path / "in"
+    outputs = rw.run_workflow(path, ROOT, output_dir=out_dir, models_dir=tiny_models_dir, input_dir=in_dir,
+                              overrides=MUDI_TRAIN_OVERRIDES, log=lambda msg: None)
+    assert sorted(p.name for p in in_dir.iterdir()) == sorted(MUDI_INPUTS)
+
+    # the LoRA is in the temporary models/loras, and Load LoRA got exactly that file
+    assert sorted(p.name for p in loras_dir.iterdir()) == [MUDI_TRAIN_LORA]
+    assert received == [(MUDI_TRAIN_LORA, 1.0, 1.0, str(loras_dir / MUDI_TRAIN_LORA))]
+    # the training's job folder went to the (temporary) output folder, with its validation image
+    job = out_dir / "personalize_training" / "mudi_cat_dog"
+    assert [p.name for p in job.glob("preview_*.png")] == ["preview_000002.png"]
+
+    # the training previews: the loss curve, the validation image at the training size, the report
+    (curve,) = _images(outputs, ids["Loss curve"], "temp")
+    assert _rgb(temp_dir / curve.get("subfolder", "") / curve["filename"]).std() > 1.0
+    (shown,) = _images(outputs, ids["Validation images"], "temp")
+    validation = _rgb(temp_dir / shown.get("subfolder", "") / shown["filename"])
+    assert validation.shape == (64, 64, 3) and validation.std() > 1.0
+    report = outputs[str(ids["Training report"])]["text"][0]
+    assert report.startswith("Seg-Mix LoRA: ") and MUDI_TRAIN_LORA in report and "2 steps" in report
+
+    # the picture
+    saved = [item for out in outputs.values() for item in out.get("images", []) if item.get("type") == "output"]
+    assert len(saved) == 1 and saved[0]["filename"].startswith("personalize_mudi_lora")
+    with_lora = _rgb(out_dir / saved[0].get("subfolder", "") / saved[0]["filename"])
+    assert with_lora.shape == (MUDI_TRAIN_SIZE, MUDI_TRAIN_SIZE, 3) and with_lora.std() > 1.0
+
+    # the same graph without the LoRA (Load LoRA bypassed; the training and its previews muted, no second
+    # training run): the same seed and prompt give another picture, so the trained LoRA changes it
+    plain = copy.deepcopy(wf)
+    for n in plain["nodes"]:
+        if n["type"] == "LoraLoader":
+            n["mode"] = 4
+        elif n["type"] in ("PersonalizeTrainSegMixLoRA", "PersonalizeSegMixDataset", "LoadImage", "ImageToMask") \
+                or n.get("title") in TRAIN_TITLES:
+            n["mode"] = 2
+    path = tmp_path / "plain.json"
+    path.write_text(json.dumps(plain), encoding="utf-8")
+    outputs = rw.run_workflow(path, ROOT, output_dir=tmp_path / "out_plain", models_dir=tiny_models_dir,
+                              input_dir=in_dir, log=lambda msg: None,
+                              overrides={k: v for k, v in MUDI_TRAIN_OVERRIDES.items()
+                                         if not k.startswith("PersonalizeTrainSegMixLoRA.")})
+    assert len(received) == 1                                             # Load LoRA did not run
+    (item,) = [i for out in outputs.values() for i in out.get("images", []) if i.get("type") == "output"]
+    without = _rgb(tmp_path / "out_plain" / item.get("subfolder", "") / item["filename"])
+    assert without.shape == with_lora.shape and without.std() > 1.0
+    diff = np.abs(with_lora - without)
+    assert diff.max() > 8.0 and diff.mean() > 0.5, (diff.max(), diff.mean())

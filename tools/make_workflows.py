@@ -236,6 +236,82 @@ NOTE_MUDI_SCORE = "\n\n".join([
     "(shown as text below) and in the matrices output (JSON: boxes, box-vs-subject and ground-truth matrices).",
 ])
 
+# MuDI's Seg-Mix LoRA trained on the same cat + dog, then used through core's Load LoRA. The training settings
+# are MuDI's (train_segmix_lora_sdxl.py: rank 32, lr 1e-4, Seg-Mix 0.3 at 0.75-1.0 scale, DCO beta 1000, 1024,
+# batch 1, seed 42) except the steps: MuDI trains 2010, the example ships a short run. The phrases are MuDI's
+# style (a rare word + the class). Sampling as the compose-and-score example: SDXL, euler, 30 steps, cfg 5.
+MUDI_TRAIN = dict(
+    stem="personalize_mudi_train_segmix_lora",
+    checkpoint="sd_xl_base_1.0.safetensors",
+    output_name="mudi_cat_dog",
+    subjects=[("cat", "olis cat", "personalize_cat_04.jpg", "personalize_cat_04_mask.jpg"),
+              ("dog", "hta dog", "personalize_dog6_02.jpg", "personalize_dog6_02_mask.jpg")],
+    captions="a photo of {}",
+    train=dict(steps=300, rank=32, learning_rate=1e-4, segmix_prob=0.3, scale_min=0.75, scale_max=1.0, loss="dco",
+               dco_beta=1000.0, resolution=1024, batch_size=1, gradient_checkpointing=True, seed=42,
+               validation_prompt="a photo of olis cat and hta dog, simple background", validate_every=100,
+               checkpoint_every=100, gpus=1),
+    mudi_steps=2010,
+    prompt="a photo of olis cat and hta dog sitting together on a sofa",
+    negative="monochrome, lowres, bad anatomy, worst quality, low quality",
+    seed=42, steps=30, cfg=5.0, sampler="euler", scheduler="normal", size=1024,
+)
+
+NOTE_MUDI_TRAIN = "\n\n".join([
+    "MuDI: train a Seg-Mix LoRA of two subjects, then use it (Personalize)",
+    "Teaches the model the cat and the dog of the two photos as \"olis cat\" and \"hta dog\" with MuDI's Seg-Mix "
+    "LoRA training, then generates \"a photo of olis cat and hta dog sitting together on a sofa\" with the trained "
+    "file through core's Load LoRA. Everything runs in one queue: the training first, then the picture.",
+    "1. Subjects: each Seg-Mix Dataset (MuDI) node takes the subject's photos, their masks (FreeCustom's masks, red "
+    "channel), a placeholder phrase (a rare word and the class, as MuDI writes them) and the captions ('{}' is the "
+    "phrase: \"a photo of olis cat\"); the identifier is the phrase's first word unless given. The two nodes are "
+    "chained. One photo per subject keeps the example small; with your own subjects batch 3-10 photos per node "
+    "(and as many masks).",
+    "2. Training (see its note): Train Seg-Mix LoRA (MuDI) with MuDI's settings; the LoRA goes to "
+    "ComfyUI/models/loras/mudi_cat_dog.safetensors. Its previews show the loss curve, the validation images and "
+    "the report.",
+    "3. Picture: the training node's lora_name output feeds Load LoRA (strength 1.0 / 1.0), so the sampler waits "
+    "for the training and uses the new file; SDXL, euler, 30 steps, cfg 5, 1024x1024. Write the phrases into the "
+    "prompt.",
+    "Models: an SDXL checkpoint (sd_xl_base_1.0.safetensors or an SDXL fine-tune) in ComfyUI/models/checkpoints/. "
+    "Nothing else to download: the LoRA is what this workflow makes.",
+    "Inputs: the four example images ship in this pack's workflows/inputs/ folder; copy them into ComfyUI/input/ "
+    "(tools/run_workflow.py does it for you). Credits and licenses: workflows/inputs/CREDITS.md.",
+])
+
+NOTE_MUDI_TRAIN_RUN = "\n\n".join([
+    "The training run (MuDI's settings, a shorter run)",
+    "MuDI's recipe: LoRA rank 32 on every attention projection of the UNet, AdamW at a constant 1e-4, Seg-Mix "
+    "with probability 0.3 (a step trains on a collage of both cut-out subjects, \"a photo of a olis cat and a hta "
+    "dog, simple background.\", the loss inside the subjects; scales 0.75-1.0), the DCO loss (beta 1000) instead "
+    "of prior preservation, 1024 px, batch 1, seed 42. The example photos are 512 px and are upscaled to the "
+    "training size; for your own subjects use photos of at least that size.",
+    "MuDI trains 2010 steps. This example ships 300 so that a first try finishes; set steps to 2010 for MuDI's "
+    "full run. Queueing again with the same output name and more steps continues from the last checkpoint "
+    "(every 100 steps) instead of starting over.",
+    "Time and memory: the training runs in a separate process (ComfyUI stays responsive; Cancel stops it at the "
+    "next step). Every step runs SDXL's UNet forward and backward at 1024 px plus one forward without the LoRA "
+    "for DCO, so it needs a CUDA GPU; gradient checkpointing (on) keeps the memory low at about 30 % more time. "
+    "Count minutes to tens of minutes for 300 steps on a recent GPU and about 7x that for 2010. Out of memory: "
+    "lower resolution to 768 or 512. Disk: the job folder ComfyUI/output/personalize_training/mudi_cat_dog/ holds "
+    "a copy of the UNet weights (about 5 GB for SDXL), the checkpoints and the previews; delete it when done.",
+    "Validation: every 100 steps the model as trained so far draws \"a photo of olis cat and hta dog, simple "
+    "background\" (euler, 20 steps, cfg 5, at the training size); they appear in Validation images when the run "
+    "ends and on the node while it runs. validate_every 0 turns them off (faster).",
+])
+
+NOTE_MUDI_TRAIN_USE = "\n\n".join([
+    "Using the trained LoRA",
+    "The file stays in ComfyUI/models/loras/ (mudi_cat_dog.safetensors): for later pictures select it in any "
+    "Load LoRA and skip the training (delete or bypass the Train node and set Load LoRA's lora_name by hand). "
+    "Queueing this workflow again with the same output name continues the same training (more steps) or, when "
+    "it is complete, just writes the file again; to train with other settings or photos, give another output "
+    "name.",
+    "For MuDI's full inference, use the LoRA in the MuDI compose-and-score workflow "
+    "(personalize_mudi_compose_and_score.json): its Mean-Shifted Noise adds MuDI's initialisation (each subject "
+    "starts where the collage puts it) and Detect-and-Compare scores the result.",
+])
+
 class Graph:
     """A tiny UI-format graph builder: nodes with sockets from the live schema, links, order."""
 
@@ -617,6 +693,75 @@ def mudi_workflow(schemas: dict, classes: dict) -> dict:
     return g.to_json()
 
 
+def mudi_train_workflow(schemas: dict, classes: dict) -> dict:
+    c = MUDI_TRAIN
+    g = Graph(schemas, classes)
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), (340, 98), "Load Checkpoint (SDXL)", ckpt_name=c["checkpoint"])
+    g.note(NOTE_MUDI_TRAIN, (0, 140), (340, 1160), title="Read me: MuDI Seg-Mix LoRA training")
+
+    # 1. the subjects: photo + mask + phrase, chained
+    g.group("1. Subjects: Seg-Mix Dataset (MuDI)", (380, -75, 1060, 1075))
+    dataset = None
+    for k, (name, phrase, image, mask) in enumerate(c["subjects"]):
+        y = k * 520
+        img = g.node("LoadImage", (400, y), (300, 330), f"Subject {k + 1}: {name}", image=image)
+        msk = g.node("LoadImage", (730, y), (300, 330), f"Subject {k + 1}: {name} mask", image=mask)
+        to_mask = g.node("ImageToMask", (730, y + 380), (300, 60), f"{name} mask (red channel)", channel="red")
+        ds = g.node("PersonalizeSegMixDataset", (1060, y), (360, 230), f"Seg-Mix Dataset (MuDI): {phrase}",
+                    phrase=phrase, captions=c["captions"])
+        g.link(msk, 0, to_mask, "image")
+        g.link(img, 0, ds, "images")
+        g.link(to_mask, 0, ds, "masks")
+        if dataset is not None:
+            g.link(dataset, 0, ds, "dataset")
+        dataset = ds
+
+    # 2. the training and its previews
+    t = c["train"]
+    g.group("2. Train the Seg-Mix LoRA (MuDI's settings, a shorter run)", (1480, -75, 900, 1375))
+    train = g.node("PersonalizeTrainSegMixLoRA", (1500, 0), (400, 640),
+                   f"Train Seg-Mix LoRA (MuDI): {t['steps']} steps (MuDI: {c['mudi_steps']})",
+                   output_name=c["output_name"], **t)
+    g.link(ckpt, 0, train, "model")
+    g.link(ckpt, 1, train, "clip")
+    g.link(ckpt, 2, train, "vae")
+    g.link(dataset, 0, train, "dataset")
+    g.note(NOTE_MUDI_TRAIN_RUN, (1500, 690), (400, 590), title="Read me: the training run")
+    curve = g.node("PreviewImage", (1940, 0), (420, 300), "Loss curve")
+    g.link(train, 2, curve, "images")
+    shown = g.node("PreviewImage", (1940, 340), (420, 460), "Validation images")
+    g.link(train, 3, shown, "images")
+    report = g.node("PreviewAny", (1940, 840), (420, 200), "Training report")
+    g.link(train, 4, report, "source")
+
+    # 3. the picture with the trained file, core nodes only
+    g.group("3. Generate with the trained LoRA (core nodes)", (2420, -75, 1360, 1375))
+    lora = g.node("LoraLoader", (2440, 0), (400, 130), "Load LoRA: the trained file",
+                  lora_name=f"{c['output_name']}.safetensors", strength_model=1.0, strength_clip=1.0)
+    g.link(ckpt, 0, lora, "model")
+    g.link(ckpt, 1, lora, "clip")
+    g.link_widget(train, 0, lora, "lora_name")
+    pos = g.node("CLIPTextEncode", (2440, 180), (400, 150), "Prompt", text=c["prompt"])
+    neg = g.node("CLIPTextEncode", (2440, 370), (400, 150), "Negative prompt", text=c["negative"])
+    g.link(lora, 1, pos, "clip")
+    g.link(lora, 1, neg, "clip")
+    latent = g.node("EmptyLatentImage", (2440, 560), (400, 110), None, width=c["size"], height=c["size"],
+                    batch_size=1)
+    g.note(NOTE_MUDI_TRAIN_USE, (2440, 720), (400, 380), title="Read me: using the trained LoRA")
+    sampler = g.node("KSampler", (2880, 0), (320, 270), "KSampler (SDXL)", seed=c["seed"], steps=c["steps"],
+                     cfg=c["cfg"], sampler_name=c["sampler"], scheduler=c["scheduler"], denoise=1.0)
+    g.link(lora, 0, sampler, "model")
+    g.link(pos, 0, sampler, "positive")
+    g.link(neg, 0, sampler, "negative")
+    g.link(latent, 0, sampler, "latent_image")
+    decode = g.node("VAEDecode", (2880, 320), (210, 50), None)
+    g.link(sampler, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+    save = g.node("SaveImage", (3240, 0), (520, 560), None, filename_prefix="personalize_mudi_lora")
+    g.link(decode, 0, save, "images")
+    return g.to_json()
+
+
 def prepare_inputs(data_dir: Path) -> None:
     from PIL import Image
     INPUTS.mkdir(parents=True, exist_ok=True)
@@ -796,6 +941,30 @@ def thumbnail_mudi(path: Path) -> None:
     card.save(path, quality=90)
 
 
+def thumbnail_mudi_train(path: Path) -> None:
+    """An honest illustrative card (no generated image): the two subjects cut out by their masks with
+    their phrases, the nodes they go through and the prompt."""
+    from PIL import Image
+
+    c = MUDI_TRAIN
+    card, d, font = _card("MuDI: train a Seg-Mix LoRA")
+    tints = [(255, 150, 60), (80, 170, 255)]
+    for k, (name, phrase, image, mask) in enumerate(c["subjects"]):
+        im = Image.open(INPUTS / image).convert("RGB").resize((104, 104), Image.LANCZOS)
+        m = Image.open(INPUTS / mask).convert("L").resize((104, 104), Image.BILINEAR)
+        x, y = 12, 54 + k * 122
+        card.paste(Image.composite(im, Image.new("RGB", im.size, (255, 255, 255)),
+                                   m.point(lambda v: 255 if v > 127 else 0)), (x, y))
+        d.rectangle((x - 1, y - 1, x + 104, y + 104), outline=tints[k])
+        _reference_tile(d, font, k, tints[k], f'"{phrase}"')
+    t = c["train"]
+    _node_chain(d, font, [("Seg-Mix Dataset x2", "photo + mask + phrase, chained"),
+                          ("Train Seg-Mix LoRA", f"SDXL, {t['steps']} steps (MuDI: {c['mudi_steps']})"),
+                          ("Load LoRA > KSampler", "core nodes, the trained file")],
+                ['"a photo of olis cat and hta dog', ' sitting together on a sofa"'])
+    card.save(path, quality=90)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--comfyui", help="ComfyUI install (default: $COMFYUI_PATH)")
@@ -818,17 +987,19 @@ def main() -> int:
              "PersonalizeFaceAttributeMask", "PhotoMakerLoader", "PhotoMakerEncode", "PreviewImage",
              "LoraLoader", "PersonalizeSubject", "PersonalizeSubjectComposer", "PersonalizeMeanShiftedNoise",
              "CFGGuider", "KSamplerSelect", "BasicScheduler", "SamplerCustomAdvanced", "PersonalizeDetectCompareLoader",
-             "PersonalizeDetectCompareSubject", "PersonalizeDetectCompare", "PreviewAny"]
+             "PersonalizeDetectCompareSubject", "PersonalizeDetectCompare", "PreviewAny",
+             "PersonalizeSegMixDataset", "PersonalizeTrainSegMixLoRA"]
     schemas = rw.live_schemas(types)
     ks = schemas["KSampler"]["required"]   # fall back to euler/normal where DDIM is missing
-    for c in (FREECUSTOM, FREEMIX, MIP, FREECURE, MUDI):
+    for c in (FREECUSTOM, FREEMIX, MIP, FREECURE, MUDI, MUDI_TRAIN):
         if c["sampler"] not in ks["sampler_name"][0]:
             c["sampler"] = "euler"
         if c["scheduler"] not in ks["scheduler"][0]:
             c["scheduler"] = "normal"
     for c, build, card in ((FREECUSTOM, freecustom_workflow, thumbnail), (FREEMIX, freemix_workflow, thumbnail_freemix),
                            (MIP, mip_workflow, thumbnail_mip), (FREECURE, freecure_workflow, thumbnail_freecure),
-                           (MUDI, mudi_workflow, thumbnail_mudi)):
+                           (MUDI, mudi_workflow, thumbnail_mudi),
+                           (MUDI_TRAIN, mudi_train_workflow, thumbnail_mudi_train)):
         out = WORKFLOWS / f"{c['stem']}.json"
         out.write_text(json.dumps(build(schemas, classes), indent=2) + "\n", encoding="utf-8")
         card(WORKFLOWS / f"{c['stem']}.jpg")
