@@ -21,6 +21,13 @@ rest (checkpoint steps included). Runs are interleaved (bare, sidecar, then side
 check applies when the bare step is 10-50 ms). Process start-up (imports, setup, the final file) is
 reported apart, as ``startup_s``.
 
+``lora``: the same comparison for the real job: a Seg-Mix LoRA step (``training/comfy_model.py``'s
+``LoRAJob``: the VAE encode of the step's sample, the UNet forward with the LoRA and, for DCO, without
+it, the backward through the LoRA) on the tests' tiny SD1.5-shaped checkpoint (``tests/tiny_models.py``;
+needs ComfyUI: ``COMFYUI_PATH`` or ``--comfyui``), the job folder written by the Train Seg-Mix LoRA
+node's own helpers. ``bare`` runs the same job object in this process; ``sidecar`` runs the job folder
+through the runner. Reports the ratio and steps/s.
+
 One JSON object per line on stdout; progress on stderr. See bench/README.md.
 """
 from __future__ import annotations
@@ -40,7 +47,7 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PACK_ROOT / "tests"))
 from conftest import import_pack  # noqa: E402  (the pack under a valid module name, as the tests do)
 
-PARTS = ("overhead",)
+PARTS = ("overhead", "lora")
 TARGET_STEP_RATIO = 1.10
 # toy sizes per device: a step of roughly 10-50 ms, few parameters per FLOP (like a LoRA)
 SIZES = {"cpu": dict(features=256, hidden=1024, outputs=256, batch=512, samples=2048),
@@ -154,6 +161,106 @@ def bench_overhead(opts) -> dict:
     return summary
 
 
+# =========================================================================== lora
+
+def lora_job_folder(opts, root: Path) -> tuple[Path, dict]:
+    """The tiny SD1.5 checkpoint, loaded by ComfyUI, and a Seg-Mix job folder for it written by the
+    training node's helpers (two shipped subjects with their masks)."""
+    import numpy as np
+    from PIL import Image
+
+    from bench_mrsa import comfyui_path, setup_comfy
+    setup_comfy(comfyui_path(opts, "--only lora"), "pytorch")
+    import comfy.sd
+    from personalize_pack.nodes import training as tn
+    from personalize_pack.training.segmix import TEMPLATE
+    from tiny_models import build_sd15
+    ckpt = build_sd15(root / "tiny_sd15.safetensors")
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True, output_clip=True)
+    inputs = PACK_ROOT / "workflows" / "inputs"
+
+    def load(name, size=256):
+        return torch.from_numpy(np.asarray(Image.open(inputs / name).convert("RGB").resize((size, size)))
+                                .astype(np.float32) / 255)[None]
+    data = None
+    for stem, phrase in (("personalize_cat_04", "olis cat"), ("personalize_dog6_02", "hta dog")):
+        data = tn.dataset_from_inputs(load(f"{stem}.jpg"), load(f"{stem}_mask.jpg")[..., 0], phrase, "a photo of {}",
+                                      "", data)
+    job_dir = root / "lora_job"
+    job_dir.mkdir()
+    fingerprint = tn.write_model(model, str(job_dir))
+    tn.write_vae(vae, str(job_dir))
+    tn.write_segmix_data(data, clip, str(job_dir), TEMPLATE, "", 0)
+    config = {"kind": "lora", "output": str(root / "out.safetensors"), "state_dir": str(root / "state"),
+              "steps": opts.lora_steps, "seed": 42, "checkpoint_every": 100, "validate_every": 0,
+              "comfyui_path": str(comfyui_path(opts, "--only lora")), "device": "cpu", "resolution": opts.resolution,
+              "rank": 32, "learning_rate": 1e-4, "weight_decay": 1e-4, "max_grad_norm": 1.0, "segmix_prob": 0.3,
+              "loss": "dco", "dco_beta": 1000.0, "batch_size": 1, "gradient_checkpointing": False,
+              "model_fingerprint": fingerprint, "threads": torch.get_num_threads()}
+    return job_dir, config
+
+
+def bench_lora(opts) -> dict:
+    import shutil
+
+    import_pack()
+    from personalize_pack.training.comfy_model import LoRAJob
+    from personalize_pack.training.jobs import JobContext
+    from personalize_pack.training.sidecar import _seed_everything
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_training_lora_") as tmp:
+        root = Path(tmp)
+        job_dir, config = lora_job_folder(opts, root)
+        for r in range(opts.repeats):
+            order = ("bare", "sidecar") if r % 2 == 0 else ("sidecar", "bare")
+            got = {}
+            for variant in order:
+                shutil.rmtree(root / "state", ignore_errors=True)
+                cfg = dict(config, resume=False)
+                if variant == "bare":
+                    _seed_everything(cfg["seed"])
+                    job = LoRAJob(job_dir, cfg)
+                    job.setup(JobContext(job_dir=job_dir, config=cfg, device=torch.device("cpu"), seed=cfg["seed"],
+                                         total_steps=cfg["steps"]))
+                    params = job.parameters()
+                    opt = job.make_optimizer(params)
+                    times = []
+                    for i in range(cfg["steps"]):
+                        t = time.perf_counter()
+                        opt.zero_grad(set_to_none=True)
+                        loss = job.loss(i)
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(params, 1.0)
+                        opt.step()
+                        loss.item()
+                        times.append(time.perf_counter() - t)
+                    job.close()
+                    wall = None
+                else:
+                    times, wall = sidecar_run(cfg, job_dir)
+                kept = times[opts.warmup:]
+                got[variant] = {"mean_ms": 1000 * statistics.fmean(kept), "startup_s": None if wall is None else
+                                wall - sum(times)}
+                log(f"lora round {r} {variant}: mean {got[variant]['mean_ms']:.1f} ms/step")
+            row = {"part": "lora", "round": r, "steps": cfg["steps"], "bare_mean_ms": rnd(got["bare"]["mean_ms"], 2),
+                   "sidecar_mean_ms": rnd(got["sidecar"]["mean_ms"], 2),
+                   "ratio": rnd(got["sidecar"]["mean_ms"] / got["bare"]["mean_ms"]),
+                   "startup_s": rnd(got["sidecar"]["startup_s"], 2)}
+            emit(row)
+            rows.append(row)
+    ratio = statistics.median(r["ratio"] for r in rows)
+    bare = statistics.median(r["bare_mean_ms"] for r in rows)
+    side = statistics.median(r["sidecar_mean_ms"] for r in rows)
+    summary = {"part": "lora", "kind": "result", "model": "tiny SD1.5 (tests/tiny_models.py)",
+               "resolution": opts.resolution, "rank": 32, "loss": "dco", "steps": opts.lora_steps, "warmup": opts.warmup,
+               "bare_step_ms": rnd(bare, 2), "sidecar_step_ms": rnd(side, 2), "bare_steps_per_s": rnd(1000 / bare, 2),
+               "sidecar_steps_per_s": rnd(1000 / side, 2), "ratio": rnd(ratio), "target_max": TARGET_STEP_RATIO,
+               "meets_target": ratio <= TARGET_STEP_RATIO,
+               "startup_s": rnd(statistics.median(r["startup_s"] for r in rows), 2)}
+    emit(summary)
+    return summary
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=PARTS, default=None, help="run one part only")
@@ -163,10 +270,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (bare + sidecar each)")
     ap.add_argument("--checkpoint-every", type=int, default=0, help="0: the sidecar's default interval")
     ap.add_argument("--threads", type=int, default=0, help="torch threads, here and in the child (default: torch's)")
+    ap.add_argument("--comfyui", default=None, help="lora: the ComfyUI folder (default: $COMFYUI_PATH)")
+    ap.add_argument("--lora-steps", type=int, default=40, help="lora: steps per run")
+    ap.add_argument("--resolution", type=int, default=256, help="lora: training image side")
     for k in SIZES["cpu"]:
         ap.add_argument(f"--{k}", type=int, default=0, help=f"toy size (default per device: cpu {SIZES['cpu'][k]}, "
                                                            f"cuda {SIZES['cuda'][k]})")
     opts = ap.parse_args(argv)
+    sys.path.insert(0, str(PACK_ROOT / "bench"))
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if opts.steps <= opts.warmup:
@@ -180,7 +291,10 @@ def main(argv=None) -> int:
         s = bench_overhead(opts)
         checks["step_ratio"] = {"value": s["ratio"], "target": TARGET_STEP_RATIO, "direction": "<=",
                                 "met": s["meets_target"], "applies": s["representative"]}
-    sys.path.insert(0, str(PACK_ROOT / "bench"))
+    if opts.only in (None, "lora"):
+        s = bench_lora(opts)
+        checks["lora_step_ratio"] = {"value": s["ratio"], "target": TARGET_STEP_RATIO, "direction": "<=",
+                                     "met": s["meets_target"], "applies": True}
     from bench_mrsa import emit_summary
     emit_summary(checks, t0, "the overhead target is defined for a bare step of 10-50 ms (--features/--hidden/"
                              "--batch set it); checks with applies=false only show that the benchmark works")

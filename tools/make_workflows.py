@@ -215,8 +215,9 @@ NOTE_MUDI = "\n\n".join([
 
 NOTE_MUDI_LORA = "\n\n".join([
     "The subjects' LoRA (optional; bypassed)",
-    "MuDI's gains come with a LoRA trained with Seg-Mix on both subjects together (a Seg-Mix training node is "
-    "coming to this pack). Any DreamBooth / LoRA of your subjects works too.",
+    "MuDI's gains come with a LoRA trained with Seg-Mix on both subjects together: train one with the "
+    "workflow personalize_mudi_train_segmix_lora.json (Train Seg-Mix LoRA). Any DreamBooth / LoRA of your "
+    "subjects works too.",
     "To use one: put it in ComfyUI/models/loras/, pick it in Load LoRA, un-bypass the node (select it, Ctrl+B) and "
     'write its identifiers into the prompt (e.g. "a photo of a olis cat and a hta dog ...").',
     "Without a LoRA the base model does not know your subjects' identity, but the composition still guides the "
@@ -340,7 +341,10 @@ class Graph:
             "order": 0, "mode": 0,
             "inputs": [{"name": n, "localized_name": n, "type": str(t), "link": None}
                        for n, t, o in rw.ordered_inputs(schema) if not rw.is_widget(t, o)],
-            "outputs": [{"name": str(n), "localized_name": str(n), "type": str(t), "slot_index": i, "links": []}
+            # a list return type (a V1 combo: the live file list Train Seg-Mix LoRA gives its lora_name, so that
+            # core LoraLoader's list-typed input validates) is a COMBO output in the editor
+            "outputs": [{"name": str(n), "localized_name": str(n), "type": t if isinstance(t, str) else "COMBO",
+                         "slot_index": i, "links": []}
                         for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))],
             "properties": {"Node name for S&R": class_type},
             "widgets_values": widgets,
