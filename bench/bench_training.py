@@ -77,13 +77,14 @@ def toy_config(opts, root: Path, name: str) -> dict:
             "learning_rate": 1e-3, **size}
 
 
-def bare_run(config: dict, job_dir: Path) -> list[float]:
+def bare_run(config: dict, job_dir: Path, job_cls=None) -> list[float]:
+    """The step times of ``job_cls`` (default: the toy kind) in a plain in-process PyTorch loop."""
     from personalize_pack.training.jobs import JobContext, ToyJob
     from personalize_pack.training.sidecar import _seed_everything
 
     device = torch.device(config["device"])
     _seed_everything(config["seed"])
-    job = ToyJob(job_dir, config)
+    job = (job_cls or ToyJob)(job_dir, config)
     job.setup(JobContext(job_dir=job_dir, config=config, device=device, seed=config["seed"],
                          total_steps=config["steps"]))
     params = job.parameters()
@@ -99,6 +100,7 @@ def bare_run(config: dict, job_dir: Path) -> list[float]:
         opt.step()
         loss.item()
         times.append(time.perf_counter() - t)
+    job.close()
     del job, opt, params
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -205,8 +207,6 @@ def bench_lora(opts) -> dict:
 
     import_pack()
     from personalize_pack.training.comfy_model import LoRAJob
-    from personalize_pack.training.jobs import JobContext
-    from personalize_pack.training.sidecar import _seed_everything
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_training_lora_") as tmp:
         root = Path(tmp)
@@ -218,24 +218,7 @@ def bench_lora(opts) -> dict:
                 shutil.rmtree(root / "state", ignore_errors=True)
                 cfg = dict(config, resume=False)
                 if variant == "bare":
-                    _seed_everything(cfg["seed"])
-                    job = LoRAJob(job_dir, cfg)
-                    job.setup(JobContext(job_dir=job_dir, config=cfg, device=torch.device("cpu"), seed=cfg["seed"],
-                                         total_steps=cfg["steps"]))
-                    params = job.parameters()
-                    opt = job.make_optimizer(params)
-                    times = []
-                    for i in range(cfg["steps"]):
-                        t = time.perf_counter()
-                        opt.zero_grad(set_to_none=True)
-                        loss = job.loss(i)
-                        loss.backward()
-                        torch.nn.utils.clip_grad_norm_(params, 1.0)
-                        opt.step()
-                        loss.item()
-                        times.append(time.perf_counter() - t)
-                    job.close()
-                    wall = None
+                    times, wall = bare_run(cfg, job_dir, LoRAJob), None
                 else:
                     times, wall = sidecar_run(cfg, job_dir)
                 kept = times[opts.warmup:]
