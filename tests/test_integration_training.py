@@ -203,3 +203,35 @@ def test_infusion_trains_and_apply_infusion_uses_it(env):
     # at every step
     assert sum(losses[-3:]) / 3 < 0.98 * sum(losses[:3]) / 3 and all(b < a for a, b in zip(losses, losses[1:])), losses
 
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(env):
+    """The LoRA job in this process, once plainly and once recomputing the transformer blocks in the
+    backward pass: the same loss and the same LoRA gradients."""
+    (model, clip, vae), loras, out = env
+    from personalize_pack.nodes.training import job_folder
+    from personalize_pack.training.comfy_model import LoRAJob
+    from personalize_pack.training.jobs import JobContext
+    train(model, clip, vae, dataset(), "tiny_ckpt", steps=1)
+    job_dir = job_folder("tiny_ckpt")
+    cfg = json.loads(open(os.path.join(job_dir, "job.json")).read())
+    grads = []
+    for flag in (False, True):
+        c = dict(cfg, gradient_checkpointing=flag, segmix_prob=0.5)
+        torch.manual_seed(0)
+        job = LoRAJob(job_dir, c)
+        job.setup(JobContext(job_dir=job_dir, config=c, device=torch.device("cpu"), seed=c["seed"], total_steps=1))
+        with torch.no_grad():
+            for p in job.parameters():        # a nonzero LoRA, so the gradients reach every factor
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        wrapped = sum(bool(getattr(m, "_personalize_ckpt", False)) for m in job.model.diffusion_model.modules())
+        assert wrapped == (16 if flag else 0)        # every transformer block of the tiny SD1.5
+        loss = job.loss(3)
+        loss.backward()
+        grads.append((float(loss.detach()), [p.grad.clone() for p in job.parameters()]))
+        job.close()
+    (l0, g0), (l1, g1) = grads
+    assert l0 == pytest.approx(l1, rel=1e-5)
+    assert len(g0) == len(g1) and any(float(g.abs().max()) > 0 for g in g0)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
