@@ -198,9 +198,16 @@ def run_in_child(job_dir: str, total: int, gpus: int):
             with Image.open(evt["path"]) as im:
                 pbar.update_absolute(int(evt["step"]), total, ("PNG", im.convert("RGB"), 512))
 
+    from ..training.runner import TrainingCancelled
     mm.unload_all_models()
     mm.soft_empty_cache()
-    result = run_job(job_dir, on_event, mm.processing_interrupted, gpus=gpus)
+    try:
+        result = run_job(job_dir, on_event, mm.processing_interrupted, gpus=gpus)
+    except TrainingCancelled:
+        # the child has stopped (its last checkpoint kept); ComfyUI's own interrupt ends the prompt as
+        # "interrupted", not as an error
+        mm.throw_exception_if_processing_interrupted()
+        raise
     result["preview_paths"] = previews
     return result
 

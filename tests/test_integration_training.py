@@ -235,3 +235,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(env):
     assert len(g0) == len(g1) and any(float(g.abs().max()) > 0 for g in g0)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_comfyui_cancel_interrupts_the_node_and_leaves_nothing(env):
+    """ComfyUI's Cancel (its interrupt flag) stops the child: the node ends with ComfyUI's own
+    InterruptProcessingException, no LoRA file is written and no child process is left."""
+    (model, clip, vae), loras, out = env
+    import comfy.model_management as mm
+    import psutil
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            train(model, clip, vae, dataset(), "tiny_cancelled", steps=200)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert not (loras / "tiny_cancelled.safetensors").exists()
+    time.sleep(0.5)
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
