@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from .patch import BRANCH_KEY, COND, Technique, row_runs
+from ..training.infusion import FAMILIES, concept_token_index, token_ids
+from .layers import transformer_blocks
+from .patch import BRANCH_KEY, COND, Technique, install_technique, row_runs
 
 
 # --------------------------------------------------------------------------- kernel
@@ -120,3 +122,77 @@ class InfusionAttention(Technique):
             positions = concept_positions(k.shape[1], self.position, self.prompt_length)
             k, v = infuse_kv(k, v, rows, positions, dk, dv, self.strength)
         return inner(q, k, v, extra_options)
+
+
+# --------------------------------------------------------------------------- on a ComfyUI MODEL
+# (duck-typed: nothing here imports ComfyUI)
+
+_ENCODER = {"SD1.x": "l", "SD2.x": "h"}  # the CLIP that conditions each family, as clip.tokenize names it
+
+
+def model_config_name(model) -> str:
+    cfg = getattr(getattr(model, "model", None), "model_config", None)
+    return type(cfg).__name__ if cfg is not None else type(getattr(model, "model", model)).__name__
+
+
+def cross_attention_widths(model) -> tuple[dict, str]:
+    """``({layer key: attn2 inner width}, family)`` of an SD1.x/SD2.x UNet; a clear error naming
+    the model otherwise."""
+    config = model_config_name(model)
+    dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+    blocks = transformer_blocks(dm) if dm is not None else {}
+    layers = {k: getattr(tb, "attn2", None) for k, tb in blocks.items()}
+    layers = {k: a for k, a in layers.items() if a is not None and getattr(a, "to_k", None) is not None}
+    if not layers:
+        raise ValueError(f"model: Infusion supports SD1.x and SD2.x UNet models; this is a {config} model without "
+                         f"UNet cross-attention layers")
+    widths, contexts = {}, set()
+    for k, a in layers.items():
+        w = a.to_k.weight
+        widths[k] = int(getattr(a.to_k, "out_features", w.shape[0]))
+        contexts.add(int(getattr(a.to_k, "in_features", w.shape[1])))
+    family = FAMILIES.get(next(iter(contexts))) if len(contexts) == 1 else None
+    if family is None:
+        ctx = ", ".join(str(c) for c in sorted(contexts))
+        xl = " (the SDXL family)" if contexts == {2048} else ""
+        raise ValueError(f"model: Infusion supports SD1.x and SD2.x models (768- or 1024-wide text conditioning); "
+                         f"this is a {config} model with {ctx}-wide conditioning{xl}. The official Infusion code has no "
+                         f"SDXL or FLUX version")
+    return widths, family
+
+
+def concept_position(clip, prompt: str, word: str, family: str) -> tuple[int, int]:
+    """``(index of the concept word's first token, token count)`` in the prompt's conditioning, by
+    the CLIP's own tokenizer (long prompts: chunks of 77 concatenated, so chunk c, index i is
+    77 c + i)."""
+    if not (prompt or "").strip():
+        raise ValueError("prompt: empty; give the positive prompt you sample with, exactly as in your CLIP Text Encode")
+    tokens = clip.tokenize(prompt)
+    encoder = _ENCODER[family]
+    if encoder not in tokens:
+        if len(tokens) != 1:
+            raise ValueError(f"clip: its tokenizer has the encoders {', '.join(sorted(tokens))}, not the {family} "
+                             f"text encoder; use the CLIP of your {family} checkpoint")
+        encoder = next(iter(tokens))
+    ids = token_ids(tokens, encoder)
+    special = token_ids(clip.tokenize(""), encoder)
+    index = concept_token_index(ids, clip.tokenize(word), special, word=f"concept_word '{word}'", encoder=encoder)
+    return index, len(ids)
+
+
+def apply_infusion(model, loaded, clip, prompt: str, concept_word: str = "", strength: float = 1.0,
+                   name: str = "infusion file"):
+    """A clone of ``model`` with the Infusion offsets of ``loaded`` (``training.infusion.load_offsets``)
+    at the concept word's token of ``prompt``; the checks of Apply Infusion (family, layer widths,
+    the word). ``name`` starts the error messages about the file."""
+    widths, family = cross_attention_widths(model)
+    if loaded.family is not None and loaded.family != family:
+        raise ValueError(f"{name} was trained on an {loaded.family} model; this is an {family} model "
+                         f"({model_config_name(model)})")
+    loaded.offsets.check_widths(widths, name=name)
+    word = (concept_word or "").strip() or loaded.concept_word
+    if not word:
+        raise ValueError(f"concept_word: empty, and {name} stores no concept word (an official checkpoint); give "
+                         f"the super-class word it was trained with, e.g. 'cat'")
+    position, length = concept_position(clip, prompt, word, family)
+    return install_technique(model, InfusionAttention(loaded.offsets.offsets(), position, length, strength))

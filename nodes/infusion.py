@@ -8,14 +8,11 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..attention.infusion import InfusionAttention
-from ..attention.layers import transformer_blocks
-from ..attention.patch import install_technique
-from ..training.infusion import FAMILIES, concept_token_index, load_offsets, token_ids
+from ..attention.infusion import apply_infusion
+from ..training.infusion import load_offsets
 from .folders import folder_list
 
 FOLDER = "model_patches"              # core ComfyUI's folder for model patches
-_ENCODER = {"SD1.x": "l", "SD2.x": "h"}  # the CLIP that conditions each family, as clip.tokenize names it
 _cache: dict = {}
 
 
@@ -23,37 +20,6 @@ def missing_file_message(name: str) -> str:
     what = f"{name!r} is not" if name else "no file is"
     return (f"{what} in the model_patches folder ({folder_list(FOLDER)}). Put an Infusion file there: one trained "
             f"with Train Infusion, or an official Infusion checkpoint (.ckpt) of the zwl666666/infusion code")
-
-
-def model_config_name(model) -> str:
-    cfg = getattr(getattr(model, "model", None), "model_config", None)
-    return type(cfg).__name__ if cfg is not None else type(getattr(model, "model", model)).__name__
-
-
-def cross_attention_widths(model) -> tuple[dict, str]:
-    """``({layer key: attn2 inner width}, family)`` of an SD1.x/SD2.x UNet; a clear error naming
-    the model otherwise."""
-    config = model_config_name(model)
-    dm = getattr(getattr(model, "model", None), "diffusion_model", None)
-    blocks = transformer_blocks(dm) if dm is not None else {}
-    layers = {k: getattr(tb, "attn2", None) for k, tb in blocks.items()}
-    layers = {k: a for k, a in layers.items() if a is not None and getattr(a, "to_k", None) is not None}
-    if not layers:
-        raise ValueError(f"model: Infusion supports SD1.x and SD2.x UNet models; this is a {config} model without "
-                         f"UNet cross-attention layers")
-    widths, contexts = {}, set()
-    for k, a in layers.items():
-        w = a.to_k.weight
-        widths[k] = int(getattr(a.to_k, "out_features", w.shape[0]))
-        contexts.add(int(getattr(a.to_k, "in_features", w.shape[1])))
-    family = FAMILIES.get(next(iter(contexts))) if len(contexts) == 1 else None
-    if family is None:
-        ctx = ", ".join(str(c) for c in sorted(contexts))
-        xl = " (the SDXL family)" if contexts == {2048} else ""
-        raise ValueError(f"model: Infusion supports SD1.x and SD2.x models (768- or 1024-wide text conditioning); "
-                         f"this is a {config} model with {ctx}-wide conditioning{xl}. The official Infusion code has no "
-                         f"SDXL or FLUX version")
-    return widths, family
 
 
 def load_cached(path: str, name: str):
@@ -65,25 +31,6 @@ def load_cached(path: str, name: str):
         _cache.clear()
         _cache[ck] = hit
     return hit
-
-
-def concept_position(clip, prompt: str, word: str, family: str) -> tuple[int, int]:
-    """``(index of the concept word's first token, token count)`` in the prompt's conditioning, by
-    the CLIP's own tokenizer (long prompts: chunks of 77 concatenated, so chunk c, index i is
-    77 c + i)."""
-    if not (prompt or "").strip():
-        raise ValueError("prompt: empty; give the positive prompt you sample with, exactly as in your CLIP Text Encode")
-    tokens = clip.tokenize(prompt)
-    encoder = _ENCODER[family]
-    if encoder not in tokens:
-        if len(tokens) != 1:
-            raise ValueError(f"clip: its tokenizer has the encoders {', '.join(sorted(tokens))}, not the {family} "
-                             f"text encoder; use the CLIP of your {family} checkpoint")
-        encoder = next(iter(tokens))
-    ids = token_ids(tokens, encoder)
-    special = token_ids(clip.tokenize(""), encoder)
-    index = concept_token_index(ids, clip.tokenize(word), special, word=f"concept_word '{word}'", encoder=encoder)
-    return index, len(ids)
 
 
 class InfusionApply(io.ComfyNode):
@@ -132,19 +79,8 @@ class InfusionApply(io.ComfyNode):
         path = folder_paths.get_full_path(FOLDER, infusion_name) if infusion_name else None
         if path is None:
             raise FileNotFoundError("infusion_name: " + missing_file_message(infusion_name))
-        widths, family = cross_attention_widths(model)
         loaded = load_cached(path, infusion_name)
-        if loaded.family is not None and loaded.family != family:
-            raise ValueError(f"infusion_name: '{infusion_name}' was trained on an {loaded.family} model; this is an "
-                             f"{family} model ({model_config_name(model)})")
-        loaded.offsets.check_widths(widths, name=f"infusion_name: '{infusion_name}'")
-        word = (concept_word or "").strip() or loaded.concept_word
-        if not word:
-            raise ValueError(f"concept_word: empty, and '{infusion_name}' stores no concept word (an official "
-                             f"checkpoint); give the super-class word it was trained with, e.g. 'cat'")
-        position, length = concept_position(clip, prompt, word, family)
-        tech = InfusionAttention(loaded.offsets.offsets(), position, length, strength)
-        return io.NodeOutput(install_technique(model, tech))
-
+        return io.NodeOutput(apply_infusion(model, loaded, clip, prompt, concept_word, strength,
+                                            f"infusion_name: '{infusion_name}'"))
 
 NODES = [InfusionApply]

@@ -394,7 +394,7 @@ INFUSION_TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo
 
 
 def write_infusion_data(model, clip, images, masks, word: str, job_dir: str, validation_prompt: str, seed: int):
-    from .infusion import concept_position, cross_attention_widths
+    from ..attention.infusion import concept_position, cross_attention_widths
     widths, family = cross_attention_widths(model)
     tensors, meta_images = {}, []
     for i in range(images.shape[0]):

@@ -43,7 +43,7 @@ def random_offsets(widths, kv="kv", seed=0, scale=1.0):
 def patch_dir(tiny_dir, sd15):
     """Infusion files in a ``model_patches`` folder registered with ComfyUI."""
     import folder_paths
-    from personalize_pack.nodes.infusion import cross_attention_widths
+    from personalize_pack.attention.infusion import cross_attention_widths
     from personalize_pack.training.infusion import save_offsets
     widths, family = cross_attention_widths(sd15[0])
     assert family == "SD1.x" and len(widths) == 16
@@ -137,7 +137,7 @@ def test_official_v_only_checkpoint_and_the_stored_word(sd15, patch_dir):
 
 
 def test_long_prompt_concept_in_the_second_chunk(sd15, patch_dir):
-    from personalize_pack.nodes.infusion import concept_position
+    from personalize_pack.attention.infusion import concept_position
     model, clip, _ = sd15
     prompt = ", ".join(["a very detailed sunny beach scene"] * 14) + ", a photo of a cat"
     index, length = concept_position(clip, prompt, "cat", "SD1.x")
@@ -206,7 +206,7 @@ def test_family_from_the_conditioning_width():
     init_comfyui()
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from personalize_pack.nodes.infusion import cross_attention_widths
+    from personalize_pack.attention.infusion import cross_attention_widths
     from tiny_models import SD15_UNET
 
     class SD21:
@@ -239,7 +239,7 @@ class FakeClip:
 def test_concept_position_by_the_family_encoder():
     from comfy_host import init_comfyui
     init_comfyui()
-    from personalize_pack.nodes.infusion import concept_position
+    from personalize_pack.attention.infusion import concept_position
     assert concept_position(FakeClip("h"), "a photo of a kitten", "kitten", "SD2.x") == (5, 77)
     assert concept_position(FakeClip("g", "l"), "a photo of a kitten", "kitten", "SD1.x") == (5, 77)
     with pytest.raises(ValueError, match="clip: its tokenizer has the encoders g, l, not the SD2.x text encoder"):
