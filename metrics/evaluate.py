@@ -860,7 +860,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score a folder of generated images against a benchmark description (CLIP-T, CLIP-I, DINO, "
                     "Detect-and-Compare): a CSV with one row per image and a summary table per case.",
         epilog="Generated images of case N: <images>/N/*.png, <images>/N.png or <images>/N_*.png "
-               "(.jpg, .jpeg, .webp too). Exit status: 0 done, 1 evaluation error, 2 bad arguments.")
+               "(.jpg, .jpeg, .webp too). Exit status: 0 done, 1 evaluation error, 2 bad arguments. "
+               "'evaluate.py overfitting --help': Infusion's overfitting metrics (LFD, W2) of a customised model.")
     p.add_argument("benchmark", help="benchmark JSON (the format of cases.json, or {\"cases\": [...]})")
     p.add_argument("--images", required=True, metavar="DIR", help="folder of generated images")
     p.add_argument("--models", required=True, metavar="DIR",
@@ -944,7 +945,12 @@ def run(a, stdout=None, stderr=None) -> Evaluation:
 
 
 def main(argv=None) -> int:
-    """The command line (see ``build_parser``); returns the exit status."""
+    """The command line (see ``build_parser``); returns the exit status. ``overfitting ...`` as the
+    first argument runs Infusion's overfitting metrics instead (``metrics/overfitting_comfy.main``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "overfitting":
+        from .overfitting_comfy import main as overfitting_main
+        return overfitting_main(argv[1:])
     parser = build_parser()
     try:
         a = parser.parse_args(argv)

@@ -203,7 +203,8 @@ def test_node_registration():
                    "PersonalizeEvalModelLoader", "PersonalizeCLIPScore", "PersonalizeDINOScore",
                    "PersonalizeDetectCompareLoader", "PersonalizeDetectCompareSubject", "PersonalizeDetectCompare",
                    "PersonalizeApplyInfusion",
-                   "PersonalizeSegMixDataset", "PersonalizeTrainSegMixLoRA", "PersonalizeTrainInfusion"]
+                   "PersonalizeSegMixDataset", "PersonalizeTrainSegMixLoRA", "PersonalizeTrainInfusion",
+                   "PersonalizeOverfittingMetrics"]
     for n in asyncio.run(ext.get_node_list()):
         schema = n.define_schema()
         assert schema.category.startswith("personalize/") and schema.description
