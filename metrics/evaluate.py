@@ -951,30 +951,35 @@ def main(argv=None) -> int:
     if argv and argv[0] == "overfitting":
         from .overfitting_comfy import main as overfitting_main
         return overfitting_main(argv[1:])
-    parser = build_parser()
+    return run_cli(build_parser(), run, argv, (UsageError,), (EvaluationError, em.EvalModelError))
+
+
+def run_cli(parser, run_fn, argv, usage_errors: tuple, errors: tuple) -> int:
+    """Parse ``argv`` and call ``run_fn(args)``: exit status 0 done, 2 for a bad argument (argparse's,
+    or ``usage_errors``), 1 for ``errors`` and anything else (one ``error:`` line on stderr; ``--debug``
+    shows the traceback), 130 on Ctrl-C. Shared by the evaluation and the overfitting commands."""
     try:
         a = parser.parse_args(argv)
     except SystemExit as exc:       # argparse: 2 on a bad argument (message printed), 0 for --help
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        run(a)
-    except UsageError as exc:
+        run_fn(a)
+    except usage_errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (EvaluationError, em.EvalModelError) as exc:
+    except errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - one clear line; --debug shows the traceback
-        if a.debug:
+        if getattr(a, "debug", False):
             raise
         msg = str(exc).strip().splitlines()
         print(f"error: {type(exc).__name__}: {msg[0] if msg else ''} (--debug shows the traceback)", file=sys.stderr)
         return 1
     return 0
-
 
 __all__ = ["Case", "Subject", "Scorers", "Evaluation", "ImageResult", "CaseSummary", "Progress", "EvaluationError",
            "UsageError", "load_cases", "parse_cases", "select_cases", "discover_images", "load_scorers", "evaluate",

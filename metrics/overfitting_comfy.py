@@ -710,30 +710,8 @@ def run(a, stdout=None, stderr=None) -> dict:
 
 def main(argv=None) -> int:
     """``tools/evaluate.py overfitting ...``; returns the exit status."""
-    parser = build_parser()
-    try:
-        a = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        run(a)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (OverfittingError, em.EvalModelError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - one clear line; --debug shows the traceback
-        if a.debug:
-            raise
-        msg = str(exc).strip().splitlines()
-        print(f"error: {type(exc).__name__}: {msg[0] if msg else ''} (--debug shows the traceback)", file=sys.stderr)
-        return 1
-    return 0
-
+    from .evaluate import run_cli
+    return run_cli(build_parser(), run, argv, (UsageError,), (OverfittingError, em.EvalModelError, FileNotFoundError))
 
 __all__ = ["OverfittingError", "parse_prompt_lines", "describe_model", "check_compatible", "encode_prompts",
            "eps_predictor", "generate_latents", "generate_images", "image_features", "overfitting_metrics",
