@@ -406,9 +406,11 @@ def _checkpoint_and_prompts(g, c, note: str, note_height: int, note_title: str):
     return ckpt, pos, neg
 
 
-def _sample_and_save(g, c, ckpt, model, pos, neg, x: int, sampler_title: str, prefix: str) -> None:
-    """Empty latent, KSampler on the patched model, VAE Decode and Save Image, from column ``x``."""
-    latent = g.node("EmptyLatentImage", (x, 200), (320, 110), None, width=c["size"], height=c["size"],
+def _sample_and_save(g, c, ckpt, model, pos, neg, x: int, sampler_title: str, prefix: str,
+                     latent_at: tuple | None = None) -> None:
+    """Empty latent (at ``latent_at``, default column ``x``), KSampler on the patched model, VAE Decode
+    and Save Image, from column ``x``."""
+    latent = g.node("EmptyLatentImage", latent_at or (x, 200), (320, 110), None, width=c["size"], height=c["size"],
                     batch_size=1)
     sampler = g.node("KSampler", (x + 400, 0), (320, 270), sampler_title, seed=c["seed"],
                      steps=c["steps"], cfg=c["cfg"], sampler_name=c["sampler"], scheduler=c["scheduler"],
@@ -749,20 +751,9 @@ def mudi_train_workflow(schemas: dict, classes: dict) -> dict:
     neg = g.node("CLIPTextEncode", (2440, 370), (400, 150), "Negative prompt", text=c["negative"])
     g.link(lora, 1, pos, "clip")
     g.link(lora, 1, neg, "clip")
-    latent = g.node("EmptyLatentImage", (2440, 560), (400, 110), None, width=c["size"], height=c["size"],
-                    batch_size=1)
     g.note(NOTE_MUDI_TRAIN_USE, (2440, 720), (400, 380), title="Read me: using the trained LoRA")
-    sampler = g.node("KSampler", (2880, 0), (320, 270), "KSampler (SDXL)", seed=c["seed"], steps=c["steps"],
-                     cfg=c["cfg"], sampler_name=c["sampler"], scheduler=c["scheduler"], denoise=1.0)
-    g.link(lora, 0, sampler, "model")
-    g.link(pos, 0, sampler, "positive")
-    g.link(neg, 0, sampler, "negative")
-    g.link(latent, 0, sampler, "latent_image")
-    decode = g.node("VAEDecode", (2880, 320), (210, 50), None)
-    g.link(sampler, 0, decode, "samples")
-    g.link(ckpt, 2, decode, "vae")
-    save = g.node("SaveImage", (3240, 0), (520, 560), None, filename_prefix="personalize_mudi_lora")
-    g.link(decode, 0, save, "images")
+    _sample_and_save(g, c, ckpt, lora, pos, neg, 2480, "KSampler (SDXL)", "personalize_mudi_lora",
+                     latent_at=(2440, 560))
     return g.to_json()
 
 
