@@ -406,6 +406,17 @@ def _checkpoint_and_prompts(g, c, note: str, note_height: int, note_title: str):
     return ckpt, pos, neg
 
 
+def _decode_and_save(g, ckpt, samples, at: tuple, below: int, save_size: tuple, prefix: str, title=None):
+    """VAE Decode of ``samples`` (a node's first output) with the checkpoint's VAE at ``at``, and Save
+    Image ``below`` px under it; returns the decode node (other nodes read the picture from it)."""
+    decode = g.node("VAEDecode", at, (210, 50), None)
+    g.link(samples, 0, decode, "samples")
+    g.link(ckpt, 2, decode, "vae")
+    save = g.node("SaveImage", (at[0], at[1] + below), save_size, title, filename_prefix=prefix)
+    g.link(decode, 0, save, "images")
+    return decode
+
+
 def _sample_and_save(g, c, ckpt, model, pos, neg, x: int, sampler_title: str, prefix: str,
                      latent_at: tuple | None = None) -> None:
     """Empty latent (at ``latent_at``, default column ``x``), KSampler on the patched model, VAE Decode
@@ -419,11 +430,7 @@ def _sample_and_save(g, c, ckpt, model, pos, neg, x: int, sampler_title: str, pr
     g.link(pos, 0, sampler, "positive")
     g.link(neg, 0, sampler, "negative")
     g.link(latent, 0, sampler, "latent_image")
-    decode = g.node("VAEDecode", (x + 760, 0), (210, 50), None)
-    g.link(sampler, 0, decode, "samples")
-    g.link(ckpt, 2, decode, "vae")
-    save = g.node("SaveImage", (x + 760, 100), (520, 560), None, filename_prefix=prefix)
-    g.link(decode, 0, save, "images")
+    _decode_and_save(g, ckpt, sampler, (x + 760, 0), 100, (520, 560), prefix)
 
 
 def freecustom_workflow(schemas: dict, classes: dict) -> dict:
@@ -538,11 +545,7 @@ def mip_workflow(schemas: dict, classes: dict) -> dict:
         g.link(pos, 0, sampler, "positive")
         g.link(neg, 0, sampler, "negative")
         g.link(latent, 0, sampler, "latent_image")
-        decode = g.node("VAEDecode", (2260, y), (210, 50), None)
-        g.link(sampler, 0, decode, "samples")
-        g.link(ckpt, 2, decode, "vae")
-        save = g.node("SaveImage", (2260, y + 90), (420, 520), None, filename_prefix=f"personalize_mip_{k + 1}")
-        g.link(decode, 0, save, "images")
+        _decode_and_save(g, ckpt, sampler, (2260, y), 90, (420, 520), f"personalize_mip_{k + 1}")
     return g.to_json()
 
 
@@ -567,11 +570,8 @@ def freecure_workflow(schemas: dict, classes: dict) -> dict:
     g.link(found, 0, k1, "positive")
     g.link(neg, 0, k1, "negative")
     g.link(latent, 0, k1, "latent_image")
-    d1 = g.node("VAEDecode", (1180, 0), (210, 50), None)
-    g.link(k1, 0, d1, "samples")
-    g.link(ckpt, 2, d1, "vae")
-    s1 = g.node("SaveImage", (1180, 90), (360, 420), "Foundation image", filename_prefix="personalize_freecure_foundation")
-    g.link(d1, 0, s1, "images")
+    d1 = _decode_and_save(g, ckpt, k1, (1180, 0), 90, (360, 420), "personalize_freecure_foundation",
+                          "Foundation image")
     mask = g.node("PersonalizeFaceAttributeMask", (1580, 0), (340, 330), None, attributes="from prompt",
                   provider="mediapipe", faces="largest", if_no_face="error", grow=0, prompt=c["foundation"])
     g.link(d1, 0, mask, "image")
@@ -600,11 +600,7 @@ def freecure_workflow(schemas: dict, classes: dict) -> dict:
     g.link(enc, 0, k2, "positive")
     g.link(neg, 0, k2, "negative")
     g.link(latent, 0, k2, "latent_image")
-    d2 = g.node("VAEDecode", (2020, y), (210, 50), None)
-    g.link(k2, 0, d2, "samples")
-    g.link(ckpt, 2, d2, "vae")
-    s2 = g.node("SaveImage", (2020, y + 90), (420, 520), None, filename_prefix="personalize_freecure")
-    g.link(d2, 0, s2, "images")
+    _decode_and_save(g, ckpt, k2, (2020, y), 90, (420, 520), "personalize_freecure")
     return g.to_json()
 
 
@@ -670,11 +666,7 @@ def mudi_workflow(schemas: dict, classes: dict) -> dict:
     g.link(sampler, 0, run, "sampler")
     g.link(sigmas, 0, run, "sigmas")
     g.link(latent, 0, run, "latent_image")
-    decode = g.node("VAEDecode", (2620, 180), (210, 50), None)
-    g.link(run, 0, decode, "samples")
-    g.link(ckpt, 2, decode, "vae")
-    save = g.node("SaveImage", (2620, 280), (520, 560), None, filename_prefix="personalize_mudi")
-    g.link(decode, 0, save, "images")
+    decode = _decode_and_save(g, ckpt, run, (2620, 180), 100, (520, 560), "personalize_mudi")
 
     # 3. the score
     g.group("3. Score: Detect-and-Compare (MuDI)", (3220, -75, 960, 1075))
