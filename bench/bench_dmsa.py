@@ -196,14 +196,9 @@ def run_dmsa(opts) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH)")
-    ap.add_argument("--size", type=int, default=256, help="image size in px (latent = size/8); default 256")
-    ap.add_argument("--layout", choices=sorted(bm.LAYOUTS), default="full",
-                    help="full: the real SD1.5 UNet (860M); small: 320 channels at every level, same blocks")
-    ap.add_argument("--steps", type=int, default=10,
-                    help="sampling steps per run (the first is skipped); default 10, so both phases run")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="rounds of interleaved plain/DMSA runs (order reversed every other round); default 3")
+    bm.add_speed_args(ap, steps=10, repeats=3,
+                      steps_help="sampling steps per run (the first is skipped); default 10, so both phases run",
+                      repeats_help="rounds of interleaved plain/DMSA runs (order reversed every other round); default 3")
     ap.add_argument("--appearance-start", type=float, default=0.4,
                     help="fraction of the schedule where the appearance phase starts; default 0.4 (FreeMix)")
     ap.add_argument("--mask", choices=("half", "full"), default="half",

@@ -594,13 +594,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Target: sampling step time, fasa / plain <= 1.8 at B=1 "
                                         "(--layout full --size 256). See bench/README.md.")
-    ap.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH)")
-    ap.add_argument("--size", type=int, default=256, help="image size in px (latent = size/8); default 256")
-    ap.add_argument("--layout", choices=sorted(bm.LAYOUTS), default="full",
-                    help="full: the real SD1.5 UNet (860M); small: 320 channels at every level, same blocks")
-    ap.add_argument("--steps", type=int, default=6, help="sampling steps per run (the first is skipped); default 6")
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="rounds of interleaved runs (order reversed every other round); default 2")
+    bm.add_speed_args(ap)
     ap.add_argument("--batches", type=bm.int_list, default=[1], help="image batch sizes B; default 1")
     ap.add_argument("--mask", choices=("box", "full"), default="box",
                     help="attribute mask: a centred box of a quarter of the image (default) or all ones")

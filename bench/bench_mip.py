@@ -437,13 +437,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Target: sampling step time, mip R=2 / ip_adapter <= 1.15 "
                                         "(--layout full --size 256). See bench/README.md.")
-    ap.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH)")
-    ap.add_argument("--size", type=int, default=256, help="image size in px (latent = size/8); default 256")
-    ap.add_argument("--layout", choices=sorted(bm.LAYOUTS), default="full",
-                    help="full: the real SD1.5 UNet (860M); small: 320 channels at every level, same blocks")
-    ap.add_argument("--steps", type=int, default=6, help="sampling steps per run (the first is skipped); default 6")
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="rounds of interleaved runs (order reversed every other round); default 2")
+    bm.add_speed_args(ap)
     ap.add_argument("--refs", type=bm.int_list, default=[1, 2, 3],
                     help="MIP object counts R; default 1,2,3 (the target is at R=2, R=1 is for information)")
     ap.add_argument("--batches", type=bm.int_list, default=[1], help="image batch sizes B; default 1")

@@ -113,6 +113,21 @@ def comfyui_path(opts, what: str, hint: str = "") -> Path:
     return Path(given).expanduser().resolve()
 
 
+def add_speed_args(ap, steps: int = 6, repeats: int = 2, steps_help: str | None = None,
+                   repeats_help: str | None = None) -> None:
+    """The options the speed benchmarks of DMSA, MIP and FASA share: --comfyui, --size, --layout,
+    --steps, --repeats."""
+    ap.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH)")
+    ap.add_argument("--size", type=int, default=256, help="image size in px (latent = size/8); default 256")
+    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="full",
+                    help="full: the real SD1.5 UNet (860M); small: 320 channels at every level, same blocks")
+    ap.add_argument("--steps", type=int, default=steps,
+                    help=steps_help or f"sampling steps per run (the first is skipped); default {steps}")
+    ap.add_argument("--repeats", type=int, default=repeats,
+                    help=repeats_help or f"rounds of interleaved runs (order reversed every other round); default "
+                                         f"{repeats}")
+
+
 def setup_comfy(root: Path, attention: str):
     if not (root / "comfy").is_dir():
         raise SystemExit(f"--comfyui / COMFYUI_PATH: {root} is not a ComfyUI folder (no comfy/ inside)")
