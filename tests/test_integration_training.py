@@ -252,3 +252,22 @@ def test_comfyui_cancel_interrupts_the_node_and_leaves_nothing(env):
     assert not (loras / "tiny_cancelled.safetensors").exists()
     time.sleep(0.5)
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+
+
+def test_bad_training_settings_and_infusion_input(env):
+    (model, clip, vae), loras, out = env
+    with pytest.raises(ValueError, match="scale_min"):
+        train(model, clip, vae, dataset(), "x", scale_min=0.9, scale_max=0.8)
+    with pytest.raises(ValueError, match="multiple of gpus"):
+        train(model, clip, vae, dataset(), "x", batch_size=3, gpus=2)
+    inf = node("PersonalizeTrainInfusion")
+    imgs = load_image(INPUTS / "personalize_cat_04.jpg")
+    kw = dict(output_name="x", steps=1, resolution=64)
+    with pytest.raises(ValueError, match="concept_word"):
+        inf.execute(model, clip, vae, imgs, "  ", None, **kw)
+    with pytest.raises(ValueError, match="masks: 1 masks of 32x32 for 1 images of 64x64"):
+        inf.execute(model, clip, vae, imgs, "cat", load_mask(INPUTS / "personalize_cat_04_mask.jpg", 32), **kw)
+    with pytest.raises(ValueError, match="images"):
+        inf.execute(model, clip, vae, imgs[0], "cat", None, **kw)
+    with pytest.raises(ValueError, match="output name"):
+        inf.execute(model, clip, vae, imgs, "cat", None, output_name="../up", steps=1, resolution=64)
