@@ -68,6 +68,7 @@ from .kernels import (gather_reference_keys, mrsa_attention, sdpa_attention, spl
                       token_selection)
 from .layers import SigmaRange, expand_blocks
 from .mrsa import reference_layer_mask
+from .dit import IMAGE_KEYS, POSITIONS, ROPE_KEY, SHIFTED, shift_reference
 from .patch import COND, RefRequest, apply_to_rows
 
 
@@ -87,7 +88,7 @@ def appearance_source_index(n_tokens: int, app_mask: torch.Tensor) -> torch.Tens
 
 def appearance_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_app: torch.Tensor,
                          v_app: torch.Tensor, struct_mask: torch.Tensor, app_mask: torch.Tensor,
-                         heads: int) -> torch.Tensor:
+                         heads: int, image_keys: tuple | None = None, reposition=None) -> torch.Tensor:
     """FreeMix's appearance phase (docs/algorithms.md §2.2 steps 3-4).
 
     ``q, k, v``: target rows ``[B, N, h*d]``. ``k_app, v_app``: the appearance reference's keys and
@@ -99,6 +100,12 @@ def appearance_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ap
     positions keep their own key/value; ``out = softmax(s Q K'^T) V'`` over these N keys only (one
     SDPA call). An empty ``M_s`` gives plain self-attention (for every row where it is empty); an
     empty appearance selection is a ``ValueError`` (unless ``M_s`` is empty everywhere).
+
+    In a DiT's joint attention (§2.7) ``k, v`` are the target's own joint keys ``[B, L, h*d]`` and
+    ``image_keys = (start, stop)`` is where its N image tokens lie among them; only those are
+    substituted (the text keys stay). ``reposition(k, src, dst)``: with RoPE, the appearance key of
+    token ``src`` moved to the position of target token ``dst`` (a transplanted token sits where it
+    is put, as in a UNet).
     """
     b, n, c = q.shape
     ms = struct_mask
@@ -116,12 +123,23 @@ def appearance_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ap
     if app_mask.numel() != n_a:
         raise ValueError(f"app_mask: {app_mask.numel()} values for {n_a} appearance tokens")
     src = appearance_source_index(n, app_mask.to(q.device))
-    kt = k_app.index_select(-2, src).to(k.dtype)
+    kt = k_app.index_select(-2, src)
+    if reposition is not None:
+        kt = reposition(kt, src, torch.arange(n, device=src.device))
+    kt = kt.to(k.dtype)
     vt = v_app.index_select(-2, src).to(v.dtype)
     if kt.dim() == 2:
         kt, vt = kt.unsqueeze(0), vt.unsqueeze(0)
     sel = inside.unsqueeze(-1)
-    return sdpa_attention(q, torch.where(sel, kt, k), torch.where(sel, vt, v), heads)
+    a, b = (0, k.shape[1]) if image_keys is None else (int(image_keys[0]), int(image_keys[1]))
+    if b - a != n:
+        raise ValueError(f"image_keys: {b - a} image keys for {n} image queries")
+    if (a, b) == (0, k.shape[1]):
+        return sdpa_attention(q, torch.where(sel, kt, k), torch.where(sel, vt, v), heads)
+    kk, vv = k.clone(), v.clone()
+    kk[:, a:b] = torch.where(sel, kt, k[:, a:b])
+    vv[:, a:b] = torch.where(sel, vt, v[:, a:b])
+    return sdpa_attention(q, kk, vv, heads)
 
 
 def structure_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ref: torch.Tensor,
@@ -260,6 +278,27 @@ DMSA_PRESETS: dict[str, DMSAPreset] = {
 }
 
 
+FLUX_DMSA = "FLUX dev/schnell FreeMix analogue"
+
+
+def dit_dmsa_keys(spec) -> tuple[tuple, tuple, tuple]:
+    """``(structure, appearance, map)`` block keys of the FreeMix analogue on a FLUX model
+    (docs/algorithms.md §2.7; my choice, FreeMix has no DiT code): the structure phase in every
+    single block (the later half of the network, as FreeMix's decoder blocks), the appearance phase
+    in the last third of the single blocks (FreeMix: the last, highest-resolution decoder stage),
+    the blend-word maps from the image-to-text attention of every double block (where text and
+    image streams are still separate). FLUX.1 dev/schnell: single 0-37, single 25-37, double 0-18."""
+    from .dit import DOUBLE, SINGLE  # noqa: PLC0415
+
+    if spec.single < 1 or spec.double < 1:
+        raise ValueError(f"preset '{FLUX_DMSA}': needs double and single blocks; this model has {spec.double} "
+                         f"double and {spec.single} single blocks")
+    structure = tuple((SINGLE, i) for i in range(spec.single))
+    appearance = tuple((SINGLE, i) for i in range((2 * spec.single) // 3, spec.single))
+    maps = tuple((DOUBLE, i) for i in range(spec.double))
+    return structure, appearance, maps
+
+
 # --------------------------------------------------------------------------- map store
 
 class BlendMapStore:
@@ -348,7 +387,7 @@ class DisentangleMixingAttention:
                  structure_range: SigmaRange | None, appearance_range: SigmaRange | None,
                  blend_tokens: Sequence[int] = (), prompt_tokens: int | None = None,
                  structure_weight: float | None = 3.0, threshold: float = 0.2,
-                 norm_range: SigmaRange | None = None, seed: int = 0):
+                 norm_range: SigmaRange | None = None, seed: int = 0, dit=None, positions: str = SHIFTED):
         if structure is None or appearance is None:
             raise ValueError("DMSA needs a structure reference and an appearance reference")
         if not 0.0 <= float(threshold) <= 1.0:
@@ -378,6 +417,10 @@ class DisentangleMixingAttention:
         self.threshold = float(threshold)
         self.norm_range = norm_range
         self.seed = int(seed)
+        if positions not in POSITIONS:
+            raise ValueError(f"reference_positions: unknown '{positions}'; choose one of {POSITIONS}")
+        self.dit = dit                  # dit.DiTSpec on a DiT model (its keys are DiT blocks)
+        self.positions = positions      # where a DiT with RoPE places the structure reference's tokens
         self.maps = BlendMapStore()
         self._cache: dict = {}
         self._schedule = (None, None)
@@ -479,15 +522,21 @@ class DisentangleMixingAttention:
                 if app_rows:
                     app_mask = self.appearance_mask(n, layout.latent_hw, k.device)
 
+                    grid = extra_options.get(ROPE_KEY)
+                    move = grid.moved if grid is not None else None
+                    image_keys = extra_options.get(IMAGE_KEYS)
+
                     def appearance(run, kv=kv, masks=masks, app_mask=app_mask):
                         ms = torch.stack([masks[r] for r in range(run.start, run.stop)])
-                        return appearance_attention(q[run], k[run], v[run], kv[0], kv[1], ms, app_mask, heads)
+                        return appearance_attention(q[run], k[run], v[run], kv[0], kv[1], ms, app_mask, heads,
+                                                    image_keys, move)
                     groups.append((app_rows, appearance))
         if rest and key in self.structure_keys and self._structure_on(sigma):
             kv = layout.reference_kv(key, k, v, self.structure, COND)
             sel = self.structure_selection(n, layout.latent_hw, k.device)
             if kv is not None and sel is not None:
                 norm = self.norm_range is not None and sigma in self.norm_range
+                kv = (shift_reference(extra_options, kv[0], 1, self.positions), kv[1])
 
                 def structure(run, kv=kv, sel=sel, norm=norm):
                     return structure_attention(q[run], k[run], v[run], kv[0], kv[1], sel, heads, norm)
@@ -498,6 +547,13 @@ class DisentangleMixingAttention:
 
     def attn2(self, q, k, v, extra_options, *, inner, layout, key, subset_ok=False):
         """Record the blend-word maps of the cond target rows; the output is unchanged."""
+        self.record_maps(q, k, extra_options, layout, key)
+        return inner(q, k, v, extra_options)
+
+    def record_maps(self, q, k, extra_options, layout, key) -> None:
+        """Record the blend-word maps of the cond target rows of queries ``q`` ``[B, N, h*d]``
+        against text keys ``k`` ``[B, T, h*d]`` (cross-attention; in a DiT, the text part of the
+        joint attention, softmax over the text tokens)."""
         sigma = _call_sigma(layout, extra_options)
         if sigma is not None and self._recording(sigma):
             rows = _cond_rows(layout, extra_options, q.shape[0])
@@ -508,7 +564,6 @@ class DisentangleMixingAttention:
                 sched = self.schedule(extra_options)
                 for j, m in enumerate(maps):
                     self.maps.record(j, sigma, key, m, sched)
-        return inner(q, k, v, extra_options)
 
 
 def _call_sigma(layout, extra_options) -> float | None:

@@ -40,9 +40,27 @@ APPLY_KEY = "personalize.foundation_branch"
 
 SDXL_FREECURE = "SDXL FreeCure (output 1.6-9, 2-5)"
 SD15_FREECURE = "SD1.5 FreeCure (output 6-11)"
+FLUX_FREECURE = "FLUX dev/schnell FreeCure analogue (last 30% of blocks)"
 ALL_DECODER = "all decoder blocks"
 CUSTOM = "custom"
-FASA_PRESETS = [SDXL_FREECURE, SD15_FREECURE, ALL_DECODER, CUSTOM]
+FASA_PRESETS = [SDXL_FREECURE, SD15_FREECURE, FLUX_FREECURE, ALL_DECODER, CUSTOM]
+
+
+def dit_fasa_keys(preset: str, custom: str, spec) -> tuple:
+    """FASA's block keys on a FLUX model. The FreeCure analogue (docs/algorithms.md §4.8; my
+    choice, FreeCure ships no FLUX code) takes the last 30% of the blocks in execution order, as
+    FreeCure's SDXL layers are the last 20 of 70 transformer blocks: FLUX.1 dev/schnell single
+    blocks 20-37. ``custom`` reads blocks like ``single:20-37, double:18``."""
+    from .dit import resolve_dit_blocks  # noqa: PLC0415
+
+    if preset == FLUX_FREECURE:
+        keys = spec.keys()
+        first = int(0.7 * len(keys))
+        return keys[first:]
+    if preset == CUSTOM:
+        return resolve_dit_blocks(CUSTOM, custom, spec)
+    raise ValueError(f"layers: preset '{preset}' is for UNet models, but this is a FLUX model; choose "
+                     f"'{FLUX_FREECURE}' or 'custom' with blocks like 'single:20-37'")
 
 
 def fasa_layer_keys(preset: str, custom: str, available: dict) -> tuple:
@@ -65,6 +83,9 @@ def fasa_layer_keys(preset: str, custom: str, available: dict) -> tuple:
         return expand_blocks([b for b in available if b[0] == "output"], available, f"layers: preset '{preset}'")
     if preset == CUSTOM:
         return expand_blocks(parse_blocks(custom), available, "custom_blocks")
+    if preset == FLUX_FREECURE:
+        raise ValueError(f"layers: preset '{preset}' is for FLUX models, but this model is a UNet; choose "
+                         f"'{SDXL_FREECURE}' or '{SD15_FREECURE}'")
     raise ValueError(f"layers: unknown preset '{preset}'; choose one of {FASA_PRESETS}")
 
 
@@ -116,7 +137,7 @@ class FoundationAwareAttention(Technique):
     exclusive = True          # owns the batch layout: does not combine with reference-row techniques
 
     def __init__(self, foundation, masks, weight: float, layer_keys, sigma_range, strip_patches: bool = False,
-                 mask_threshold: float = 0.5):
+                 mask_threshold: float = 0.5, dit=None):
         if foundation is None and not strip_patches:
             raise ValueError("foundation: no foundation conditioning and strip_patches off, so the foundation "
                              "branch would equal the personalised one; connect the prompt without the identity")
@@ -127,6 +148,7 @@ class FoundationAwareAttention(Technique):
         self.attn1_keys = frozenset(layer_keys)
         self.sigmas = sigma_range
         self.strip_patches = bool(strip_patches)
+        self.dit = dit              # dit.DiTSpec on a DiT model (its layer keys are DiT blocks)
         self._selections: dict = {}
 
     # -- technique protocol -------------------------------------------------------------
@@ -229,7 +251,8 @@ def _control_rows(control, rows: list[int], n: int):
 def strip_foreign_attention(transformer_options: dict) -> dict:
     """The options without other packs' cross-attention patches (the identity of InstantID-style
     adapters lives there): foreign attn2 replaces dropped, the pack's own unwrapped, attn2 input
-    and output patches dropped. Self-attention patches stay."""
+    and output patches dropped. Self-attention patches stay. On a DiT, other packs' block replaces
+    are dropped too (the pack's own are unwrapped)."""
     opts = dict(transformer_options)
     replace = {k: dict(v) for k, v in (opts.get("patches_replace") or {}).items()}
     table = replace.get("attn2", {})
@@ -239,6 +262,13 @@ def strip_foreign_attention(transformer_options: dict) -> dict:
                 table[key] = PersonalizeAttention(fn.kind, None)
         else:
             del table[key]
+    blocks = replace.get("dit", {})
+    for key, fn in list(blocks.items()):
+        if getattr(fn, "personalize_block", False):
+            if fn.inner is not None:
+                blocks[key] = type(fn)(fn.key, fn.spec, None)
+        else:
+            del blocks[key]       # DiT identity adapters (PuLID-FLUX style) replace whole blocks
     opts["patches_replace"] = replace
     patches = dict(opts.get("patches") or {})
     for name in ("attn2_patch", "attn2_output_patch"):
@@ -268,6 +298,11 @@ def foundation_branch(executor, x, t, c_concat=None, c_crossattn=None, control=N
                              f"encode it with the same CLIP as the prompt")
         if f.shape[0] not in (1, batch):
             raise ValueError(f"foundation: {f.shape[0]} conditionings for {batch} images; give one")
+        if tech.dit is not None and f.shape[1] != ctx.shape[1]:
+            raise ValueError(f"foundation: its conditioning has {f.shape[1]} text tokens but the prompt has "
+                             f"{ctx.shape[1]}; in FLUX the text tokens join the image tokens' attention, so the "
+                             f"two must have the same length (keep the foundation prompt within the prompt's "
+                             f"length, e.g. both under 256 T5 tokens)")
         length = math.lcm(ctx.shape[1], f.shape[1])
         ctx = repeat_tokens(ctx, length).clone()
         f = repeat_tokens(f, length).expand(batch, -1, -1)

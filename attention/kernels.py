@@ -134,3 +134,63 @@ def mrsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, refs: Refe
     out = F.scaled_dot_product_attention(q_aug, k_aug, split_heads(vv, heads), attn_mask=bias.view(1, 1, 1, -1),
                                          scale=qh.shape[-1] ** -0.5)
     return merge_heads(out)
+
+
+# --------------------------------------------------------------------------- DiT joint attention
+
+def joint_reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, refs: ReferenceKeys | None,
+                              heads: int, image: slice) -> torch.Tensor:
+    """MRSA inside a DiT's joint attention (docs/algorithms.md §1.6): ``q, k, v`` ``[B, L, h*d]``
+    hold the text and image tokens of the target; ``image`` is the slice of its image tokens.
+
+    Image queries attend over every own key (text and image) plus the reference image tokens of
+    ``refs`` with their logit bias (``mrsa_attention``); every other query (the text tokens) attends
+    over the own keys only, as in plain joint attention. Without reference tokens this is plain
+    joint attention. Returns ``[B, L, h*d]``.
+    """
+    out = sdpa_attention(q, k, v, heads)
+    if refs is None or refs.count == 0:
+        return out
+    out[:, image] = mrsa_attention(q[:, image], k, v, refs, heads)
+    return out
+
+
+@dataclass(frozen=True)
+class Rope:
+    """The rotary position embedding of a DiT (FLUX): base ``theta`` and the split of the head dim
+    over the position axes, ``axes_dim`` (FLUX.1: 16 for the image index, 56 for the row, 56 for
+    the column; pairs of channels ``(2i, 2i+1)`` are rotated, the pairs of axis ``a`` come after
+    those of the axes before it, and pair ``j`` of an axis of ``d`` channels turns by
+    ``position * theta^(-2j/d)``)."""
+    theta: float
+    axes_dim: tuple
+
+    @property
+    def head_dim(self) -> int:
+        return int(sum(self.axes_dim))
+
+    def angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rotation angles ``[..., head_dim / 2]`` (float64) of ``positions`` ``[..., n_axes]``."""
+        parts = []
+        for a, d in enumerate(self.axes_dim):
+            omega = float(self.theta) ** (-torch.arange(d // 2, dtype=torch.float64) * 2.0 / d)
+            parts.append(positions[..., a:a + 1].to(torch.float64) * omega.to(positions.device))
+        return torch.cat(parts, dim=-1)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[..., N, h*d]`` (heads merged) with every head turned by the rotation of
+        ``positions`` (``[n_axes]`` for all tokens, or ``[N, n_axes]`` per token). RoPE rotations
+        compose by adding positions, so turning a key that already carries position ``p`` by
+        ``delta`` gives the key at ``p + delta``."""
+        d = self.head_dim
+        if x.shape[-1] % d:
+            raise ValueError(f"rope: {x.shape[-1]} channels are not a whole number of {d}-channel heads")
+        pos = torch.as_tensor(positions, device=x.device)
+        ang = self.angles(pos if pos.dim() > 1 else pos.unsqueeze(0))          # [N or 1, d/2]
+        cos = ang.cos().to(torch.float32).unsqueeze(-2)                         # [N or 1, 1, d/2]
+        sin = ang.sin().to(torch.float32).unsqueeze(-2)
+        shape = x.shape
+        pairs = x.to(torch.float32).reshape(*shape[:-1], shape[-1] // d, d // 2, 2)
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1)
+        return out.reshape(shape).to(x.dtype)

@@ -101,6 +101,10 @@ def resolve_layers(preset: str, custom: str, available: dict[tuple[str, int], in
     if not available:
         raise ValueError("model: no UNet self-attention blocks found; this technique needs an "
                          "SD1.x/SD2.x/SDXL-style UNet model")
+    from .dit import DIT_PRESETS  # noqa: PLC0415
+    if preset in DIT_PRESETS:
+        raise ValueError(f"layers: preset '{preset}' is for FLUX models, but this model is a UNet; choose one of "
+                         f"{[p for p in PRESET_NAMES if p != CUSTOM]} or custom")
     if preset == CUSTOM:
         blocks = parse_blocks(custom)
     elif preset == ALL_DECODER:

@@ -14,6 +14,7 @@ from ..references.masks import layer_mask, token_grid
 
 from .kernels import ReferenceKeys, gather_reference_keys, mrsa_attention, token_selection
 from .layers import SigmaRange
+from .dit import POSITIONS, SHIFTED, shift_reference
 from .patch import COND, UNCOND, RefRequest, Technique, apply_to_rows, row_runs
 
 
@@ -31,7 +32,7 @@ class MultiReferenceAttention(Technique):
     name = "FreeCustom MRSA"
 
     def __init__(self, references, layer_keys, sigma_range: SigmaRange, style_fidelity: float = 1.0,
-                 seed: int = 0):
+                 seed: int = 0, dit=None, positions: str = SHIFTED):
         if not references:
             raise ValueError("references: at least one reference is needed")
         if not 0.0 <= style_fidelity <= 1.0:
@@ -44,6 +45,10 @@ class MultiReferenceAttention(Technique):
         self.sigmas = sigma_range
         self.style_fidelity = float(style_fidelity)
         self.seed = int(seed)
+        if positions not in POSITIONS:
+            raise ValueError(f"reference_positions: unknown '{positions}'; choose one of {POSITIONS}")
+        self.dit = dit                  # dit.DiTSpec on a DiT model (its layer keys are DiT blocks)
+        self.positions = positions      # where a DiT with RoPE places the reference tokens
         self._selections: dict = {}
 
     # -- technique protocol -------------------------------------------------------------
@@ -74,22 +79,26 @@ class MultiReferenceAttention(Technique):
             self._selections[key] = hit
         return hit
 
-    def reference_keys(self, layout, key, k, v, label: int) -> ReferenceKeys | None:
+    def reference_keys(self, layout, key, k, v, label: int, n_tokens: int, extra_options) -> ReferenceKeys | None:
+        """The key set of the references run with ``label`` at a layer whose image has
+        ``n_tokens`` tokens (on a DiT with shifted positions, reference ``i`` stands ``i + 1``
+        grid widths beside the target)."""
         kvs, sels = [], []
-        for ref, sel in zip(self.references, self.selections(k.shape[1], layout.latent_hw, k.device)):
+        for i, (ref, sel) in enumerate(zip(self.references, self.selections(n_tokens, layout.latent_hw, k.device))):
             kv = layout.reference_kv(key, k, v, ref, label)
             if kv is not None and sel is not None:
-                kvs.append(kv)
+                kvs.append((shift_reference(extra_options, kv[0], i + 1, self.positions), kv[1]))
                 sels.append(sel)
         return gather_reference_keys(kvs, sels)
 
     def attn1(self, q, k, v, extra_options, *, inner, layout, key, subset_ok=False):
         heads = extra_options["n_heads"]
         cond_rows = layout.target_rows(COND)
-        refs_c = self.reference_keys(layout, key, k, v, COND) if cond_rows else None
+        n = q.shape[1]
+        refs_c = self.reference_keys(layout, key, k, v, COND, n, extra_options) if cond_rows else None
         mrsa_rows = set(cond_rows) if refs_c is not None else set()
         un_rows = layout.target_rows(UNCOND) if self.style_fidelity < 1.0 else []
-        refs_u = self.reference_keys(layout, key, k, v, UNCOND) if un_rows else None
+        refs_u = self.reference_keys(layout, key, k, v, UNCOND, n, extra_options) if un_rows else None
         if not mrsa_rows and refs_u is None:
             return inner(q, k, v, extra_options)
 

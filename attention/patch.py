@@ -36,6 +36,7 @@ from .kernels import sdpa_attention
 STATE_KEY = "personalize"
 ROWS_KEY = "personalize_rows"
 BRANCH_KEY = "personalize_branches"        # FreeCure's personalised/foundation layout of one model call
+LATENT_KEY = "personalize_latent_hw"       # the latent size of a DiT call (its blocks see only tokens)
 WRAPPER_KEY = "personalize.reference_pass"
 COND, UNCOND = 0, 1
 
@@ -53,6 +54,11 @@ class PersonalizeState:
     def reference_rows(self) -> int:
         """The most reference rows one model call may carry (a bound; shared rows count twice)."""
         return sum(t.max_reference_rows() for t in self.techniques)
+
+    @property
+    def dit(self):
+        """The ``dit.DiTSpec`` of the model when its techniques patch DiT blocks, else None."""
+        return next((t.dit for t in self.techniques if getattr(t, "dit", None) is not None), None)
 
 
 class Technique:
@@ -242,6 +248,8 @@ def _foreign_attention(transformer_options) -> bool:
     for kind, table in (transformer_options.get("patches_replace", {}) or {}).items():
         for fn in table.values():
             if not isinstance(fn, PersonalizeAttention) or fn.inner is not None:
+                if kind == "dit" and getattr(fn, "personalize_block", False) and fn.inner is None:
+                    continue
                 return True
     return False
 
@@ -270,10 +278,46 @@ def _rows_of(value, n_target: int, src: list[int]):
     return None
 
 
+def _caption_rows(reqs, src, c_crossattn):
+    """The text conditioning of every reference row ``[1, T_r, D]``: its caption for cond
+    references that have one, else the target row's conditioning it borrows."""
+    rows = []
+    for r, s_row in zip(reqs, src):
+        cap = r.reference.caption if r.label == COND else None
+        if cap is not None:
+            if cap.shape[-1] != c_crossattn.shape[-1]:
+                raise ValueError(f"reference '{r.reference.name}': caption conditioning has width "
+                                 f"{cap.shape[-1]} but the model's text conditioning has "
+                                 f"{c_crossattn.shape[-1]}; encode the caption with the same CLIP as the prompt")
+            rows.append(cap[:1].to(c_crossattn.device, c_crossattn.dtype))
+        else:
+            rows.append(c_crossattn[s_row:s_row + 1])
+    return rows
+
+
+def _pooled_rows(y, reqs):
+    """``y`` of the reference rows with each cond reference's own pooled caption where it is the
+    whole vector (FLUX: the CLIP-L pooled output; an SDXL ``y`` also holds size embeddings, so
+    there the borrowed row stays)."""
+    if not isinstance(y, torch.Tensor) or y.dim() != 2:
+        return y
+    out = None
+    for i, r in enumerate(reqs):
+        pooled = getattr(r.reference, "caption_pooled", None) if r.label == COND else None
+        if pooled is not None and pooled.shape[-1] == y.shape[-1]:
+            out = y.clone() if out is None else out
+            out[i] = pooled.reshape(-1, y.shape[-1])[0].to(y.device, y.dtype)
+    return y if out is None else out
+
+
 def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
     """``WrappersMP.APPLY_MODEL`` wrapper: see the module docstring."""
     state = transformer_options.get(STATE_KEY)
     labels = list(transformer_options.get("cond_or_uncond") or [])
+    dit = state.dit if state is not None else None
+    if dit is not None:
+        transformer_options = dict(transformer_options)
+        transformer_options[LATENT_KEY] = tuple(int(d) for d in x.shape[-2:])
     if state is None or not state.techniques or not labels or x.shape[0] % len(labels):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     sigma = float(t.reshape(-1)[0])
@@ -302,30 +346,34 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
     x_ref = torch.cat(lat).to(x.dtype)
     t_ref = t.reshape(-1)[:1].expand(len(reqs)).to(t.dtype)
 
+    # In a UNet the text only enters cross-attention, where repeating every token of a conditioning
+    # changes nothing, so conditionings of different lengths share a call at their common multiple.
+    # In a DiT the text tokens are keys of the joint attention: lengths must match exactly, else
+    # the references run in calls of their own length.
+    ctx_rows = _caption_rows(reqs, src, c_crossattn) if c_crossattn is not None else None
     ctx_ref = ctx_target = None
-    if c_crossattn is not None:
-        rows = []
-        for r, s_row in zip(reqs, src):
-            cap = r.reference.caption if r.label == COND else None
-            if cap is not None:
-                if cap.shape[-1] != c_crossattn.shape[-1]:
-                    raise ValueError(f"reference '{r.reference.name}': caption conditioning has width "
-                                     f"{cap.shape[-1]} but the model's text conditioning has "
-                                     f"{c_crossattn.shape[-1]}; encode the caption with the same CLIP as the prompt")
-                rows.append(cap[:1].to(c_crossattn.device, c_crossattn.dtype))
-            else:
-                rows.append(c_crossattn[s_row:s_row + 1])
-        length = math.lcm(c_crossattn.shape[1], *[r.shape[1] for r in rows])
-        ctx_ref = torch.cat([repeat_tokens(r, length) for r in rows])
-        ctx_target = repeat_tokens(c_crossattn, length)     # repeating all tokens leaves cross-attention unchanged
+    groups = [list(range(len(reqs)))]
+    if ctx_rows is not None:
+        if dit is None:
+            length = math.lcm(c_crossattn.shape[1], *[r.shape[1] for r in ctx_rows])
+            ctx_ref = torch.cat([repeat_tokens(r, length) for r in ctx_rows])
+            ctx_target = repeat_tokens(c_crossattn, length)     # repeating all tokens leaves cross-attention unchanged
+        else:
+            ctx_target = c_crossattn
+            lengths = sorted({r.shape[1] for r in ctx_rows})
+            groups = [[i for i, r in enumerate(ctx_rows) if r.shape[1] == n] for n in lengths]
+            if lengths == [c_crossattn.shape[1]]:
+                ctx_ref = torch.cat(ctx_rows)
     concat_ref = _rows_of(c_concat, n_target, src)
     kw_ref = {}
     for name, value in kwargs.items():
         rows = _rows_of(value, n_target, src)
         kw_ref[name] = rows if rows is not None else value
+    if dit is not None and "y" in kw_ref:
+        kw_ref["y"] = _pooled_rows(kw_ref["y"], reqs)
 
-    rows = {(r.reference, r.label): i for i, r in enumerate(reqs)}
-    if not _foreign_attention(transformer_options):
+    if not _foreign_attention(transformer_options) and (c_crossattn is None or ctx_ref is not None):
+        rows = {(r.reference, r.label): i for i, r in enumerate(reqs)}
         layout = RowLayout("joint", labels, n_target, (H, W), sigma, rows)
         opts = dict(transformer_options)
         opts[ROWS_KEY] = layout
@@ -341,14 +389,33 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
                        _pad_control(control, n_target, len(reqs)), opts, **kw_all)
         return out[:n_target]
 
-    # Separate pass: the references alone (record their keys/values), then the target.
-    bank: dict = {}
-    rec = dict(transformer_options)
-    rec["cond_or_uncond"] = [r.label for r in reqs]
-    rec[ROWS_KEY] = RowLayout("record", rec["cond_or_uncond"], len(reqs), (H, W), sigma, rows, bank)
-    if isinstance(rec.get("sigmas"), torch.Tensor):
-        rec["sigmas"] = t_ref.to(t.device)
-    executor(x_ref, t_ref.to(t.device), concat_ref, ctx_ref, None, rec, **kw_ref)
+    # Separate pass: the references alone (record their keys/values), then the target. References
+    # whose text differs in length (DiT only) are recorded in one call per length.
+    order = [i for g in groups for i in g]
+    rows = {(reqs[i].reference, reqs[i].label): j for j, i in enumerate(order)}
+    parts: dict = {}
+    for g in groups:
+        sub = lambda value: value[g] if isinstance(value, torch.Tensor) and value.dim() > 0 \
+            and value.shape[0] == len(reqs) else value  # noqa: E731
+        bank_g: dict = {}
+        rec = dict(transformer_options)
+        rec["cond_or_uncond"] = [reqs[i].label for i in g]
+        rows_g = {(reqs[i].reference, reqs[i].label): j for j, i in enumerate(g)}
+        rec[ROWS_KEY] = RowLayout("record", rec["cond_or_uncond"], len(g), (H, W), sigma, rows_g, bank_g)
+        if isinstance(rec.get("sigmas"), torch.Tensor):
+            rec["sigmas"] = t_ref[g].to(t.device)
+        if ctx_rows is None:
+            ctx_g = None
+        elif dit is None:
+            ctx_g = sub(ctx_ref)
+        else:
+            ctx_g = torch.cat([ctx_rows[i] for i in g])
+        executor(x_ref[g], t_ref[g].to(t.device), sub(concat_ref), ctx_g, None, rec,
+                 **{name: sub(value) for name, value in kw_ref.items()})
+        for key, kv in bank_g.items():
+            parts.setdefault(key, []).append(kv)
+    bank = {key: kvs[0] if len(kvs) == 1 else (torch.cat([kv[0] for kv in kvs]), torch.cat([kv[1] for kv in kvs]))
+            for key, kvs in parts.items() if len(kvs) == len(groups)}
     opts = dict(transformer_options)
     opts[ROWS_KEY] = RowLayout("read", labels, n_target, (H, W), sigma, rows, bank)
     return executor(x, t, c_concat, c_crossattn, control, opts, **kwargs)
@@ -384,6 +451,11 @@ def install_technique(model, technique):
         m.add_object_patch("memory_usage_factor", state.base_memory_factor * (1 + state.reference_rows() / 2))
     if not m.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, reference_pass)
+    spec = getattr(technique, "dit", None)
+    if spec is not None:
+        from .dit import install_dit_blocks  # noqa: PLC0415
+        install_dit_blocks(m, spec)
+        return m
     for kind in ("attn1", "attn2"):
         for key in technique.keys(kind):
             existing = find_replace(m.model_options, kind, key)

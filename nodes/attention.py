@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..attention.dmsa import DMSA_PRESETS, DisentangleMixingAttention, find_token_positions
-from ..attention.fasa import FASA_PRESETS, FoundationAwareAttention, fasa_layer_keys, install_fasa
-from ..attention.layers import PRESET_NAMES, SigmaRange, discover_attention_blocks, resolve_layers
+from ..attention.dit import DIT_PRESETS, POSITIONS, SHIFTED, model_family, resolve_dit_blocks
+from ..attention.dmsa import DMSA_PRESETS, FLUX_DMSA, DisentangleMixingAttention, dit_dmsa_keys, find_token_positions
+from ..attention.fasa import (FASA_PRESETS, FoundationAwareAttention, dit_fasa_keys, fasa_layer_keys,
+                              install_fasa)
+from ..attention.layers import CUSTOM, PRESET_NAMES, SigmaRange, discover_attention_blocks, resolve_layers
 from ..attention.mrsa import MultiReferenceAttention
 from ..attention.patch import install_technique
 from .references import References, conditioning_tensor
@@ -24,6 +26,17 @@ def check_references(model, references, input_name="references"):
     return refs
 
 
+LAYER_OPTIONS = [p for p in PRESET_NAMES if p != CUSTOM] + DIT_PRESETS + [CUSTOM]
+POSITIONS_TOOLTIP = ("FLUX only: where the reference tokens sit for the image's attention (RoPE). 'shifted': each "
+                     "reference stands beside the image as in a wide picture, so the subject is matched by content "
+                     "wherever it is (the default; closest to FreeCustom's UNet). 'aligned': the reference's grid "
+                     "lies on the image's, so tokens prefer the reference at the same place (copies the layout).")
+
+
+def _model_family(model):
+    return model_family(model.model.diffusion_model)
+
+
 class MultiReferenceAttentionNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -35,15 +48,19 @@ class MultiReferenceAttentionNode(io.ComfyNode):
                 "FreeCustom's multi-reference self-attention (MRSA): in the chosen decoder blocks the image "
                 "attends over its own tokens plus the masked tokens of every reference, each weighted by its "
                 "reference weight. The references run once per step for all of them (cond only), inside the "
-                "same UNet call as the image. Works with any sampler, scheduler, step count and batch size."),
+                "same model call as the image. Works with any sampler, scheduler, step count and batch size, on "
+                "SD1.x/SDXL UNets and on FLUX (dev, schnell), where the image tokens of the chosen double/single "
+                "blocks attend over their own text and image tokens plus the references' image tokens."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a patched copy is returned)."),
                 References.Input("references", tooltip="References from Reference Encode (chain for several)."),
-                io.Combo.Input("layers", options=PRESET_NAMES, default=PRESET_NAMES[0],
+                io.Combo.Input("layers", options=LAYER_OPTIONS, default=LAYER_OPTIONS[0],
                                tooltip="Which self-attention blocks use the references. FreeCustom's SD1.5 default "
-                                       "is output blocks 6-11; use an SDXL preset for SDXL models."),
+                                       "is output blocks 6-11; use an SDXL preset for SDXL models and a FLUX preset "
+                                       "(single blocks: the later half of the network) for FLUX."),
                 io.String.Input("custom_blocks", default="output:6-11",
-                                tooltip="Used when layers is 'custom': blocks like 'output:6-11, middle:0, input:7'."),
+                                tooltip="Used when layers is 'custom': blocks like 'output:6-11, middle:0, input:7' "
+                                        "(UNet) or 'double:0-18, single:0-37' (FLUX)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule at which the references start acting."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -53,34 +70,42 @@ class MultiReferenceAttentionNode(io.ComfyNode):
                                        "Below 1 it blends in MRSA over references run with the negative prompt."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the fresh noise the references are re-noised with at each step."),
+                io.Combo.Input("reference_positions", options=POSITIONS, default=SHIFTED, optional=True,
+                               tooltip=POSITIONS_TOOLTIP),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, references, layers, custom_blocks="output:6-11", start_percent=0.0, end_percent=1.0,
-                style_fidelity=1.0, seed=0) -> io.NodeOutput:
+                style_fidelity=1.0, seed=0, reference_positions=SHIFTED) -> io.NodeOutput:
         refs = check_references(model, references)
-        keys = resolve_layers(layers, custom_blocks, discover_attention_blocks(model.model.diffusion_model))
+        spec = _model_family(model)
+        if spec is None:
+            keys = resolve_layers(layers, custom_blocks, discover_attention_blocks(model.model.diffusion_model))
+        else:
+            keys = resolve_dit_blocks(layers, custom_blocks, spec)
         sigmas = SigmaRange.from_percents(model.model.model_sampling, start_percent, end_percent)
-        tech = MultiReferenceAttention(refs, keys, sigmas, style_fidelity, seed)
+        tech = MultiReferenceAttention(refs, keys, sigmas, style_fidelity, seed, dit=spec,
+                                       positions=reference_positions)
         return io.NodeOutput(install_technique(model, tech))
 
 
-def prompt_token_ids(clip, text: str) -> list[int]:
-    """Token ids of ``text`` as its conditioning lays them out (CLIP chunks concatenated)."""
+def prompt_token_ids(clip, text: str, prefer=("l",)) -> list[int]:
+    """Token ids of ``text`` as its conditioning lays them out (chunks concatenated), from the first
+    tokenizer of ``prefer`` the CLIP has (FLUX's text tokens are T5's: ``("t5xxl", "l")``)."""
     tokens = clip.tokenize(text)
-    key = "l" if "l" in tokens else next(iter(tokens))
+    key = next((k for k in prefer if k in tokens), next(iter(tokens)))
     return [int(t[0]) for chunk in tokens[key] for t in chunk]
 
 
-def blend_word_tokens(clip, prompt: str, word: str) -> tuple[list[int], int]:
+def blend_word_tokens(clip, prompt: str, word: str, prefer=("l",)) -> tuple[list[int], int]:
     """Positions of ``word``'s tokens in ``prompt``'s conditioning, and its length."""
     if not word.strip():
         raise ValueError("blend_word: empty; give the word of the prompt whose region takes the appearance")
-    prompt_ids = prompt_token_ids(clip, prompt)
-    special = set(prompt_token_ids(clip, ""))
-    word_ids = [t for t in prompt_token_ids(clip, word.strip()) if t not in special]
+    prompt_ids = prompt_token_ids(clip, prompt, prefer)
+    special = set(prompt_token_ids(clip, "", prefer))
+    word_ids = [t for t in prompt_token_ids(clip, word.strip(), prefer) if t not in special]
     return find_token_positions(prompt_ids, word_ids, word="blend_word"), len(prompt_ids)
 
 
@@ -95,7 +120,7 @@ def _single(references, input_name):
 class DisentangleMixingAttentionNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        presets = list(DMSA_PRESETS)
+        presets = list(DMSA_PRESETS) + [FLUX_DMSA]
         return io.Schema(
             node_id="PersonalizeDisentangleMixingAttention",
             display_name="Disentangle-Mixing Attention (FreeMix)",
@@ -119,8 +144,9 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
                                 tooltip="The word of the prompt whose region takes the appearance (several tokens "
                                         "are fine; every occurrence counts)."),
                 io.Combo.Input("preset", options=presets, default=presets[0],
-                               tooltip="Blocks of the two phases and of the blend map: FreeMix's SD1.5 defaults or "
-                                       "the SDXL analogue."),
+                               tooltip="Blocks of the two phases and of the blend map: FreeMix's SD1.5 defaults, "
+                                       "the SDXL analogue, or the FLUX analogue (structure in the single blocks, "
+                                       "appearance in their last third, blend map from the double blocks)."),
                 io.Float.Input("structure_start", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule where the structure phase starts."),
                 io.Float.Input("structure_end", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -145,6 +171,9 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
                                        "default."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the fresh noise the references are re-noised with at each step."),
+                io.Combo.Input("reference_positions", options=POSITIONS, default=SHIFTED, optional=True,
+                               tooltip=POSITIONS_TOOLTIP + " Applies to the structure reference; appearance tokens "
+                                                           "always take the position they are put at."),
             ],
             outputs=[io.Model.Output()],
         )
@@ -153,20 +182,32 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
     def execute(cls, model, structure, appearance, clip, prompt, blend_word, preset, structure_start=0.0,
                 structure_end=1.0, appearance_start=0.4, appearance_end=1.0, structure_phase=True,
                 appearance_phase=True, structure_weight=3.0, mask_threshold=0.2, spatial_norm_start=1.0,
-                seed=0) -> io.NodeOutput:
+                seed=0, reference_positions=SHIFTED) -> io.NodeOutput:
         s_ref = _single(check_references(model, structure, "structure"), "structure")
         a_ref = _single(check_references(model, appearance, "appearance"), "appearance")
-        if preset not in DMSA_PRESETS:
+        spec = _model_family(model)
+        if spec is not None:
+            if preset != FLUX_DMSA:
+                raise ValueError(f"preset: '{preset}' is for UNet models, but this is a FLUX model; choose "
+                                 f"'{FLUX_DMSA}'")
+            keys = dit_dmsa_keys(spec)
+        elif preset == FLUX_DMSA:
+            raise ValueError(f"preset: '{preset}' is for FLUX models, but this model is a UNet; choose one of "
+                             f"{list(DMSA_PRESETS)}")
+        elif preset not in DMSA_PRESETS:
             raise ValueError(f"preset: unknown '{preset}'; choose one of {list(DMSA_PRESETS)}")
-        keys = DMSA_PRESETS[preset].keys(discover_attention_blocks(model.model.diffusion_model))
+        else:
+            keys = DMSA_PRESETS[preset].keys(discover_attention_blocks(model.model.diffusion_model))
         ms = model.model.model_sampling
         s_range = SigmaRange.from_percents(ms, structure_start, structure_end) if structure_phase else None
         a_range = SigmaRange.from_percents(ms, appearance_start, appearance_end) if appearance_phase else None
         n_range = SigmaRange.from_percents(ms, spatial_norm_start, 1.0) if spatial_norm_start < 1.0 else None
-        tokens, n_tokens = blend_word_tokens(clip, prompt, blend_word) if appearance_phase else ((), None)
+        prefer = ("t5xxl", "l") if spec is not None else ("l",)
+        tokens, n_tokens = blend_word_tokens(clip, prompt, blend_word, prefer) if appearance_phase else ((), None)
         tech = DisentangleMixingAttention(s_ref, a_ref, *keys, s_range, a_range, blend_tokens=tokens,
                                           prompt_tokens=n_tokens, structure_weight=structure_weight,
-                                          threshold=mask_threshold, norm_range=n_range, seed=seed)
+                                          threshold=mask_threshold, norm_range=n_range, seed=seed, dit=spec,
+                                          positions=reference_positions)
         return io.NodeOutput(install_technique(model, tech))
 
 
@@ -207,7 +248,8 @@ class FoundationAwareAttentionNode(io.ComfyNode):
                                        "0.5 for SD1.x). 0 switches FASA off."),
                 io.Combo.Input("layers", options=FASA_PRESETS, default=FASA_PRESETS[0],
                                tooltip="Self-attention blocks FASA acts in: FreeCure's SDXL choice (transformer "
-                                       "blocks 50-69), its SD1.x choice (output 6-11), all decoder blocks, or custom."),
+                                       "blocks 50-69), its SD1.x choice (output 6-11), the FLUX analogue (the last "
+                                       "30% of the blocks: single 20-37), all decoder blocks, or custom."),
                 io.String.Input("custom_blocks", default="output:6-11",
                                 tooltip="Used when layers is 'custom': blocks like 'output:3-5, output:2'."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
@@ -233,10 +275,14 @@ class FoundationAwareAttentionNode(io.ComfyNode):
         elif not strip:
             raise ValueError("foundation: not connected; the PhotoMaker mode needs the prompt without the identity "
                              "(CLIP Text Encode of the same text) as the foundation conditioning")
-        keys = fasa_layer_keys(layers, custom_blocks, discover_attention_blocks(model.model.diffusion_model))
+        spec = _model_family(model)
+        if spec is None:
+            keys = fasa_layer_keys(layers, custom_blocks, discover_attention_blocks(model.model.diffusion_model))
+        else:
+            keys = dit_fasa_keys(layers, custom_blocks, spec)
         sigmas = SigmaRange.from_percents(model.model.model_sampling, start_percent, end_percent)
         tech = FoundationAwareAttention(cond, masks, weight, keys, sigmas, strip_patches=strip,
-                                        mask_threshold=mask_threshold)
+                                        mask_threshold=mask_threshold, dit=spec)
         return io.NodeOutput(install_fasa(model, tech))
 
 

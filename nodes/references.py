@@ -22,6 +22,19 @@ def conditioning_tensor(conditioning, name: str = "caption", first_row: bool = T
     return (cap[:1] if first_row else cap).detach()
 
 
+def conditioning_pooled(conditioning):
+    """The pooled output ``[1, D]`` of a CONDITIONING's first entry, or None when it has none."""
+    if conditioning is None:
+        return None
+    try:
+        pooled = conditioning[0][1].get("pooled_output")
+    except (TypeError, IndexError, KeyError, AttributeError):
+        return None
+    if not isinstance(pooled, torch.Tensor) or pooled.dim() != 2:
+        return None
+    return pooled[:1].detach()
+
+
 def encode_references(image, vae, mask=None, caption=None, weight=3.0, mask_threshold=0.5, soft_mask=False,
                       resolution=512, name="reference") -> list[Reference]:
     check_image(image)
@@ -36,10 +49,11 @@ def encode_references(image, vae, mask=None, caption=None, weight=3.0, mask_thre
     if f < 1 or latent.shape[-2] * f != h or latent.shape[-1] * f != w:
         raise ValueError(f"vae: latent {tuple(latent.shape[-2:])} does not divide the image {h}x{w}")
     cap = conditioning_tensor(caption)
+    pooled = conditioning_pooled(caption)
     out = []
     for i in range(b):
         out.append(Reference(latent=latent[i:i + 1].float().cpu(), mask=masks[i].cpu(), weight=float(weight),
-                             soft_mask=bool(soft_mask), caption=cap, downscale=f,
+                             soft_mask=bool(soft_mask), caption=cap, caption_pooled=pooled, downscale=f,
                              name=name if b == 1 else f"{name} {i + 1}"))
     return out
 

@@ -17,6 +17,8 @@ class Reference:
     ``process_latent_in`` is applied at sampling time). ``mask``: ``[h*f, w*f]`` subject mask in
     0..1 on the pixel grid of ``latent`` (``f`` = ``downscale``). ``caption``: ``[1, T, D]`` text
     conditioning of the reference, or None (then the target's positive prompt is used).
+    ``caption_pooled``: ``[1, D]`` pooled output of the caption's text encoder, or None (a FLUX
+    reference then borrows the prompt's, as its text does without a caption).
     """
     latent: torch.Tensor
     mask: torch.Tensor
@@ -25,6 +27,7 @@ class Reference:
     caption: torch.Tensor | None = None
     downscale: int = 8
     name: str = "reference"
+    caption_pooled: torch.Tensor | None = None
     _fitted: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property

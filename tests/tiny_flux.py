@@ -1,0 +1,50 @@
+"""Tiny random-weight FLUX models that ComfyUI detects as FLUX (docs/comfyui-host.md §5): 128
+channels per head (RoPE axes [16, 56, 56]), text and pooled width 768 so that the SD1 CLIP of the
+tiny checkpoint conditions them, guidance embedding (FLUX dev) or none (schnell). Built with
+ComfyUI's own ``Flux`` class on the meta device, every key filled with ``tiny_models.random_state``,
+saved unprefixed (UNETLoader / ``comfy.sd.load_diffusion_model``). Also a 16-channel VAE, the
+shape of FLUX's ``ae.safetensors``, with a slim decoder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tiny_models import VAE_DDCONFIG, random_state
+
+
+def flux_params(heads: int = 1, depth: int = 1, single: int = 1, guidance: bool = True) -> dict:
+    return dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=768, hidden_size=128 * heads,
+                mlp_ratio=4.0, num_heads=heads, depth=depth, depth_single_blocks=single, axes_dim=[16, 56, 56],
+                theta=10000, patch_size=2, qkv_bias=True, guidance_embed=guidance, txt_ids_dims=[])
+
+
+def build_flux(path: Path, heads: int = 1, depth: int = 1, single: int = 1, guidance: bool = True,
+               seed: int = 5) -> Path:
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    model = Flux(image_model="flux", device="meta", operations=comfy.ops.disable_weight_init,
+                 **flux_params(heads, depth, single, guidance))
+    sd = random_state(model, "", gen)
+    # A trained model's velocity is about unit size; the random final layer gives ~10x that.
+    sd["final_layer.linear.weight"] = (sd["final_layer.linear.weight"].float() / 8).to(torch.float16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def build_flux_vae(path: Path, seed: int = 6) -> Path:
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    config = dict(VAE_DDCONFIG, z_channels=16)
+    with torch.device("meta"):
+        vae = AutoencoderKL(ddconfig=config, embed_dim=16, decoder_ddconfig=dict(config, ch=32))
+    sd = random_state(vae, "", gen)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
