@@ -142,6 +142,7 @@ def resolve_dit_blocks(preset: str, custom: str, spec: DiTSpec, custom_name: str
         keys = spec.keys()
     elif preset == custom_name:
         keys = parse_dit_blocks(custom)
+        what = "custom_blocks"
     else:
         raise ValueError(f"{what}: preset '{preset}' is for UNet models, but this is a FLUX model "
                          f"({spec.double} double and {spec.single} single blocks); choose one of {DIT_PRESETS} "

@@ -1,0 +1,317 @@
+"""MRSA, DMSA and FASA on FLUX inside a real ComfyUI: a tiny random FLUX model (2 heads of 128
+channels, 2 double and 2 single blocks, text width 768 so the SD1 CLIP of the tiny checkpoint
+conditions it) sampled patched and unpatched, with guidance distillation (cfg 1, no uncond pass)
+and with true CFG. Skipped when no ComfyUI tree is found (set COMFYUI_PATH)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import _comfy, comfyui_root, encode, load_image, load_mask, ref_node
+
+ROOT = comfyui_root()
+pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree "
+                                                     "(or place the pack in ComfyUI/custom_nodes) to run the "
+                                                     "integration tests")
+
+SINGLE = "FLUX dev/schnell: single blocks"
+DOUBLE = "FLUX dev/schnell: double blocks"
+ALL = "FLUX dev/schnell: all blocks"
+
+
+@pytest.fixture(scope="session")
+def flux(tiny_dir):
+    _comfy()
+    import comfy.sd
+    from tiny_flux import build_flux
+    return comfy.sd.load_diffusion_model(str(build_flux(tiny_dir / "diffusion_models" / "tiny_flux.safetensors",
+                                                        heads=2, depth=2, single=2)))
+
+
+@pytest.fixture(scope="session")
+def schnell(tiny_dir):
+    _comfy()
+    import comfy.sd
+    from tiny_flux import build_flux
+    path = build_flux(tiny_dir / "diffusion_models" / "tiny_flux_schnell.safetensors", heads=2, depth=2, single=2,
+                      guidance=False, seed=7)
+    return comfy.sd.load_diffusion_model(str(path))
+
+
+@pytest.fixture(scope="session")
+def flux_vae(tiny_dir):
+    _comfy()
+    import comfy.sd
+    import comfy.utils
+    from tiny_flux import build_flux_vae
+    path = build_flux_vae(tiny_dir / "vae" / "tiny_flux_ae.safetensors")
+    return comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
+
+
+@pytest.fixture(scope="session")
+def clip(sd15):
+    return sd15[1]
+
+
+def guided(cond, value=3.5):
+    import node_helpers
+    return node_helpers.conditioning_set_values(cond, {"guidance": value})
+
+
+@pytest.fixture(scope="session")
+def flux_refs(flux_vae, clip, data_dir):
+    enc = ref_node()
+    r = enc.execute(load_image(data_dir / "personalize_cat_04.jpg"), flux_vae,
+                    load_mask(data_dir / "personalize_cat_04_mask.jpg"), encode(clip, "a cat"), None, 3.0, 0.5, False,
+                    64).result[0]
+    return enc.execute(load_image(data_dir / "personalize_dog6_02.jpg"), flux_vae,
+                       load_mask(data_dir / "personalize_dog6_02_mask.jpg"), encode(clip, "a dog"), r, 3.0, 0.5,
+                       False, 64).result[0]
+
+
+def zero_masked(refs):
+    from personalize_pack.references.reference import Reference
+    return tuple(Reference(latent=r.latent, mask=torch.zeros_like(r.mask), weight=r.weight, caption=r.caption,
+                           caption_pooled=r.caption_pooled) for r in refs)
+
+
+def flux_sample(model, pos, neg, cfg=1.0, batch=1, steps=3, size=(8, 8), seed=3):
+    import comfy.sample
+    latent = torch.zeros(batch, 16, *size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", pos, neg, latent, disable_pbar=True,
+                               seed=seed)
+
+
+def mrsa(model, refs, preset=SINGLE, positions="shifted (side by side)", **kw):
+    from personalize_pack.nodes.attention import MultiReferenceAttentionNode
+    args = dict(custom_blocks="", start_percent=0.0, end_percent=1.0, style_fidelity=1.0, seed=0)
+    args.update(kw)
+    return MultiReferenceAttentionNode.execute(model, refs, preset, reference_positions=positions, **args).result[0]
+
+
+def prompts(clip):
+    return guided(encode(clip, "a cat and a dog on a sofa")), guided(encode(clip, "blurry"))
+
+
+def close(a, b, tol=1e-4):
+    scale = max(1.0, float(b.abs().max()))
+    return float((a - b).abs().max()) <= tol * scale
+
+
+def snapshot(model):
+    opts = model.model_options.get("transformer_options", {})
+    return (copy.copy(opts), {k: dict(v) for k, v in opts.get("patches_replace", {}).items()},
+            {k: dict(v) for k, v in getattr(model, "wrappers", {}).items()})
+
+
+# ---------------------------------------------------------------------------- MRSA
+
+@pytest.mark.parametrize("preset,cfg,batch", [(SINGLE, 1.0, 1), (ALL, 1.0, 2), (ALL, 2.5, 1), (DOUBLE, 2.5, 2)])
+def test_empty_masks_sample_like_plain(flux, clip, flux_refs, preset, cfg, batch):
+    pos, neg = prompts(clip)
+    plain = flux_sample(flux, pos, neg, cfg=cfg, batch=batch)
+    empty = flux_sample(mrsa(flux, zero_masked(flux_refs), preset), pos, neg, cfg=cfg, batch=batch)
+    assert torch.isfinite(plain).all()
+    assert close(empty, plain)
+
+
+def test_references_change_sampling_and_input_model_is_untouched(flux, schnell, clip, flux_refs):
+    pos, neg = prompts(clip)
+    before = snapshot(flux)
+    plain = flux_sample(flux, pos, neg)
+    m = mrsa(flux, flux_refs)
+    on = flux_sample(m, pos, neg)
+    assert (on - plain).abs().max() > 1e-2
+    assert snapshot(flux) == before
+    assert "personalize" not in flux.model_options.get("transformer_options", {})
+    assert not flux.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit")
+    torch.testing.assert_close(flux_sample(flux, pos, neg), plain)
+    # where the reference tokens sit matters; both give finite samples
+    aligned = flux_sample(mrsa(flux, flux_refs, positions="aligned"), pos, neg)
+    assert torch.isfinite(aligned).all() and (aligned - on).abs().max() > 1e-3
+    # FLUX schnell: no guidance embedding, cfg 1
+    s_plain = flux_sample(schnell, encode(clip, "a cat"), encode(clip, ""), steps=2)
+    s_on = flux_sample(mrsa(schnell, flux_refs), encode(clip, "a cat"), encode(clip, ""), steps=2)
+    assert torch.isfinite(s_on).all() and (s_on - s_plain).abs().max() > 1e-2
+
+
+def test_patched_attention_on_the_real_model_equals_an_independent_computation(flux, clip, flux_refs, monkeypatch):
+    """Capture the q/k/v ComfyUI's FLUX blocks hand to the override in one patched model call (after
+    QK-norm and RoPE) and recompute the target's output from them with the kernel and the masks."""
+    from personalize_pack.attention import dit
+    from personalize_pack.attention.kernels import joint_reference_attention, merge_heads, select_reference_keys
+    from personalize_pack.attention.mrsa import reference_layer_mask
+
+    seen = []
+    original = dit.JointAttention.__call__
+
+    def spy(self, func, *args, **kwargs):
+        out = original(self, func, *args, **kwargs)
+        seen.append((self.key, self.txt_len, args[:3], out, self.layout))
+        return out
+
+    monkeypatch.setattr(dit.JointAttention, "__call__", spy)
+    pos, neg = prompts(clip)
+    flux_sample(mrsa(flux, flux_refs, ALL), pos, neg, steps=1)
+    assert {s[0] for s in seen} == {("double_block", 0), ("double_block", 1), ("single_block", 0), ("single_block", 1)}
+    rope = dit.RopeGrid(dit.Rope(10000.0, (16, 56, 56)), (4, 4))
+    for key, T, (q, k, v), out, layout in seen:
+        assert layout.mode == "joint" and layout.n_target == 1 and q.shape[0] == 3     # target + 2 references
+        assert T == 77 and q.shape[2] == 77 + 16
+        img = slice(T, T + 16)
+        ks, vs, masks, weights = [], [], [], []
+        for r, ref in enumerate(flux_refs):
+            row = 1 + layout.rows[(ref, 0)]
+            ks.append(rope.beside(merge_heads(k[row:row + 1, :, img])[0], r + 1))
+            vs.append(merge_heads(v[row:row + 1, :, img])[0])
+            masks.append(reference_layer_mask(ref, 16, (8, 8)))
+            weights.append(ref.weight)
+        refs = select_reference_keys(torch.stack(ks), torch.stack(vs), masks, weights)
+        want = joint_reference_attention(merge_heads(q[:1]), merge_heads(k[:1]), merge_heads(v[:1]), refs, 2, img)
+        torch.testing.assert_close(out[:1], want, atol=2e-5, rtol=1e-4)
+        plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        torch.testing.assert_close(out[1:], merge_heads(plain[1:]), atol=2e-5, rtol=1e-4)   # reference rows plain
+        torch.testing.assert_close(out[:1, :T], merge_heads(plain[:1])[:, :T], atol=2e-5, rtol=1e-4)  # text untouched
+
+
+def test_reference_rows_skip_blocks_after_the_last_patched_one_exactly(flux, clip, flux_refs, monkeypatch):
+    from personalize_pack.attention import dit
+    pos, neg = prompts(clip)
+    batches = []
+    m = mrsa(flux, flux_refs, DOUBLE)
+    original = dit.PersonalizeBlock._call
+
+    def spy(self, args, extra):
+        batches.append((self.key, args["img"].shape[0]))
+        return original(self, args, extra)
+
+    monkeypatch.setattr(dit.PersonalizeBlock, "_call", spy)
+    skipped = flux_sample(m, pos, neg, steps=2)
+    assert ("single_block", 0, 1) in {(k[0], k[1], b) for k, b in batches}        # the target row alone
+    assert ("double_block", 1, 3) in {(k[0], k[1], b) for k, b in batches}
+    monkeypatch.setattr(dit.PersonalizeBlock, "_targets_only", lambda self, args, extra, layout: self._call(args, extra))
+    full = flux_sample(m, pos, neg, steps=2)
+    assert close(skipped, full, 1e-5)
+
+
+def test_separate_pass_and_caption_lengths(flux, clip, flux_refs):
+    """Another pack's block replace makes the references run in a call of their own (record, then
+    read); a caption of another length than the prompt runs in its own call too. Both sample like the
+    joint layout, up to rounding."""
+    from personalize_pack.references.reference import Reference
+    pos, neg = prompts(clip)
+    joint = flux_sample(mrsa(flux, flux_refs, ALL), pos, neg)
+    other = flux.clone()
+    calls = []
+
+    def foreign(args, extra):
+        calls.append(1)
+        return extra["original_block"](args)
+
+    other.set_model_patch_replace(foreign, "dit", "single_block", 1)
+    separate = flux_sample(mrsa(other, flux_refs, ALL), pos, neg)
+    assert calls and close(separate, joint, 1e-4)
+    long_caption = encode(clip, " ".join(["a small grey cat"] * 30))              # 154 tokens, the prompt 77
+    assert long_caption[0][0].shape[1] == 154
+    r0 = flux_refs[0]
+    refs = (Reference(latent=r0.latent, mask=r0.mask, weight=r0.weight, caption=long_caption[0][0],
+                      caption_pooled=long_caption[0][1]["pooled_output"]), flux_refs[1])
+    mixed = flux_sample(mrsa(flux, refs, ALL), pos, neg)
+    assert torch.isfinite(mixed).all() and (mixed - joint).abs().max() > 1e-4
+    assert close(flux_sample(mrsa(flux, zero_masked(refs), ALL), pos, neg), flux_sample(flux, pos, neg))
+
+
+def test_true_cfg_style_fidelity_acts_on_the_uncond_pass(flux, clip, flux_refs):
+    pos, neg = prompts(clip)
+    a = flux_sample(mrsa(flux, flux_refs), pos, neg, cfg=2.5)
+    b = flux_sample(mrsa(flux, flux_refs, style_fidelity=0.5), pos, neg, cfg=2.5)
+    assert (a - b).abs().max() > 1e-4
+    # at cfg 1 ComfyUI runs no uncond pass, so style fidelity has nothing to act on
+    c = flux_sample(mrsa(flux, flux_refs), pos, neg)
+    d = flux_sample(mrsa(flux, flux_refs, style_fidelity=0.5), pos, neg)
+    assert close(c, d, 1e-6)
+
+
+# ---------------------------------------------------------------------------- DMSA and FASA
+
+def dmsa(model, clip, structure, appearance, prompt, **kw):
+    from personalize_pack.nodes.attention import DisentangleMixingAttentionNode
+    args = dict(blend_word="cat", preset="FLUX dev/schnell FreeMix analogue", appearance_start=0.3)
+    args.update(kw)
+    return DisentangleMixingAttentionNode.execute(model, structure, appearance, clip, prompt, **args).result[0]
+
+
+def test_dmsa_on_flux(flux, clip, flux_refs):
+    prompt = "a cat on a sofa"
+    pos, neg = guided(encode(clip, prompt)), guided(encode(clip, ""))
+    s, a = (flux_refs[0],), (flux_refs[1],)
+    plain = flux_sample(flux, pos, neg, steps=4)
+    both = flux_sample(dmsa(flux, clip, s, a, prompt), pos, neg, steps=4)
+    structure_only = flux_sample(dmsa(flux, clip, s, a, prompt, appearance_phase=False), pos, neg, steps=4)
+    assert torch.isfinite(both).all()
+    assert (both - plain).abs().max() > 1e-2 and (both - structure_only).abs().max() > 1e-4
+    empty = flux_sample(dmsa(flux, clip, zero_masked(s), a, prompt, appearance_phase=False), pos, neg, steps=4)
+    assert close(empty, plain)
+    with pytest.raises(ValueError, match="is for UNet models, but this is a FLUX model"):
+        dmsa(flux, clip, s, a, prompt, preset="SD1.5 FreeMix")
+
+
+def fasa(model, masks, foundation, **kw):
+    from personalize_pack.nodes.attention import FoundationAwareAttentionNode
+    args = dict(layers="FLUX dev/schnell FreeCure analogue (last 30% of blocks)", weight=1.5)
+    args.update(kw)
+    return FoundationAwareAttentionNode.execute(model, masks, foundation=foundation, **args).result[0]
+
+
+def test_fasa_on_flux(flux, clip):
+    pos = guided(encode(clip, "a photo of a man with red hair img"))
+    found = guided(encode(clip, "a photo of a man with red hair"))
+    neg = guided(encode(clip, ""))
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :24, 16:48] = 1
+    plain = flux_sample(flux, pos, neg)
+    on = flux_sample(fasa(flux, mask, found), pos, neg)
+    assert torch.isfinite(on).all() and on.shape == plain.shape and (on - plain).abs().max() > 1e-3
+    empty = flux_sample(fasa(flux, torch.zeros(1, 64, 64), found), pos, neg)
+    assert close(empty, plain)
+    # the foundation branch without the identity patches: another pack's block replace is dropped there
+    ident = flux.clone()
+    rows = []
+
+    def identity_patch(args, extra):
+        rows.append(args["img"].shape[0])
+        out = extra["original_block"](args)
+        return {"img": out["img"] + 0.05, "txt": out["txt"]}
+
+    ident.set_model_patch_replace(identity_patch, "dit", "double_block", 0)
+    stripped = flux_sample(fasa(ident, mask, None, foundation_mode="model without identity patches (InstantID-style)"),
+                           pos, neg)
+    assert torch.isfinite(stripped).all() and rows and set(rows) == {1}          # personalised rows only
+    with pytest.raises(ValueError, match="is for UNet models, but this is a FLUX model"):
+        fasa(flux, mask, found, layers="SD1.5 FreeCure (output 6-11)")
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def test_bad_input_is_a_clear_error(flux, sd15, clip, flux_refs, references):
+    model = sd15[0]
+    with pytest.raises(ValueError, match="is for UNet models, but this is a FLUX model"):
+        mrsa(flux, flux_refs, "SD1.5 FreeCustom (output 6-11)")
+    with pytest.raises(ValueError, match="is for FLUX models, but this model is a UNet"):
+        mrsa(model, references, SINGLE)
+    with pytest.raises(ValueError, match="custom_blocks: this FLUX model has double blocks 0-1 and single blocks 0-1; it lacks single:2"):
+        mrsa(flux, flux_refs, "custom", custom_blocks="single:0-5")
+    with pytest.raises(ValueError, match="4-channel latents, but this model .* 16-channel"):
+        mrsa(flux, references, SINGLE)
+    from personalize_pack.nodes.attention import MultiReferenceAttentionNode
+    fake = flux.clone()
+    Wan = type("WanModel", (torch.nn.Module,), {"__module__": "comfy.ldm.wan.model"})
+    fake.model = copy.copy(flux.model)
+    object.__setattr__(fake.model, "diffusion_model", Wan())
+    with pytest.raises(ValueError, match="WanModel .*not supported yet"):
+        MultiReferenceAttentionNode.execute(fake, flux_refs, SINGLE, "", 0.0, 1.0, 1.0, 0)
+    with pytest.raises(ValueError, match="reference_positions: unknown"):
+        mrsa(flux, flux_refs, positions="sideways")
