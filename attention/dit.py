@@ -81,7 +81,7 @@ class DiTSpec:
         return gh * gw
 
 
-SUPPORTED = "SD1.x/SD2.x/SDXL UNets and FLUX (FLUX.1 dev, schnell, Kontext)"
+SUPPORTED = "SD1.x/SD2.x/SDXL UNets and FLUX (FLUX.1 dev, schnell and their fine-tunes)"
 
 
 def model_family(diffusion_model) -> DiTSpec | None:
