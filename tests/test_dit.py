@@ -383,3 +383,21 @@ def test_appearance_substitutes_only_image_keys_and_moves_them():
     torch.testing.assert_close(out, sdpa_attention(q, kk, vv, heads))
     with pytest.raises(ValueError, match="image_keys: 5 image keys for 6 image queries"):
         appearance_attention(q, k, v, k_app, v_app, ms, app, heads, (T, T + N - 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_override_in_half_precision(dtype):
+    """FLUX on a GPU runs in bf16/fp16: the override keeps the dtype and stays close to float64."""
+    refs = _references()
+    tech = MultiReferenceAttention(refs, [(SINGLE, 0)], SigmaRange(10.0, 0.0), dit=SPEC)
+    layout = RowLayout("joint", [0, 1], 2, HW, 1.0, {(refs[0], 0): 0, (refs[1], 0): 1})
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(4, HEADS, T + N, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    opts = {LATENT_KEY: HW}
+
+    def run(x):
+        return JointAttention((SINGLE, 0), SPEC, [(tech, ("attn1",))], T, layout)(
+            fake_attention, *(t.to(x) for t in (q, k, v)), HEADS, skip_reshape=True, transformer_options=opts)
+    low, ref = run(dtype), run(torch.float64)
+    assert low.dtype == dtype and torch.isfinite(low).all()
+    torch.testing.assert_close(low.double(), ref, atol=0.05, rtol=0.05)
