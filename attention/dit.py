@@ -1,5 +1,10 @@
-"""The DiT path of the self-attention techniques (MRSA, DMSA, FASA on FLUX; docs/algorithms.md
-§1.6, §2.7, §4.8). Pure torch: ComfyUI's objects arrive as arguments.
+"""The DiT path of the self-attention techniques (MRSA, DMSA, FASA on FLUX and SD3;
+docs/algorithms.md §1.6, §2.7, §4.8). Pure torch: ComfyUI's objects arrive as arguments.
+
+SD3/SD3.5 (MMDiT) has only joint blocks (ComfyUI's ``("double_block", i)``), hands its attention
+``[B, L, h*d]`` tensors instead of FLUX's ``[B, h, L, d]`` and adds absolute positions at the input
+(no RoPE, so reference positions cannot move); SD3.5 medium's second, image-only attention in a
+block is passed through plain.
 
 A DiT has no separate self-attention: text and image tokens attend jointly (FLUX double blocks
 concatenate the two streams' q/k/v, single blocks run on ``[text ; image]``). ComfyUI exposes no
@@ -81,7 +86,9 @@ class DiTSpec:
         return gh * gw
 
 
-SUPPORTED = "SD1.x/SD2.x/SDXL UNets and FLUX (FLUX.1 dev, schnell and their fine-tunes)"
+SUPPORTED = ("SD1.x/SD2.x/SDXL UNets, FLUX (FLUX.1 dev, schnell and their fine-tunes) and SD3/SD3.5 "
+             "(MMDiT)")
+FAMILY_NAMES = {"flux": "FLUX", "sd3": "SD3"}
 
 
 def model_family(diffusion_model) -> DiTSpec | None:
@@ -96,6 +103,10 @@ def model_family(diffusion_model) -> DiTSpec | None:
         rope = Rope(float(params.theta), tuple(int(a) for a in params.axes_dim))
         return DiTSpec("flux", len(diffusion_model.double_blocks), len(diffusion_model.single_blocks),
                        int(diffusion_model.patch_size), rope)
+    if (cls.__name__ == "OpenAISignatureMMDITWrapper" and cls.__module__.startswith("comfy.ldm.modules.diffusionmodules")
+            and hasattr(diffusion_model, "joint_blocks")):
+        # SD3/SD3.5: joint blocks only (ComfyUI calls them "double_block"), absolute positions
+        return DiTSpec("sd3", len(diffusion_model.joint_blocks), 0, int(diffusion_model.patch_size), None)
     raise ValueError(f"model: {cls.__name__} ({cls.__module__}) is not supported yet by the pack's self-attention "
                      f"techniques; they support {SUPPORTED}")
 
@@ -105,24 +116,28 @@ def model_family(diffusion_model) -> DiTSpec | None:
 FLUX_SINGLE = "FLUX dev/schnell: single blocks"
 FLUX_DOUBLE = "FLUX dev/schnell: double blocks"
 FLUX_ALL = "FLUX dev/schnell: all blocks"
-DIT_PRESETS = [FLUX_SINGLE, FLUX_DOUBLE, FLUX_ALL]
+SD3_LATE = "SD3/SD3.5: later half of the joint blocks"
+SD3_ALL = "SD3/SD3.5: all joint blocks"
+FAMILY_PRESETS = {"flux": [FLUX_SINGLE, FLUX_DOUBLE, FLUX_ALL], "sd3": [SD3_LATE, SD3_ALL]}
+DIT_PRESETS = [p for ps in FAMILY_PRESETS.values() for p in ps]
 
-_DIT_RE = re.compile(r"^\s*(double|single)\s*[: ]\s*(\d+)(?:\s*-\s*(\d+))?\s*$")
+_DIT_RE = re.compile(r"^\s*(double|single|joint)\s*[: ]\s*(\d+)(?:\s*-\s*(\d+))?\s*$")
 
 
 def parse_dit_blocks(text: str, what: str = "custom_blocks") -> tuple:
-    """``"double:0-18, single:0-37"`` as block keys ``("double_block", i)`` / ``("single_block", i)``."""
+    """``"double:0-18, single:0-37"`` as block keys ``("double_block", i)`` / ``("single_block", i)``
+    (``joint:`` is SD3's name for the double blocks)."""
     out = []
     for part in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
         m = _DIT_RE.match(part)
         if not m:
-            raise ValueError(f"{what}: cannot read '{part}' for a FLUX model; write blocks like "
-                             f"'double:0-18, single:0-37'")
+            raise ValueError(f"{what}: cannot read '{part}' for a DiT model; write blocks like "
+                             f"'double:0-18, single:0-37' (FLUX) or 'joint:12-23' (SD3)")
         a = int(m.group(2))
         b = int(m.group(3)) if m.group(3) is not None else a
         if b < a:
             raise ValueError(f"{what}: range '{part}' runs backwards")
-        kind = DOUBLE if m.group(1) == "double" else SINGLE
+        kind = SINGLE if m.group(1) == "single" else DOUBLE
         out.extend((kind, i) for i in range(a, b + 1))
     if not out:
         raise ValueError(f"{what}: no blocks given")
@@ -131,28 +146,35 @@ def parse_dit_blocks(text: str, what: str = "custom_blocks") -> tuple:
 
 def resolve_dit_blocks(preset: str, custom: str, spec: DiTSpec, custom_name: str = "custom",
                        what: str = "layers") -> tuple:
-    """The block keys of a FLUX preset (every block of that kind the model has: FLUX.1 dev and
-    schnell have 19 double and 38 single blocks) or of a custom list (``parse_dit_blocks``,
-    checked against the model)."""
+    """The block keys of a DiT preset (FLUX: every block of a kind the model has, FLUX.1 dev and
+    schnell have 19 double and 38 single blocks; SD3: the later half or all of its joint blocks) or of
+    a custom list (``parse_dit_blocks``, checked against the model)."""
+    name = FAMILY_NAMES.get(spec.family, spec.family)
+    if preset in DIT_PRESETS and preset not in FAMILY_PRESETS.get(spec.family, ()):
+        raise ValueError(f"{what}: preset '{preset}' is not for this {name} model; choose one of "
+                         f"{FAMILY_PRESETS.get(spec.family)} or '{custom_name}'")
     if preset == FLUX_SINGLE:
         keys = tuple((SINGLE, i) for i in range(spec.single))
     elif preset == FLUX_DOUBLE:
         keys = tuple((DOUBLE, i) for i in range(spec.double))
-    elif preset == FLUX_ALL:
+    elif preset in (FLUX_ALL, SD3_ALL):
         keys = spec.keys()
+    elif preset == SD3_LATE:
+        keys = tuple((DOUBLE, i) for i in range(spec.double // 2, spec.double))
     elif preset == custom_name:
         keys = parse_dit_blocks(custom)
         what = "custom_blocks"
     else:
-        raise ValueError(f"{what}: preset '{preset}' is for UNet models, but this is a FLUX model "
-                         f"({spec.double} double and {spec.single} single blocks); choose one of {DIT_PRESETS} "
-                         f"or '{custom_name}' with blocks like 'double:0-18, single:0-37'")
+        raise ValueError(f"{what}: preset '{preset}' is for UNet models, but this is a {name} model "
+                         f"({spec.double} double and {spec.single} single blocks); choose one of "
+                         f"{FAMILY_PRESETS.get(spec.family)} or '{custom_name}' with blocks like "
+                         f"'double:0-18, single:0-37' (FLUX) or 'joint:12-23' (SD3)")
     have = set(spec.keys())
     missing = [k for k in keys if k not in have]
     if missing:
         miss = ", ".join(f"{k[0].split('_')[0]}:{k[1]}" for k in missing[:6])
-        raise ValueError(f"{what}: this FLUX model has double blocks 0-{spec.double - 1} and single blocks "
-                         f"0-{spec.single - 1}; it lacks {miss}")
+        single = f" and single blocks 0-{spec.single - 1}" if spec.single else " and no single blocks"
+        raise ValueError(f"{what}: this {name} model has double blocks 0-{spec.double - 1}{single}; it lacks {miss}")
     if not keys:
         raise ValueError(f"{what}: preset '{preset}' selects no block of this model")
     return keys
@@ -317,7 +339,10 @@ class JointAttention:
         if kw.get("mask") is not None:
             raise ValueError("attention mask: this FLUX call carries an attention mask (regional prompting?); the "
                              "pack's multi-reference attention does not combine with attention masks yet")
-        qh, kh, vh = (q, k, v) if skip_in else (split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
+        if skip_in:
+            qh, kh, vh = q, k, v
+        else:       # [B, L, h*d] (MMDiT hands v as [B, L, h, d]; ComfyUI's attention reshapes either)
+            qh, kh, vh = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
         B, _, L, _ = qh.shape
         layout = self.layout
         opts = kw.get("transformer_options") or {}

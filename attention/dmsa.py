@@ -279,6 +279,8 @@ DMSA_PRESETS: dict[str, DMSAPreset] = {
 
 
 FLUX_DMSA = "FLUX dev/schnell FreeMix analogue"
+SD3_DMSA = "SD3/SD3.5 FreeMix analogue"
+DIT_DMSA = {"flux": FLUX_DMSA, "sd3": SD3_DMSA}
 
 
 def dit_dmsa_keys(spec) -> tuple[tuple, tuple, tuple]:
@@ -287,9 +289,17 @@ def dit_dmsa_keys(spec) -> tuple[tuple, tuple, tuple]:
     single block (the later half of the network, as FreeMix's decoder blocks), the appearance phase
     in the last third of the single blocks (FreeMix: the last, highest-resolution decoder stage),
     the blend-word maps from the image-to-text attention of every double block (where text and
-    image streams are still separate). FLUX.1 dev/schnell: single 0-37, single 25-37, double 0-18."""
+    image streams are still separate). FLUX.1 dev/schnell: single 0-37, single 25-37, double 0-18.
+    SD3/SD3.5 (joint blocks only): structure in the later half, appearance in the last third, maps
+    from the first half."""
     from .dit import DOUBLE, SINGLE  # noqa: PLC0415
 
+    if spec.family == "sd3":
+        n = spec.double
+        if n < 2:
+            raise ValueError(f"preset '{SD3_DMSA}': needs at least 2 joint blocks; this model has {n}")
+        return (tuple((DOUBLE, i) for i in range(n // 2, n)), tuple((DOUBLE, i) for i in range((2 * n) // 3, n)),
+                tuple((DOUBLE, i) for i in range(n // 2)))
     if spec.single < 1 or spec.double < 1:
         raise ValueError(f"preset '{FLUX_DMSA}': needs double and single blocks; this model has {spec.double} "
                          f"double and {spec.single} single blocks")

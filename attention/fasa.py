@@ -40,17 +40,18 @@ APPLY_KEY = "personalize.foundation_branch"
 
 SDXL_FREECURE = "SDXL FreeCure (output 1.6-9, 2-5)"
 SD15_FREECURE = "SD1.5 FreeCure (output 6-11)"
-FLUX_FREECURE = "FLUX dev/schnell FreeCure analogue (last 30% of blocks)"
+FLUX_FREECURE = "FLUX/SD3 FreeCure analogue (last 30% of blocks)"
 ALL_DECODER = "all decoder blocks"
 CUSTOM = "custom"
 FASA_PRESETS = [SDXL_FREECURE, SD15_FREECURE, FLUX_FREECURE, ALL_DECODER, CUSTOM]
 
 
 def dit_fasa_keys(preset: str, custom: str, spec) -> tuple:
-    """FASA's block keys on a FLUX model. The FreeCure analogue (docs/algorithms.md §4.8; my
-    choice, FreeCure ships no FLUX code) takes the last 30% of the blocks in execution order, as
+    """FASA's block keys on a DiT (FLUX, SD3). The FreeCure analogue (docs/algorithms.md §4.8; my
+    choice, FreeCure ships no DiT code) takes the last 30% of the blocks in execution order, as
     FreeCure's SDXL layers are the last 20 of 70 transformer blocks: FLUX.1 dev/schnell single
-    blocks 20-37. ``custom`` reads blocks like ``single:20-37, double:18``."""
+    blocks 20-37, SD3.5 large joint blocks 26-37. ``custom`` reads blocks like ``single:20-37,
+    double:18`` (``joint:`` for SD3)."""
     from .dit import resolve_dit_blocks  # noqa: PLC0415
 
     if preset == FLUX_FREECURE:
@@ -59,8 +60,8 @@ def dit_fasa_keys(preset: str, custom: str, spec) -> tuple:
         return keys[first:]
     if preset == CUSTOM:
         return resolve_dit_blocks(CUSTOM, custom, spec)
-    raise ValueError(f"layers: preset '{preset}' is for UNet models, but this is a FLUX model; choose "
-                     f"'{FLUX_FREECURE}' or 'custom' with blocks like 'single:20-37'")
+    raise ValueError(f"layers: preset '{preset}' is for UNet models, but this is a {spec.family.upper()} model; "
+                     f"choose '{FLUX_FREECURE}' or 'custom' with blocks like 'single:20-37'")
 
 
 def fasa_layer_keys(preset: str, custom: str, available: dict) -> tuple:
@@ -84,7 +85,7 @@ def fasa_layer_keys(preset: str, custom: str, available: dict) -> tuple:
     if preset == CUSTOM:
         return expand_blocks(parse_blocks(custom), available, "custom_blocks")
     if preset == FLUX_FREECURE:
-        raise ValueError(f"layers: preset '{preset}' is for FLUX models, but this model is a UNet; choose "
+        raise ValueError(f"layers: preset '{preset}' is for FLUX and SD3 models, but this model is a UNet; choose "
                          f"'{SDXL_FREECURE}' or '{SD15_FREECURE}'")
     raise ValueError(f"layers: unknown preset '{preset}'; choose one of {FASA_PRESETS}")
 

@@ -103,7 +103,8 @@ def resolve_layers(preset: str, custom: str, available: dict[tuple[str, int], in
                          "SD1.x/SD2.x/SDXL-style UNet model")
     from .dit import DIT_PRESETS  # noqa: PLC0415
     if preset in DIT_PRESETS:
-        raise ValueError(f"layers: preset '{preset}' is for FLUX models, but this model is a UNet; choose one of "
+        family = "FLUX" if preset.startswith("FLUX") else "SD3"
+        raise ValueError(f"layers: preset '{preset}' is for {family} models, but this model is a UNet; choose one of "
                          f"{[p for p in PRESET_NAMES if p != CUSTOM]} or custom")
     if preset == CUSTOM:
         blocks = parse_blocks(custom)

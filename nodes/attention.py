@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..attention.dit import DIT_PRESETS, POSITIONS, SHIFTED, model_family, resolve_dit_blocks
-from ..attention.dmsa import DMSA_PRESETS, FLUX_DMSA, DisentangleMixingAttention, dit_dmsa_keys, find_token_positions
+from ..attention.dmsa import DIT_DMSA, DMSA_PRESETS, DisentangleMixingAttention, dit_dmsa_keys, find_token_positions
 from ..attention.fasa import (FASA_PRESETS, FoundationAwareAttention, dit_fasa_keys, fasa_layer_keys,
                               install_fasa)
 from ..attention.layers import CUSTOM, PRESET_NAMES, SigmaRange, discover_attention_blocks, resolve_layers
@@ -120,7 +120,7 @@ def _single(references, input_name):
 class DisentangleMixingAttentionNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        presets = list(DMSA_PRESETS) + [FLUX_DMSA]
+        presets = list(DMSA_PRESETS) + list(DIT_DMSA.values())
         return io.Schema(
             node_id="PersonalizeDisentangleMixingAttention",
             display_name="Disentangle-Mixing Attention (FreeMix)",
@@ -145,8 +145,9 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
                                         "are fine; every occurrence counts)."),
                 io.Combo.Input("preset", options=presets, default=presets[0],
                                tooltip="Blocks of the two phases and of the blend map: FreeMix's SD1.5 defaults, "
-                                       "the SDXL analogue, or the FLUX analogue (structure in the single blocks, "
-                                       "appearance in their last third, blend map from the double blocks)."),
+                                       "the SDXL analogue, the FLUX analogue (structure in the single blocks, "
+                                       "appearance in their last third, blend map from the double blocks) or the "
+                                       "SD3 analogue (later half, last third, first half of the joint blocks)."),
                 io.Float.Input("structure_start", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule where the structure phase starts."),
                 io.Float.Input("structure_end", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -187,12 +188,13 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
         a_ref = _single(check_references(model, appearance, "appearance"), "appearance")
         spec = _model_family(model)
         if spec is not None:
-            if preset != FLUX_DMSA:
-                raise ValueError(f"preset: '{preset}' is for UNet models, but this is a FLUX model; choose "
-                                 f"'{FLUX_DMSA}'")
+            if preset != DIT_DMSA[spec.family]:
+                kind = "UNet" if preset in DMSA_PRESETS else "other"
+                raise ValueError(f"preset: '{preset}' is for {kind} models, but this is a {spec.family.upper()} "
+                                 f"model; choose '{DIT_DMSA[spec.family]}'")
             keys = dit_dmsa_keys(spec)
-        elif preset == FLUX_DMSA:
-            raise ValueError(f"preset: '{preset}' is for FLUX models, but this model is a UNet; choose one of "
+        elif preset in DIT_DMSA.values():
+            raise ValueError(f"preset: '{preset}' is for DiT models, but this model is a UNet; choose one of "
                              f"{list(DMSA_PRESETS)}")
         elif preset not in DMSA_PRESETS:
             raise ValueError(f"preset: unknown '{preset}'; choose one of {list(DMSA_PRESETS)}")
@@ -202,7 +204,7 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
         s_range = SigmaRange.from_percents(ms, structure_start, structure_end) if structure_phase else None
         a_range = SigmaRange.from_percents(ms, appearance_start, appearance_end) if appearance_phase else None
         n_range = SigmaRange.from_percents(ms, spatial_norm_start, 1.0) if spatial_norm_start < 1.0 else None
-        prefer = ("t5xxl", "l") if spec is not None else ("l",)
+        prefer = ("t5xxl", "l") if spec is not None and spec.family == "flux" else ("l",)
         tokens, n_tokens = blend_word_tokens(clip, prompt, blend_word, prefer) if appearance_phase else ((), None)
         tech = DisentangleMixingAttention(s_ref, a_ref, *keys, s_range, a_range, blend_tokens=tokens,
                                           prompt_tokens=n_tokens, structure_weight=structure_weight,
@@ -248,8 +250,8 @@ class FoundationAwareAttentionNode(io.ComfyNode):
                                        "0.5 for SD1.x). 0 switches FASA off."),
                 io.Combo.Input("layers", options=FASA_PRESETS, default=FASA_PRESETS[0],
                                tooltip="Self-attention blocks FASA acts in: FreeCure's SDXL choice (transformer "
-                                       "blocks 50-69), its SD1.x choice (output 6-11), the FLUX analogue (the last "
-                                       "30% of the blocks: single 20-37), all decoder blocks, or custom."),
+                                       "blocks 50-69), its SD1.x choice (output 6-11), the FLUX/SD3 analogue (the "
+                                       "last 30% of the blocks; FLUX.1: single 20-37), all decoder blocks, or custom."),
                 io.String.Input("custom_blocks", default="output:6-11",
                                 tooltip="Used when layers is 'custom': blocks like 'output:3-5, output:2'."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,

@@ -1,7 +1,8 @@
-"""MRSA, DMSA and FASA on FLUX inside a real ComfyUI: a tiny random FLUX model (2 heads of 128
-channels, 2 double and 2 single blocks, text width 768 so the SD1 CLIP of the tiny checkpoint
+"""MRSA, DMSA and FASA on FLUX and SD3 inside a real ComfyUI: a tiny random FLUX model (2 heads of
+128 channels, 2 double and 2 single blocks, text width 768 so the SD1 CLIP of the tiny checkpoint
 conditions it) sampled patched and unpatched, with guidance distillation (cfg 1, no uncond pass)
-and with true CFG. Skipped when no ComfyUI tree is found (set COMFYUI_PATH)."""
+and with true CFG; and a tiny SD3-family MMDiT (3 joint blocks, the first with SD3.5-medium's
+second image-only attention). Skipped when no ComfyUI tree is found (set COMFYUI_PATH)."""
 from __future__ import annotations
 
 import copy
@@ -261,7 +262,7 @@ def test_dmsa_on_flux(flux, clip, flux_refs):
 
 def fasa(model, masks, foundation, **kw):
     from personalize_pack.nodes.attention import FoundationAwareAttentionNode
-    args = dict(layers="FLUX dev/schnell FreeCure analogue (last 30% of blocks)", weight=1.5)
+    args = dict(layers="FLUX/SD3 FreeCure analogue (last 30% of blocks)", weight=1.5)
     args.update(kw)
     return FoundationAwareAttentionNode.execute(model, masks, foundation=foundation, **args).result[0]
 
@@ -315,3 +316,63 @@ def test_bad_input_is_a_clear_error(flux, sd15, clip, flux_refs, references):
         MultiReferenceAttentionNode.execute(fake, flux_refs, SINGLE, "", 0.0, 1.0, 1.0, 0)
     with pytest.raises(ValueError, match="reference_positions: unknown"):
         mrsa(flux, flux_refs, positions="sideways")
+    with pytest.raises(ValueError, match="preset 'SD3/SD3.5: all joint blocks' is not for this FLUX model"):
+        mrsa(flux, flux_refs, "SD3/SD3.5: all joint blocks")
+
+
+# ---------------------------------------------------------------------------- SD3 (MMDiT)
+
+SD3_LATE = "SD3/SD3.5: later half of the joint blocks"
+SD3_ALL = "SD3/SD3.5: all joint blocks"
+
+
+@pytest.fixture(scope="session")
+def sd3(tiny_dir):
+    _comfy()
+    import comfy.sd
+    from tiny_flux import build_sd3
+    return comfy.sd.load_diffusion_model(str(build_sd3(tiny_dir / "diffusion_models" / "tiny_sd3.safetensors",
+                                                       depth=3, self_attn_layers=(0,))))
+
+
+def test_sd3_mrsa(sd3, clip, flux_refs, monkeypatch):
+    from personalize_pack.attention import dit
+    pos, neg = encode(clip, "a cat and a dog on a sofa"), encode(clip, "blurry")
+    before = snapshot(sd3)
+    plain = flux_sample(sd3, pos, neg, cfg=4.0)
+    for preset in (SD3_LATE, SD3_ALL):
+        assert close(flux_sample(mrsa(sd3, zero_masked(flux_refs), preset), pos, neg, cfg=4.0), plain)
+    calls = []
+    original = dit.JointAttention.__call__
+
+    def spy(self, func, *args, **kwargs):
+        calls.append((self.key, self.calls, args[0].shape))
+        return original(self, func, *args, **kwargs)
+
+    monkeypatch.setattr(dit.JointAttention, "__call__", spy)
+    on = flux_sample(mrsa(sd3, flux_refs, SD3_ALL), pos, neg, cfg=4.0)
+    assert torch.isfinite(on).all() and (on - plain).abs().max() > 1e-2
+    # block 0 has a second, image-only attention: it reaches the override and is passed through plain
+    assert {(k, n) for k, n, _ in calls} >= {(("double_block", 0), 0), (("double_block", 0), 1), (("double_block", 2), 0)}
+    assert calls[0][2][1] == 77 + 16          # SD3 hands [B, text + image tokens, heads * 64]
+    assert snapshot(sd3) == before
+    with pytest.raises(ValueError, match="not for this SD3 model"):
+        mrsa(sd3, flux_refs, SINGLE)
+    with pytest.raises(ValueError, match="lacks double:3"):
+        mrsa(sd3, flux_refs, "custom", custom_blocks="joint:1-3")
+
+
+def test_sd3_dmsa_and_fasa(sd3, clip, flux_refs):
+    prompt = "a cat on a sofa"
+    pos, neg = encode(clip, prompt), encode(clip, "")
+    plain = flux_sample(sd3, pos, neg, cfg=4.0, steps=4)
+    mixed = flux_sample(dmsa(sd3, clip, (flux_refs[0],), (flux_refs[1],), prompt, preset="SD3/SD3.5 FreeMix analogue"),
+                        pos, neg, cfg=4.0, steps=4)
+    assert torch.isfinite(mixed).all() and (mixed - plain).abs().max() > 1e-2
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :24, 16:48] = 1
+    found = encode(clip, "a cat")
+    on = flux_sample(fasa(sd3, mask, found), pos, neg, cfg=4.0)
+    empty = flux_sample(fasa(sd3, torch.zeros(1, 64, 64), found), pos, neg, cfg=4.0)
+    plain3 = flux_sample(sd3, pos, neg, cfg=4.0)
+    assert (on - plain3).abs().max() > 1e-3 and close(empty, plain3)
