@@ -301,9 +301,9 @@ def foundation_branch(executor, x, t, c_concat=None, c_crossattn=None, control=N
             raise ValueError(f"foundation: {f.shape[0]} conditionings for {batch} images; give one")
         if tech.dit is not None and f.shape[1] != ctx.shape[1]:
             raise ValueError(f"foundation: its conditioning has {f.shape[1]} text tokens but the prompt has "
-                             f"{ctx.shape[1]}; in FLUX the text tokens join the image tokens' attention, so the "
-                             f"two must have the same length (keep the foundation prompt within the prompt's "
-                             f"length, e.g. both under 256 T5 tokens)")
+                             f"{ctx.shape[1]}; in a DiT (FLUX, SD3) the text tokens join the image tokens' "
+                             f"attention, so the two must have the same length (keep the foundation prompt within "
+                             f"the prompt's length: FLUX pads both to 256 T5 tokens, SD3 to 77)")
         length = math.lcm(ctx.shape[1], f.shape[1])
         ctx = repeat_tokens(ctx, length).clone()
         f = repeat_tokens(f, length).expand(batch, -1, -1)
