@@ -376,3 +376,17 @@ def test_sd3_dmsa_and_fasa(sd3, clip, flux_refs):
     empty = flux_sample(fasa(sd3, torch.zeros(1, 64, 64), found), pos, neg, cfg=4.0)
     plain3 = flux_sample(sd3, pos, neg, cfg=4.0)
     assert (on - plain3).abs().max() > 1e-3 and close(empty, plain3)
+
+
+def test_blend_word_is_found_among_flux_t5_tokens():
+    """FLUX's text tokens are T5's (padded to 256): the blend word's position there differs from its
+    CLIP position, and the DMSA node looks it up among the T5 tokens for FLUX."""
+    from comfy.text_encoders.flux import FluxTokenizer
+
+    from personalize_pack.nodes.attention import blend_word_tokens
+    tokenizer = FluxTokenizer()
+    clip = type("FluxClip", (), {"tokenize": lambda self, text: tokenizer.tokenize_with_weights(text)})()
+    ids = [t for t, _ in tokenizer.tokenize_with_weights("a photo of a dog on a sofa")["t5xxl"][0]]
+    positions, length = blend_word_tokens(clip, "a photo of a dog on a sofa", "dog", ("t5xxl", "l"))
+    assert length == 256 and positions == [6] and ids[6] == 1782          # "▁a" is two T5 tokens
+    assert blend_word_tokens(clip, "a photo of a dog on a sofa", "dog", ("l",)) == ([5], 77)
