@@ -381,6 +381,7 @@ def test_sd3_dmsa_and_fasa(sd3, clip, flux_refs):
 def test_blend_word_is_found_among_flux_t5_tokens():
     """FLUX's text tokens are T5's (padded to 256): the blend word's position there differs from its
     CLIP position, and the DMSA node looks it up among the T5 tokens for FLUX."""
+    _comfy()
     from comfy.text_encoders.flux import FluxTokenizer
 
     from personalize_pack.nodes.attention import blend_word_tokens
