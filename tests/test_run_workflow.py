@@ -116,8 +116,8 @@ def add_link(wf, origin, origin_slot, target, target_slot, type_):
 
 # --- the shipped workflow --------------------------------------------------------------------
 
-def assert_ui_format(workflow, path):
-    """The keys, links and node fields the frontend needs, a Note naming the checkpoint folder, and the
+def assert_ui_format(workflow, path, model_folders=("models/checkpoints",)):
+    """The keys, links and node fields the frontend needs, a Note naming the model folders, and the
     thumbnail beside the workflow."""
     for key in ("last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"):
         assert key in workflow
@@ -132,7 +132,8 @@ def assert_ui_format(workflow, path):
         assert target["inputs"][dst_slot]["type"] in (typ, "*")          # "*": an input that takes any type
     for n in workflow["nodes"]:
         assert {"pos", "size", "mode", "order", "widgets_values"} <= set(n)
-    assert any(n["type"] == "Note" and "models/checkpoints" in n["widgets_values"][0] for n in workflow["nodes"])
+    assert any(n["type"] == "Note" and all(f in n["widgets_values"][0] for f in model_folders)
+               for n in workflow["nodes"])
     assert path.with_suffix(".jpg").is_file()
 
 
@@ -811,3 +812,207 @@ def test_mudi_train_workflow_runs_headless(tiny_models_dir, loras_dir, temp_dir,
     assert without.shape == with_lora.shape and without.std() > 1.0
     diff = np.abs(with_lora - without)
     assert diff.max() > 8.0 and diff.mean() > 0.5, (diff.max(), diff.mean())
+
+
+# --- the FLUX example: MRSA on FLUX.1 dev with core's split loaders, FluxGuidance and cfg 1 ---------------
+
+FLUX_WORKFLOW = PACK_ROOT / "workflows" / "personalize_freecustom_flux.json"
+FLUX_SINGLE = "FLUX dev/schnell: single blocks"
+TINY_FLUX, TINY_FLUX_VAE = "tiny_flux_workflow.safetensors", "tiny_flux_workflow_ae.safetensors"
+FLUX_SIZE = 64
+FLUX_OVERRIDES = {"UNETLoader.unet_name": TINY_FLUX, "VAELoader.vae_name": TINY_FLUX_VAE,
+                  "EmptySD3LatentImage.width": FLUX_SIZE, "EmptySD3LatentImage.height": FLUX_SIZE,
+                  "PersonalizeReferenceEncode.resolution": FLUX_SIZE, "KSampler.steps": 2}
+FLUX_INPUTS = ["personalize_cat_04.jpg", "personalize_cat_04_mask.jpg", "personalize_dog6_02.jpg",
+               "personalize_dog6_02_mask.jpg"]
+
+
+@pytest.fixture
+def flux_workflow():
+    return json.loads(FLUX_WORKFLOW.read_text(encoding="utf-8"))
+
+
+def _origin(wf, node, name):
+    """The node and output slot feeding ``node``'s input ``name``."""
+    src, slot = _input_link(wf, node, name)
+    return next(n for n in wf["nodes"] if n["id"] == src), slot
+
+
+def test_flux_workflow_is_ui_format(flux_workflow):
+    """What a FLUX.1 dev user expects: core's split loaders (diffusion model, CLIP-L + T5-XXL, ae),
+    FluxGuidance 3.5 on the prompt, an empty negative prompt, cfg 1, euler / simple, 1024x1024 from
+    Empty SD3 Latent; the references of the SD1.5 FreeCustom example encoded with the FLUX VAE and
+    captioned with the FLUX text encoders; MRSA on the single blocks, side by side."""
+    wf = flux_workflow
+    assert_ui_format(wf, FLUX_WORKFLOW, ("models/diffusion_models", "models/text_encoders", "models/vae"))
+    assert all(n["mode"] == 0 for n in wf["nodes"])
+    unet, dual, vae = (node_by_type(wf, t) for t in ("UNETLoader", "DualCLIPLoader", "VAELoader"))
+    assert unet["widgets_values"] == ["flux1-dev.safetensors", "default"]
+    assert dual["widgets_values"] == ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"]
+    assert vae["widgets_values"] == ["ae.safetensors"]
+
+    mra = node_by_type(wf, "PersonalizeMultiReferenceAttention")
+    assert mra["widgets_values"] == [FLUX_SINGLE, "output:6-11", 0.0, 1.0, 1.0, 0, "shifted (side by side)"]
+    assert _input_link(wf, mra, "model") == (unet["id"], 0)
+    ks = node_by_type(wf, "KSampler")
+    assert ks["widgets_values"] == [42, "fixed", 20, 1.0, "euler", "simple", 1.0]
+    assert _input_link(wf, ks, "model") == (mra["id"], 0)
+    guidance, _ = _origin(wf, ks, "positive")
+    assert guidance["type"] == "FluxGuidance" and guidance["widgets_values"] == [3.5]
+    prompt, _ = _origin(wf, guidance, "conditioning")
+    assert prompt["widgets_values"] == ["a cat and a dog sitting together on a sofa"]
+    negative, _ = _origin(wf, ks, "negative")
+    assert negative["type"] == "CLIPTextEncode" and negative["widgets_values"] == [""]
+    latent, _ = _origin(wf, ks, "latent_image")
+    assert latent["type"] == "EmptySD3LatentImage" and latent["widgets_values"] == [1024, 1024, 1]
+    decode = node_by_type(wf, "VAEDecode")
+    assert _input_link(wf, decode, "samples") == (ks["id"], 0) and _input_link(wf, decode, "vae") == (vae["id"], 0)
+    assert node_by_type(wf, "SaveImage")["widgets_values"] == ["personalize_freecustom_flux"]
+
+    # the two chained references, as in the SD1.5 example, with the FLUX VAE and text encoders
+    cat, dog = (node_by_title(wf, f"Reference Encode: {s}") for s in ("cat", "dog"))
+    assert _input_link(wf, mra, "references") == (dog["id"], 0)
+    assert _input_link(wf, dog, "references") == (cat["id"], 0)
+    for enc, photo, caption in ((cat, "personalize_cat_04", "a cat"), (dog, "personalize_dog6_02", "a dog")):
+        assert enc["widgets_values"] == [3.0, 0.5, False, 1024]
+        assert _input_link(wf, enc, "vae") == (vae["id"], 0)
+        assert _origin(wf, enc, "image")[0]["widgets_values"][0] == f"{photo}.jpg"
+        to_mask, _ = _origin(wf, enc, "mask")
+        assert to_mask["widgets_values"] == ["red"]
+        assert _origin(wf, to_mask, "image")[0]["widgets_values"][0] == f"{photo}_mask.jpg"
+        cap, _ = _origin(wf, enc, "caption")
+        assert cap["widgets_values"] == [caption]
+    for text_node in (prompt, negative, *(_origin(wf, e, "caption")[0] for e in (cat, dog))):
+        assert _input_link(wf, text_node, "clip") == (dual["id"], 0)
+    shipped = {p.name for p in (PACK_ROOT / "workflows" / "inputs").iterdir()}
+    assert sorted(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LoadImage") == sorted(FLUX_INPUTS)
+    assert set(FLUX_INPUTS) <= shipped
+
+    notes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note"]
+    assert any("flux1-dev.safetensors" in t and "t5xxl_fp16.safetensors" in t and "ae.safetensors" in t
+               and "single blocks" in t and "side by side" in t for t in notes)
+    assert any("ignored" in t and "cfg 1" in t and "cfg above 1" in t for t in notes)
+
+
+def _with_tiny_clip(wf):
+    """The FLUX workflow with its text encoders swapped for ones a test can build.
+
+    No tiny T5-XXL exists, so the DualCLIPLoader node becomes a Load Checkpoint of the tiny SD1.5
+    checkpoint (same node id, so every link stays): its CLIP output (slot 1) feeds the links the
+    DualCLIPLoader's CLIP fed (prompt, negative prompt, the two captions); its MODEL and VAE stay
+    unconnected. The tiny FLUX takes 768-wide text and pooled vectors, the SD1 CLIP's width."""
+    wf = copy.deepcopy(wf)
+    dual = node_by_type(wf, "DualCLIPLoader")
+    clip_links = list(dual["outputs"][0]["links"])
+    for lk in wf["links"]:
+        if lk[0] in clip_links:
+            lk[2] = 1                                                     # origin slot: CLIP is output 1
+    dual.update(type="CheckpointLoaderSimple", title="Load Checkpoint (tiny SD1.5: its CLIP stands in)",
+                widgets_values=[TINY_SD15], properties={"Node name for S&R": "CheckpointLoaderSimple"},
+                outputs=[{"name": name, "localized_name": name, "type": name, "slot_index": i,
+                          "links": clip_links if name == "CLIP" else []}
+                         for i, name in enumerate(("MODEL", "CLIP", "VAE"))])
+    return wf
+
+
+@pytest.fixture(scope="module")
+def flux_models_dir(tiny_models_dir):
+    """The tiny models folder with a tiny FLUX dev (2 double, 2 single blocks, guidance embedding) in
+    diffusion_models/ and a 16-channel VAE in vae/, under the names FLUX_OVERRIDES gives the loaders."""
+    from tiny_flux import build_flux, build_flux_vae
+    if not (tiny_models_dir / "diffusion_models" / TINY_FLUX).is_file():
+        build_flux(tiny_models_dir / "diffusion_models" / TINY_FLUX, heads=2, depth=2, single=2, guidance=True)
+    if not (tiny_models_dir / "vae" / TINY_FLUX_VAE).is_file():
+        build_flux_vae(tiny_models_dir / "vae" / TINY_FLUX_VAE)
+    return tiny_models_dir
+
+
+def _pack_module(name):
+    """A module of the pack as ComfyUI loaded it (not the test import under personalize_pack)."""
+    import importlib
+    import nodes
+    package = sys.modules[nodes.NODE_CLASS_MAPPINGS["PersonalizeMultiReferenceAttention"].__module__].__package__
+    return importlib.import_module(f"{package.rsplit('.', 1)[0]}.{name}")
+
+
+def _run_flux(wf, models_dir, tmp_path, tag, overrides=None):
+    path = tmp_path / f"{tag}.json"
+    path.write_text(json.dumps(wf), encoding="utf-8")
+    out_dir = tmp_path / f"out_{tag}"
+    outputs = rw.run_workflow(path, ROOT, output_dir=out_dir, models_dir=models_dir, input_dir=tmp_path / "in",
+                              overrides=dict(FLUX_OVERRIDES, **(overrides or {})), log=lambda msg: None)
+    (item,) = [i for out in outputs.values() for i in out.get("images", []) if i.get("type") == "output"]
+    assert item["filename"].startswith("personalize_freecustom_flux")
+    return out_dir / item.get("subfolder", "") / item["filename"]
+
+
+@needs_comfyui
+def test_flux_workflow_runs_headless(flux_models_dir, tmp_path, flux_workflow, monkeypatch):
+    """The shipped FLUX example on a tiny random FLUX dev at 64 px, 2 steps, with the tiny SD1.5 CLIP in
+    place of CLIP-L + T5-XXL (``_with_tiny_clip``): the image is saved at the latent's size and is not
+    flat; the patched attention acts in the single blocks only (the preset), and both the references
+    (the node bypassed) and their positions (aligned instead of side by side) change the picture."""
+    from PIL import Image
+    wf = _with_tiny_clip(flux_workflow)
+
+    # the converted prompt: the loaders' values and links as the workflow gives them
+    prompt = rw.ui_to_api(wf, rw.live_schemas({n["type"] for n in wf["nodes"]}))
+    mra = api_by_type(prompt, "PersonalizeMultiReferenceAttention")["inputs"]
+    assert (mra["layers"], mra["reference_positions"]) == (FLUX_SINGLE, "shifted (side by side)")
+    assert api_by_type(prompt, "FluxGuidance")["inputs"]["guidance"] == 3.5
+
+    # which FLUX blocks hand their joint attention to the pack (its override, in the pack ComfyUI loaded)
+    dit = _pack_module("attention.dit")
+    patched = []
+    real_call = dit.JointAttention.__call__
+
+    def spy(self, func, *args, **kwargs):
+        patched.append(self.key)
+        return real_call(self, func, *args, **kwargs)
+    monkeypatch.setattr(dit.JointAttention, "__call__", spy)
+
+    saved = _run_flux(wf, flux_models_dir, tmp_path, "mrsa")
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == sorted(FLUX_INPUTS)
+    with Image.open(saved) as im:
+        assert im.size == (FLUX_SIZE, FLUX_SIZE)
+        assert "workflow" in im.info                                       # reloadable in the editor
+    image = _rgb(saved)
+    assert np.isfinite(image).all() and image.std() > 1.0
+    assert set(patched) == {("single_block", 0), ("single_block", 1)}     # the preset: single blocks only
+    calls = len(patched)
+
+    # the same graph with Multi-Reference Attention bypassed (MODEL passes through): another picture
+    plain = copy.deepcopy(wf)
+    node_by_type(plain, "PersonalizeMultiReferenceAttention")["mode"] = 4
+    without = _rgb(_run_flux(plain, flux_models_dir, tmp_path, "plain"))
+    assert len(patched) == calls                                          # nothing patched without the node
+    # A run is deterministic (the same graph twice gives the same bits: SDPA on the CPU, comfy_host), so
+    # every difference comes from the references. Two steps of a random 2+2-block FLUX move the 8-bit
+    # picture by a little, but over much of it (measured: mean 0.86, 59 % of the values).
+    diff = np.abs(image - without)
+    assert without.std() > 1.0 and diff.mean() > 0.3 and (diff > 0).mean() > 0.3, (diff.max(), diff.mean())
+
+    # the references' positions matter: on the image's grid (aligned) the reference keys turn by other
+    # RoPE angles than beside it, so the picture changes (measured: 13 % of the values, by one level)
+    aligned = _rgb(_run_flux(wf, flux_models_dir, tmp_path, "aligned",
+                             {"PersonalizeMultiReferenceAttention.reference_positions": "aligned"}))
+    diff = np.abs(image - aligned)
+    assert (diff > 0).mean() > 0.05, (diff.max(), diff.mean())
+
+
+@needs_comfyui
+def test_flux_workflow_is_reproduced_by_the_generator(tiny_models_dir, tmp_path):
+    """The shipped JSON and thumbnail are what tools/make_workflows.py writes with the live schemas."""
+    if "personalize_make_workflows" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("personalize_make_workflows",
+                                                      PACK_ROOT / "tools" / "make_workflows.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    mw = sys.modules["personalize_make_workflows"]
+    import nodes
+    shipped = json.loads(FLUX_WORKFLOW.read_text(encoding="utf-8"))
+    schemas = mw.rw.live_schemas(sorted({n["type"] for n in shipped["nodes"]} - {"Note"}))
+    assert mw.freecustom_flux_workflow(schemas, nodes.NODE_CLASS_MAPPINGS) == shipped
+    mw.thumbnail_flux(tmp_path / "card.jpg")
+    assert (tmp_path / "card.jpg").read_bytes() == FLUX_WORKFLOW.with_suffix(".jpg").read_bytes()

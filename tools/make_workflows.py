@@ -63,6 +63,61 @@ NOTE = "\n\n".join([
     "the examples: workflows/inputs/CREDITS.md.",
 ])
 
+# The same cat + dog references and prompt as the SD1.5 FreeCustom example, on FLUX.1 dev with the settings of
+# ComfyUI's own FLUX dev example: the split files (diffusion model, CLIP-L + T5-XXL, ae), FluxGuidance 3.5,
+# cfg 1 (FLUX dev is guidance-distilled), euler / simple, 20 steps, 1024x1024. MRSA on the single blocks with
+# the references side by side (the node's FLUX defaults); the mask weight as FreeCustom's.
+FREECUSTOM_FLUX = dict(
+    stem="personalize_freecustom_flux",
+    unet="flux1-dev.safetensors",
+    clip_l="clip_l.safetensors",
+    t5="t5xxl_fp16.safetensors",
+    vae="ae.safetensors",
+    prompt=FREECUSTOM["prompt"],
+    negative="",
+    refs=FREECUSTOM["refs"],
+    layers="FLUX dev/schnell: single blocks",
+    positions="shifted (side by side)",
+    guidance=3.5, seed=42, steps=20, cfg=1.0, sampler="euler", scheduler="simple", size=1024,
+)
+
+NOTE_FLUX = "\n\n".join([
+    "FreeCustom multi-reference attention on FLUX.1 dev (Personalize)",
+    'Puts two subjects from reference photos into one image: "a cat and a dog sitting together on a sofa", the '
+    "same references and prompt as the SD1.5 FreeCustom example.",
+    "How it works on FLUX: each Reference Encode node VAE-encodes a reference photo with FLUX's VAE (16-channel "
+    'latents), keeps its subject mask and its caption ("a cat", "a dog"); the two nodes are chained. '
+    "Multi-Reference Attention patches the model: FLUX has no separate self-attention (text and image tokens "
+    "attend jointly), so in the chosen blocks the image tokens attend over their own text and image tokens plus "
+    "the masked image tokens of every reference, boosted by the mask weight (3.0); text tokens keep plain "
+    "attention. The default preset takes the 38 single blocks (the later part of the network); 'double blocks' "
+    "and 'all blocks' are the other presets. The references are re-noised to the current step and run once per "
+    "step, in the same model call as the image, with their captions as text.",
+    "reference_positions: 'shifted (side by side)' places each reference beside the image, as in one wide "
+    "picture, so a subject is matched by its content wherever it ends up (closest to FreeCustom on a UNet); "
+    "'aligned' lays the reference on the image's own grid, which tends to copy the reference's layout.",
+    "Sampling: FluxGuidance 3.5 on the prompt, KSampler cfg 1, euler, simple, 20 steps (ComfyUI's FLUX dev "
+    "settings). See the note at the negative prompt for cfg above 1. FLUX.1 schnell works too: load "
+    "flux1-schnell.safetensors and use 4 steps.",
+    "Models: flux1-dev.safetensors (huggingface.co/black-forest-labs/FLUX.1-dev, gated: accept its license) in "
+    "ComfyUI/models/diffusion_models/; clip_l.safetensors and t5xxl_fp16.safetensors "
+    "(huggingface.co/comfyanonymous/flux_text_encoders; t5xxl_fp8_e4m3fn.safetensors needs less memory) in "
+    "ComfyUI/models/text_encoders/; ae.safetensors (the FLUX VAE, from the FLUX.1 repositories) in "
+    "ComfyUI/models/vae/. With less GPU memory set weight_dtype in Load Diffusion Model to fp8_e4m3fn.",
+    "Inputs: the four example images ship in this pack's workflows/inputs/ folder; copy them into ComfyUI/input/ "
+    "(tools/run_workflow.py does it for you). For your own subjects: Load Image + a mask + a short caption. "
+    "Credits and licenses of the examples: workflows/inputs/CREDITS.md.",
+])
+
+NOTE_FLUX_NEGATIVE = "\n\n".join([
+    "Negative prompt and CFG on FLUX dev",
+    "At cfg 1 (FLUX dev's usual setting) ComfyUI runs the prompt only: this negative prompt is ignored, and "
+    "FluxGuidance (3.5; lower for more natural pictures, higher for closer prompt following) does the guiding.",
+    "True CFG works with cfg above 1 (e.g. 2-4): the negative prompt is then used and each step runs the model "
+    "for both prompts (about twice the time); the references still act on the prompt's pass only (style_fidelity "
+    "1).",
+])
+
 
 # FreeMix's dog-with-cat-appearance setting: structure from the dog, appearance from the cat, FreeMix's
 # seed (500) and sampler (DDIM 50 steps, cfg 7.5), FreeCustom's negative prompt; the subject masks come
@@ -407,11 +462,13 @@ def _checkpoint_and_prompts(g, c, note: str, note_height: int, note_title: str):
 
 
 def _decode_and_save(g, ckpt, samples, at: tuple, below: int, save_size: tuple, prefix: str, title=None):
-    """VAE Decode of ``samples`` (a node's first output) with the checkpoint's VAE at ``at``, and Save
-    Image ``below`` px under it; returns the decode node (other nodes read the picture from it)."""
+    """VAE Decode of ``samples`` (a node's first output) with the checkpoint's VAE (or, for a ``(node, slot)``
+    pair, that output) at ``at``, and Save Image ``below`` px under it; returns the decode node (other nodes
+    read the picture from it)."""
+    vae = ckpt if isinstance(ckpt, tuple) else (ckpt, 2)
     decode = g.node("VAEDecode", at, (210, 50), None)
     g.link(samples, 0, decode, "samples")
-    g.link(ckpt, 2, decode, "vae")
+    g.link(vae[0], vae[1], decode, "vae")
     save = g.node("SaveImage", (at[0], at[1] + below), save_size, title, filename_prefix=prefix)
     g.link(decode, 0, save, "images")
     return decode
@@ -433,14 +490,13 @@ def _sample_and_save(g, c, ckpt, model, pos, neg, x: int, sampler_title: str, pr
     _decode_and_save(g, ckpt, sampler, (x + 760, 0), 100, (520, 560), prefix)
 
 
-def freecustom_workflow(schemas: dict, classes: dict) -> dict:
-    c = FREECUSTOM
-    g = Graph(schemas, classes)
-    ckpt, pos, neg = _checkpoint_and_prompts(g, c, NOTE, 620, "Read me: FreeCustom multi-reference")
-
+def _reference_chain(g, c, clip: tuple, vae: tuple, top: int):
+    """Per reference of ``c["refs"]`` (rows of 760 px from ``top``): Load Image, its mask (Load Image, red
+    channel), the caption and Reference Encode (FreeCustom's mask weight, encoded at ``c["size"]``), chained.
+    ``clip`` and ``vae`` are (node, output slot); returns the last Reference Encode."""
     refs = None
     for k, (subject, image, mask, caption) in enumerate(c["refs"]):
-        y = 420 + k * 760
+        y = top + k * 760
         img = g.node("LoadImage", (380, y), (300, 330), f"Reference {k + 1}: {subject}", image=image)
         msk = g.node("LoadImage", (380, y + 370), (300, 330), f"Reference {k + 1}: {subject} mask", image=mask)
         to_mask = g.node("ImageToMask", (720, y + 370), (260, 60), f"{subject} mask (red channel)", channel="red")
@@ -448,21 +504,66 @@ def freecustom_workflow(schemas: dict, classes: dict) -> dict:
         enc = g.node("PersonalizeReferenceEncode", (1060, y), (320, 260), f"Reference Encode: {subject}",
                      weight=3.0, mask_threshold=0.5, soft_mask=False, resolution=c["size"])
         g.link(msk, 0, to_mask, "image")
-        g.link(ckpt, 1, cap, "clip")
+        g.link(clip[0], clip[1], cap, "clip")
         g.link(img, 0, enc, "image")
-        g.link(ckpt, 2, enc, "vae")
+        g.link(vae[0], vae[1], enc, "vae")
         g.link(to_mask, 0, enc, "mask")
         g.link(cap, 0, enc, "caption")
         if refs is not None:
             g.link(refs, 0, enc, "references")
         refs = enc
+    return refs
 
+
+def freecustom_workflow(schemas: dict, classes: dict) -> dict:
+    c = FREECUSTOM
+    g = Graph(schemas, classes)
+    ckpt, pos, neg = _checkpoint_and_prompts(g, c, NOTE, 620, "Read me: FreeCustom multi-reference")
+
+    refs = _reference_chain(g, c, (ckpt, 1), (ckpt, 2), 420)
     mra = g.node("PersonalizeMultiReferenceAttention", (1440, 420), (340, 250), None,
                  layers="SD1.5 FreeCustom (output 6-11)", custom_blocks="output:6-11", start_percent=0.0,
                  end_percent=1.0, style_fidelity=1.0, seed=0)
     g.link(ckpt, 0, mra, "model")
     g.link(refs, 0, mra, "references")
     _sample_and_save(g, c, ckpt, mra, pos, neg, 1440, "KSampler (DDIM, as FreeCustom)", "personalize_freecustom")
+    return g.to_json()
+
+
+def freecustom_flux_workflow(schemas: dict, classes: dict) -> dict:
+    """The FreeCustom example on FLUX.1 dev: core's split FLUX loaders, FluxGuidance, cfg 1."""
+    c = FREECUSTOM_FLUX
+    g = Graph(schemas, classes)
+    unet = g.node("UNETLoader", (0, 0), (320, 82), "Load Diffusion Model (FLUX.1 dev)", unet_name=c["unet"],
+                  weight_dtype="default")
+    clip = g.node("DualCLIPLoader", (0, 130), (320, 130), "DualCLIPLoader (CLIP-L + T5-XXL)",
+                  clip_name1=c["clip_l"], clip_name2=c["t5"], type="flux", device="default")
+    vae = g.node("VAELoader", (0, 310), (320, 60), "Load VAE (FLUX ae)", vae_name=c["vae"])
+    g.note(NOTE_FLUX, (0, 420), (320, 1400), title="Read me: MRSA on FLUX")
+    pos = g.node("CLIPTextEncode", (380, 0), (400, 160), "Prompt", text=c["prompt"])
+    guidance = g.node("FluxGuidance", (820, 0), (320, 60), None, guidance=c["guidance"])
+    neg = g.node("CLIPTextEncode", (380, 200), (400, 120), "Negative prompt (ignored at cfg 1)", text=c["negative"])
+    g.note(NOTE_FLUX_NEGATIVE, (820, 110), (400, 300), title="Read me: negative prompt and CFG")
+    g.link(clip, 0, pos, "clip")
+    g.link(pos, 0, guidance, "conditioning")
+    g.link(clip, 0, neg, "clip")
+
+    refs = _reference_chain(g, c, (clip, 0), (vae, 0), 560)
+    mra = g.node("PersonalizeMultiReferenceAttention", (1440, 560), (340, 280), None, layers=c["layers"],
+                 custom_blocks="output:6-11", start_percent=0.0, end_percent=1.0, style_fidelity=1.0, seed=0,
+                 reference_positions=c["positions"])
+    g.link(unet, 0, mra, "model")
+    g.link(refs, 0, mra, "references")
+    latent = g.node("EmptySD3LatentImage", (1440, 200), (320, 110), None, width=c["size"], height=c["size"],
+                    batch_size=1)
+    sampler = g.node("KSampler", (1840, 0), (320, 270), "KSampler (FLUX dev: cfg 1)", seed=c["seed"],
+                     steps=c["steps"], cfg=c["cfg"], sampler_name=c["sampler"], scheduler=c["scheduler"],
+                     denoise=1.0)
+    g.link(mra, 0, sampler, "model")
+    g.link(guidance, 0, sampler, "positive")
+    g.link(neg, 0, sampler, "negative")
+    g.link(latent, 0, sampler, "latent_image")
+    _decode_and_save(g, (vae, 0), sampler, (2200, 0), 100, (520, 560), "personalize_freecustom_flux")
     return g.to_json()
 
 
@@ -810,11 +911,21 @@ def _node_chain(d, font, boxes, prompt_lines) -> None:
 def thumbnail(path: Path) -> None:
     """An honest illustrative card (no generated image): the references with their masks tinted,
     the nodes they go through and the prompt."""
+    card, d, font = _card("FreeCustom multi-reference")
+    _masked_references(card, d, font, FREECUSTOM["refs"])
+    _node_chain(d, font, [("Reference Encode", "image + mask + caption, x2"),
+                          ("Multi-Reference Attention", "FreeCustom MRSA, output 6-11"),
+                          ("KSampler", "DDIM 50 steps, cfg 7.5")],
+                ['"a cat and a dog sitting', ' together on a sofa"'])
+    card.save(path, quality=90)
+
+
+def _masked_references(card, d, font, refs) -> None:
+    """The FreeCustom references as tiles: the subject tinted inside its mask, the rest darkened."""
     from PIL import Image
 
-    card, d, font = _card("FreeCustom multi-reference")
     tints = [(255, 150, 60), (80, 170, 255)]
-    for k, (subject, image, mask, caption) in enumerate(FREECUSTOM["refs"]):
+    for k, (subject, image, mask, caption) in enumerate(refs):
         im = Image.open(INPUTS / image).convert("RGB").resize((104, 104), Image.LANCZOS)
         m = Image.open(INPUTS / mask).convert("L").resize((104, 104), Image.BILINEAR)
         tinted = Image.blend(im, Image.new("RGB", im.size, tints[k]), 0.45)
@@ -823,9 +934,17 @@ def thumbnail(path: Path) -> None:
         card.paste(Image.composite(tinted, dark, m.point(lambda v: 255 if v > 127 else 0)), (x, y))
         d.rectangle((x - 1, y - 1, x + 104, y + 104), outline=tints[k])
         _reference_tile(d, font, k, tints[k], caption)
+
+
+def thumbnail_flux(path: Path) -> None:
+    """An honest illustrative card (no generated image): the FreeCustom references with their masks
+    tinted, the FLUX nodes they go through and the prompt."""
+    c = FREECUSTOM_FLUX
+    card, d, font = _card("FreeCustom MRSA on FLUX")
+    _masked_references(card, d, font, c["refs"])
     _node_chain(d, font, [("Reference Encode", "image + mask + caption, x2"),
-                          ("Multi-Reference Attention", "FreeCustom MRSA, output 6-11"),
-                          ("KSampler", "DDIM 50 steps, cfg 7.5")],
+                          ("Multi-Reference Attention", "FLUX single blocks, side by side"),
+                          ("KSampler (FLUX.1 dev)", f"{c['steps']} steps, cfg 1, guidance {c['guidance']}")],
                 ['"a cat and a dog sitting', ' together on a sofa"'])
     card.save(path, quality=90)
 
@@ -975,10 +1094,11 @@ def main() -> int:
              "LoraLoader", "PersonalizeSubject", "PersonalizeSubjectComposer", "PersonalizeMeanShiftedNoise",
              "CFGGuider", "KSamplerSelect", "BasicScheduler", "SamplerCustomAdvanced", "PersonalizeDetectCompareLoader",
              "PersonalizeDetectCompareSubject", "PersonalizeDetectCompare", "PreviewAny",
-             "PersonalizeSegMixDataset", "PersonalizeTrainSegMixLoRA"]
+             "PersonalizeSegMixDataset", "PersonalizeTrainSegMixLoRA", "UNETLoader", "DualCLIPLoader", "VAELoader",
+             "FluxGuidance", "EmptySD3LatentImage"]
     schemas = rw.live_schemas(types)
     ks = schemas["KSampler"]["required"]   # fall back to euler/normal where DDIM is missing
-    for c in (FREECUSTOM, FREEMIX, MIP, FREECURE, MUDI, MUDI_TRAIN):
+    for c in (FREECUSTOM, FREEMIX, MIP, FREECURE, MUDI, MUDI_TRAIN, FREECUSTOM_FLUX):
         if c["sampler"] not in ks["sampler_name"][0]:
             c["sampler"] = "euler"
         if c["scheduler"] not in ks["scheduler"][0]:
@@ -986,7 +1106,8 @@ def main() -> int:
     for c, build, card in ((FREECUSTOM, freecustom_workflow, thumbnail), (FREEMIX, freemix_workflow, thumbnail_freemix),
                            (MIP, mip_workflow, thumbnail_mip), (FREECURE, freecure_workflow, thumbnail_freecure),
                            (MUDI, mudi_workflow, thumbnail_mudi),
-                           (MUDI_TRAIN, mudi_train_workflow, thumbnail_mudi_train)):
+                           (MUDI_TRAIN, mudi_train_workflow, thumbnail_mudi_train),
+                           (FREECUSTOM_FLUX, freecustom_flux_workflow, thumbnail_flux)):
         out = WORKFLOWS / f"{c['stem']}.json"
         out.write_text(json.dumps(build(schemas, classes), indent=2) + "\n", encoding="utf-8")
         card(WORKFLOWS / f"{c['stem']}.jpg")
