@@ -45,13 +45,16 @@ from dataclasses import dataclass
 import torch
 
 from .kernels import Rope, merge_heads, split_heads
-from .patch import BRANCH_KEY, LATENT_KEY, ROWS_KEY, STATE_KEY, RowLayout
+from ..references.masks import layer_mask
+from .patch import BRANCH_KEY, LATENT_KEY, ROWS_KEY, STATE_KEY, RecordDone, RowLayout
 
 DOUBLE, SINGLE = "double_block", "single_block"
 IMAGE_KEYS = "personalize_image_keys"       # (start, stop) of the target's image tokens among the keys
 ROPE_KEY = "personalize_rope"                # RopeGrid of the call (RoPE models only)
 SHIFTED, ALIGNED = "shifted (side by side)", "aligned"
 POSITIONS = [SHIFTED, ALIGNED]
+WHOLE, SUBJECT = "whole image", "subject only (faster)"
+REFERENCE_TOKENS = [WHOLE, SUBJECT]
 
 
 def is_dit_key(key) -> bool:
@@ -103,8 +106,8 @@ def model_family(diffusion_model) -> DiTSpec | None:
         rope = Rope(float(params.theta), tuple(int(a) for a in params.axes_dim))
         return DiTSpec("flux", len(diffusion_model.double_blocks), len(diffusion_model.single_blocks),
                        int(diffusion_model.patch_size), rope)
-    if (cls.__name__ == "OpenAISignatureMMDITWrapper" and cls.__module__.startswith("comfy.ldm.modules.diffusionmodules")
-            and hasattr(diffusion_model, "joint_blocks")):
+    if (cls.__name__ == "OpenAISignatureMMDITWrapper" and hasattr(diffusion_model, "joint_blocks")
+            and cls.__module__.startswith("comfy.ldm.modules.diffusionmodules")):
         # SD3/SD3.5: joint blocks only (ComfyUI calls them "double_block"), absolute positions
         return DiTSpec("sd3", len(diffusion_model.joint_blocks), 0, int(diffusion_model.patch_size), None)
     raise ValueError(f"model: {cls.__name__} ({cls.__module__}) is not supported yet by the pack's self-attention "
@@ -220,6 +223,29 @@ def shift_reference(extra_options, k: torch.Tensor, slot: int, positions: str) -
     return grid.beside(k, slot)
 
 
+# --------------------------------------------------------------------------- subject-only references
+
+def subject_tokens(reference, latent_hw, spec: DiTSpec) -> torch.Tensor:
+    """Raster indices of the image tokens the reference's subject touches at all (its mask fitted
+    to the target latent, on the DiT's token grid). Every token when the subject touches none."""
+    gh, gw = spec.grid(latent_hw)
+    cover = layer_mask(reference.fitted(*latent_hw)[1], gh, gw, soft=True)
+    idx = torch.nonzero(cover > 0, as_tuple=False).flatten()
+    return idx if idx.numel() else torch.arange(gh * gw)
+
+
+def select_tokens(idx: torch.Tensor):
+    """A FLUX ``post_input`` patch keeping only the image tokens ``idx`` (with their RoPE ids, so
+    every kept token keeps its grid position)."""
+    def select(args):
+        out = dict(args)
+        out["img"] = args["img"][:, idx.to(args["img"].device)]
+        if args.get("img_ids") is not None:
+            out["img_ids"] = args["img_ids"][:, idx.to(args["img_ids"].device)]
+        return out
+    return select
+
+
 # --------------------------------------------------------------------------- the block replace
 
 def _active(state, key, layout, options):
@@ -271,13 +297,14 @@ class PersonalizeBlock:
         if layout is None:
             layout = opts.get(BRANCH_KEY)
         techs = _active(state, self.key, layout, opts)
+        last = None
+        if isinstance(layout, RowLayout) and layout.mode in ("joint", "record"):
+            last = getattr(layout, "_dit_last", None)
+            if last is None:
+                last = layout._dit_last = _last_block(state, self.spec, layout.sigma)
         if not techs:
-            if isinstance(layout, RowLayout) and layout.mode in ("joint", "record"):
-                last = getattr(layout, "_dit_last", None)
-                if last is None:
-                    last = layout._dit_last = _last_block(state, self.spec, layout.sigma)
-                if self.spec.order(self.key) > last:
-                    return self._targets_only(args, extra, layout)
+            if last is not None and self.spec.order(self.key) > last:
+                return self._targets_only(args, extra, layout)
             return self._call(args, extra)
         txt = args.get("txt")
         if txt is not None:
@@ -288,12 +315,18 @@ class PersonalizeBlock:
         new = dict(opts)
         new["optimized_attention_override"] = JointAttention(self.key, self.spec, techs, txt_len, layout,
                                                              opts.get("optimized_attention_override"))
-        return self._call(dict(args, transformer_options=new), extra)
+        out = self._call(dict(args, transformer_options=new), extra)
+        if layout is not None and layout.mode == "record" and getattr(layout, "subset", None) is not None \
+                and last is not None and self.spec.order(self.key) >= last:
+            raise RecordDone()       # every bank is filled; a token subset cannot reach the output
+        return out
 
     def _targets_only(self, args, extra, layout):
         """After the last patched block: the reference rows are never read again. A
         references-only call stops here; a joint call runs its target rows only."""
         if layout.mode == "record":
+            if layout.subset is not None:
+                raise RecordDone()
             return {k: args[k] for k in ("img", "txt") if k in args}
         n, count = layout.n_target, args["img"].shape[0]
         if not isinstance(args.get("vec"), torch.Tensor) or count <= n:
@@ -351,6 +384,9 @@ class JointAttention:
             raise ValueError("internal: a patched FLUX block ran without the latent size (the reference-pass "
                              "wrapper is missing from the model)")
         n_img = self.spec.image_tokens(hw)
+        subset = getattr(layout, "subset", None)
+        if subset is not None:
+            n_img = int(subset.numel())          # a subject-only references call
         T = self.txt_len
         if T + n_img > L:
             raise ValueError(f"FLUX block {self.key}: {L} tokens cannot hold {T} text and {n_img} image tokens")
@@ -359,7 +395,15 @@ class JointAttention:
 
         mode = getattr(layout, "mode", None)
         if mode == "record":
-            layout.bank[self.key] = (merge_heads(kh[:, :, img]).detach(), merge_heads(vh[:, :, img]).detach())
+            k_img, v_img = merge_heads(kh[:, :, img]).detach(), merge_heads(vh[:, :, img]).detach()
+            if subset is not None:           # back on the full grid; the other tokens are never selected
+                n_full = self.spec.image_tokens(hw)
+                full_k = k_img.new_zeros((k_img.shape[0], n_full, k_img.shape[2]))
+                full_v = torch.zeros_like(full_k)
+                full_k[:, subset.to(k_img.device)] = k_img
+                full_v[:, subset.to(k_img.device)] = v_img
+                k_img, v_img = full_k, full_v
+            layout.bank[self.key] = (k_img, v_img)
             return self.plain(func, *args, **kwargs)
         targets, sources, view = self.split(layout, B)
 

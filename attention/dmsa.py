@@ -397,7 +397,8 @@ class DisentangleMixingAttention:
                  structure_range: SigmaRange | None, appearance_range: SigmaRange | None,
                  blend_tokens: Sequence[int] = (), prompt_tokens: int | None = None,
                  structure_weight: float | None = 3.0, threshold: float = 0.2,
-                 norm_range: SigmaRange | None = None, seed: int = 0, dit=None, positions: str = SHIFTED):
+                 norm_range: SigmaRange | None = None, seed: int = 0, dit=None, positions: str = SHIFTED,
+                 subject_tokens: bool = False):
         if structure is None or appearance is None:
             raise ValueError("DMSA needs a structure reference and an appearance reference")
         if not 0.0 <= float(threshold) <= 1.0:
@@ -431,6 +432,7 @@ class DisentangleMixingAttention:
             raise ValueError(f"reference_positions: unknown '{positions}'; choose one of {POSITIONS}")
         self.dit = dit                  # dit.DiTSpec on a DiT model (its keys are DiT blocks)
         self.positions = positions      # where a DiT with RoPE places the structure reference's tokens
+        self.subject_tokens = bool(subject_tokens)   # FLUX: references run on their subject's tokens only
         self.maps = BlendMapStore()
         self._cache: dict = {}
         self._schedule = (None, None)
@@ -470,9 +472,9 @@ class DisentangleMixingAttention:
             return []
         out = []
         if self.structure_keys and (sigma is None or self._structure_on(sigma)):
-            out.append(RefRequest(self.structure, COND, self.seed, 0))
+            out.append(RefRequest(self.structure, COND, self.seed, 0, self.subject_tokens))
         if self.appearance_keys and (sigma is None or self._appearance_on(sigma)):
-            out.append(RefRequest(self.appearance, COND, self.seed, 1))
+            out.append(RefRequest(self.appearance, COND, self.seed, 1, self.subject_tokens))
         return out
 
     # -- helpers ------------------------------------------------------------------------

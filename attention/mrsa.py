@@ -32,7 +32,7 @@ class MultiReferenceAttention(Technique):
     name = "FreeCustom MRSA"
 
     def __init__(self, references, layer_keys, sigma_range: SigmaRange, style_fidelity: float = 1.0,
-                 seed: int = 0, dit=None, positions: str = SHIFTED):
+                 seed: int = 0, dit=None, positions: str = SHIFTED, subject_tokens: bool = False):
         if not references:
             raise ValueError("references: at least one reference is needed")
         if not 0.0 <= style_fidelity <= 1.0:
@@ -49,6 +49,7 @@ class MultiReferenceAttention(Technique):
             raise ValueError(f"reference_positions: unknown '{positions}'; choose one of {POSITIONS}")
         self.dit = dit                  # dit.DiTSpec on a DiT model (its layer keys are DiT blocks)
         self.positions = positions      # where a DiT with RoPE places the reference tokens
+        self.subject_tokens = bool(subject_tokens)   # FLUX: references run on their subject's tokens only
         self._selections: dict = {}
 
     # -- technique protocol -------------------------------------------------------------
@@ -64,7 +65,7 @@ class MultiReferenceAttention(Technique):
         if self.style_fidelity < 1.0 and UNCOND in labels:
             wanted.append(UNCOND)
         for label in wanted:
-            out.extend(RefRequest(r, label, self.seed, i) for i, r in enumerate(self.references))
+            out.extend(RefRequest(r, label, self.seed, i, self.subject_tokens) for i, r in enumerate(self.references))
         return out
 
     # -- attention ----------------------------------------------------------------------

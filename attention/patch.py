@@ -82,11 +82,18 @@ class Technique:
 @dataclass(frozen=True)
 class RefRequest:
     """A technique asks for ``reference`` to be run with the ``label`` (COND/UNCOND) conditioning
-    of the target; ``seed`` seeds its per-step noise."""
+    of the target; ``seed`` seeds its per-step noise. ``subject``: on FLUX, run only the image
+    tokens of the reference's subject (``dit.subject_tokens``), in a call of its own."""
     reference: object
     label: int
     seed: int
     index: int = 0
+    subject: bool = False
+
+
+class RecordDone(Exception):
+    """Raised by a references-only DiT call once the last patched block has banked its keys (the
+    rest of the model is never needed, and a call on a subset of tokens cannot be unpatchified)."""
 
 
 @dataclass
@@ -104,6 +111,7 @@ class RowLayout:
     sigma: float
     rows: dict = field(default_factory=dict)       # (reference, label) -> row among the references
     bank: dict | None = None                        # block key -> (k, v) of the reference rows
+    subset: torch.Tensor | None = None              # DiT record call: the image tokens its rows carry
 
     @property
     def chunk(self) -> int:
@@ -364,6 +372,9 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
             groups = [[i for i, r in enumerate(ctx_rows) if r.shape[1] == n] for n in lengths]
             if lengths == [c_crossattn.shape[1]]:
                 ctx_ref = torch.cat(ctx_rows)
+    subject = [i for i, r in enumerate(reqs) if r.subject] if dit is not None and dit.rope is not None else []
+    if subject:         # each subject-only reference runs alone, on its own tokens
+        groups = [g for g in ([i for i in g if i not in subject] for g in groups) if g] + [[i] for i in subject]
     concat_ref = _rows_of(c_concat, n_target, src)
     kw_ref = {}
     for name, value in kwargs.items():
@@ -372,7 +383,7 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
     if dit is not None and "y" in kw_ref:
         kw_ref["y"] = _pooled_rows(kw_ref["y"], reqs)
 
-    if not _foreign_attention(transformer_options) and (c_crossattn is None or ctx_ref is not None):
+    if not subject and not _foreign_attention(transformer_options) and (c_crossattn is None or ctx_ref is not None):
         rows = {(r.reference, r.label): i for i, r in enumerate(reqs)}
         layout = RowLayout("joint", labels, n_target, (H, W), sigma, rows)
         opts = dict(transformer_options)
@@ -390,7 +401,8 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
         return out[:n_target]
 
     # Separate pass: the references alone (record their keys/values), then the target. References
-    # whose text differs in length (DiT only) are recorded in one call per length.
+    # whose text differs in length (DiT only) are recorded in one call per length, subject-only
+    # references (FLUX) one by one.
     order = [i for g in groups for i in g]
     rows = {(reqs[i].reference, reqs[i].label): j for j, i in enumerate(order)}
     parts: dict = {}
@@ -402,6 +414,12 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
         rec["cond_or_uncond"] = [reqs[i].label for i in g]
         rows_g = {(reqs[i].reference, reqs[i].label): j for j, i in enumerate(g)}
         rec[ROWS_KEY] = RowLayout("record", rec["cond_or_uncond"], len(g), (H, W), sigma, rows_g, bank_g)
+        if g[0] in subject:
+            from .dit import select_tokens, subject_tokens  # noqa: PLC0415
+            rec[ROWS_KEY].subset = subject_tokens(reqs[g[0]].reference, (H, W), dit).to(x.device)
+            patches = dict(rec.get("patches") or {})
+            patches["post_input"] = list(patches.get("post_input") or []) + [select_tokens(rec[ROWS_KEY].subset)]
+            rec["patches"] = patches
         if isinstance(rec.get("sigmas"), torch.Tensor):
             rec["sigmas"] = t_ref[g].to(t.device)
         if ctx_rows is None:
@@ -410,8 +428,11 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
             ctx_g = sub(ctx_ref)
         else:
             ctx_g = torch.cat([ctx_rows[i] for i in g])
-        executor(x_ref[g], t_ref[g].to(t.device), sub(concat_ref), ctx_g, None, rec,
-                 **{name: sub(value) for name, value in kw_ref.items()})
+        try:
+            executor(x_ref[g], t_ref[g].to(t.device), sub(concat_ref), ctx_g, None, rec,
+                     **{name: sub(value) for name, value in kw_ref.items()})
+        except RecordDone:
+            pass
         for key, kv in bank_g.items():
             parts.setdefault(key, []).append(kv)
     bank = {key: kvs[0] if len(kvs) == 1 else (torch.cat([kv[0] for kv in kvs]), torch.cat([kv[1] for kv in kvs]))

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..attention.dit import DIT_PRESETS, POSITIONS, SHIFTED, model_family, resolve_dit_blocks
+from ..attention.dit import (DIT_PRESETS, POSITIONS, REFERENCE_TOKENS, SHIFTED, SUBJECT, WHOLE, model_family,
+                             resolve_dit_blocks)
 from ..attention.dmsa import DIT_DMSA, DMSA_PRESETS, DisentangleMixingAttention, dit_dmsa_keys, find_token_positions
 from ..attention.fasa import (FASA_PRESETS, FoundationAwareAttention, dit_fasa_keys, fasa_layer_keys,
                               install_fasa)
@@ -33,8 +34,20 @@ POSITIONS_TOOLTIP = ("FLUX only: where the reference tokens sit for the image's 
                      "lies on the image's, so tokens prefer the reference at the same place (copies the layout).")
 
 
+TOKENS_TOOLTIP = ("FLUX only: 'whole image' runs every reference on all its tokens (as FreeCustom does). 'subject "
+                  "only (faster)' runs each reference on the tokens its mask touches, so a reference costs about "
+                  "its subject's share of the image; the subject's features then come without its background "
+                  "(with a full mask both are the same).")
+
+
 def _model_family(model):
     return model_family(model.model.diffusion_model)
+
+
+def _subject_only(reference_tokens) -> bool:
+    if reference_tokens not in REFERENCE_TOKENS:
+        raise ValueError(f"reference_tokens: unknown '{reference_tokens}'; choose one of {REFERENCE_TOKENS}")
+    return reference_tokens == SUBJECT
 
 
 class MultiReferenceAttentionNode(io.ComfyNode):
@@ -72,13 +85,15 @@ class MultiReferenceAttentionNode(io.ComfyNode):
                              tooltip="Seed of the fresh noise the references are re-noised with at each step."),
                 io.Combo.Input("reference_positions", options=POSITIONS, default=SHIFTED, optional=True,
                                tooltip=POSITIONS_TOOLTIP),
+                io.Combo.Input("reference_tokens", options=REFERENCE_TOKENS, default=WHOLE, optional=True,
+                               tooltip=TOKENS_TOOLTIP),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def execute(cls, model, references, layers, custom_blocks="output:6-11", start_percent=0.0, end_percent=1.0,
-                style_fidelity=1.0, seed=0, reference_positions=SHIFTED) -> io.NodeOutput:
+                style_fidelity=1.0, seed=0, reference_positions=SHIFTED, reference_tokens=WHOLE) -> io.NodeOutput:
         refs = check_references(model, references)
         spec = _model_family(model)
         if spec is None:
@@ -87,7 +102,8 @@ class MultiReferenceAttentionNode(io.ComfyNode):
             keys = resolve_dit_blocks(layers, custom_blocks, spec)
         sigmas = SigmaRange.from_percents(model.model.model_sampling, start_percent, end_percent)
         tech = MultiReferenceAttention(refs, keys, sigmas, style_fidelity, seed, dit=spec,
-                                       positions=reference_positions)
+                                       positions=reference_positions,
+                                       subject_tokens=_subject_only(reference_tokens))
         return io.NodeOutput(install_technique(model, tech))
 
 
@@ -175,6 +191,8 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
                 io.Combo.Input("reference_positions", options=POSITIONS, default=SHIFTED, optional=True,
                                tooltip=POSITIONS_TOOLTIP + " Applies to the structure reference; appearance tokens "
                                                            "always take the position they are put at."),
+                io.Combo.Input("reference_tokens", options=REFERENCE_TOKENS, default=WHOLE, optional=True,
+                               tooltip=TOKENS_TOOLTIP),
             ],
             outputs=[io.Model.Output()],
         )
@@ -183,7 +201,7 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
     def execute(cls, model, structure, appearance, clip, prompt, blend_word, preset, structure_start=0.0,
                 structure_end=1.0, appearance_start=0.4, appearance_end=1.0, structure_phase=True,
                 appearance_phase=True, structure_weight=3.0, mask_threshold=0.2, spatial_norm_start=1.0,
-                seed=0, reference_positions=SHIFTED) -> io.NodeOutput:
+                seed=0, reference_positions=SHIFTED, reference_tokens=WHOLE) -> io.NodeOutput:
         s_ref = _single(check_references(model, structure, "structure"), "structure")
         a_ref = _single(check_references(model, appearance, "appearance"), "appearance")
         spec = _model_family(model)
@@ -209,7 +227,8 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
         tech = DisentangleMixingAttention(s_ref, a_ref, *keys, s_range, a_range, blend_tokens=tokens,
                                           prompt_tokens=n_tokens, structure_weight=structure_weight,
                                           threshold=mask_threshold, norm_range=n_range, seed=seed, dit=spec,
-                                          positions=reference_positions)
+                                          positions=reference_positions,
+                                          subject_tokens=_subject_only(reference_tokens))
         return io.NodeOutput(install_technique(model, tech))
 
 

@@ -322,7 +322,8 @@ def test_block_replace_wraps_another_packs_replace():
     args = _block_args(3)
     args["transformer_options"] = {STATE_KEY: PersonalizeState((tech,)), LATENT_KEY: HW,
                                    ROWS_KEY: RowLayout("joint", [0], 1, HW, 1.0, {(refs[0], 0): 0})}
-    out = PersonalizeBlock((DOUBLE, 0), SPEC, foreign)(args, {"original_block": lambda a: {"img": a["img"], "txt": a["txt"]}})
+    block = lambda a: {"img": a["img"], "txt": a["txt"]}  # noqa: E731
+    out = PersonalizeBlock((DOUBLE, 0), SPEC, foreign)(args, {"original_block": block})
     assert isinstance(got[0], JointAttention) and out["img"] is args["img"]
 
 
@@ -401,3 +402,19 @@ def test_override_in_half_precision(dtype):
     low, ref = run(dtype), run(torch.float64)
     assert low.dtype == dtype and torch.isfinite(low).all()
     torch.testing.assert_close(low.double(), ref, atol=0.05, rtol=0.05)
+
+
+def test_subject_tokens_and_their_selection():
+    from personalize_pack.attention.dit import select_tokens, subject_tokens
+    ref = Reference(latent=torch.zeros(1, 16, *HW), mask=token_mask([1, 5]), weight=1.0)
+    idx = subject_tokens(ref, HW, SPEC)
+    assert idx.tolist() == [1, 5]
+    corner = torch.zeros(32, 48)
+    corner[15:17, 15:17] = 1                      # touches four tokens a little
+    assert subject_tokens(Reference(latent=torch.zeros(1, 16, *HW), mask=corner), HW, SPEC).tolist() == [0, 1, 3, 4]
+    nothing = Reference(latent=torch.zeros(1, 16, *HW), mask=torch.zeros(32, 48))
+    assert subject_tokens(nothing, HW, SPEC).tolist() == list(range(6))
+    img, ids = torch.randn(1, 6, 4), torch.randn(1, 6, 3)
+    out = select_tokens(idx)({"img": img, "img_ids": ids, "txt": torch.zeros(1, 3, 4), "txt_ids": None})
+    torch.testing.assert_close(out["img"], img[:, [1, 5]])
+    torch.testing.assert_close(out["img_ids"], ids[:, [1, 5]])

@@ -303,7 +303,8 @@ def test_bad_input_is_a_clear_error(flux, sd15, clip, flux_refs, references):
         mrsa(flux, flux_refs, "SD1.5 FreeCustom (output 6-11)")
     with pytest.raises(ValueError, match="is for FLUX models, but this model is a UNet"):
         mrsa(model, references, SINGLE)
-    with pytest.raises(ValueError, match="custom_blocks: this FLUX model has double blocks 0-1 and single blocks 0-1; it lacks single:2"):
+    with pytest.raises(ValueError, match="custom_blocks: this FLUX model has double blocks 0-1 and single blocks "
+                                         "0-1; it lacks single:2"):
         mrsa(flux, flux_refs, "custom", custom_blocks="single:0-5")
     with pytest.raises(ValueError, match="4-channel latents, but this model .* 16-channel"):
         mrsa(flux, references, SINGLE)
@@ -391,3 +392,34 @@ def test_blend_word_is_found_among_flux_t5_tokens():
     positions, length = blend_word_tokens(clip, "a photo of a dog on a sofa", "dog", ("t5xxl", "l"))
     assert length == 256 and positions == [6] and ids[6] == 1782          # "▁a" is two T5 tokens
     assert blend_word_tokens(clip, "a photo of a dog on a sofa", "dog", ("l",)) == ([5], 77)
+
+
+@pytest.mark.parametrize("preset", [SINGLE, DOUBLE])
+def test_subject_only_references(flux, clip, flux_refs, preset, monkeypatch):
+    """'subject only' runs each reference alone on the tokens its mask touches (a FLUX post_input
+    patch), stopping after the last patched block. With full masks that is the whole-image
+    computation (up to rounding); with the real masks the reference calls are smaller."""
+    from personalize_pack.attention import dit
+    from personalize_pack.references.reference import Reference
+    pos, neg = prompts(clip)
+    full = tuple(Reference(latent=r.latent, mask=torch.ones_like(r.mask), weight=r.weight, caption=r.caption,
+                           caption_pooled=r.caption_pooled) for r in flux_refs)
+    whole = flux_sample(mrsa(flux, full, preset), pos, neg)
+    subject = flux_sample(mrsa(flux, full, preset, reference_tokens="subject only (faster)"), pos, neg)
+    assert close(subject, whole, 1e-5)
+    tokens = []
+    original = dit.JointAttention.__call__
+
+    def spy(self, func, *args, **kwargs):
+        tokens.append((getattr(self.layout, "mode", None), args[0].shape[0], args[0].shape[2]))
+        return original(self, func, *args, **kwargs)
+
+    monkeypatch.setattr(dit.JointAttention, "__call__", spy)
+    masked = flux_sample(mrsa(flux, flux_refs, preset, reference_tokens="subject only (faster)"), pos, neg, cfg=2.5)
+    assert torch.isfinite(masked).all()
+    want = {int(dit.subject_tokens(r, (8, 8), dit.DiTSpec("flux", 2, 2, 2, None)).numel()) for r in flux_refs}
+    recorded = {n - 77 for mode, b, n in tokens if mode == "record"}
+    assert recorded == want and max(want) < 16                 # each reference on its subject's tokens only
+    assert {(b, n) for mode, b, n in tokens if mode == "read"} == {(2, 77 + 16)}   # cond + uncond target rows
+    with pytest.raises(ValueError, match="reference_tokens: unknown"):
+        mrsa(flux, flux_refs, reference_tokens="half")
