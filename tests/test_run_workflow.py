@@ -852,7 +852,8 @@ def test_flux_workflow_is_ui_format(flux_workflow):
     assert vae["widgets_values"] == ["ae.safetensors"]
 
     mra = node_by_type(wf, "PersonalizeMultiReferenceAttention")
-    assert mra["widgets_values"] == [FLUX_SINGLE, "output:6-11", 0.0, 1.0, 1.0, 0, "shifted (side by side)"]
+    assert mra["widgets_values"] == [FLUX_SINGLE, "output:6-11", 0.0, 1.0, 1.0, 0, "shifted (side by side)",
+                                     "whole image"]
     assert _input_link(wf, mra, "model") == (unet["id"], 0)
     ks = node_by_type(wf, "KSampler")
     assert ks["widgets_values"] == [42, "fixed", 20, 1.0, "euler", "simple", 1.0]
