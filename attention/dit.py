@@ -130,21 +130,10 @@ _DIT_RE = re.compile(r"^\s*(double|single|joint)\s*[: ]\s*(\d+)(?:\s*-\s*(\d+))?
 def parse_dit_blocks(text: str, what: str = "custom_blocks") -> tuple:
     """``"double:0-18, single:0-37"`` as block keys ``("double_block", i)`` / ``("single_block", i)``
     (``joint:`` is SD3's name for the double blocks)."""
-    out = []
-    for part in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
-        m = _DIT_RE.match(part)
-        if not m:
-            raise ValueError(f"{what}: cannot read '{part}' for a DiT model; write blocks like "
-                             f"'double:0-18, single:0-37' (FLUX) or 'joint:12-23' (SD3)")
-        a = int(m.group(2))
-        b = int(m.group(3)) if m.group(3) is not None else a
-        if b < a:
-            raise ValueError(f"{what}: range '{part}' runs backwards")
-        kind = SINGLE if m.group(1) == "single" else DOUBLE
-        out.extend((kind, i) for i in range(a, b + 1))
-    if not out:
-        raise ValueError(f"{what}: no blocks given")
-    return tuple(dict.fromkeys(out))
+    from .layers import parse_ranges  # noqa: PLC0415
+
+    found = parse_ranges(text, _DIT_RE, what, "'double:0-18, single:0-37' (FLUX) or 'joint:12-23' (SD3)")
+    return tuple(dict.fromkeys((SINGLE if name == "single" else DOUBLE, i) for name, i in found))
 
 
 def resolve_dit_blocks(preset: str, custom: str, spec: DiTSpec, custom_name: str = "custom",

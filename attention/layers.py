@@ -24,22 +24,28 @@ PRESET_NAMES = list(LAYER_PRESETS) + [ALL_DECODER, CUSTOM]
 _BLOCK_RE = re.compile(r"^\s*(input|middle|output)\s*[: ]\s*(\d+)(?:\s*-\s*(\d+))?\s*$")
 
 
-def parse_blocks(text: str) -> tuple[tuple[str, int], ...]:
-    """Parse ``"output:6-11, input:7, middle:0"`` into block ids."""
+def parse_ranges(text: str, pattern: re.Pattern, what: str, example: str) -> tuple[tuple[str, int], ...]:
+    """``(name, i)`` for every entry of a list like ``"output:6-11, input:7"`` (``,`` or ``;``
+    between entries), each matched by ``pattern`` (groups: name, first, optional last), in order
+    and without repeats. ``what`` names the input in errors, ``example`` shows the syntax."""
     out: list[tuple[str, int]] = []
     for part in filter(None, (p.strip() for p in text.replace(";", ",").split(","))):
-        m = _BLOCK_RE.match(part)
+        m = pattern.match(part)
         if not m:
-            raise ValueError(f"custom_blocks: cannot read '{part}'; write blocks like "
-                             f"'output:6-11, input:7, middle:0'")
+            raise ValueError(f"{what}: cannot read '{part}'; write blocks like {example}")
         a = int(m.group(2))
         b = int(m.group(3)) if m.group(3) is not None else a
         if b < a:
-            raise ValueError(f"custom_blocks: range '{part}' runs backwards")
+            raise ValueError(f"{what}: range '{part}' runs backwards")
         out.extend((m.group(1), i) for i in range(a, b + 1))
     if not out:
-        raise ValueError("custom_blocks: no blocks given")
+        raise ValueError(f"{what}: no blocks given")
     return tuple(dict.fromkeys(out))
+
+
+def parse_blocks(text: str) -> tuple[tuple[str, int], ...]:
+    """Parse ``"output:6-11, input:7, middle:0"`` into block ids."""
+    return parse_ranges(text, _BLOCK_RE, "custom_blocks", "'output:6-11, input:7, middle:0'")
 
 
 def discover_attention_blocks(diffusion_model) -> dict[tuple[str, int], int]:

@@ -98,6 +98,15 @@ def assert_same_sample(a, b, vae=None):
         torch.testing.assert_close(vae.decode(a), vae.decode(b), atol=1e-4, rtol=0)
 
 
+def snapshot(model):
+    """What a patch node must not change on its input MODEL: its transformer options (patches and
+    replaces, one level deep) and its wrappers."""
+    import copy
+    opts = model.model_options.get("transformer_options", {})
+    return (copy.copy(opts), {k: dict(v) for k, v in opts.get("patches_replace", {}).items()},
+            {k: {kk: list(vv) for kk, vv in v.items()} for k, v in getattr(model, "wrappers", {}).items()})
+
+
 def ref_node():
     from personalize_pack.nodes.references import ReferenceEncode
     return ReferenceEncode

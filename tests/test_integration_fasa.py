@@ -3,12 +3,11 @@ beside the personalised one from the same noise. Skipped when no ComfyUI tree is
 COMFYUI_PATH)."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
-from conftest import assert_same_sample, comfyui_root, encode, sample
+from conftest import assert_same_sample, comfyui_root, encode, sample, snapshot
 
 ROOT = comfyui_root()
 pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree "
@@ -51,12 +50,6 @@ def capture_full_batch(model):
     m = model.clone()
     m.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "test.capture", capture)
     return m, seen
-
-
-def snapshot(model):
-    opts = model.model_options.get("transformer_options", {})
-    return (copy.copy(opts), {k: dict(v) for k, v in opts.get("patches_replace", {}).items()},
-            {k: {kk: list(vv) for kk, vv in v.items()} for k, v in getattr(model, "wrappers", {}).items()})
 
 
 @pytest.mark.parametrize("batch,cfg", [(1, 5.0), (2, 5.0), (1, 1.0)])

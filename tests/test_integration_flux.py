@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from conftest import _comfy, comfyui_root, encode, load_image, load_mask, ref_node
+from conftest import _comfy, comfyui_root, encode, load_image, load_mask, ref_node, snapshot
 
 ROOT = comfyui_root()
 pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree "
@@ -100,12 +100,6 @@ def prompts(clip):
 def close(a, b, tol=1e-4):
     scale = max(1.0, float(b.abs().max()))
     return float((a - b).abs().max()) <= tol * scale
-
-
-def snapshot(model):
-    opts = model.model_options.get("transformer_options", {})
-    return (copy.copy(opts), {k: dict(v) for k, v in opts.get("patches_replace", {}).items()},
-            {k: dict(v) for k, v in getattr(model, "wrappers", {}).items()})
 
 
 # ---------------------------------------------------------------------------- MRSA

@@ -4,12 +4,11 @@ values an attn2 layer receives, stacking with MIP-Adapter, and the errors. Skipp
 tree is found (set COMFYUI_PATH)."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
-from conftest import assert_same_sample, comfyui_root, encode, load_image, sample
+from conftest import assert_same_sample, comfyui_root, encode, load_image, sample, snapshot
 
 ROOT = comfyui_root()
 pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree "
@@ -59,12 +58,6 @@ def patch_dir(tiny_dir, sd15):
     save_offsets(d / "sd2.safetensors", random_offsets(widths, seed=3), "cat", "SD2.x")
     folder_paths.add_model_folder_path("model_patches", str(d))
     return d, widths
-
-
-def snapshot(model):
-    opts = model.model_options.get("transformer_options", {})
-    return (copy.copy(opts), {k: dict(v) for k, v in opts.get("patches_replace", {}).items()},
-            {k: dict(v) for k, v in getattr(model, "wrappers", {}).items()})
 
 
 def test_strength_zero_is_plain_one_differs_and_input_untouched(sd15, patch_dir):

@@ -3,13 +3,12 @@ model built from ComfyUI's own classes, and random adapter files of the matching
 official key layouts. Skipped when no ComfyUI tree is found (set COMFYUI_PATH)."""
 from __future__ import annotations
 
-import copy
 import pickle
 
 import pytest
 import torch
 
-from conftest import assert_same_sample, comfyui_root, encode, load_image, sample
+from conftest import assert_same_sample, comfyui_root, encode, load_image, sample, snapshot
 
 ROOT = comfyui_root()
 pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree "
@@ -64,12 +63,6 @@ def prompts(data_dir):
 def apply(model, adapter, clip_vision, clip, image_prompts, prompt=PROMPT, scale=-1.0, start=0.0, end=1.0):
     return nodes().MIPAdapterApply.execute(model, adapter, clip_vision, clip, prompt, image_prompts, scale, start,
                                            end).result[0]
-
-
-def snapshot(model):
-    opts = model.model_options.get("transformer_options", {})
-    return (copy.copy(opts), {k: dict(v) for k, v in opts.get("patches_replace", {}).items()},
-            {k: dict(v) for k, v in getattr(model, "wrappers", {}).items()})
 
 
 def test_loader_recognises_the_variants(adapter_dir):

@@ -2,12 +2,11 @@
 without the patch. Skipped when no ComfyUI tree is found (set COMFYUI_PATH)."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
-from conftest import assert_same_sample, comfyui_root, encode, load_image, ref_node, sample
+from conftest import assert_same_sample, comfyui_root, encode, load_image, ref_node, sample, snapshot
 
 ROOT = comfyui_root()
 pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree "
@@ -30,12 +29,6 @@ def patch(model, refs, preset="SD1.5 FreeCustom (output 6-11)", **kw):
     args = dict(custom_blocks="", start_percent=0.0, end_percent=1.0, style_fidelity=1.0, seed=0)
     args.update(kw)
     return mrsa_node().execute(model, refs, preset, **args).result[0]
-
-
-def snapshot(model):
-    return (copy.copy(model.model_options.get("transformer_options", {})),
-            {k: dict(v) for k, v in model.model_options.get("transformer_options", {}).get("patches_replace", {}).items()},
-            {k: dict(v) for k, v in getattr(model, "wrappers", {}).items()})
 
 
 @pytest.mark.parametrize("batch,cfg", [(1, 5.0), (2, 5.0), (1, 1.0)])
