@@ -62,18 +62,19 @@ class MultiReferenceAttentionNode(io.ComfyNode):
                 "attends over its own tokens plus the masked tokens of every reference, each weighted by its "
                 "reference weight. The references run once per step for all of them (cond only), inside the "
                 "same model call as the image. Works with any sampler, scheduler, step count and batch size, on "
-                "SD1.x/SDXL UNets and on FLUX (dev, schnell), where the image tokens of the chosen double/single "
+                "SD1.x/SDXL UNets and on FLUX (dev, schnell) and SD3, where the image tokens of the chosen DiT "
                 "blocks attend over their own text and image tokens plus the references' image tokens."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a patched copy is returned)."),
                 References.Input("references", tooltip="References from Reference Encode (chain for several)."),
                 io.Combo.Input("layers", options=LAYER_OPTIONS, default=LAYER_OPTIONS[0],
                                tooltip="Which self-attention blocks use the references. FreeCustom's SD1.5 default "
-                                       "is output blocks 6-11; use an SDXL preset for SDXL models and a FLUX preset "
-                                       "(single blocks: the later half of the network) for FLUX."),
+                                       "is output blocks 6-11; use an SDXL preset for SDXL models, a FLUX preset "
+                                       "(single blocks: the later half of the network) for FLUX, an SD3 preset "
+                                       "for SD3/SD3.5."),
                 io.String.Input("custom_blocks", default="output:6-11",
                                 tooltip="Used when layers is 'custom': blocks like 'output:6-11, middle:0, input:7' "
-                                        "(UNet) or 'double:0-18, single:0-37' (FLUX)."),
+                                        "(UNet), 'double:0-18, single:0-37' (FLUX) or 'joint:12-23' (SD3)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule at which the references start acting."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
