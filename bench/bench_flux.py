@@ -7,6 +7,7 @@ same run. Output: one JSON object per line on stdout (progress goes to stderr). 
 for what each line means and the target.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_flux.py                 # full run
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_flux.py --mask half     # subject only can save time
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_flux.py --heads 1 --depth 1 --single 1 \
         --size 128 --steps 3 --repeats 1                                     # smoke test
 
@@ -19,7 +20,7 @@ references (default 2): random 16-channel latents at the target's latent size, m
 (worst case: every reference token attended) or a centred half-area box, random captions
 ``[1, 77, 768]`` and pooled captions ``[1, 768]``. The patched models are made exactly as the
 Multi-Reference Attention node makes them (``MultiReferenceAttentionNode.execute``, whole schedule,
-style fidelity 1, seed 0), one per preset. Sampling: ``comfy.sample.sample``, euler, ``simple``
+style fidelity 1, seed 0), one per preset and ``--tokens`` setting. Sampling: ``comfy.sample.sample``, euler, ``simple``
 scheduler, the same noise for every variant of a round.
 
 Two CFG modes, each with its own plain baseline:
@@ -30,14 +31,21 @@ Two CFG modes, each with its own plain baseline:
   (model batch 2 plain, 2 + R patched; the references run with the cond rows only).
 
 Per mode the variants are ``plain`` (the unpatched model), ``mrsa_single`` / ``mrsa_double`` /
-``mrsa_all`` (the presets chosen with ``--presets``) and ``floor``: the unpatched model sampled at CFG
-1 with a latent batch equal to the patched model's call batch (n + R), i.e. what the extra rows cost
-by themselves, without any attention work. Runs are interleaved (every variant of both modes once
-per round, the order reversed every other round), the first step of every run is skipped, medians
-are compared. A forward pre-hook on the diffusion model records the batch of every model call, so
-the layouts are measured, not assumed, and forward hooks on the first double block, the first single
-block and the model time the two sections of every call (double blocks; single blocks + final
-layer), which splits each step into the rows' cost and the patched blocks' extra work.
+``mrsa_all`` (the presets chosen with ``--presets``, the node's ``reference_tokens`` "whole image"),
+``mrsa_single_subject`` / ... (the same presets with ``reference_tokens`` "subject only (faster)";
+``--tokens`` picks whole, subject or both) and ``floor``: the unpatched model sampled at CFG 1 with a
+latent batch equal to the whole-image patched model's call batch (n + R), i.e. what the extra rows
+cost by themselves, without any attention work. With "subject only" every reference runs in a model
+call of its own (batch 1) on the image tokens its mask touches, stopped after the last patched block,
+and then the target runs alone (batch n): R + 1 model calls per step. It saves time only where the
+masks are partial (``--mask half``); with all-ones masks it does the whole-image work in R + 1 calls.
+Runs are interleaved (every variant of both modes once per round, the order reversed every other
+round), the first step of every run is skipped, medians are compared. A forward pre-hook on the
+diffusion model records the batch of every model call, so the layouts are measured, not assumed, and
+forward hooks on the first double block, the first single block and the model time the two
+sections of every call (double blocks; single blocks + final layer), which splits each step into the
+rows' cost and the patched blocks' extra work (the model's end hook also fires when a subject-only
+references call stops early, so those calls are timed too).
 
 On a shared machine other processes distort CPU timings badly (with 2 threads on 2 cores, a second
 busy process can make a step 3-5x slower). So the CPU time the other processes use during every run
@@ -68,6 +76,7 @@ PRESETS = {"single": "FLUX dev/schnell: single blocks",
            "double": "FLUX dev/schnell: double blocks",
            "all": "FLUX dev/schnell: all blocks"}
 POSITIONS = {"shifted": "shifted (side by side)", "aligned": "aligned"}
+TOKENS = {"whole": "whole image", "subject": "subject only (faster)"}     # the node's reference_tokens
 TEXT_WIDTH = 768                 # tests/tiny_flux.py: context_in_dim and vec_in_dim
 DEFAULTS = dict(heads=4, depth=4, single=8, size=512, text_tokens=77, refs=2)
 
@@ -172,7 +181,12 @@ class SectionClock:
     the model's start to the first double block (``pre``: embeddings, positions), from there to the
     first single block (``double``: the double blocks) and from there to the model's end
     (``single``: the single blocks and the final layer). The hooks fire inside the pack's block
-    replaces too, since those call the original block modules."""
+    replaces too, since those call the original block modules.
+
+    A subject-only references call (``reference_tokens`` "subject only") ends with the pack's
+    ``RecordDone`` right after its last patched block: the end hook runs anyway (``always_call``),
+    marks the call ``record`` (no output) and counts a section it never reached as 0 (double
+    preset: no single blocks; single preset: no final layer, which is tiny)."""
 
     def __init__(self, diffusion_model):
         self.calls: list[dict] = []
@@ -180,7 +194,7 @@ class SectionClock:
         diffusion_model.register_forward_pre_hook(self._start)
         diffusion_model.double_blocks[0].register_forward_pre_hook(lambda m, a: self._mark("t_double"))
         diffusion_model.single_blocks[0].register_forward_pre_hook(lambda m, a: self._mark("t_single"))
-        diffusion_model.register_forward_hook(self._end)
+        diffusion_model.register_forward_hook(self._end, always_call=True)
 
     def _start(self, module, args):
         self._cur = {"t0": time.perf_counter(), "batch": int(args[0].shape[0]) if args else None}
@@ -195,10 +209,15 @@ class SectionClock:
             return
         t1 = time.perf_counter()
         td, ts = c.get("t_double"), c.get("t_single")
+        c["record"] = output is None             # stopped by an exception: a subject-only references call
         c["total"] = t1 - c["t0"]
         c["pre"] = (td - c["t0"]) if td is not None else None
-        c["double"] = (ts - td) if td is not None and ts is not None else None
-        c["single"] = (t1 - ts) if ts is not None else None
+        if c["record"]:
+            c["double"] = ((ts if ts is not None else t1) - td) if td is not None else None
+            c["single"] = (t1 - ts) if ts is not None else (0.0 if td is not None else None)
+        else:
+            c["double"] = (ts - td) if td is not None and ts is not None else None
+            c["single"] = (t1 - ts) if ts is not None else None
         self.calls.append(c)
 
 
@@ -229,7 +248,10 @@ def sample_flux(model, latent_batch: int, hw, steps: int, cfg: float, cond, prob
     sections = []
     for a, b in zip(marks, marks[1:]):
         calls = [c for c in clock.calls if a <= c["t0"] < b]
-        sec = {"calls": len(calls), "batches": [c["batch"] for c in calls]}
+        sec = {"calls": len(calls), "batches": [c["batch"] for c in calls],
+               "record_calls": sum(1 for c in calls if c["record"]),
+               "record": sum(c["total"] for c in calls if c["record"]),      # references-only calls
+               "target": sum(c["total"] for c in calls if not c["record"])}  # the calls with the target rows
         for name in ("total", "pre", "double", "single"):
             vals = [c[name] for c in calls]
             sec[name] = sum(vals) if calls and all(v is not None for v in vals) else None
@@ -245,7 +267,12 @@ def run_flux(opts) -> dict:
     bm.setup_comfy(bm.comfyui_path(opts, "FLUX benchmark"), opts.attention)
     bm.import_pack()
     import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
+    from personalize_pack.attention.dit import REFERENCE_TOKENS, subject_tokens  # noqa: PLC0415
     from personalize_pack.nodes.attention import MultiReferenceAttentionNode  # noqa: PLC0415
+
+    if set(TOKENS.values()) != set(REFERENCE_TOKENS):
+        raise SystemExit(f"the node's reference_tokens options are {REFERENCE_TOKENS}; this benchmark knows "
+                         f"{list(TOKENS.values())}")
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -258,13 +285,18 @@ def run_flux(opts) -> dict:
         model, spec, build_s, load_s, file_mib = load_flux(opts, Path(tmp))
         dm = model.model.diffusion_model
         refs = make_flux_references(opts, hw)
-        patched = {p: MultiReferenceAttentionNode.execute(model, refs, PRESETS[p], "", 0.0, 1.0, 1.0, 0,
-                                                          POSITIONS[opts.positions]).result[0]
-                   for p in opts.presets}
+        patched = {name: MultiReferenceAttentionNode.execute(model, refs, PRESETS[p], "", 0.0, 1.0, 1.0, 0,
+                                                             POSITIONS[opts.positions],
+                                                             reference_tokens=TOKENS[tok]).result[0]
+                   for name, p, tok in patched_variants(opts)}
         blocks = {}
-        for p, m in patched.items():
-            tech = m.model_options["transformer_options"]["personalize"].techniques[-1]
+        for name, p, tok in patched_variants(opts):
+            tech = patched[name].model_options["transformer_options"]["personalize"].techniques[-1]
+            if tech.subject_tokens != (tok == "subject"):
+                raise SystemExit(f"{name}: the node made a technique with subject_tokens={tech.subject_tokens}")
             blocks[p] = [f"{kind.split('_')[0]}:{i}" for kind, i in sorted(tech.attn1_keys, key=spec.order)]
+        # The image tokens each subject-only references call keeps (of the image's tokens).
+        subj_tokens = [int(subject_tokens(r, hw, spec).numel()) for r in refs]
         emit({"kind": "setup", "part": "flux", "model_type": type(model.model).__name__,
               "model_config": type(model.model.model_config).__name__, "variant": opts.variant,
               "params": sum(p.numel() for p in dm.parameters()), "dtype": str(next(dm.parameters()).dtype),
@@ -272,6 +304,7 @@ def run_flux(opts) -> dict:
               "single_blocks": spec.single, "attention": comfy_attention.optimized_attention.__name__,
               "size_px": opts.size, "latent": [16, *hw], "image_tokens": spec.image_tokens(hw),
               "text_tokens": opts.text_tokens, "text_width": TEXT_WIDTH, "refs": R, "mask": opts.mask,
+              "reference_tokens": {t: TOKENS[t] for t in opts.tokens}, "subject_image_tokens": subj_tokens,
               "positions": POSITIONS[opts.positions], "presets": {p: PRESETS[p] for p in opts.presets},
               "patched_blocks": blocks, "modes": {m: mode_cfg(m, opts) for m in opts.modes},
               "steps": opts.steps, "repeats": opts.repeats, "sampler": "euler", "scheduler": "simple",
@@ -285,12 +318,12 @@ def run_flux(opts) -> dict:
         cond = make_conditioning(opts)
 
         # variant -> (model, latent batch, cfg); the floor samples the plain model at CFG 1 with the
-        # patched call's batch (n + R rows), so its model calls have exactly that batch.
+        # whole-image patched call's batch (n + R rows), so its model calls have exactly that batch.
         def variants_of(mode):
             cfg = mode_cfg(mode, opts)
             n = 1 if mode == "cfg1" else 2          # target rows of one model call
             out = {"plain": (model, 1, cfg)}
-            out.update({f"mrsa_{p}": (patched[p], 1, cfg) for p in opts.presets})
+            out.update({name: (patched[name], 1, cfg) for name, _, _ in patched_variants(opts)})
             out["floor"] = (model, n + R, 1.0)
             return out
 
@@ -343,31 +376,45 @@ def run_flux(opts) -> dict:
                 sections[key].extend(secs[1:])
                 loads[key].append(load)
                 log(f"round {r + 1}/{opts.repeats} {key[0]} {key[1]}: latent batch {b}, cfg {cfg}, model calls of "
-                    f"batch {sorted(set(calls))}, median step {median(kept):.3f} s (first {steps[0]:.2f} s), "
+                    f"batch {sorted(set(calls))}, {sorted({s['calls'] for s in secs})} per step, "
+                    f"median step {median(kept):.3f} s (first {steps[0]:.2f} s), "
                     f"others {'?' if load is None else f'{load:.2f}'} cores")
 
     stats = dict(times=times, per_round=per_round, batches=batches, calls_per_step=calls_per_step,
-                 sections=sections, loads=loads, redone=redone, finals=finals)
+                 sections=sections, loads=loads, redone=redone, finals=finals, subj_tokens=subj_tokens,
+                 n_image=spec.image_tokens(hw))
     rows = []
     for mode in opts.modes:
         rows.extend(mode_rows(mode, opts, **stats))
     return {"flux": rows}
 
 
+def patched_variants(opts) -> list:
+    """``[(variant name, preset, tokens)]``: ``mrsa_<preset>`` with whole-image references, then
+    ``mrsa_<preset>_subject`` with subject-only references, as ``--tokens`` asks."""
+    return [(f"mrsa_{p}" if tok == "whole" else f"mrsa_{p}_{tok}", p, tok) for tok in opts.tokens
+            for p in opts.presets]
+
+
 def mode_cfg(mode: str, opts) -> float:
     return 1.0 if mode == "cfg1" else float(opts.cfg)
 
 
-def section_medians(secs) -> dict:
+SECTIONS = ("total", "pre", "double", "single")
+CALL_SPLIT = ("record", "target")        # references-only calls; the calls with the target rows
+
+
+def section_medians(secs, names=SECTIONS) -> dict:
     out = {}
-    for name in ("total", "pre", "double", "single"):
+    for name in names:
         vals = [s[name] for s in secs if s[name] is not None]
         out[f"{name}_s"] = rnd(median(vals)) if vals else None
     return out
 
 
-def mode_rows(mode, opts, times, per_round, batches, calls_per_step, sections, loads, redone, finals) -> list:
-    """The ``step``, ``floor`` and ``overhead`` lines of one CFG mode."""
+def mode_rows(mode, opts, times, per_round, batches, calls_per_step, sections, loads, redone, finals,
+              subj_tokens, n_image) -> list:
+    """The ``step``, ``floor``, ``overhead`` and ``subject`` lines of one CFG mode."""
     R = opts.refs
     n = 1 if mode == "cfg1" else 2
     plain = (mode, "plain")
@@ -375,20 +422,41 @@ def mode_rows(mode, opts, times, per_round, batches, calls_per_step, sections, l
     p_sec = section_medians(sections[plain])
     rows = []
 
-    def step_row(key, variant, expected_batch):
+    def step_row(key, variant, tokens=None):
+        # Whole image: one call per step of n target + R reference rows. Subject only: R
+        # references-only calls of batch 1 (each on its subject's tokens), then the target's call
+        # of batch n: R + 1 calls per step. BatchProbe records x's batch, which is 1 for a
+        # references call whatever tokens it keeps.
+        if tokens == "subject":
+            expected_batch, expected_calls, expected_records = sorted({1, n}), R + 1, R
+        else:
+            expected_batch, expected_calls, expected_records = (n if tokens is None else n + R), 1, 0
+        records = sorted({s["record_calls"] for s in sections[key]})
+        consistent = (sorted(batches[key]) == (expected_batch if tokens == "subject" else [expected_batch])
+                      and sorted(calls_per_step[key]) == [expected_calls] and records == [expected_records])
         med = median(times[key])
         row = {"kind": "step", "mode": mode, "cfg": mode_cfg(mode, opts), "variant": variant,
                "refs": 0 if variant == "plain" else R, "model_batch": sorted(batches[key]),
                "expected_model_batch": expected_batch, "calls_per_step": sorted(calls_per_step[key]),
-               "layout_consistent": sorted(batches[key]) == [expected_batch] and sorted(calls_per_step[key]) == [1],
+               "expected_calls_per_step": expected_calls, "layout_consistent": consistent,
                "median_step_s": rnd(med), "min_step_s": rnd(min(times[key])),
                "round_medians_s": [rnd(x) for x in per_round[key]],
                "sections_median_s": section_medians(sections[key]),
                "others_cores_runs": [rnd(x, 2) for x in loads[key]], "runs_redone": redone[key]}
+        if tokens is not None:
+            row.update(reference_tokens=TOKENS[tokens], mask=opts.mask)
+        if tokens == "subject":
+            row.update(record_calls_per_step=records, subject_image_tokens=subj_tokens, image_tokens=n_image,
+                       calls_median_s=section_medians(sections[key], CALL_SPLIT))
         if variant != "plain":
             # The patch must act: round 1's sample against plain's (same noise, prompt and CFG).
             diff = float((finals[key] - finals[plain]).abs().max())
             row.update(max_abs_diff_vs_plain=rnd(diff), changes_sample=diff > 1e-3)
+            whole = (mode, variant[:-len("_subject")])
+            if tokens == "subject" and whole in finals:
+                # Informational: with all-ones masks the two layouts do the same work (only the
+                # float summation order differs); with partial masks the references' features differ.
+                row.update(max_abs_diff_vs_whole=rnd(float((finals[key] - finals[whole]).abs().max())))
             row.update(plain_median_step_s=rnd(p_med), ratio_vs_plain=rnd(med / p_med),
                        round_ratios=[rnd(a / b) for a, b in zip(per_round[key], per_round[plain])],
                        ratio_of_min_steps=rnd(min(times[key]) / p_min))
@@ -397,10 +465,10 @@ def mode_rows(mode, opts, times, per_round, batches, calls_per_step, sections, l
         row.update(steps_measured=len(times[key]), step_s=[rnd(x, 3) for x in times[key]])
         return row
 
-    plain_row = step_row(plain, "plain", n)
+    plain_row = step_row(plain, "plain")
     rows.append(plain_row)
-    for p in opts.presets:
-        rows.append(step_row((mode, f"mrsa_{p}"), f"mrsa_{p}", n + R))
+    for name, _, tok in patched_variants(opts):
+        rows.append(step_row((mode, name), name, tok))
 
     fkey = (mode, "floor")
     f_med, f_min = median(times[fkey]), min(times[fkey])
@@ -421,7 +489,7 @@ def mode_rows(mode, opts, times, per_round, batches, calls_per_step, sections, l
     rows.append(floor_row)
 
     floor_ratio = f_med / p_med
-    for p in opts.presets:
+    for p in (opts.presets if "whole" in opts.tokens else []):
         key = (mode, f"mrsa_{p}")
         med = median(times[key])
         ratio = med / p_med
@@ -446,6 +514,30 @@ def mode_rows(mode, opts, times, per_round, batches, calls_per_step, sections, l
                 over.update(rows_floor_est_ratio=rnd(est / p_med), above_rows_floor_est=rnd(med / est))
         emit(over)
         rows.append(over)
+
+    # Subject-only references against whole-image ones and where their step goes: the R
+    # references-only calls (batch 1, the subject's image tokens, stopped after the last patched
+    # block) and the target's call (batch n, plain's rows plus the attention over the bank).
+    p_call = p_sec["total_s"]
+    for p in (opts.presets if "subject" in opts.tokens else []):
+        key, wkey = (mode, f"mrsa_{p}_subject"), (mode, f"mrsa_{p}")
+        med = median(times[key])
+        calls = section_medians(sections[key], CALL_SPLIT)
+        line = {"kind": "subject", "mode": mode, "preset": PRESETS[p], "refs": R, "mask": opts.mask,
+                "subject_image_tokens": subj_tokens, "image_tokens": n_image,
+                "ratio_vs_plain": rnd(med / p_med),
+                "record_calls_step_s": calls["record_s"], "target_call_step_s": calls["target_s"],
+                "plain_call_step_s": p_call,
+                "target_call_vs_plain": rnd(calls["target_s"] / p_call) if calls["target_s"] and p_call else None,
+                "record_calls_vs_plain": rnd(calls["record_s"] / p_call) if calls["record_s"] and p_call else None}
+        if wkey in times:
+            w_med = median(times[wkey])
+            line.update(whole_ratio_vs_plain=rnd(w_med / p_med), subject_vs_whole=rnd(med / w_med),
+                        subject_vs_whole_min_steps=rnd(min(times[key]) / min(times[wkey])),
+                        round_ratios_vs_whole=[rnd(a / b) for a, b in zip(per_round[key], per_round[wkey])],
+                        saved_step_s=rnd(w_med - med))
+        emit(line)
+        rows.append(line)
     return rows
 
 
@@ -485,6 +577,9 @@ def main(argv=None) -> int:
                     help="the node's reference_positions: shifted (its default) or aligned")
     ap.add_argument("--presets", type=csv_choice(PRESETS), default=["single", "double"],
                     help="FLUX presets to patch with (single, double, all); default single,double")
+    ap.add_argument("--tokens", choices=("whole", "subject", "both"), default="both",
+                    help="the node's reference_tokens: whole image (mrsa_<preset>), subject only "
+                         "(mrsa_<preset>_subject) or both; default both")
     ap.add_argument("--modes", type=csv_choice({"cfg1", "cfg"}), default=["cfg1", "cfg"],
                     help="cfg1: CFG 1, cond pass only; cfg: true CFG with a negative prompt; default both")
     ap.add_argument("--cfg", type=float, default=3.5, help="CFG scale of the cfg mode; default 3.5")
@@ -512,19 +607,44 @@ def main(argv=None) -> int:
     if "cfg" in opts.modes and opts.cfg <= 1.0:
         ap.error("--cfg must be above 1 (the cfg mode is true CFG; CFG 1 is the cfg1 mode)")
 
+    opts.tokens = ["whole", "subject"] if opts.tokens == "both" else [opts.tokens]
+
     t0 = time.perf_counter()
     out = run_flux(opts)
 
-    representative = (opts.mask == "full" and opts.variant == "dev"
-                      and all(getattr(opts, k) == v for k, v in DEFAULTS.items()))
+    default_model = opts.variant == "dev" and all(getattr(opts, k) == v for k, v in DEFAULTS.items())
+    representative = opts.mask == "full" and default_model
     checks = {}
     for row in out["flux"]:
         if row["kind"] == "step" and "meets_target" in row:
             checks[f"step_ratio_{row['mode']}_{TARGET_PRESET}"] = {
                 "value": row["ratio_vs_plain"], "target": row["target_max"], "direction": "<=",
                 "met": row["meets_target"], "applies": representative}
+    # Informational, not the issue's target and not part of all_met: subject-only references
+    # (reference_tokens "subject only (faster)") against the same 1.8 bound, per preset. They save
+    # time only with partial masks, so these apply with the default model and --mask half.
+    info = {}
+    for row in out["flux"]:
+        if row["kind"] == "subject":
+            preset = next(p for p, name in PRESETS.items() if name == row["preset"])
+            info[f"subject_step_ratio_{row['mode']}_{preset}"] = {
+                "value": row["ratio_vs_plain"], "whole_value": row.get("whole_ratio_vs_plain"),
+                "subject_vs_whole": row.get("subject_vs_whole"), "mask": opts.mask,
+                "target": TARGET_STEP_RATIO, "direction": "<=", "met": row["ratio_vs_plain"] <= TARGET_STEP_RATIO,
+                "applies": default_model and opts.mask == "half"}
+    extra = {}
+    if info:
+        extra["informational_checks"] = info
+        extra["informational_note"] = (
+            "not the issue's target and not counted in all_met: step time of subject-only references ÷ plain "
+            "against the same bound; meaningful with --mask half (with all-ones masks subject only does the "
+            "whole-image work in R + 1 calls)")
     bm.emit_summary(checks, t0, "the target is defined for the default model, size, text length and R=2 with "
                     "all-ones masks; checks with applies=false only show that the benchmark works",
+                    target_checks=(f"checks (step_ratio_<mode>_{TARGET_PRESET}): the issue's target, whole-image "
+                                   f"references, {PRESETS[TARGET_PRESET]} preset, default configuration with "
+                                   f"all-ones masks"),
+                    **extra,
                     layouts_consistent=all(r["layout_consistent"] for r in out["flux"] if "layout_consistent" in r),
                     runs_redone=sum(r.get("runs_redone", 0) for r in out["flux"]),
                     busy_runs_kept=sum(1 for r in out["flux"] for x in r.get("others_cores_runs", [])
