@@ -287,6 +287,10 @@ def test_fasa_on_flux(flux, clip):
     assert torch.isfinite(stripped).all() and rows and set(rows) == {1}          # personalised rows only
     with pytest.raises(ValueError, match="is for UNet models, but this is a FLUX model"):
         fasa(flux, mask, found, layers="SD1.5 FreeCure (output 6-11)")
+    # the foundation text joins the joint attention: another length than the prompt's is an error
+    long_found = guided(encode(clip, " ".join(["a photo of a man with red hair"] * 12)))
+    with pytest.raises(ValueError, match="foundation: its conditioning has 154 text tokens but the prompt has 77"):
+        flux_sample(fasa(flux, mask, long_found), pos, neg)
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -313,6 +317,10 @@ def test_bad_input_is_a_clear_error(flux, sd15, clip, flux_refs, references):
         mrsa(flux, flux_refs, positions="sideways")
     with pytest.raises(ValueError, match="preset 'SD3/SD3.5: all joint blocks' is not for this FLUX model"):
         mrsa(flux, flux_refs, "SD3/SD3.5: all joint blocks")
+    with pytest.raises(ValueError, match="is for DiT models, but this model is a UNet"):
+        dmsa(model, clip, references[:1], references[1:], "a cat on a sofa")
+    with pytest.raises(ValueError, match="is for FLUX and SD3 models, but this model is a UNet"):
+        fasa(model, torch.ones(1, 64, 64), encode(clip, "a man"))
 
 
 # ---------------------------------------------------------------------------- SD3 (MMDiT)
