@@ -401,7 +401,8 @@ class JointAttention:
             return self.plain(func, qq, kk, vv, heads, *rest, **o)
 
         out = qh.new_empty((B, L, qh.shape[1] * qh.shape[3]))
-        plain_rows = [i for i in range(B) if i not in set(targets)]
+        chosen = set(targets)
+        plain_rows = [i for i in range(B) if i not in chosen]
         if plain_rows:
             idx = torch.as_tensor(plain_rows, device=qh.device)
             out[idx] = call(qh[idx], kh[idx], vh[idx], True)
@@ -411,9 +412,11 @@ class JointAttention:
                 s = torch.as_tensor(sources, device=qh.device)
                 self.bank_into(view, kh[s][:, :, img], vh[s][:, :, img])
             q_t, k_t, v_t = qh[t], kh[t], vh[t]
-            other = [i for i in range(L) if not (T <= i < T + n_img)]
-            if other:
-                o = torch.as_tensor(other, device=qh.device)
+            if T + n_img == L:          # text queries only (the usual layout): a view, no gather
+                if T:
+                    out[t, :T] = call(q_t[:, :, :T], k_t, v_t, True)
+            else:                       # tokens after the image too (e.g. Kontext's reference latents)
+                o = torch.tensor([i for i in range(L) if not T <= i < T + n_img], device=qh.device)
                 out[t[:, None], o[None, :]] = call(q_t[:, :, o], k_t, v_t, True)
             out[t, T:T + n_img] = self.image_queries(call, merge_heads(q_t[:, :, img]), merge_heads(k_t),
                                                      merge_heads(v_t), heads, view, hw, grid, (T, T + n_img), kw)

@@ -22,23 +22,25 @@ DOUBLE = "FLUX dev/schnell: double blocks"
 ALL = "FLUX dev/schnell: all blocks"
 
 
-@pytest.fixture(scope="session")
-def flux(tiny_dir):
+def tiny_diffusion_model(tiny_dir, builder: str, name: str, **kw):
+    """Build ``tiny_flux.<builder>`` into ``tiny_dir/diffusion_models/<name>`` and load it as Load
+    Diffusion Model does."""
     _comfy()
     import comfy.sd
-    from tiny_flux import build_flux
-    return comfy.sd.load_diffusion_model(str(build_flux(tiny_dir / "diffusion_models" / "tiny_flux.safetensors",
-                                                        heads=2, depth=2, single=2)))
+    import tiny_flux
+    path = getattr(tiny_flux, builder)(tiny_dir / "diffusion_models" / name, **kw)
+    return comfy.sd.load_diffusion_model(str(path))
+
+
+@pytest.fixture(scope="session")
+def flux(tiny_dir):
+    return tiny_diffusion_model(tiny_dir, "build_flux", "tiny_flux.safetensors", heads=2, depth=2, single=2)
 
 
 @pytest.fixture(scope="session")
 def schnell(tiny_dir):
-    _comfy()
-    import comfy.sd
-    from tiny_flux import build_flux
-    path = build_flux(tiny_dir / "diffusion_models" / "tiny_flux_schnell.safetensors", heads=2, depth=2, single=2,
-                      guidance=False, seed=7)
-    return comfy.sd.load_diffusion_model(str(path))
+    return tiny_diffusion_model(tiny_dir, "build_flux", "tiny_flux_schnell.safetensors", heads=2, depth=2, single=2,
+                                guidance=False, seed=7)
 
 
 @pytest.fixture(scope="session")
@@ -331,11 +333,7 @@ SD3_ALL = "SD3/SD3.5: all joint blocks"
 
 @pytest.fixture(scope="session")
 def sd3(tiny_dir):
-    _comfy()
-    import comfy.sd
-    from tiny_flux import build_sd3
-    return comfy.sd.load_diffusion_model(str(build_sd3(tiny_dir / "diffusion_models" / "tiny_sd3.safetensors",
-                                                       depth=3, self_attn_layers=(0,))))
+    return tiny_diffusion_model(tiny_dir, "build_sd3", "tiny_sd3.safetensors", depth=3, self_attn_layers=(0,))
 
 
 def test_sd3_mrsa(sd3, clip, flux_refs, monkeypatch):
