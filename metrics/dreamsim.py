@@ -122,7 +122,7 @@ def _dino_backbone_state(folder: Path) -> dict[str, torch.Tensor]:
             return {k: v for k, v in sd.items() if not k.startswith("head.")}
     full = folder / DINO_FULL_FILE
     if full.is_file():
-        from ..references.checkpoint_dicts import read_checkpoint
+        from ..files.checkpoints import read_checkpoint
         obj = read_checkpoint(full, EvalModelError, download_hint("dreamsim"))
         teacher = obj.get("teacher") if isinstance(obj, dict) else None
         if isinstance(teacher, dict):

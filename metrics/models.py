@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..references.checkpoint_dicts import read_checkpoint
+from ..files.checkpoints import read_checkpoint
 from .scores import clip_preprocess, dino_preprocess
 
 DINO_FILE = "dino_deitsmall16_pretrain.pth"
@@ -52,7 +52,7 @@ def download_hint(kind: str) -> str:
 
 def read_state_dict(path: str | os.PathLike, kind: str) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` file or a ``.pth``/``.bin`` read with
-    ``torch.load(weights_only=True)`` (``references.checkpoint_dicts.read_checkpoint``); a nested
+    ``torch.load(weights_only=True)`` (``files.checkpoints.read_checkpoint``); a nested
     ``state_dict``/``model``/``teacher`` dict and a ``module.``/``backbone.`` prefix are unwrapped.
     Every failure is an ``EvalModelError`` naming the file."""
     name = os.path.basename(os.fspath(path))

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint_dicts import flat_state_dict, read_checkpoint
+from ..files.checkpoints import flat_state_dict, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -784,7 +784,7 @@ class BiSeNet(nn.Module):
 # --- reading a checkpoint -----------------------------------------------------------------------
 
 def read_state_dict(path: str | os.PathLike) -> dict:
-    """The tensors of a ``.pth`` or ``.safetensors`` face-parsing file (``checkpoint_dicts.read_checkpoint``:
+    """The tensors of a ``.pth`` or ``.safetensors`` face-parsing file (``files.checkpoints.read_checkpoint``:
     weights_only, never unpickled objects); every failure is a ``FaceParsingFileError`` naming the file."""
     return read_checkpoint(path, FaceParsingFileError, f"Download it again: {download_hint()}.",
                            missing_prefix="face-parsing model ", get=download_hint())

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .checkpoint_dicts import flat_state_dict, read_checkpoint
+from ..files.checkpoints import flat_state_dict, read_checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # The official checkpoints
@@ -94,7 +94,7 @@ def import_sam_modeling():
 # ---------------------------------------------------------------------------------------------
 
 def read_state_dict(path: str | os.PathLike) -> dict:
-    """The tensors of a SAM ``.pth`` / ``.pt`` or ``.safetensors`` file (``checkpoint_dicts.read_checkpoint``:
+    """The tensors of a SAM ``.pth`` / ``.pt`` or ``.safetensors`` file (``files.checkpoints.read_checkpoint``:
     weights_only, memory-mapped); every failure is a ``SamFileError`` naming the file."""
     return read_checkpoint(path, SamFileError, f"Download it again ({download_hint()}).",
                            missing_prefix="SAM checkpoint ", get=download_hint())

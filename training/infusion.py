@@ -270,7 +270,7 @@ def _safetensors_metadata(path: str) -> dict:
 def _offset_dict(obj, name: str) -> dict:
     """The ``{key: tensor}`` holding the offsets: the official checkpoint's ``target_output`` entry,
     one under ``state_dict``, or the file's own flat dict."""
-    from ..references.checkpoint_dicts import flat_state_dict
+    from ..files.checkpoints import flat_state_dict
     if isinstance(obj, dict):
         for k in ("target_output", "state_dict"):
             inner = obj.get(k)
@@ -286,7 +286,7 @@ def load_offsets(path, name: str | None = None) -> InfusionFile:
     """Read an Infusion file: this pack's safetensors (with its metadata) or an official checkpoint
     (``.ckpt``/``.pt``/``.pth``, read with ``torch.load(weights_only=True)``; a safetensors
     conversion works too). Every problem is a ValueError that names the file."""
-    from ..references.checkpoint_dicts import read_checkpoint
+    from ..files.checkpoints import read_checkpoint
 
     path = os.fspath(path)
     name = name or os.path.basename(path)

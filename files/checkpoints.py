@@ -1,4 +1,5 @@
-"""Flattening the checkpoint dictionaries of the pack's model files (SAM, BiSeNet). Pure torch."""
+"""The one safe reader of the pack's model files: safetensors, or torch.load with weights_only, a pickle
+that asks for more refused by name; and the flattening of nested checkpoint dictionaries. Pure torch."""
 from __future__ import annotations
 
 import torch
