@@ -25,7 +25,7 @@ fi
 PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # (re)install torch when it is missing, or when torchvision does not import beside it
 "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null || "${PIP[@]}" "${TORCH[@]}"
-"${PIP[@]}" -r requirements.txt pytest
+"${PIP[@]}" -r requirements.txt pytest ruff
 # ComfyUI brings transformers; the Detect-and-Compare detector (OWLv2) uses it (it does not depend on
 # torch, so the pair above stays as it is).
 "${PIP[@]}" transformers
