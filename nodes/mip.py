@@ -13,7 +13,7 @@ from ..attention.ip_adapter import load_adapter
 from ..attention.mip import EncodedPrompt, MultiImagePromptAttention
 from ..attention.patch import SigmaRange
 from ..references.image_prompt import CROPS, framed, make_image_prompt, mean_colour_image
-from ..references.prompt_tokens import prompt_token_ids, find_token_positions, word_token_ids
+from ..references.prompt_tokens import find_token_positions, prompt_token_ids, word_token_ids
 from .folders import folder_list, register_folder
 
 # cubiq's IPAdapter pack keeps its files in models/ipadapter; users already have them there.
