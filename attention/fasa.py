@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..references.masks import as_mask_batch, layer_mask, token_grid
-from .kernels import gather_reference_keys, mrsa_attention, token_selection
 from .dit_blocks import PersonalizeBlock
 from .install import install_technique
+from .kernels import gather_reference_keys, mrsa_attention, token_selection
 from .patch import BRANCH_KEY, COND, STATE_KEY, PersonalizeAttention, Technique, apply_to_rows
 from .reference_pass import repeat_tokens
 
