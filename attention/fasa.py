@@ -28,66 +28,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ..references.masks import as_mask_batch, layer_mask, token_grid
+from .dit_blocks import PersonalizeBlock
+from .install import install_technique
 from .kernels import gather_reference_keys, mrsa_attention, token_selection
-from .patch import BRANCH_KEY, COND, STATE_KEY, PersonalizeAttention, Technique, apply_to_rows, repeat_tokens
+from .patch import BRANCH_KEY, COND, STATE_KEY, PersonalizeAttention, Technique, apply_to_rows
+from .reference_pass import repeat_tokens
 
 BATCH_KEY = "personalize_foundation_batch"   # set by double_batch: images per branch
 OUTER_KEY = "personalize.foundation_batch"
 APPLY_KEY = "personalize.foundation_branch"
-
-
-# --------------------------------------------------------------------------- layers
-
-SDXL_FREECURE = "SDXL FreeCure (output 1.6-9, 2-5)"
-SD15_FREECURE = "SD1.5 FreeCure (output 6-11)"
-FLUX_FREECURE = "FLUX/SD3 FreeCure analogue (last 30% of blocks)"
-ALL_DECODER = "all decoder blocks"
-CUSTOM = "custom"
-FASA_PRESETS = [SDXL_FREECURE, SD15_FREECURE, FLUX_FREECURE, ALL_DECODER, CUSTOM]
-
-
-def dit_fasa_keys(preset: str, custom: str, spec) -> tuple:
-    """FASA's block keys on a DiT (FLUX, SD3). The FreeCure analogue (docs/algorithms.md §4.8; my
-    choice, FreeCure ships no DiT code) takes the last 30% of the blocks in execution order, as
-    FreeCure's SDXL layers are the last 20 of 70 transformer blocks: FLUX.1 dev/schnell single
-    blocks 20-37, SD3.5 large joint blocks 26-37. ``custom`` reads blocks like ``single:20-37,
-    double:18`` (``joint:`` for SD3)."""
-    from .dit import resolve_dit_blocks  # noqa: PLC0415
-
-    if preset == FLUX_FREECURE:
-        keys = spec.keys()
-        first = int(0.7 * len(keys))
-        return keys[first:]
-    if preset == CUSTOM:
-        return resolve_dit_blocks(CUSTOM, custom, spec)
-    raise ValueError(f"layers: preset '{preset}' is for UNet models, but this is a {spec.family.upper()} model; "
-                     f"choose '{FLUX_FREECURE}' or 'custom' with blocks like 'single:20-37'")
-
-
-def fasa_layer_keys(preset: str, custom: str, available: dict) -> tuple:
-    """The attn1 keys of a preset. FreeCure's SDXL layers are the transformer-block indices 50-69
-    of the execution order: ``output 1`` blocks 6-9, then every block of ``output 2-5`` (§4.4);
-    its SD1.x layers are up_blocks 2-3, ``output 6-11``."""
-    from .layers import expand_blocks, parse_blocks  # noqa: PLC0415
-
-    if preset == SDXL_FREECURE:
-        depth = available.get(("output", 1), 0)
-        if depth < 10:
-            raise ValueError(f"layers: preset '{preset}' needs SDXL's decoder (output block 1 with 10 "
-                             f"transformer blocks); this model has {depth}. Use the SD1.5 preset for SD1.x "
-                             f"models, or 'custom'")
-        rest = expand_blocks([("output", i) for i in range(2, 6)], available, f"layers: preset '{preset}'")
-        return tuple(("output", 1, j) for j in range(6, 10)) + rest
-    if preset == SD15_FREECURE:
-        return expand_blocks([("output", i) for i in range(6, 12)], available, f"layers: preset '{preset}'")
-    if preset == ALL_DECODER:
-        return expand_blocks([b for b in available if b[0] == "output"], available, f"layers: preset '{preset}'")
-    if preset == CUSTOM:
-        return expand_blocks(parse_blocks(custom), available, "custom_blocks")
-    if preset == FLUX_FREECURE:
-        raise ValueError(f"layers: preset '{preset}' is for FLUX and SD3 models, but this model is a UNet; choose "
-                         f"'{SDXL_FREECURE}' or '{SD15_FREECURE}'")
-    raise ValueError(f"layers: unknown preset '{preset}'; choose one of {FASA_PRESETS}")
 
 
 # --------------------------------------------------------------------------- layout
@@ -149,7 +98,7 @@ class FoundationAwareAttention(Technique):
         self.attn1_keys = frozenset(layer_keys)
         self.sigmas = sigma_range
         self.strip_patches = bool(strip_patches)
-        self.dit = dit              # dit.DiTSpec on a DiT model (its layer keys are DiT blocks)
+        self.dit = dit              # blocks.DiTSpec on a DiT model (its layer keys are DiT blocks)
         self._selections: dict = {}
 
     # -- technique protocol -------------------------------------------------------------
@@ -265,9 +214,9 @@ def strip_foreign_attention(transformer_options: dict) -> dict:
             del table[key]
     blocks = replace.get("dit", {})
     for key, fn in list(blocks.items()):
-        if getattr(fn, "personalize_block", False):
+        if isinstance(fn, PersonalizeBlock):
             if fn.inner is not None:
-                blocks[key] = type(fn)(fn.key, fn.spec, None)
+                blocks[key] = PersonalizeBlock(fn.key, fn.spec, None)
         else:
             del blocks[key]       # DiT identity adapters (PuLID-FLUX style) replace whole blocks
     opts["patches_replace"] = replace
@@ -338,11 +287,9 @@ def foundation_branch(executor, x, t, c_concat=None, c_crossattn=None, control=N
 
 
 def install_fasa(model, technique: FoundationAwareAttention):
-    """Clone ``model`` with FASA: the technique (``patch.install_technique``), the batch-doubling
+    """Clone ``model`` with FASA: the technique (``install.install_technique``), the batch-doubling
     sampler wrapper and the branch wrapper. The input MODEL is not touched."""
     from comfy.patcher_extension import WrappersMP  # noqa: PLC0415
-
-    from .patch import install_technique  # noqa: PLC0415
 
     m = install_technique(model, technique)
     if not m.get_wrappers(WrappersMP.OUTER_SAMPLE, OUTER_KEY):

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from ..training.infusion import FAMILIES, concept_token_index, token_ids
-from .layers import transformer_blocks
-from .patch import BRANCH_KEY, COND, Technique, install_technique, row_runs
+from ..references.prompt_tokens import concept_token_index, token_ids
+from ..training.infusion import FAMILIES
+from .blocks import transformer_blocks
+from .install import install_technique
+from .patch import BRANCH_KEY, COND, Technique, row_runs
 
 
 # --------------------------------------------------------------------------- kernel

@@ -13,9 +13,8 @@ import torch
 from ..references.masks import layer_mask, token_grid
 
 from .kernels import ReferenceKeys, gather_reference_keys, mrsa_attention, token_selection
-from .layers import SigmaRange
 from .dit import POSITIONS, SHIFTED, shift_reference
-from .patch import COND, UNCOND, RefRequest, Technique, apply_to_rows, row_runs
+from .patch import COND, UNCOND, RefRequest, SigmaRange, Technique, apply_to_rows, row_runs
 
 
 def reference_layer_mask(reference, n_tokens: int, latent_hw: tuple) -> torch.Tensor:
@@ -47,7 +46,7 @@ class MultiReferenceAttention(Technique):
         self.seed = int(seed)
         if positions not in POSITIONS:
             raise ValueError(f"reference_positions: unknown '{positions}'; choose one of {POSITIONS}")
-        self.dit = dit                  # dit.DiTSpec on a DiT model (its layer keys are DiT blocks)
+        self.dit = dit                  # blocks.DiTSpec on a DiT model (its layer keys are DiT blocks)
         self.positions = positions      # where a DiT with RoPE places the reference tokens
         self.subject_tokens = bool(subject_tokens)   # FLUX: references run on their subject's tokens only
         self._selections: dict = {}

@@ -50,9 +50,10 @@ def build_dmsa(model, blocks, hw, opts):
     """The technique exactly as nodes/attention.py's DisentangleMixingAttentionNode builds it
     (node defaults: structure 0..1, appearance opts.appearance_start..1, weight 3.0, threshold 0.2,
     no spatial normalisation, seed 0), the blend word given by its token position."""
-    from personalize_pack.attention.dmsa import DMSA_PRESETS, DisentangleMixingAttention  # noqa: PLC0415
-    from personalize_pack.attention.layers import SigmaRange  # noqa: PLC0415
-    from personalize_pack.attention.patch import install_technique  # noqa: PLC0415
+    from personalize_pack.attention.blocks import DMSA_PRESETS  # noqa: PLC0415
+    from personalize_pack.attention.dmsa import DisentangleMixingAttention  # noqa: PLC0415
+    from personalize_pack.attention.install import install_technique  # noqa: PLC0415
+    from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
 
     s_ref, a_ref = bm.make_references(2, hw, opts.mask)
     s_ref = type(s_ref)(latent=s_ref.latent, mask=s_ref.mask, weight=s_ref.weight, name="structure")

@@ -232,7 +232,7 @@ def layer_calls(N, C, heads, B, latent_hw, mask, plain_attention, labels=(UNCOND
     bm.import_pack()
     import personalize_pack.attention.patch as patch  # noqa: PLC0415
     from personalize_pack.attention.fasa import BRANCH_KEY, BranchLayout, FoundationAwareAttention  # noqa: PLC0415
-    from personalize_pack.attention.layers import SigmaRange  # noqa: PLC0415
+    from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
 
     labels = list(labels)
     rows = 2 * B * len(labels)
@@ -387,7 +387,7 @@ def attn1_shapes(model, keys, hw, ctx):
     """``{key: (tokens, channels, heads)}`` of the attn1 layers ``keys``, from one plain UNet call."""
     import torch  # noqa: PLC0415
     import comfy.model_management as mm  # noqa: PLC0415
-    from personalize_pack.attention.layers import transformer_blocks  # noqa: PLC0415
+    from personalize_pack.attention.blocks import transformer_blocks  # noqa: PLC0415
 
     mm.load_models_gpu([model])
     blocks = transformer_blocks(model.model.diffusion_model)
@@ -448,7 +448,7 @@ def run_speed(opts) -> dict:
 
     model, blocks, hw, build_s, load_s = bm.speed_setup(opts, "FASA benchmark", KERNEL_HINT)
     import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
-    from personalize_pack.attention.fasa import fasa_layer_keys  # noqa: PLC0415
+    from personalize_pack.attention.blocks import fasa_layer_keys  # noqa: PLC0415
 
     dm = model.model.diffusion_model
     keys = fasa_layer_keys(PRESET, "", blocks)

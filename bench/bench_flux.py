@@ -89,7 +89,7 @@ def load_flux(opts, folder: Path):
     import torch  # noqa: PLC0415
     import comfy.sd  # noqa: PLC0415
     from tiny_flux import build_flux  # noqa: PLC0415
-    from personalize_pack.attention.dit import model_family  # noqa: PLC0415
+    from personalize_pack.attention.blocks import model_family  # noqa: PLC0415
 
     path = folder / "bench_flux.safetensors"
     t = time.perf_counter()

@@ -158,9 +158,9 @@ def run_speed(opts) -> dict:
 
     model, blocks, hw, build_s, load_s = bm.speed_setup(opts, "MIP benchmark", KERNEL_HINT)
     import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
-    from personalize_pack.attention.layers import SigmaRange  # noqa: PLC0415
+    from personalize_pack.attention.install import install_technique  # noqa: PLC0415
     from personalize_pack.attention.mip import MultiImagePromptAttention  # noqa: PLC0415
-    from personalize_pack.attention.patch import install_technique  # noqa: PLC0415
+    from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
     from personalize_pack.nodes.mip import UNetKeyProjection, cross_attention_layers  # noqa: PLC0415
 
     dm = model.model.diffusion_model
@@ -282,7 +282,7 @@ def run_kernel(opts) -> dict:
 
     bm.import_pack()
     import personalize_pack.attention.patch as patch  # noqa: PLC0415
-    from personalize_pack.attention.layers import SigmaRange  # noqa: PLC0415
+    from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
     from personalize_pack.attention.mip import (MultiImagePromptAttention, merge_weights,  # noqa: PLC0415
                                                 merged_attention, text_gate, word_maps)
 

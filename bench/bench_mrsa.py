@@ -160,7 +160,7 @@ def load_sd15_unet(layout: str):
     blocks. Returns ``(model, blocks, build_s, load_s)``."""
     import torch  # noqa: PLC0415
     import comfy.sd  # noqa: PLC0415
-    from personalize_pack.attention.layers import discover_attention_blocks  # noqa: PLC0415
+    from personalize_pack.attention.blocks import discover_attention_blocks  # noqa: PLC0415
 
     t = time.perf_counter()
     sd = build_unet_state_dict(layout)
@@ -250,9 +250,10 @@ def run_speed(opts) -> dict:
     import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
     import comfy.model_management  # noqa: PLC0415
     import_pack()
-    from personalize_pack.attention.layers import SigmaRange, resolve_layers  # noqa: PLC0415
+    from personalize_pack.attention.blocks import resolve_layers  # noqa: PLC0415
+    from personalize_pack.attention.install import install_technique  # noqa: PLC0415
     from personalize_pack.attention.mrsa import MultiReferenceAttention  # noqa: PLC0415
-    from personalize_pack.attention.patch import install_technique  # noqa: PLC0415
+    from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
 
     if opts.size % 8:
         raise SystemExit("--size must be a multiple of 8")
@@ -415,7 +416,7 @@ def memory_child(case: str, method: str, tokens: int, R: int, heads: int, channe
 
     import_pack()
     import personalize_pack.attention.patch as patch  # noqa: PLC0415
-    from personalize_pack.attention.layers import SigmaRange  # noqa: PLC0415
+    from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
     from personalize_pack.attention.mrsa import MultiReferenceAttention  # noqa: PLC0415
     from personalize_pack.references.reference import Reference  # noqa: PLC0415
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..attention.dit import (DIT_PRESETS, POSITIONS, REFERENCE_TOKENS, SHIFTED, SUBJECT, WHOLE, model_family,
-                             resolve_dit_blocks)
-from ..attention.dmsa import DIT_DMSA, DMSA_PRESETS, DisentangleMixingAttention, dit_dmsa_keys, find_token_positions
-from ..attention.fasa import (FASA_PRESETS, FoundationAwareAttention, dit_fasa_keys, fasa_layer_keys,
-                              install_fasa)
-from ..attention.layers import CUSTOM, PRESET_NAMES, SigmaRange, discover_attention_blocks, resolve_layers
+from ..attention.blocks import DMSA_BLOCKS, FASA_BLOCKS, MRSA_BLOCKS, prompt_encoders, resolve
+from ..attention.dit import POSITIONS, REFERENCE_TOKENS, SHIFTED, SUBJECT, WHOLE
+from ..attention.dmsa import DisentangleMixingAttention
+from ..attention.fasa import FoundationAwareAttention, install_fasa
+from ..attention.install import install_technique
 from ..attention.mrsa import MultiReferenceAttention
-from ..attention.patch import install_technique
+from ..attention.patch import SigmaRange
+from ..references.prompt_tokens import blend_word_tokens
 from .references import References, conditioning_tensor
 
 
@@ -27,7 +27,8 @@ def check_references(model, references, input_name="references"):
     return refs
 
 
-LAYER_OPTIONS = [p for p in PRESET_NAMES if p != CUSTOM] + DIT_PRESETS + [CUSTOM]
+LAYER_OPTIONS = list(MRSA_BLOCKS.options)
+FASA_PRESETS = list(FASA_BLOCKS.options)
 POSITIONS_TOOLTIP = ("FLUX only: where the reference tokens sit for the image's attention (RoPE). 'shifted': each "
                      "reference stands beside the image as in a wide picture, so the subject is matched by content "
                      "wherever it is (the default; closest to FreeCustom's UNet). 'aligned': the reference's grid "
@@ -38,10 +39,6 @@ TOKENS_TOOLTIP = ("FLUX only: 'whole image' runs every reference on all its toke
                   "only (faster)' runs each reference on the tokens its mask touches, so a reference costs about "
                   "its subject's share of the image; the subject's features then come without its background "
                   "(with a full mask both are the same).")
-
-
-def _model_family(model):
-    return model_family(model.model.diffusion_model)
 
 
 def _subject_only(reference_tokens) -> bool:
@@ -96,34 +93,12 @@ class MultiReferenceAttentionNode(io.ComfyNode):
     def execute(cls, model, references, layers, custom_blocks="output:6-11", start_percent=0.0, end_percent=1.0,
                 style_fidelity=1.0, seed=0, reference_positions=SHIFTED, reference_tokens=WHOLE) -> io.NodeOutput:
         refs = check_references(model, references)
-        spec = _model_family(model)
-        if spec is None:
-            keys = resolve_layers(layers, custom_blocks, discover_attention_blocks(model.model.diffusion_model))
-        else:
-            keys = resolve_dit_blocks(layers, custom_blocks, spec)
+        spec, keys = resolve(model.model.diffusion_model, MRSA_BLOCKS, layers, custom_blocks)
         sigmas = SigmaRange.from_percents(model.model.model_sampling, start_percent, end_percent)
         tech = MultiReferenceAttention(refs, keys, sigmas, style_fidelity, seed, dit=spec,
                                        positions=reference_positions,
                                        subject_tokens=_subject_only(reference_tokens))
         return io.NodeOutput(install_technique(model, tech))
-
-
-def prompt_token_ids(clip, text: str, prefer=("l",)) -> list[int]:
-    """Token ids of ``text`` as its conditioning lays them out (chunks concatenated), from the first
-    tokenizer of ``prefer`` the CLIP has (FLUX's text tokens are T5's: ``("t5xxl", "l")``)."""
-    tokens = clip.tokenize(text)
-    key = next((k for k in prefer if k in tokens), next(iter(tokens)))
-    return [int(t[0]) for chunk in tokens[key] for t in chunk]
-
-
-def blend_word_tokens(clip, prompt: str, word: str, prefer=("l",)) -> tuple[list[int], int]:
-    """Positions of ``word``'s tokens in ``prompt``'s conditioning, and its length."""
-    if not word.strip():
-        raise ValueError("blend_word: empty; give the word of the prompt whose region takes the appearance")
-    prompt_ids = prompt_token_ids(clip, prompt, prefer)
-    special = set(prompt_token_ids(clip, "", prefer))
-    word_ids = [t for t in prompt_token_ids(clip, word.strip(), prefer) if t not in special]
-    return find_token_positions(prompt_ids, word_ids, word="blend_word"), len(prompt_ids)
 
 
 def _single(references, input_name):
@@ -137,7 +112,7 @@ def _single(references, input_name):
 class DisentangleMixingAttentionNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        presets = list(DMSA_PRESETS) + list(DIT_DMSA.values())
+        presets = list(DMSA_BLOCKS.options)
         return io.Schema(
             node_id="PersonalizeDisentangleMixingAttention",
             display_name="Disentangle-Mixing Attention (FreeMix)",
@@ -205,26 +180,13 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
                 seed=0, reference_positions=SHIFTED, reference_tokens=WHOLE) -> io.NodeOutput:
         s_ref = _single(check_references(model, structure, "structure"), "structure")
         a_ref = _single(check_references(model, appearance, "appearance"), "appearance")
-        spec = _model_family(model)
-        if spec is not None:
-            if preset != DIT_DMSA[spec.family]:
-                kind = "UNet" if preset in DMSA_PRESETS else "other"
-                raise ValueError(f"preset: '{preset}' is for {kind} models, but this is a {spec.family.upper()} "
-                                 f"model; choose '{DIT_DMSA[spec.family]}'")
-            keys = dit_dmsa_keys(spec)
-        elif preset in DIT_DMSA.values():
-            raise ValueError(f"preset: '{preset}' is for DiT models, but this model is a UNet; choose one of "
-                             f"{list(DMSA_PRESETS)}")
-        elif preset not in DMSA_PRESETS:
-            raise ValueError(f"preset: unknown '{preset}'; choose one of {list(DMSA_PRESETS)}")
-        else:
-            keys = DMSA_PRESETS[preset].keys(discover_attention_blocks(model.model.diffusion_model))
+        spec, keys = resolve(model.model.diffusion_model, DMSA_BLOCKS, preset)
         ms = model.model.model_sampling
         s_range = SigmaRange.from_percents(ms, structure_start, structure_end) if structure_phase else None
         a_range = SigmaRange.from_percents(ms, appearance_start, appearance_end) if appearance_phase else None
         n_range = SigmaRange.from_percents(ms, spatial_norm_start, 1.0) if spatial_norm_start < 1.0 else None
-        prefer = ("t5xxl", "l") if spec is not None and spec.family == "flux" else ("l",)
-        tokens, n_tokens = blend_word_tokens(clip, prompt, blend_word, prefer) if appearance_phase else ((), None)
+        tokens, n_tokens = (blend_word_tokens(clip, prompt, blend_word, prompt_encoders(spec)) if appearance_phase
+                            else ((), None))
         tech = DisentangleMixingAttention(s_ref, a_ref, *keys, s_range, a_range, blend_tokens=tokens,
                                           prompt_tokens=n_tokens, structure_weight=structure_weight,
                                           threshold=mask_threshold, norm_range=n_range, seed=seed, dit=spec,
@@ -297,11 +259,7 @@ class FoundationAwareAttentionNode(io.ComfyNode):
         elif not strip:
             raise ValueError("foundation: not connected; the PhotoMaker mode needs the prompt without the identity "
                              "(CLIP Text Encode of the same text) as the foundation conditioning")
-        spec = _model_family(model)
-        if spec is None:
-            keys = fasa_layer_keys(layers, custom_blocks, discover_attention_blocks(model.model.diffusion_model))
-        else:
-            keys = dit_fasa_keys(layers, custom_blocks, spec)
+        spec, keys = resolve(model.model.diffusion_model, FASA_BLOCKS, layers, custom_blocks)
         sigmas = SigmaRange.from_percents(model.model.model_sampling, start_percent, end_percent)
         tech = FoundationAwareAttention(cond, masks, weight, keys, sigmas, strip_patches=strip,
                                         mask_threshold=mask_threshold, dit=spec)

@@ -7,13 +7,13 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..attention.dmsa import find_token_positions
+from ..attention.blocks import transformer_blocks
+from ..attention.install import install_technique
 from ..attention.ip_adapter import load_adapter
-from ..attention.layers import SigmaRange, transformer_blocks
 from ..attention.mip import EncodedPrompt, MultiImagePromptAttention
-from ..attention.patch import install_technique
+from ..attention.patch import SigmaRange
 from ..references.image_prompt import CROPS, framed, make_image_prompt, mean_colour_image
-from .attention import prompt_token_ids
+from ..references.prompt_tokens import find_token_positions, prompt_token_ids, word_token_ids
 from .folders import folder_list, register_folder
 
 # cubiq's IPAdapter pack keeps its files in models/ipadapter; users already have them there.
@@ -164,14 +164,13 @@ def encode_entities(clip, prompt: str, prompts, context_dim: int) -> list[tuple[
     if not (prompt or "").strip():
         raise ValueError("prompt: empty; give the positive prompt, exactly as in your CLIP Text Encode")
     prompt_ids = prompt_token_ids(clip, prompt)
-    special = set(prompt_token_ids(clip, ""))
     empty = clip.encode_from_tokens(clip.tokenize(""))
     if empty.shape[-1] != context_dim:
         raise ValueError(f"clip: its conditioning is {empty.shape[-1]} wide but the adapter was trained for "
                          f"{context_dim}; use the CLIP of the checkpoint the adapter belongs to")
     out = []
     for p in prompts:
-        word_ids = [t for t in prompt_token_ids(clip, p.entity) if t not in special]
+        word_ids = word_token_ids(clip, p.entity)
         find_token_positions(prompt_ids, word_ids, word=f"entity '{p.entity}' of {p.name}")
         n = len(word_ids)
         if n > empty.shape[1] - 2:

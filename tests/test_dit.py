@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from personalize_pack.attention.dit import (ALIGNED, DOUBLE, FLUX_ALL, FLUX_DOUBLE, FLUX_SINGLE, SHIFTED, SINGLE,
-                                            DiTSpec, JointAttention, PersonalizeBlock, RopeGrid, model_family,
-                                            parse_dit_blocks, resolve_dit_blocks)
-from personalize_pack.attention.dmsa import appearance_attention
+from personalize_pack.attention.blocks import (DOUBLE, FLUX_ALL, FLUX_DOUBLE, FLUX_SINGLE, SINGLE, DiTSpec,
+                                               model_family, parse_dit_blocks, resolve_dit_blocks)
+from personalize_pack.attention.dit import ALIGNED, SHIFTED, RopeGrid
+from personalize_pack.attention.dit_blocks import JointAttention, PersonalizeBlock
+from personalize_pack.attention.dmsa_kernels import appearance_attention
 from personalize_pack.attention.kernels import Rope, joint_reference_attention, select_reference_keys, sdpa_attention
-from personalize_pack.attention.layers import SigmaRange
 from personalize_pack.attention.mrsa import MultiReferenceAttention
-from personalize_pack.attention.patch import LATENT_KEY, ROWS_KEY, STATE_KEY, PersonalizeState, RowLayout
+from personalize_pack.attention.patch import LATENT_KEY, ROWS_KEY, STATE_KEY, PersonalizeState, RowLayout, SigmaRange
 from personalize_pack.references.reference import Reference
 
 

@@ -6,13 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from personalize_pack.attention.dmsa import (DMSA_PRESETS, BlendMapStore, DisentangleMixingAttention,
-                                             appearance_attention, appearance_source_index, blend_map, blend_mask,
-                                             cross_attention_maps, find_token_positions, structure_attention)
+from personalize_pack.attention.blocks import DMSA_PRESETS, discover_attention_blocks
+from personalize_pack.attention.dmsa import DisentangleMixingAttention
+from personalize_pack.attention.dmsa_kernels import (BlendMapStore, appearance_attention, appearance_source_index,
+                                                     blend_map, blend_mask, cross_attention_maps, structure_attention)
 from personalize_pack.attention.kernels import (mrsa_attention, sdpa_attention, select_reference_keys,
                                                 standardize_tokens, token_selection)
-from personalize_pack.attention.layers import SigmaRange, discover_attention_blocks
-from personalize_pack.attention.patch import COND, ROWS_KEY, STATE_KEY, PersonalizeState, reference_pass
+from personalize_pack.attention.patch import COND, ROWS_KEY, STATE_KEY, PersonalizeState, SigmaRange
+from personalize_pack.attention.reference_pass import reference_pass
+from personalize_pack.references.prompt_tokens import find_token_positions
 from personalize_pack.references.reference import Reference
 
 from standin_unet import HEADS, StandinUNet

@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from personalize_pack.attention.fasa import (BATCH_KEY, BRANCH_KEY, SD15_FREECURE, SDXL_FREECURE, BranchLayout,
-                                             FoundationAwareAttention, double_batch, fasa_layer_keys,
+from personalize_pack.attention.blocks import SD15_FREECURE, SDXL_FREECURE, fasa_layer_keys
+from personalize_pack.attention.fasa import (BATCH_KEY, BRANCH_KEY, BranchLayout, FoundationAwareAttention, double_batch,
                                              foundation_branch, strip_foreign_attention)
 from personalize_pack.attention.kernels import mrsa_attention, sdpa_attention, select_reference_keys
-from personalize_pack.attention.layers import SigmaRange
-from personalize_pack.attention.patch import STATE_KEY, PersonalizeAttention, PersonalizeState
+from personalize_pack.attention.patch import STATE_KEY, PersonalizeAttention, PersonalizeState, SigmaRange
 
 from test_kernels import reference_mrsa, run_ours, to_bnc
 

@@ -12,8 +12,9 @@ from personalize_pack.attention.infusion import InfusionAttention, concept_posit
 from personalize_pack.attention.kernels import sdpa_attention
 from personalize_pack.attention.patch import (ROWS_KEY, STATE_KEY, PersonalizeAttention, PersonalizeState,
                                               RowLayout)
-from personalize_pack.training.infusion import (InfusionOffsets, concept_token_index, ldm_path, load_offsets,
-                                                parse_target_key, save_offsets, target_key, token_ids)
+from personalize_pack.references.prompt_tokens import concept_token_index, token_ids
+from personalize_pack.training.infusion import (InfusionOffsets, ldm_path, load_offsets, parse_target_key, save_offsets,
+                                                target_key)
 
 # The 16 cross-attention layers of SD1.x/SD2.x and their inner widths.
 SD15_WIDTHS = {("input", 1, 0): 320, ("input", 2, 0): 320, ("input", 4, 0): 640, ("input", 5, 0): 640,
@@ -169,7 +170,7 @@ def test_reference_rows_and_freecure_branches_untouched():
 
 
 def mip_technique(c=8, ctx=6, seed=0):
-    from personalize_pack.attention.layers import SigmaRange
+    from personalize_pack.attention.patch import SigmaRange
     from personalize_pack.attention.mip import EncodedPrompt, MultiImagePromptAttention
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)

@@ -51,7 +51,7 @@ def test_dmsa_bad_inputs(sd15, references):
     with pytest.raises(ValueError, match="appearance: no references"):
         dmsa(model, clip, references[1:], ())
     # a multi-token blend word is found token by token
-    from personalize_pack.nodes.attention import blend_word_tokens
+    from personalize_pack.references.prompt_tokens import blend_word_tokens
     tokens, n = blend_word_tokens(clip, "a watercolour teapot on a table", "watercolour teapot")
     assert len(tokens) >= 2 and tokens == sorted(tokens) and n >= 77
 

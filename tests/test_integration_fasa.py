@@ -86,7 +86,7 @@ def test_identity_patches_are_switched_off_only_in_the_foundation_branch(sd15):
     """InstantID-style: the identity lives in another pack's cross-attention replace."""
     model, clip, vae = sd15
     from comfy.ldm.modules.attention import optimized_attention
-    from personalize_pack.attention.layers import transformer_blocks
+    from personalize_pack.attention.blocks import transformer_blocks
 
     def identity(q, k, v, extra_options):       # a stand-in identity adapter: shifts cross-attention
         return optimized_attention(q, k, v, extra_options["n_heads"]) + 0.5

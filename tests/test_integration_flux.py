@@ -138,19 +138,19 @@ def test_references_change_sampling_and_input_model_is_untouched(flux, schnell, 
 def test_patched_attention_on_the_real_model_equals_an_independent_computation(flux, clip, flux_refs, monkeypatch):
     """Capture the q/k/v ComfyUI's FLUX blocks hand to the override in one patched model call (after
     QK-norm and RoPE) and recompute the target's output from them with the kernel and the masks."""
-    from personalize_pack.attention import dit
+    from personalize_pack.attention import dit, dit_blocks
     from personalize_pack.attention.kernels import joint_reference_attention, merge_heads, select_reference_keys
     from personalize_pack.attention.mrsa import reference_layer_mask
 
     seen = []
-    original = dit.JointAttention.__call__
+    original = dit_blocks.JointAttention.__call__
 
     def spy(self, func, *args, **kwargs):
         out = original(self, func, *args, **kwargs)
         seen.append((self.key, self.txt_len, args[:3], out, self.layout))
         return out
 
-    monkeypatch.setattr(dit.JointAttention, "__call__", spy)
+    monkeypatch.setattr(dit_blocks.JointAttention, "__call__", spy)
     pos, neg = prompts(clip)
     flux_sample(mrsa(flux, flux_refs, ALL), pos, neg, steps=1)
     assert {s[0] for s in seen} == {("double_block", 0), ("double_block", 1), ("single_block", 0), ("single_block", 1)}
@@ -175,21 +175,21 @@ def test_patched_attention_on_the_real_model_equals_an_independent_computation(f
 
 
 def test_reference_rows_skip_blocks_after_the_last_patched_one_exactly(flux, clip, flux_refs, monkeypatch):
-    from personalize_pack.attention import dit
+    from personalize_pack.attention import dit_blocks
     pos, neg = prompts(clip)
     batches = []
     m = mrsa(flux, flux_refs, DOUBLE)
-    original = dit.PersonalizeBlock._call
+    original = dit_blocks.PersonalizeBlock._call
 
     def spy(self, args, extra):
         batches.append((self.key, args["img"].shape[0]))
         return original(self, args, extra)
 
-    monkeypatch.setattr(dit.PersonalizeBlock, "_call", spy)
+    monkeypatch.setattr(dit_blocks.PersonalizeBlock, "_call", spy)
     skipped = flux_sample(m, pos, neg, steps=2)
     assert ("single_block", 0, 1) in {(k[0], k[1], b) for k, b in batches}        # the target row alone
     assert ("double_block", 1, 3) in {(k[0], k[1], b) for k, b in batches}
-    monkeypatch.setattr(dit.PersonalizeBlock, "_targets_only", lambda self, args, extra, layout: self._call(args, extra))
+    monkeypatch.setattr(dit_blocks.PersonalizeBlock, "_targets_only", lambda self, args, extra, layout: self._call(args, extra))
     full = flux_sample(m, pos, neg, steps=2)
     assert close(skipped, full, 1e-5)
 
@@ -337,20 +337,20 @@ def sd3(tiny_dir):
 
 
 def test_sd3_mrsa(sd3, clip, flux_refs, monkeypatch):
-    from personalize_pack.attention import dit
+    from personalize_pack.attention import dit_blocks
     pos, neg = encode(clip, "a cat and a dog on a sofa"), encode(clip, "blurry")
     before = snapshot(sd3)
     plain = flux_sample(sd3, pos, neg, cfg=4.0)
     for preset in (SD3_LATE, SD3_ALL):
         assert close(flux_sample(mrsa(sd3, zero_masked(flux_refs), preset), pos, neg, cfg=4.0), plain)
     calls = []
-    original = dit.JointAttention.__call__
+    original = dit_blocks.JointAttention.__call__
 
     def spy(self, func, *args, **kwargs):
         calls.append((self.key, self.calls, args[0].shape))
         return original(self, func, *args, **kwargs)
 
-    monkeypatch.setattr(dit.JointAttention, "__call__", spy)
+    monkeypatch.setattr(dit_blocks.JointAttention, "__call__", spy)
     on = flux_sample(mrsa(sd3, flux_refs, SD3_ALL), pos, neg, cfg=4.0)
     assert torch.isfinite(on).all() and (on - plain).abs().max() > 1e-2
     # block 0 has a second, image-only attention: it reaches the override and is passed through plain
@@ -385,7 +385,7 @@ def test_blend_word_is_found_among_flux_t5_tokens():
     _comfy()
     from comfy.text_encoders.flux import FluxTokenizer
 
-    from personalize_pack.nodes.attention import blend_word_tokens
+    from personalize_pack.references.prompt_tokens import blend_word_tokens
     tokenizer = FluxTokenizer()
     clip = type("FluxClip", (), {"tokenize": lambda self, text: tokenizer.tokenize_with_weights(text)})()
     ids = [t for t, _ in tokenizer.tokenize_with_weights("a photo of a dog on a sofa")["t5xxl"][0]]
@@ -399,7 +399,7 @@ def test_subject_only_references(flux, clip, flux_refs, preset, monkeypatch):
     """'subject only' runs each reference alone on the tokens its mask touches (a FLUX post_input
     patch), stopping after the last patched block. With full masks that is the whole-image
     computation (up to rounding); with the real masks the reference calls are smaller."""
-    from personalize_pack.attention import dit
+    from personalize_pack.attention import dit, dit_blocks
     from personalize_pack.references.reference import Reference
     pos, neg = prompts(clip)
     full = tuple(Reference(latent=r.latent, mask=torch.ones_like(r.mask), weight=r.weight, caption=r.caption,
@@ -408,13 +408,13 @@ def test_subject_only_references(flux, clip, flux_refs, preset, monkeypatch):
     subject = flux_sample(mrsa(flux, full, preset, reference_tokens="subject only (faster)"), pos, neg)
     assert close(subject, whole, 1e-5)
     tokens = []
-    original = dit.JointAttention.__call__
+    original = dit_blocks.JointAttention.__call__
 
     def spy(self, func, *args, **kwargs):
         tokens.append((getattr(self.layout, "mode", None), args[0].shape[0], args[0].shape[2]))
         return original(self, func, *args, **kwargs)
 
-    monkeypatch.setattr(dit.JointAttention, "__call__", spy)
+    monkeypatch.setattr(dit_blocks.JointAttention, "__call__", spy)
     masked = flux_sample(mrsa(flux, flux_refs, preset, reference_tokens="subject only (faster)"), pos, neg, cfg=2.5)
     assert torch.isfinite(masked).all()
     want = {int(dit.subject_tokens(r, (8, 8), dit.DiTSpec("flux", 2, 2, 2, None)).numel()) for r in flux_refs}

@@ -97,7 +97,7 @@ def test_style_fidelity_below_one_changes_uncond(sd15, references):
 def test_controlnet_style_residuals_do_not_break_the_pass(sd15, references):
     """ControlNet residuals arrive with the target's batch; the reference rows get zeros."""
     model, clip, _ = sd15
-    from personalize_pack.attention.patch import _pad_control
+    from personalize_pack.attention.reference_pass import _pad_control
     res = torch.randn(2, 320, 8, 8)
     padded = _pad_control({"input": [res], "middle": [], "output": []}, 2, 2)
     assert padded["input"][0].shape[0] == 4

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from personalize_pack.attention.layers import (LAYER_PRESETS, SigmaRange, discover_attention_blocks, parse_blocks,
-                                               resolve_layers)
+from personalize_pack.attention.blocks import LAYER_PRESETS, discover_attention_blocks, parse_blocks, resolve_layers
+from personalize_pack.attention.patch import SigmaRange
 
 
 class SpatialTransformer(torch.nn.Module):     # same class name as ComfyUI's, which discovery looks for
@@ -39,7 +39,7 @@ def test_presets_resolve_to_every_transformer():
     assert keys == tuple(("output", i, j) for i in range(3, 6) for j in range(2))
     assert len(resolve_layers("SDXL decoder (output 0-5)", "", discover_attention_blocks(SDXL))) == 36
     assert len(resolve_layers("all decoder blocks", "", discover_attention_blocks(SD15))) == 9
-    assert set(LAYER_PRESETS) < set(__import__("personalize_pack.attention.layers", fromlist=["x"]).PRESET_NAMES)
+    assert set(LAYER_PRESETS) < set(__import__("personalize_pack.attention.blocks", fromlist=["x"]).PRESET_NAMES)
 
 
 def test_custom_blocks_and_errors():

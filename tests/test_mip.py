@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from personalize_pack.attention.kernels import sdpa_attention
-from personalize_pack.attention.layers import SigmaRange
 from personalize_pack.attention.mip import EncodedPrompt, MultiImagePromptAttention, mip_delta, word_maps
 from personalize_pack.attention.patch import (ROWS_KEY, STATE_KEY, PersonalizeAttention, PersonalizeState,
-                                              RowLayout)
+                                              RowLayout, SigmaRange)
 
 
 def softmax(x, axis=-1):

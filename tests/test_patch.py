@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from personalize_pack.attention.kernels import sdpa_attention
-from personalize_pack.attention.layers import SigmaRange
 from personalize_pack.attention.mrsa import MultiReferenceAttention
-from personalize_pack.attention.patch import (ROWS_KEY, STATE_KEY, PersonalizeAttention, PersonalizeState,
-                                              reference_pass)
+from personalize_pack.attention.patch import ROWS_KEY, STATE_KEY, PersonalizeAttention, PersonalizeState, SigmaRange
+from personalize_pack.attention.reference_pass import reference_pass
 from personalize_pack.references.reference import Reference
 
 from test_kernels import reference_mrsa

@@ -963,7 +963,7 @@ def test_flux_workflow_runs_headless(flux_models_dir, tmp_path, flux_workflow, m
     assert api_by_type(prompt, "FluxGuidance")["inputs"]["guidance"] == 3.5
 
     # which FLUX blocks hand their joint attention to the pack (its override, in the pack ComfyUI loaded)
-    dit = _pack_module("attention.dit")
+    dit = _pack_module("attention.dit_blocks")
     patched = []
     real_call = dit.JointAttention.__call__
 

@@ -47,7 +47,7 @@ def adapter_layers(g, widths: list, ctx: int, gate: bool, kv_scale: float = 1.0)
 
 def unet_widths(model) -> tuple[list, int]:
     """Inner widths of the model's cross-attention layers in IP-Adapter order, and its context width."""
-    from personalize_pack.attention.layers import transformer_blocks
+    from personalize_pack.attention.blocks import transformer_blocks
     blocks = transformer_blocks(model.model.diffusion_model)
     ws = [tb.attn2.to_k.weight.shape for tb in blocks.values()]
     return [int(w[0]) for w in ws], int(ws[0][1])

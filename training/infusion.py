@@ -1,5 +1,5 @@
-"""Infusion's learned offsets (docs/algorithms.md §6): the trainable parameters, their file format and
-the concept token's position. Pure torch (+ safetensors); no ComfyUI import.
+"""Infusion's learned offsets (docs/algorithms.md §6): the trainable parameters and their file format
+(the concept token's position is ``references/prompt_tokens.py``). Pure torch (+ safetensors); no ComfyUI import.
 
 Per cross-attention (attn2) layer two vectors ``Δk, Δv`` of the layer's inner width, added to the
 projected key and value of the concept token of the conditional prompt (``attention/infusion.py``).
@@ -27,7 +27,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -311,62 +311,3 @@ def load_offsets(path, name: str | None = None) -> InfusionFile:
             raise ValueError(f"{name}: its tensors do not match its own 'widths' metadata; the file is damaged")
     word = (meta.get("concept_word") or "").strip() or None
     return InfusionFile(offsets, word, family, "personalize" if kind == KIND else "official", path)
-
-
-# --------------------------------------------------------------------------- concept token
-
-def token_ids(tokens, encoder: str | None = None) -> list[int]:
-    """Token ids of a tokenizer output as the conditioning lays them out: ComfyUI's
-    ``clip.tokenize`` result ``{encoder: [chunk, ...]}`` (chunks of ``(token, weight, ...)``
-    concatenated; ``encoder`` picks the entry, default ``"l"``, else ``"h"``, else the only one), a
-    list of chunks, or a flat list of ids. A token that is not an id (a textual-inversion embedding
-    vector) counts as -1, so positions stay right."""
-    if isinstance(tokens, Mapping):
-        if not tokens:
-            raise ValueError("the tokenizer returned nothing")
-        if encoder is None:
-            encoder = next((e for e in ("l", "h") if e in tokens), None)
-            if encoder is None:
-                if len(tokens) != 1:
-                    raise ValueError(f"the tokenizer has several encoders ({', '.join(sorted(tokens))}); "
-                                     f"say which one conditions the model")
-                encoder = next(iter(tokens))
-        if encoder not in tokens:
-            raise ValueError(f"the tokenizer has no '{encoder}' encoder (it has {', '.join(sorted(tokens))})")
-        tokens = tokens[encoder]
-    flat = []
-    for item in tokens:
-        if isinstance(item, (list, tuple)) and item and isinstance(item[0], (list, tuple)):
-            flat.extend(item)                   # a chunk of (token, weight) pairs
-        else:
-            flat.append(item)
-    out = []
-    for t in flat:
-        t = t[0] if isinstance(t, (list, tuple)) else t
-        try:
-            out.append(int(t))
-        except (TypeError, ValueError, RuntimeError):
-            out.append(-1)
-    return out
-
-
-def concept_token_index(prompt_tokens, word_tokens, special: Sequence[int] = (), word: str = "concept_word",
-                        encoder: str | None = None) -> int:
-    """The position, in the prompt's conditioning (start token included, CLIP chunks of 77
-    concatenated: chunk ``c``, index ``i`` -> ``77 c + i``), of the first token of the first
-    occurrence of the concept word. ``prompt_tokens`` / ``word_tokens``: tokenizer outputs or id
-    lists (``token_ids``); ids in ``special`` (start, end, padding: the tokens of the empty
-    string) are dropped from the word. The official code takes the word's index among the
-    space-separated words + 1 (§6.6 pitfall 6); the tokenizer gets multi-token words and
-    punctuation right, and agrees with it on single-token words."""
-    p = token_ids(prompt_tokens, encoder)
-    drop = {int(s) for s in special}
-    w = [t for t in token_ids(word_tokens, encoder) if t not in drop]
-    if not w:
-        raise ValueError(f"{word}: has no tokens; give the word of your prompt that names the concept "
-                         f"(e.g. 'cat')")
-    for i in range(len(p) - len(w) + 1):
-        if p[i:i + len(w)] == w:
-            return i
-    raise ValueError(f"{word}: not found in the prompt; the concept word must appear in the prompt as a whole "
-                     f"word, spelled the same way (e.g. 'cat' in 'a photo of a cat on the beach')")

@@ -1,0 +1,54 @@
+"""Putting a technique on a cloned MODEL: its state, the reference-pass wrapper (once) and the
+shared replace object on each block it claims (``patch.PersonalizeAttention`` on UNet attention,
+``dit_blocks.PersonalizeBlock`` on DiT blocks). ComfyUI is imported inside the functions only.
+"""
+from __future__ import annotations
+
+from .dit_blocks import install_dit_blocks
+from .patch import STATE_KEY, WRAPPER_KEY, PersonalizeAttention, PersonalizeState
+from .reference_pass import reference_pass
+
+
+def find_replace(model_options, kind: str, key: tuple):
+    table = model_options.get("transformer_options", {}).get("patches_replace", {}).get(kind, {})
+    return table.get(key, table.get(key[:2]))
+
+
+def _check_exclusive(state: PersonalizeState) -> None:
+    """A technique that owns the batch layout combines with no other such technique and with none
+    that adds reference rows."""
+    owners = [t for t in state.techniques if t.exclusive]
+    if owners and any(t is not owners[0] and (t.exclusive or t.max_reference_rows()) for t in state.techniques):
+        others = ", ".join(sorted({t.name for t in state.techniques if t is not owners[0]}))
+        raise ValueError(f"model: {owners[0].name} runs a second branch in the batch and cannot be combined with "
+                         f"{others} on the same MODEL; apply it to a model without them")
+
+
+def install_technique(model, technique):
+    """Clone ``model`` and register ``technique``: state, the reference-pass wrapper (once) and
+    the shared replace object on each of its blocks. The input MODEL is not touched."""
+    from comfy.patcher_extension import WrappersMP  # noqa: PLC0415
+
+    m = model.clone()
+    opts = dict(m.model_options.get("transformer_options", {}))
+    state = opts.get(STATE_KEY) or PersonalizeState(base_memory_factor=m.get_model_object("memory_usage_factor"))
+    state = state.with_technique(technique)
+    _check_exclusive(state)
+    opts[STATE_KEY] = state
+    m.model_options["transformer_options"] = opts
+    # ComfyUI sizes its batches and frees memory from memory_usage_factor x batch; the reference rows
+    # ride in the same call, so raise the factor by the worst case (batch 1 with CFG: 2 rows + refs).
+    if state.base_memory_factor is not None:
+        m.add_object_patch("memory_usage_factor", state.base_memory_factor * (1 + state.reference_rows() / 2))
+    if not m.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+        m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, reference_pass)
+    if technique.dit is not None:
+        install_dit_blocks(m, technique.dit)
+        return m
+    for kind in ("attn1", "attn2"):
+        for key in technique.keys(kind):
+            existing = find_replace(m.model_options, kind, key)
+            if isinstance(existing, PersonalizeAttention):
+                continue
+            m.set_model_patch_replace(PersonalizeAttention(kind, existing), kind, key[0], key[1], key[2])
+    return m

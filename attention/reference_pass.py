@@ -1,0 +1,276 @@
+"""The reference pass: an ``apply_model`` wrapper (``WrappersMP.APPLY_MODEL``) that runs the
+references a technique asks for alongside the target.
+
+At each model call in which a technique is active it noises the references it needs to the current
+sigma (fresh noise from a seeded generator) and runs them **in the same model call as the target**,
+appended after the target rows (cond only unless a technique asks for uncond references): the
+*joint* path. The rows' layout reaches the attention patches as
+``transformer_options["personalize_rows"]`` (``patch.RowLayout``). When another pack has attention
+patches on the model (they may read the batch layout from ``cond_or_uncond``), when a DiT's
+reference captions differ in length from the prompt, or when FLUX references run on their subject's
+tokens only, the references run in *separate* calls before the target instead, recording their
+keys/values into a per-call bank that the target call reads.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .dit import select_tokens, subject_tokens
+from .dit_blocks import PersonalizeBlock
+from .patch import COND, LATENT_KEY, ROWS_KEY, STATE_KEY, PersonalizeAttention, RecordDone, RowLayout
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _noise(shape, seed: int, index: int, label: int, sigma: float) -> torch.Tensor:
+    """Fresh noise for one reference at one step, independent of call order and RNG state."""
+    mix = (int(seed) * 1_000_003 + index * 7_919 + label * 104_729 + int(round(sigma * 1e6))) % (2 ** 63)
+    g = torch.Generator(device="cpu").manual_seed(mix)
+    return torch.randn(shape, generator=g)
+
+
+def repeat_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
+    return t if t.shape[1] == length else t.repeat(1, length // t.shape[1], 1)
+
+
+def _foreign_attention(transformer_options) -> bool:
+    """True when another pack patches attention: it may split the batch by ``cond_or_uncond``."""
+    patches = transformer_options.get("patches", {}) or {}
+    if any(patches.get(n) for n in ("attn1_patch", "attn2_patch", "attn1_output_patch", "attn2_output_patch")):
+        return True
+    for table in (transformer_options.get("patches_replace", {}) or {}).values():
+        for fn in table.values():
+            if isinstance(fn, (PersonalizeAttention, PersonalizeBlock)) and fn.inner is None:
+                continue        # the pack's own replace, wrapping nothing
+            return True
+    return False
+
+
+def _pad_control(control, n_target: int, n_extra: int):
+    if control is None:
+        return None
+    out = {}
+    for name, items in control.items():
+        if not isinstance(items, list):
+            out[name] = items
+            continue
+        new = []
+        for t in items:
+            if isinstance(t, torch.Tensor) and t.shape[0] in (1, n_target):
+                t = t.expand(n_target, *t.shape[1:])
+                t = torch.cat([t, t.new_zeros((n_extra, *t.shape[1:]))])
+            new.append(t)
+        out[name] = new
+    return out
+
+
+def _rows_of(value, n_target: int, src: list[int]):
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n_target:
+        return value[src]
+    return None
+
+
+def _caption_rows(reqs, src, c_crossattn):
+    """The text conditioning of every reference row ``[1, T_r, D]``: its caption for cond
+    references that have one, else the target row's conditioning it borrows."""
+    rows = []
+    for r, s_row in zip(reqs, src):
+        cap = r.reference.caption if r.label == COND else None
+        if cap is not None:
+            if cap.shape[-1] != c_crossattn.shape[-1]:
+                raise ValueError(f"reference '{r.reference.name}': caption conditioning has width "
+                                 f"{cap.shape[-1]} but the model's text conditioning has "
+                                 f"{c_crossattn.shape[-1]}; encode the caption with the same CLIP as the prompt")
+            rows.append(cap[:1].to(c_crossattn.device, c_crossattn.dtype))
+        else:
+            rows.append(c_crossattn[s_row:s_row + 1])
+    return rows
+
+
+def _pooled_rows(y, reqs):
+    """``y`` of the reference rows with each cond reference's own pooled caption where it is the
+    whole vector (FLUX: the CLIP-L pooled output; an SDXL ``y`` also holds size embeddings, so
+    there the borrowed row stays)."""
+    if not isinstance(y, torch.Tensor) or y.dim() != 2:
+        return y
+    out = None
+    for i, r in enumerate(reqs):
+        pooled = getattr(r.reference, "caption_pooled", None) if r.label == COND else None
+        if pooled is not None and pooled.shape[-1] == y.shape[-1]:
+            out = y.clone() if out is None else out
+            out[i] = pooled.reshape(-1, y.shape[-1])[0].to(y.device, y.dtype)
+    return y if out is None else out
+
+
+
+# --------------------------------------------------------------------------- the pass
+
+@dataclass
+class _References:
+    """The reference rows of one model call and their inputs: ``reqs`` (``RefRequest`` per row),
+    ``x``/``t`` (noised latents and timesteps), ``ctx_rows`` (each row's text conditioning),
+    ``ctx`` (the rows' conditioning in one tensor, when one call can carry it) with ``ctx_target``
+    (the target's, repeated to the same length), ``concat``/``kwargs`` (the other model inputs of
+    the rows), ``groups`` (the rows of each separate call) and ``subject`` (subject-only rows)."""
+    reqs: list
+    x: torch.Tensor
+    t: torch.Tensor
+    ctx_rows: list | None
+    ctx: torch.Tensor | None
+    ctx_target: torch.Tensor | None
+    concat: torch.Tensor | None
+    kwargs: dict
+    groups: list
+    subject: list
+
+
+def _requests(state, labels: list, sigma: float) -> list:
+    """One ``RefRequest`` per (reference, label) the active techniques ask for, in order."""
+    requests: dict = {}
+    for tech in state.techniques:
+        if tech.active(sigma):
+            for req in tech.reference_requests(set(labels), sigma):
+                requests.setdefault((req.reference, req.label), req)
+    return list(requests.values())
+
+
+def _noised_latents(model, reqs, x, t, sigma: float):
+    """The references' latents fitted to the target, noised to this call's sigma, and their timesteps."""
+    H, W = x.shape[-2:]
+    lat = []
+    s = t.reshape(-1)[:1].to(x.device, torch.float32)
+    for r in reqs:
+        z0, _ = r.reference.fitted(H, W)
+        z0 = model.process_latent_in(z0.to(x.device, torch.float32))
+        eps = _noise(z0.shape, r.seed, r.index, r.label, sigma).to(x.device)
+        lat.append(model.model_sampling.noise_scaling(s, eps, z0))
+    return torch.cat(lat).to(x.dtype), t.reshape(-1)[:1].expand(len(reqs)).to(t.dtype)
+
+
+def _references(model, reqs, labels, x, t, sigma, c_concat, c_crossattn, kwargs, dit) -> _References:
+    n_target = x.shape[0]
+    chunk = n_target // len(labels)
+    src = [labels.index(r.label) * chunk for r in reqs]      # target row whose conditioning a reference borrows
+    x_ref, t_ref = _noised_latents(model, reqs, x, t, sigma)
+
+    # In a UNet the text only enters cross-attention, where repeating every token of a conditioning
+    # changes nothing, so conditionings of different lengths share a call at their common multiple.
+    # In a DiT the text tokens are keys of the joint attention: lengths must match exactly, else
+    # the references run in calls of their own length.
+    ctx_rows = _caption_rows(reqs, src, c_crossattn) if c_crossattn is not None else None
+    ctx_ref = ctx_target = None
+    groups = [list(range(len(reqs)))]
+    if ctx_rows is not None:
+        if dit is None:
+            length = math.lcm(c_crossattn.shape[1], *[r.shape[1] for r in ctx_rows])
+            ctx_ref = torch.cat([repeat_tokens(r, length) for r in ctx_rows])
+            ctx_target = repeat_tokens(c_crossattn, length)     # repeating all tokens leaves cross-attention unchanged
+        else:
+            ctx_target = c_crossattn
+            lengths = sorted({r.shape[1] for r in ctx_rows})
+            groups = [[i for i, r in enumerate(ctx_rows) if r.shape[1] == n] for n in lengths]
+            if lengths == [c_crossattn.shape[1]]:
+                ctx_ref = torch.cat(ctx_rows)
+    subject = [i for i, r in enumerate(reqs) if r.subject] if dit is not None and dit.rope is not None else []
+    if subject:         # each subject-only reference runs alone, on its own tokens
+        groups = [g for g in ([i for i in g if i not in subject] for g in groups) if g] + [[i] for i in subject]
+    kw_ref = {}
+    for name, value in kwargs.items():
+        rows = _rows_of(value, n_target, src)
+        kw_ref[name] = rows if rows is not None else value
+    if dit is not None and "y" in kw_ref:
+        kw_ref["y"] = _pooled_rows(kw_ref["y"], reqs)
+    return _References(reqs, x_ref, t_ref, ctx_rows, ctx_ref, ctx_target, _rows_of(c_concat, n_target, src),
+                       kw_ref, groups, subject)
+
+
+def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+    """``WrappersMP.APPLY_MODEL`` wrapper: see the module docstring."""
+    state = transformer_options.get(STATE_KEY)
+    labels = list(transformer_options.get("cond_or_uncond") or [])
+    dit = state.dit if state is not None else None
+    if dit is not None:
+        transformer_options = dict(transformer_options)
+        transformer_options[LATENT_KEY] = tuple(int(d) for d in x.shape[-2:])
+    if state is None or not state.techniques or not labels or x.shape[0] % len(labels):
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    sigma = float(t.reshape(-1)[0])
+    reqs = _requests(state, labels, sigma)
+    if not reqs:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    refs = _references(executor.class_obj, reqs, labels, x, t, sigma, c_concat, c_crossattn, kwargs, dit)
+    if (not refs.subject and not _foreign_attention(transformer_options)
+            and (c_crossattn is None or refs.ctx is not None)):
+        return _joint_call(executor, refs, labels, sigma, x, t, c_concat, c_crossattn, control,
+                           transformer_options, kwargs)
+    return _separate_calls(executor, refs, labels, sigma, dit, x, t, c_concat, c_crossattn, control,
+                           transformer_options, kwargs)
+
+
+def _joint_call(executor, refs: _References, labels, sigma, x, t, c_concat, c_crossattn, control,
+                transformer_options, kwargs):
+    """The references as rows ``n_target..`` of the target's own call; returns the target rows."""
+    n_target = x.shape[0]
+    rows = {(r.reference, r.label): i for i, r in enumerate(refs.reqs)}
+    opts = dict(transformer_options)
+    opts[ROWS_KEY] = RowLayout("joint", labels, n_target, tuple(x.shape[-2:]), sigma, rows)
+    t_all = torch.cat([t, refs.t.to(t.device)])
+    if isinstance(opts.get("sigmas"), torch.Tensor):
+        opts["sigmas"] = t_all
+    kw_all = {}
+    for name, value in kwargs.items():
+        extra = refs.kwargs[name]
+        kw_all[name] = torch.cat([value, extra.to(value.device, value.dtype)]) if extra is not value else value
+    out = executor(torch.cat([x, refs.x]), t_all,
+                   None if c_concat is None else torch.cat([c_concat, refs.concat]),
+                   None if c_crossattn is None else torch.cat([refs.ctx_target, refs.ctx.to(c_crossattn.dtype)]),
+                   _pad_control(control, n_target, len(refs.reqs)), opts, **kw_all)
+    return out[:n_target]
+
+
+def _separate_calls(executor, refs: _References, labels, sigma, dit, x, t, c_concat, c_crossattn, control,
+                    transformer_options, kwargs):
+    """The references alone (recording their keys/values), then the target reading them. References
+    whose text differs in length (DiT only) are recorded in one call per length, subject-only
+    references (FLUX) one by one."""
+    reqs, hw = refs.reqs, tuple(x.shape[-2:])
+    order = [i for g in refs.groups for i in g]
+    rows = {(reqs[i].reference, reqs[i].label): j for j, i in enumerate(order)}
+    parts: dict = {}
+    for g in refs.groups:
+        def sub(value, g=g):
+            return value[g] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == len(reqs) \
+                else value
+        bank_g: dict = {}
+        rec = dict(transformer_options)
+        rec["cond_or_uncond"] = [reqs[i].label for i in g]
+        rows_g = {(reqs[i].reference, reqs[i].label): j for j, i in enumerate(g)}
+        rec[ROWS_KEY] = RowLayout("record", rec["cond_or_uncond"], len(g), hw, sigma, rows_g, bank_g)
+        if g[0] in refs.subject:
+            rec[ROWS_KEY].subset = subject_tokens(reqs[g[0]].reference, hw, dit).to(x.device)
+            patches = dict(rec.get("patches") or {})
+            patches["post_input"] = list(patches.get("post_input") or []) + [select_tokens(rec[ROWS_KEY].subset)]
+            rec["patches"] = patches
+        if isinstance(rec.get("sigmas"), torch.Tensor):
+            rec["sigmas"] = refs.t[g].to(t.device)
+        if refs.ctx_rows is None:
+            ctx_g = None
+        elif dit is None:
+            ctx_g = sub(refs.ctx)
+        else:
+            ctx_g = torch.cat([refs.ctx_rows[i] for i in g])
+        try:
+            executor(refs.x[g], refs.t[g].to(t.device), sub(refs.concat), ctx_g, None, rec,
+                     **{name: sub(value) for name, value in refs.kwargs.items()})
+        except RecordDone:
+            pass
+        for key, kv in bank_g.items():
+            parts.setdefault(key, []).append(kv)
+    bank = {key: kvs[0] if len(kvs) == 1 else (torch.cat([kv[0] for kv in kvs]), torch.cat([kv[1] for kv in kvs]))
+            for key, kvs in parts.items() if len(kvs) == len(refs.groups)}
+    opts = dict(transformer_options)
+    opts[ROWS_KEY] = RowLayout("read", labels, x.shape[0], hw, sigma, rows, bank)
+    return executor(x, t, c_concat, c_crossattn, control, opts, **kwargs)
