@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from ..training.infusion import FAMILIES, concept_token_index, token_ids
 from .layers import transformer_blocks
 from .patch import BRANCH_KEY, COND, Technique, install_technique, row_runs
+
+FAMILIES = {768: "SD1.x", 1024: "SD2.x"}          # text-conditioning width -> supported family
 
 
 # --------------------------------------------------------------------------- kernel
@@ -165,6 +166,10 @@ def concept_position(clip, prompt: str, word: str, family: str) -> tuple[int, in
     """``(index of the concept word's first token, token count)`` in the prompt's conditioning, by
     the CLIP's own tokenizer (long prompts: chunks of 77 concatenated, so chunk c, index i is
     77 c + i)."""
+    # TEMPORARY (until attn-core's references/prompt_tokens.py is merged, which takes these two out of
+    # training/): lazy, so that this module imports nothing of training/ while training/infusion.py imports
+    # FAMILIES from here. The merge replaces this line by a module-level import from references.prompt_tokens.
+    from ..training.infusion import concept_token_index, token_ids  # noqa: PLC0415
     if not (prompt or "").strip():
         raise ValueError("prompt: empty; give the positive prompt you sample with, exactly as in your CLIP Text Encode")
     tokens = clip.tokenize(prompt)

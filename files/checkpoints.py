@@ -124,6 +124,21 @@ def _check_safetensors_size(path: str, name: str, size: int, error, tail: str) -
         raise error(f"{broken}: it has {size} bytes of the {8 + n + end} its header announces.{tail}")
 
 
+def safetensors_metadata(path) -> dict:
+    """The ``__metadata__`` strings of a safetensors file's header, read from the header alone (no
+    tensor is loaded); ``{}`` for a file without metadata, of another format or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > SAFETENSORS_MAX_HEADER:
+                return {}
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
 def pickled_globals(path) -> list:
     """``module.name`` of every global the pickles of a PyTorch file import, read from the opcodes
     without executing anything: those at the start of a legacy file or a plain pickle (several pickles,

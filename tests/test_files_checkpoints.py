@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from personalize_pack.files.checkpoints import flat_state_dict, pickled_globals, read_checkpoint
+from personalize_pack.files.checkpoints import (flat_state_dict, pickled_globals, read_checkpoint,
+                                               safetensors_metadata)
 
 
 class FileError(Exception):
@@ -156,3 +157,15 @@ def test_flat_state_dict():
     assert flat_state_dict({"target_output": sd}, nested_keys=("target_output",)) == sd
     assert flat_state_dict({"epoch": 1}) == {}
     assert flat_state_dict([sd]) is None and flat_state_dict({}) is None
+
+
+def test_safetensors_metadata_from_the_header_alone(tmp_path):
+    path = tmp_path / "meta.safetensors"
+    save_file(tensors(), str(path), metadata={"personalize_kind": "infusion", "widths": '{"a": 3}'})
+    assert safetensors_metadata(path) == {"personalize_kind": "infusion", "widths": '{"a": 3}'}
+    save_file(tensors(), str(tmp_path / "plain.safetensors"))
+    assert safetensors_metadata(tmp_path / "plain.safetensors") == {}
+    torch.save(tensors(), tmp_path / "model.pth")
+    (tmp_path / "notes.txt").write_bytes(b"just some text")
+    for other in ("model.pth", "notes.txt", "absent.safetensors"):
+        assert safetensors_metadata(tmp_path / other) == {}
