@@ -1,6 +1,6 @@
 """IP-Adapter and MIP-Adapter checkpoints: recognising the variant from the tensors of a file (read by
-``files/checkpoints.py``), building its image-projection model (``attention/image_proj.py``), and the map
-from per-layer weights to ComfyUI blocks. Pure torch; nothing here imports ComfyUI.
+``files/checkpoints.py``; the image-projection part built by ``attention/image_proj.py``), the per-layer
+weights, and their map to ComfyUI blocks. Pure torch; nothing here imports ComfyUI.
 
 A checkpoint has two parts (docs/algorithms.md §3.4):
 
@@ -36,15 +36,10 @@ import torch
 from torch import nn
 
 from ..files.checkpoints import read_checkpoint
-from .image_proj import ImageProjModel, MLPProjModel, Resampler
+from .image_proj import IMAGE_EMBEDS, PENULTIMATE, projection_from_state_dict
 
 IP_ADAPTER = "IP-Adapter"
 MIP_ADAPTER = "MIP-Adapter"
-IMAGE_EMBEDS = "image_embeds"
-PENULTIMATE = "penultimate_hidden_states"
-
-DIM_HEAD = 64              # every official Resampler uses 64-wide heads; the tensors cannot say
-FULL_FACE_TOKENS = 257     # CLIP ViT-H/14 at 224 px: 16 x 16 patches + the class token
 FAMILIES = {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}
 _FAMILY_IDS = {"SD1.5": "sd15", "SD2.x": "sd21", "SDXL": "sdxl"}
 # CLIP vision towers by the width of each output
@@ -218,7 +213,7 @@ def adapter_from_state_dict(sd: dict, name: str = "adapter") -> ImagePromptAdapt
     if family is None:
         raise ValueError(f"ipadapter: '{name}' has {ctx}-wide context projections; IP-Adapters exist "
                          f"for SD1.5 (768), SD2.x (1024) and SDXL (2048) models")
-    image_proj, projection, tokens, clip_output, clip_width, out_dim = _build_projection(proj_sd, name)
+    image_proj, projection, tokens, clip_output, clip_width, out_dim = projection_from_state_dict(proj_sd, name)
     if out_dim != ctx:
         raise ValueError(f"ipadapter: '{name}' is inconsistent: its image projection makes "
                          f"{out_dim}-wide tokens but its layers read {ctx}-wide context")
@@ -359,99 +354,5 @@ def _read_layers(ip: dict, name: str) -> tuple[list, int]:
     return layers, ctx
 
 
-def _check_keys(sd: dict, shapes: dict, name: str, what: str) -> None:
-    """Every expected key present with its shape, and nothing else."""
-    missing = [k for k in shapes if k not in sd]
-    extra = sorted(k for k in sd if k not in shapes)
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(s)})" for k, s in shapes.items()
-             if k in sd and tuple(sd[k].shape) != tuple(s)]
-    problems = []
-    if missing:
-        problems.append(f"missing {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
-    if extra:
-        problems.append(f"unexpected {', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}")
-    if wrong:
-        problems.append(f"wrong shapes {', '.join(wrong[:4])}")
-    if problems:
-        raise ValueError(f"ipadapter: '{name}' has an image projection like {what} but it does not "
-                         f"match that layout: {'; '.join(problems)}")
-
-
-def _build_projection(proj: dict, name: str):
-    """``(module, projection, tokens, clip_output, clip_width, out_dim)`` from image_proj keys."""
-    if "latents" in proj:
-        make, tokens, width, out = _resampler_from(proj, name)
-        projection, clip_output = "resampler", PENULTIMATE
-    elif "proj.3.weight" in proj:
-        if "proj.0.weight" not in proj or proj["proj.0.weight"].ndim != 2:
-            raise ValueError(f"ipadapter: '{name}' has a full-face LayerNorm 'proj.3' without the "
-                             f"'proj.0' Linear before it; it is not a checkpoint of a known layout")
-        hidden, width = proj["proj.0.weight"].shape
-        out = proj["proj.3.weight"].shape[0]
-        _check_keys(proj, {"proj.0.weight": (hidden, width), "proj.0.bias": (hidden,),
-                           "proj.2.weight": (out, hidden), "proj.2.bias": (out,),
-                           "proj.3.weight": (out,), "proj.3.bias": (out,)},
-                    name, "the full-face MLP")
-        make = lambda: MLPProjModel(width, hidden, out)
-        projection, clip_output, tokens = "mlp", PENULTIMATE, FULL_FACE_TOKENS
-    elif "proj.weight" in proj:
-        if "norm.weight" not in proj or proj["proj.weight"].ndim != 2:
-            raise ValueError(f"ipadapter: '{name}' has a 'proj' image projection without its "
-                             f"LayerNorm 'norm'; it is not an IP-Adapter checkpoint of a known layout")
-        out = proj["norm.weight"].shape[0]
-        rows, width = proj["proj.weight"].shape
-        if rows % out:
-            raise ValueError(f"ipadapter: '{name}': image projection rows {rows} are not a multiple "
-                             f"of its token width {out}")
-        tokens = rows // out
-        _check_keys(proj, {"proj.weight": (rows, width), "proj.bias": (rows,),
-                           "norm.weight": (out,), "norm.bias": (out,)}, name, "ImageProjModel")
-        make = lambda: ImageProjModel(width, tokens, out)
-        projection, clip_output = "linear", IMAGE_EMBEDS
-    else:
-        keys = ", ".join(sorted(proj)[:6])
-        raise ValueError(f"ipadapter: '{name}' has an image projection of an unknown layout (keys: "
-                         f"{keys}); supported are IP-Adapter base/light, plus, plus-face, full-face, "
-                         f"SDXL and MIP-Adapter files")
-    with torch.device("meta"):                 # no random initialisation: the file fills it
-        module = make()
-    module.load_state_dict(proj, strict=True, assign=True)
-    module.requires_grad_(False).eval()
-    return module, projection, tokens, clip_output, width, out
-
-
-def _resampler_from(proj: dict, name: str):
-    """Derive the Resampler's sizes from its tensors and check every key; returns a factory."""
-    lat = proj["latents"]
-    if lat.ndim != 3 or lat.shape[0] != 1 or "proj_in.weight" not in proj \
-            or "layers.0.0.to_q.weight" not in proj or "proj_out.weight" not in proj \
-            or "layers.0.1.1.weight" not in proj:
-        raise ValueError(f"ipadapter: '{name}' has Resampler latents {tuple(lat.shape)} but not the "
-                         f"rest of a Resampler (proj_in, layers.0, proj_out)")
-    queries, dim = lat.shape[1], lat.shape[2]
-    width = proj["proj_in.weight"].shape[1]
-    inner = proj["layers.0.0.to_q.weight"].shape[0]
-    ff_inner = proj["layers.0.1.1.weight"].shape[0]
-    out = proj["proj_out.weight"].shape[0]
-    depth = 1 + max(int(m.group(1)) for m in (re.match(r"^layers\.(\d+)\.", k) for k in proj) if m)
-    if inner % DIM_HEAD:
-        raise ValueError(f"ipadapter: '{name}': Resampler attention width {inner} is not a multiple "
-                         f"of the {DIM_HEAD}-wide heads every IP-Adapter Resampler uses")
-    shapes = {"latents": (1, queries, dim), "proj_in.weight": (dim, width), "proj_in.bias": (dim,),
-              "proj_out.weight": (out, dim), "proj_out.bias": (out,),
-              "norm_out.weight": (out,), "norm_out.bias": (out,)}
-    for i in range(depth):
-        a, f = f"layers.{i}.0.", f"layers.{i}.1."
-        shapes.update({a + "norm1.weight": (dim,), a + "norm1.bias": (dim,),
-                       a + "norm2.weight": (dim,), a + "norm2.bias": (dim,),
-                       a + "to_q.weight": (inner, dim), a + "to_kv.weight": (2 * inner, dim),
-                       a + "to_out.weight": (dim, inner),
-                       f + "0.weight": (dim,), f + "0.bias": (dim,),
-                       f + "1.weight": (ff_inner, dim), f + "3.weight": (dim, ff_inner)})
-    _check_keys(proj, shapes, name, "the IP-Adapter Plus Resampler")
-    make = lambda: Resampler(width, dim, inner, inner // DIM_HEAD, queries, depth, ff_inner, out)
-    return make, queries, width, out
-
-
 __all__ = ["AdapterLayer", "ImagePromptAdapter", "load_adapter", "adapter_from_state_dict",
-           "FAMILIES", "IP_ADAPTER", "MIP_ADAPTER", "IMAGE_EMBEDS", "PENULTIMATE"]
+           "FAMILIES", "IP_ADAPTER", "MIP_ADAPTER"]
