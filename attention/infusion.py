@@ -19,10 +19,11 @@ from __future__ import annotations
 import torch
 
 from ..references.prompt_tokens import concept_token_index, token_ids
-from ..training.infusion import FAMILIES
 from .blocks import transformer_blocks
 from .install import install_technique
 from .patch import BRANCH_KEY, COND, Technique, row_runs
+
+FAMILIES = {768: "SD1.x", 1024: "SD2.x"}          # text-conditioning width -> supported family
 
 
 # --------------------------------------------------------------------------- kernel

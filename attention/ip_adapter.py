@@ -1,6 +1,6 @@
-"""IP-Adapter and MIP-Adapter checkpoints: reading the file, recognising the variant from its
-tensors, the image-projection model, and the map from per-layer weights to ComfyUI blocks.
-Pure torch + safetensors; nothing here imports ComfyUI.
+"""IP-Adapter and MIP-Adapter checkpoints: recognising the variant from the tensors of a file (read by
+``files/checkpoints.py``; the image-projection part built by ``attention/image_proj.py``), the per-layer
+weights, and their map to ComfyUI blocks. Pure torch; nothing here imports ComfyUI.
 
 A checkpoint has two parts (docs/algorithms.md §3.4):
 
@@ -28,24 +28,18 @@ silently leaves a randomly initialised layer; here every missing or unexpected k
 """
 from __future__ import annotations
 
-import json
-import pickle
-import pickletools
 import re
-import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from ..files.checkpoints import read_checkpoint
+from .image_proj import IMAGE_EMBEDS, PENULTIMATE, projection_from_state_dict
+
 IP_ADAPTER = "IP-Adapter"
 MIP_ADAPTER = "MIP-Adapter"
-IMAGE_EMBEDS = "image_embeds"
-PENULTIMATE = "penultimate_hidden_states"
-
-DIM_HEAD = 64              # every official Resampler uses 64-wide heads; the tensors cannot say
-FULL_FACE_TOKENS = 257     # CLIP ViT-H/14 at 224 px: 16 x 16 patches + the class token
 FAMILIES = {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}
 _FAMILY_IDS = {"SD1.5": "sd15", "SD2.x": "sd21", "SDXL": "sdxl"}
 # CLIP vision towers by the width of each output
@@ -67,92 +61,6 @@ class AdapterLayer(NamedTuple):
     @property
     def width(self) -> int:
         return self.to_k_ip.shape[0]
-
-
-# --------------------------------------------------------------------------- projection models
-# Parameter names follow the checkpoint keys, so a state dict loads with strict=True.
-
-class ImageProjModel(nn.Module):
-    """``LayerNorm(proj(e).reshape(B, tokens, ctx))`` for CLIP image embeds ``e [B, E]``."""
-
-    def __init__(self, embed_dim: int, tokens: int, ctx: int):
-        super().__init__()
-        self.tokens, self.ctx = tokens, ctx
-        self.proj = nn.Linear(embed_dim, tokens * ctx)
-        self.norm = nn.LayerNorm(ctx)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).reshape(x.shape[0], self.tokens, self.ctx))
-
-
-class MLPProjModel(nn.Module):
-    """Full-face projection of every CLIP token: ``LayerNorm(W2 GELU(W1 x + b1) + b2)``."""
-
-    def __init__(self, embed_dim: int, hidden: int, ctx: int):
-        super().__init__()
-        self.proj = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, ctx),
-                                  nn.LayerNorm(ctx))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
-class PerceiverAttention(nn.Module):
-    """The latents (queries) attend over the image features and themselves:
-    ``softmax(q k^T / sqrt(d)) v`` with ``q = W_q LN2(lat)``, ``[k; v] = W_kv [LN1(x); LN2(lat)]``,
-    then ``W_out``. The ``1/sqrt(d)`` is applied as ``d^-1/4`` on each of q and k, as the
-    official code does for half-precision range."""
-
-    def __init__(self, dim: int, inner: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-
-    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x)
-        latents = self.norm2(latents)
-        b, n, _ = latents.shape
-        q = self.to_q(latents)
-        k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)
-        q, k, v = (t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        s = q.shape[-1] ** -0.25
-        w = torch.softmax(((q * s) @ (k * s).transpose(-1, -2)).float(), dim=-1).to(v.dtype)
-        out = (w @ v).transpose(1, 2).reshape(b, n, -1)
-        return self.to_out(out)
-
-
-def _feed_forward(dim: int, inner: int) -> nn.Sequential:
-    """``x -> W2 GELU(W1 LN(x))`` without biases (keys ``0`` LayerNorm, ``1`` and ``3`` Linear)."""
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(),
-                         nn.Linear(inner, dim, bias=False))
-
-
-class Resampler(nn.Module):
-    """IP-Adapter Plus projection: ``x' = proj_in(x)``; per layer ``lat += attn(x', lat)``,
-    ``lat += ff(lat)``; output ``norm_out(proj_out(lat))`` of shape ``[B, queries, out]``."""
-
-    def __init__(self, embed_dim: int, dim: int, inner: int, heads: int, queries: int, depth: int,
-                 ff_inner: int, out_dim: int):
-        super().__init__()
-        self.latents = nn.Parameter(torch.empty(1, queries, dim))
-        self.proj_in = nn.Linear(embed_dim, dim)
-        self.proj_out = nn.Linear(dim, out_dim)
-        self.norm_out = nn.LayerNorm(out_dim)
-        self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, inner, heads), _feed_forward(dim, ff_inner)])
-            for _ in range(depth))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        latents = self.latents.expand(x.shape[0], -1, -1)
-        x = self.proj_in(x)
-        for attn, ff in self.layers:
-            latents = attn(x, latents) + latents
-            latents = ff(latents) + latents
-        return self.norm_out(self.proj_out(latents))
 
 
 # --------------------------------------------------------------------------- the adapter
@@ -280,105 +188,16 @@ def _clip_model(output: str, width: int) -> str:
 
 def load_adapter(path) -> ImagePromptAdapter:
     """Read an IP-Adapter / MIP-Adapter file (``.safetensors``, or a ``.bin``/``.pt``/``.pth``
-    PyTorch checkpoint read with ``weights_only=True``) and recognise it."""
+    PyTorch checkpoint read with ``weights_only=True``, through ``files.checkpoints``) and
+    recognise it."""
     path = Path(path)
-    return adapter_from_state_dict(read_checkpoint(path), path.name)
+    sd = read_checkpoint(path, error=_ipadapter_error, redo="Download it again.",
+                         kind="an IP-Adapter checkpoint")
+    return adapter_from_state_dict(sd, path.name)
 
 
-def read_checkpoint(path) -> dict:
-    """The raw dictionary of a checkpoint file. The format is sniffed from the bytes: a zip
-    archive or a pickle is a PyTorch checkpoint, a JSON header a safetensors file."""
-    path = Path(path)
-    name = path.name
-    if not path.is_file():
-        raise ValueError(f"ipadapter: '{path}' does not exist or is not a file")
-    size = path.stat().st_size
-    if size == 0:
-        raise ValueError(f"ipadapter: '{name}' is empty (0 bytes); the download probably failed")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(b"PK\x03\x04"):
-        if not zipfile.is_zipfile(path):
-            raise ValueError(f"ipadapter: '{name}' is a truncated or damaged PyTorch checkpoint (its "
-                             f"zip archive has no end record, {size} bytes); download it again")
-        return _torch_load(path, name)
-    if head[:1] == b"\x80":                 # a pickle (protocol >= 2): legacy torch.save format
-        return _torch_load(path, name)
-    if len(head) >= 9 and head[8:9] == b"{":
-        return _read_safetensors(path, name, size)
-    raise ValueError(f"ipadapter: '{name}' is not an IP-Adapter checkpoint: it is neither a "
-                     f"safetensors file nor a PyTorch (.bin/.pt/.pth) checkpoint")
-
-
-def _read_safetensors(path: Path, name: str, size: int) -> dict:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if 8 + n > size:
-            raise ValueError(f"ipadapter: '{name}' is truncated: its safetensors header announces "
-                             f"{n} bytes but the file has {size}; download it again")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
-                  default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        raise ValueError(f"ipadapter: '{name}' is corrupt: its safetensors header cannot be "
-                         f"read; download it again") from None
-    if 8 + n + end > size:
-        raise ValueError(f"ipadapter: '{name}' is truncated: it has {size} bytes of the "
-                         f"{8 + n + end} its safetensors header announces; download it again")
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as e:                 # noqa: BLE001 - safetensors raises its own error types
-        raise ValueError(f"ipadapter: '{name}' is corrupt: {e}") from None
-
-
-def _torch_load(path: Path, name: str) -> dict:
-    """``torch.load(weights_only=True)``: tensors and plain containers only. A pickle that asks
-    to import anything else (the way a code payload runs) is refused before it runs."""
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "Unsupported global" in msg or "Unsupported class" in msg:
-            found = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"Unsupported class ([\w.]+)", msg)
-            _refuse(name, [found.group(1)] if found else [])
-        # torch's safe unpickler also stops at opcodes it does not know (a plain pickle.dump of
-        # protocol 4+); the opcodes themselves say whether the file imports foreign objects
-        foreign = [g for g in _pickled_globals(path) if not g.startswith(("torch.", "collections."))]
-        if foreign:
-            _refuse(name, foreign)
-        raise ValueError(f"ipadapter: '{name}' is truncated or corrupt: it cannot be read as a "
-                         f"PyTorch checkpoint; download it again") from None
-    except (EOFError, RuntimeError, OSError) as e:
-        raise ValueError(f"ipadapter: '{name}' is truncated or corrupt ({type(e).__name__}: "
-                         f"{str(e)[:120]}); download it again") from None
-
-
-def _refuse(name: str, imports: list) -> None:
-    what = f" (it asks to import {', '.join(imports[:3])})" if imports else ""
-    raise ValueError(f"ipadapter: '{name}' was refused: the file contains non-tensor pickled "
-                     f"objects{what}, and loading them could run code from the file. Use the "
-                     f".safetensors version of this model instead.")
-
-
-def _pickled_globals(path: Path) -> list:
-    """``module.name`` of every global the pickles at the start of a file import, read from the
-    opcodes without executing them (a legacy torch file is several pickles, then raw bytes)."""
-    found, strings = [], []
-    with open(path, "rb") as f:
-        while True:
-            try:
-                for op, arg, _ in pickletools.genops(f):
-                    if op.name == "GLOBAL":
-                        found.append(str(arg).replace(" ", "."))
-                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                        found.append(f"{strings[-2]}.{strings[-1]}")
-                    elif isinstance(arg, str):
-                        strings.append(arg)
-            except Exception:               # noqa: BLE001 - the end of the pickles, or garbage
-                return found
+def _ipadapter_error(message: str) -> ValueError:
+    return ValueError(f"ipadapter: {message}")
 
 
 # --------------------------------------------------------------------------- recognition
@@ -394,7 +213,7 @@ def adapter_from_state_dict(sd: dict, name: str = "adapter") -> ImagePromptAdapt
     if family is None:
         raise ValueError(f"ipadapter: '{name}' has {ctx}-wide context projections; IP-Adapters exist "
                          f"for SD1.5 (768), SD2.x (1024) and SDXL (2048) models")
-    image_proj, projection, tokens, clip_output, clip_width, out_dim = _build_projection(proj_sd, name)
+    image_proj, projection, tokens, clip_output, clip_width, out_dim = projection_from_state_dict(proj_sd, name)
     if out_dim != ctx:
         raise ValueError(f"ipadapter: '{name}' is inconsistent: its image projection makes "
                          f"{out_dim}-wide tokens but its layers read {ctx}-wide context")
@@ -535,100 +354,5 @@ def _read_layers(ip: dict, name: str) -> tuple[list, int]:
     return layers, ctx
 
 
-def _check_keys(sd: dict, shapes: dict, name: str, what: str) -> None:
-    """Every expected key present with its shape, and nothing else."""
-    missing = [k for k in shapes if k not in sd]
-    extra = sorted(k for k in sd if k not in shapes)
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(s)})" for k, s in shapes.items()
-             if k in sd and tuple(sd[k].shape) != tuple(s)]
-    problems = []
-    if missing:
-        problems.append(f"missing {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
-    if extra:
-        problems.append(f"unexpected {', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}")
-    if wrong:
-        problems.append(f"wrong shapes {', '.join(wrong[:4])}")
-    if problems:
-        raise ValueError(f"ipadapter: '{name}' has an image projection like {what} but it does not "
-                         f"match that layout: {'; '.join(problems)}")
-
-
-def _build_projection(proj: dict, name: str):
-    """``(module, projection, tokens, clip_output, clip_width, out_dim)`` from image_proj keys."""
-    if "latents" in proj:
-        make, tokens, width, out = _resampler_from(proj, name)
-        projection, clip_output = "resampler", PENULTIMATE
-    elif "proj.3.weight" in proj:
-        if "proj.0.weight" not in proj or proj["proj.0.weight"].ndim != 2:
-            raise ValueError(f"ipadapter: '{name}' has a full-face LayerNorm 'proj.3' without the "
-                             f"'proj.0' Linear before it; it is not a checkpoint of a known layout")
-        hidden, width = proj["proj.0.weight"].shape
-        out = proj["proj.3.weight"].shape[0]
-        _check_keys(proj, {"proj.0.weight": (hidden, width), "proj.0.bias": (hidden,),
-                           "proj.2.weight": (out, hidden), "proj.2.bias": (out,),
-                           "proj.3.weight": (out,), "proj.3.bias": (out,)},
-                    name, "the full-face MLP")
-        make = lambda: MLPProjModel(width, hidden, out)
-        projection, clip_output, tokens = "mlp", PENULTIMATE, FULL_FACE_TOKENS
-    elif "proj.weight" in proj:
-        if "norm.weight" not in proj or proj["proj.weight"].ndim != 2:
-            raise ValueError(f"ipadapter: '{name}' has a 'proj' image projection without its "
-                             f"LayerNorm 'norm'; it is not an IP-Adapter checkpoint of a known layout")
-        out = proj["norm.weight"].shape[0]
-        rows, width = proj["proj.weight"].shape
-        if rows % out:
-            raise ValueError(f"ipadapter: '{name}': image projection rows {rows} are not a multiple "
-                             f"of its token width {out}")
-        tokens = rows // out
-        _check_keys(proj, {"proj.weight": (rows, width), "proj.bias": (rows,),
-                           "norm.weight": (out,), "norm.bias": (out,)}, name, "ImageProjModel")
-        make = lambda: ImageProjModel(width, tokens, out)
-        projection, clip_output = "linear", IMAGE_EMBEDS
-    else:
-        keys = ", ".join(sorted(proj)[:6])
-        raise ValueError(f"ipadapter: '{name}' has an image projection of an unknown layout (keys: "
-                         f"{keys}); supported are IP-Adapter base/light, plus, plus-face, full-face, "
-                         f"SDXL and MIP-Adapter files")
-    with torch.device("meta"):                 # no random initialisation: the file fills it
-        module = make()
-    module.load_state_dict(proj, strict=True, assign=True)
-    module.requires_grad_(False).eval()
-    return module, projection, tokens, clip_output, width, out
-
-
-def _resampler_from(proj: dict, name: str):
-    """Derive the Resampler's sizes from its tensors and check every key; returns a factory."""
-    lat = proj["latents"]
-    if lat.ndim != 3 or lat.shape[0] != 1 or "proj_in.weight" not in proj \
-            or "layers.0.0.to_q.weight" not in proj or "proj_out.weight" not in proj \
-            or "layers.0.1.1.weight" not in proj:
-        raise ValueError(f"ipadapter: '{name}' has Resampler latents {tuple(lat.shape)} but not the "
-                         f"rest of a Resampler (proj_in, layers.0, proj_out)")
-    queries, dim = lat.shape[1], lat.shape[2]
-    width = proj["proj_in.weight"].shape[1]
-    inner = proj["layers.0.0.to_q.weight"].shape[0]
-    ff_inner = proj["layers.0.1.1.weight"].shape[0]
-    out = proj["proj_out.weight"].shape[0]
-    depth = 1 + max(int(m.group(1)) for m in (re.match(r"^layers\.(\d+)\.", k) for k in proj) if m)
-    if inner % DIM_HEAD:
-        raise ValueError(f"ipadapter: '{name}': Resampler attention width {inner} is not a multiple "
-                         f"of the {DIM_HEAD}-wide heads every IP-Adapter Resampler uses")
-    shapes = {"latents": (1, queries, dim), "proj_in.weight": (dim, width), "proj_in.bias": (dim,),
-              "proj_out.weight": (out, dim), "proj_out.bias": (out,),
-              "norm_out.weight": (out,), "norm_out.bias": (out,)}
-    for i in range(depth):
-        a, f = f"layers.{i}.0.", f"layers.{i}.1."
-        shapes.update({a + "norm1.weight": (dim,), a + "norm1.bias": (dim,),
-                       a + "norm2.weight": (dim,), a + "norm2.bias": (dim,),
-                       a + "to_q.weight": (inner, dim), a + "to_kv.weight": (2 * inner, dim),
-                       a + "to_out.weight": (dim, inner),
-                       f + "0.weight": (dim,), f + "0.bias": (dim,),
-                       f + "1.weight": (ff_inner, dim), f + "3.weight": (dim, ff_inner)})
-    _check_keys(proj, shapes, name, "the IP-Adapter Plus Resampler")
-    make = lambda: Resampler(width, dim, inner, inner // DIM_HEAD, queries, depth, ff_inner, out)
-    return make, queries, width, out
-
-
-__all__ = ["AdapterLayer", "ImagePromptAdapter", "ImageProjModel", "MLPProjModel", "Resampler",
-           "PerceiverAttention", "load_adapter", "read_checkpoint", "adapter_from_state_dict",
-           "FAMILIES", "IP_ADAPTER", "MIP_ADAPTER", "IMAGE_EMBEDS", "PENULTIMATE"]
+__all__ = ["AdapterLayer", "ImagePromptAdapter", "load_adapter", "adapter_from_state_dict",
+           "FAMILIES", "IP_ADAPTER", "MIP_ADAPTER"]

@@ -26,6 +26,7 @@ import torch
 
 from ..references.masks import resize_plane, token_grid
 from .kernels import merge_heads, sdpa_attention, split_heads
+from .layers import transformer_blocks
 from .patch import BRANCH_KEY, COND, UNCOND, Technique, row_runs
 
 
@@ -247,3 +248,41 @@ class MultiImagePromptAttention(Technique):
                 delta = mip_delta(q[run], out[run], ip_k, ip_v, ent, heads, masks, gate)
                 out[run] = out[run] + delta.to(out.dtype)
         return out
+
+
+# --------------------------------------------------------------------------- on a ComfyUI MODEL
+# (duck-typed: nothing here imports ComfyUI)
+
+def cross_attention_layers(model) -> dict:
+    """``{key: attn2 module}`` of the model's UNet in IP-Adapter's layer order."""
+    dm = model.model.diffusion_model
+    out = {k: getattr(tb, "attn2", None) for k, tb in transformer_blocks(dm).items()}
+    out = {k: a for k, a in out.items() if a is not None and getattr(a, "to_k", None) is not None}
+    if not out:
+        raise ValueError(f"model: no UNet cross-attention layers found in {type(model.model).__name__}; "
+                         f"MIP-Adapter needs an SD1.x/SD2.x/SDXL-style UNet model")
+    return out
+
+
+class UNetKeyProjection:
+    """The UNet's own ``to_k`` of each cross-attention layer, called as a module at sampling time
+    (so LoRA-patched and offloaded weights are handled by ComfyUI)."""
+
+    def __init__(self, layers: dict):
+        self.to_k = {k: a.to_k for k, a in layers.items()}
+
+    def __call__(self, key, tokens: torch.Tensor) -> torch.Tensor:
+        return self.to_k[key](tokens)
+
+
+def adapter_layers(model, adapter) -> tuple[dict, UNetKeyProjection]:
+    """The adapter's image key/value weights and gate on each of ``model``'s cross-attention layers
+    (``{key: (to_k_ip, to_v_ip, gate)}``; ``adapter.layer_keys`` checks that they fit), and the
+    UNet's own key projection of those layers, for ``MultiImagePromptAttention``."""
+    attn2 = cross_attention_layers(model)
+    widths = {k: (int(a.to_k.weight.shape[0]), int(a.to_k.weight.shape[1])) for k, a in attn2.items()}
+    layers = {}
+    for key, n in adapter.layer_keys(widths).items():
+        wk, wv, gate = adapter.layers[n]
+        layers[key] = (wk, wv, gate)
+    return layers, UNetKeyProjection({k: attn2[k] for k in layers})

@@ -161,7 +161,7 @@ def run_speed(opts) -> dict:
     from personalize_pack.attention.install import install_technique  # noqa: PLC0415
     from personalize_pack.attention.mip import MultiImagePromptAttention  # noqa: PLC0415
     from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
-    from personalize_pack.nodes.mip import UNetKeyProjection, cross_attention_layers  # noqa: PLC0415
+    from personalize_pack.attention.mip import UNetKeyProjection, cross_attention_layers  # noqa: PLC0415
 
     dm = model.model.diffusion_model
     attn2 = cross_attention_layers(model)                     # IP-Adapter order

@@ -1,14 +1,27 @@
-"""The one safe reader of the pack's model files: safetensors, or torch.load with weights_only, a pickle
-that asks for more refused by name; and the flattening of nested checkpoint dictionaries. Pure torch."""
+"""The one safe reader of the pack's model files: safetensors (its header checked against the file's size
+before reading), or torch.load with weights_only, a pickle that asks for more refused by the name of what
+it would import; and the flattening of nested checkpoint dictionaries. Pure torch + safetensors."""
 from __future__ import annotations
 
+import json
+import os
+import pickle
+import pickletools
+import re
+import zipfile
+
 import torch
+
+# safetensors refuses a header over 100 MB; eight bytes of text read as a length are far larger
+SAFETENSORS_MAX_HEADER = 100_000_000
+# globals a weights-only torch file may name (its own rebuild functions and OrderedDict)
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode")
 
 
 def flat_state_dict(obj, nested_keys=("state_dict", "model", "net", "module")) -> dict | None:
     """The ``{key: tensor}`` of a loaded checkpoint: a state dict, one nested (up to two levels)
     under one of ``nested_keys``, a ``module.`` prefix (DataParallel) removed; None when there is
-    no dictionary of tensors."""
+    no (non-empty) dictionary, ``{}`` when a dictionary holds no tensors."""
     for _ in range(2):
         if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
             for key in nested_keys:
@@ -36,30 +49,28 @@ def describe_start(head: bytes) -> str:
     return f"it starts with {text!r}"
 
 
-def read_checkpoint(path, error=ValueError, redo: str = "", missing_prefix: str = "", get: str | None = None):
+def read_checkpoint(path, error=ValueError, redo: str = "", missing_prefix: str = "", get: str | None = None,
+                    kind: str = ""):
     """The object stored in a ``.safetensors`` file, or in a PyTorch ``.pth``/``.bin``/``.pt`` file
     read with ``torch.load(weights_only=True)`` (memory-mapped when it is a zip archive): nothing in
     a pickle but tensors and plain containers is ever built. The format is sniffed from the bytes.
     Every failure raises ``error(message)`` naming the file and saying whether it is missing, empty,
     truncated, of another kind (a web page, an image, a Git LFS pointer) or holds pickled Python
-    objects; ``redo`` (download it again, from where) ends the message, ``get`` (what to download,
-    where; default ``redo``) that of a missing file."""
-    import os
-    import pickle
-    import re
-    import zipfile
-
+    objects (and which ones it would import); ``redo`` (download it again, from where) ends the
+    message, ``get`` (what to download, where; default ``redo``) that of a missing file, and ``kind``
+    (``"an IP-Adapter checkpoint"``) says what a file of neither format is not."""
     path = os.fspath(path)
     name = os.path.basename(path)
     tail = f" {redo}" if redo else ""
     if not os.path.isfile(path):
-        raise error(f"{missing_prefix}{path} does not exist; {redo if get is None else get}".rstrip())
+        raise error(f"{missing_prefix}{path} does not exist; {redo if get is None else get}".rstrip("; "))
     size = os.path.getsize(path)
     if size == 0:
         raise error(f"{name} is empty (0 bytes), an interrupted download?{tail}")
     with open(path, "rb") as f:
         head = f.read(64)
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= SAFETENSORS_MAX_HEADER:
+        _check_safetensors_size(path, name, size, error, tail)
         try:
             from safetensors.torch import load_file
             return load_file(path)
@@ -68,7 +79,8 @@ def read_checkpoint(path, error=ValueError, redo: str = "", missing_prefix: str 
                 from None
     is_zip = head.startswith(b"PK\x03\x04")
     if not (is_zip or head[:1] == b"\x80"):
-        raise error(f"{name} is not a PyTorch (.pth) or safetensors file: {describe_start(head)}.{tail}")
+        so_not = f", so not {kind}" if kind else ""
+        raise error(f"{name} is not a PyTorch (.pth) or safetensors file{so_not}: {describe_start(head)}.{tail}")
     if is_zip and not zipfile.is_zipfile(path):
         raise error(f"{name} is damaged or incomplete (a truncated download?): its zip archive has no end record "
                     f"({size} bytes).{tail}")
@@ -76,15 +88,87 @@ def read_checkpoint(path, error=ValueError, redo: str = "", missing_prefix: str 
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
-        if any(s in msg for s in ("Unsupported global", "Unsupported class", "GLOBAL", "weights_only",
-                                  "Weights only load failed")):
-            found = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"Unsupported class ([\w.]+)", msg)
-            what = f" (it asks to import {found.group(1)})" if found else ""
-            raise error(f"{name} holds pickled Python objects{what}, not just tensors; it is not unpickled for "
-                        f"safety.{tail}") from None
-        raise error(f"{name} is damaged or incomplete (a truncated download?): {msg.splitlines()[0][:160]}.{tail}") \
-            from None
+        found = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"Unsupported class ([\w.]+)", msg)
+        # torch's safe unpickler also stops at opcodes it does not know (a plain pickle.dump of
+        # protocol 4+) before it meets a global; the opcodes themselves say what the file imports
+        imports = [found.group(1)] if found else \
+            [g for g in pickled_globals(path) if not g.startswith(_TENSOR_GLOBALS)]
+        if imports or "Unsupported global" in msg or "Unsupported class" in msg:
+            what = f" (it asks to import {', '.join(imports[:3])})" if imports else ""
+            raise error(f"{name} holds pickled Python objects{what}, not just tensors; it was refused and is not "
+                        f"unpickled for safety, since unpickling them could run code from the file. A .safetensors "
+                        f"version of the model, where there is one, holds only tensors.{tail}") from None
+        first = (msg.splitlines() or [""])[0][:160]
+        raise error(f"{name} is damaged or incomplete (a truncated download?): {first}.{tail}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = (str(exc).splitlines() or [""])[0][:160]
         raise error(f"{name} is damaged or incomplete (a truncated download?): could not read it as a PyTorch file "
                     f"({type(exc).__name__}: {first}).{tail}") from None
+
+
+def _check_safetensors_size(path: str, name: str, size: int, error, tail: str) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header and the tensor data it places:
+    a file shorter than the header says is a truncated download, told before any tensor is read."""
+    broken = f"{name} is a damaged or incomplete safetensors file (a truncated download?)"
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if 8 + n > size:
+            raise error(f"{broken}: its header announces {n} bytes of header but the file has {size} bytes.{tail}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise error(f"{broken}: its header cannot be read.{tail}") from None
+    if 8 + n + end > size:
+        raise error(f"{broken}: it has {size} bytes of the {8 + n + end} its header announces.{tail}")
+
+
+def safetensors_metadata(path) -> dict:
+    """The ``__metadata__`` strings of a safetensors file's header, read from the header alone (no
+    tensor is loaded); ``{}`` for a file without metadata, of another format or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > SAFETENSORS_MAX_HEADER:
+                return {}
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def pickled_globals(path) -> list:
+    """``module.name`` of every global the pickles of a PyTorch file import, read from the opcodes
+    without executing anything: those at the start of a legacy file or a plain pickle (several pickles,
+    then raw bytes), or the ``data.pkl`` of a zip archive."""
+    found: list = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                pkl = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                if pkl is not None:
+                    with z.open(pkl) as f:
+                        _scan_pickles(f, found)
+        else:
+            with open(path, "rb") as f:
+                _scan_pickles(f, found)
+    except (OSError, zipfile.BadZipFile):
+        pass
+    return found
+
+
+def _scan_pickles(f, found: list) -> None:
+    strings: list = []
+    while True:
+        try:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        except Exception:  # noqa: BLE001 - the end of the pickles, or garbage
+            return

@@ -3,34 +3,20 @@ MODEL. Schema, input checks and wiring only (the work is in ``training/infusion.
 ``attention/infusion.py``)."""
 from __future__ import annotations
 
-import os
-
 import folder_paths
 from comfy_api.latest import io
 
 from ..attention.infusion import apply_infusion
-from ..training.infusion import load_offsets
+from ..training.infusion import load_offsets_cached
 from .folders import folder_list
 
 FOLDER = "model_patches"              # core ComfyUI's folder for model patches
-_cache: dict = {}
 
 
 def missing_file_message(name: str) -> str:
     what = f"{name!r} is not" if name else "no file is"
     return (f"{what} in the model_patches folder ({folder_list(FOLDER)}). Put an Infusion file there: one trained "
             f"with Train Infusion, or an official Infusion checkpoint (.ckpt) of the zwl666666/infusion code")
-
-
-def load_cached(path: str, name: str):
-    st = os.stat(path)
-    ck = (path, st.st_mtime_ns, st.st_size)
-    hit = _cache.get(ck)
-    if hit is None:
-        hit = load_offsets(path, name=f"infusion_name: '{name}'")
-        _cache.clear()
-        _cache[ck] = hit
-    return hit
 
 
 class InfusionApply(io.ComfyNode):
@@ -79,7 +65,7 @@ class InfusionApply(io.ComfyNode):
         path = folder_paths.get_full_path(FOLDER, infusion_name) if infusion_name else None
         if path is None:
             raise FileNotFoundError("infusion_name: " + missing_file_message(infusion_name))
-        loaded = load_cached(path, infusion_name)
+        loaded = load_offsets_cached(path, name=f"infusion_name: '{infusion_name}'")
         return io.NodeOutput(apply_infusion(model, loaded, clip, prompt, concept_word, strength,
                                             f"infusion_name: '{infusion_name}'"))
 

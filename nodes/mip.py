@@ -7,12 +7,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..attention.blocks import transformer_blocks
 from ..attention.install import install_technique
 from ..attention.ip_adapter import load_adapter
-from ..attention.mip import EncodedPrompt, MultiImagePromptAttention
+from ..attention.mip import EncodedPrompt, MultiImagePromptAttention, adapter_layers
 from ..attention.patch import SigmaRange
-from ..references.image_prompt import CROPS, framed, make_image_prompt, mean_colour_image
+from ..references.image_prompt import CROPS, encode_image_prompts, make_image_prompt
 from ..references.prompt_tokens import find_token_positions, prompt_token_ids, word_token_ids
 from .folders import folder_list, register_folder
 
@@ -21,7 +20,6 @@ register_folder("ipadapter")
 
 AdapterType = io.Custom("PERSONALIZE_IP_ADAPTER")
 ImagePrompts = io.Custom("PERSONALIZE_IMAGE_PROMPT")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 
 def _folders() -> str:
@@ -111,53 +109,6 @@ class MIPAdapterReference(io.ComfyNode):
         return io.NodeOutput(prev + (new,))
 
 
-def cross_attention_layers(model) -> dict:
-    """``{key: attn2 module}`` of the model's UNet in IP-Adapter's layer order."""
-    dm = model.model.diffusion_model
-    out = {k: getattr(tb, "attn2", None) for k, tb in transformer_blocks(dm).items()}
-    out = {k: a for k, a in out.items() if a is not None and getattr(a, "to_k", None) is not None}
-    if not out:
-        raise ValueError(f"model: no UNet cross-attention layers found in {type(model.model).__name__}; "
-                         f"MIP-Adapter needs an SD1.x/SD2.x/SDXL-style UNet model")
-    return out
-
-
-class UNetKeyProjection:
-    """The UNet's own ``to_k`` of each cross-attention layer, called as a module at sampling time
-    (so LoRA-patched and offloaded weights are handled by ComfyUI)."""
-
-    def __init__(self, layers: dict):
-        self.to_k = {k: a.to_k for k, a in layers.items()}
-
-    def __call__(self, key, tokens: torch.Tensor) -> torch.Tensor:
-        return self.to_k[key](tokens)
-
-
-def encode_image_prompts(adapter, clip_vision, prompts) -> tuple[list, torch.Tensor]:
-    """Image-prompt tokens ``[n_tok, ctx]`` per object (views averaged) and the empty image's tokens."""
-    want = adapter.clip_output
-
-    def feats(images, crop=True):
-        out = clip_vision.encode_image(images, crop=crop)
-        try:
-            return out[want]
-        except (KeyError, AttributeError):
-            raise ValueError(f"clip_vision: this CLIP vision model gives no '{want}', which the adapter needs") from None
-
-    tokens = []
-    for p in prompts:
-        with torch.no_grad():
-            tokens.append(adapter.project(feats(framed(p)).float().cpu()).mean(0))
-    with torch.no_grad():
-        if want == "image_embeds":
-            uncond = adapter.project(torch.zeros(1, adapter.clip_width))[0]
-        else:
-            mean = getattr(clip_vision, "image_mean", CLIP_MEAN)
-            size = int(getattr(clip_vision, "image_size", 224))
-            uncond = adapter.project(feats(mean_colour_image(mean, size)).float().cpu())[0]
-    return tokens, uncond
-
-
 def encode_entities(clip, prompt: str, prompts, context_dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per object: the entity word's embedding tokens ``1..L`` (after the start token) for the
     positive side and the empty prompt's tokens ``1..L`` for the negative side (§3.2)."""
@@ -221,20 +172,14 @@ class MIPAdapterApply(io.ComfyNode):
         prompts = tuple(image_prompts or ())
         if not prompts:
             raise ValueError("image_prompts: none connected; add a MIP-Adapter Reference node per object")
-        attn2 = cross_attention_layers(model)
-        widths = {k: (int(a.to_k.weight.shape[0]), int(a.to_k.weight.shape[1])) for k, a in attn2.items()}
-        mapping = adapter.layer_keys(widths)
+        layers, key_projection = adapter_layers(model, adapter)
         sigmas = SigmaRange.from_percents(model.model.model_sampling, start_percent, end_percent)
         entities = encode_entities(clip, prompt, prompts, adapter.context_dim)
         tokens, uncond = encode_image_prompts(adapter, clip_vision, prompts)
         encoded = [EncodedPrompt(p.name, tok, uncond, ent, unent, p.mask, p.weight)
                    for p, tok, (ent, unent) in zip(prompts, tokens, entities)]
-        layers = {}
-        for key, n in mapping.items():
-            wk, wv, gate = adapter.layers[n]
-            layers[key] = (wk, wv, gate)
         lam = adapter.default_scale if scale < 0 else float(scale)
-        tech = MultiImagePromptAttention(encoded, layers, UNetKeyProjection({k: attn2[k] for k in layers}), sigmas, lam)
+        tech = MultiImagePromptAttention(encoded, layers, key_projection, sigmas, lam)
         return io.NodeOutput(install_technique(model, tech))
 
 

@@ -1,6 +1,7 @@
 """Image prompts for MIP-Adapter (``PERSONALIZE_IMAGE_PROMPT``): the images of one object, the
-word of the prompt that names it, an optional region of the generated image and a weight; and the
-square framing of the images before the CLIP vision encoder. Pure torch."""
+word of the prompt that names it, an optional region of the generated image and a weight; the
+square framing of the images before the CLIP vision encoder; and their encoding into an adapter's
+image-prompt tokens. Pure torch (the CLIP vision model and the adapter are duck-typed)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from .masks import as_mask_batch, fit_box, resize_plane
 from .reference import check_image
 
 CROPS = ("center", "pad")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)      # the CLIP vision encoder's normalisation mean
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,3 +76,30 @@ def mean_colour_image(mean, size: int = 224) -> torch.Tensor:
     official plus adapters use for the unconditional image prompt."""
     colour = torch.tensor([round(255 * float(c)) / 255 for c in mean], dtype=torch.float32)
     return colour.view(1, 1, 1, 3).expand(1, size, size, 3).contiguous()
+
+
+def encode_image_prompts(adapter, clip_vision, prompts) -> tuple[list, torch.Tensor]:
+    """Image-prompt tokens ``[n_tok, ctx]`` per object (views averaged) and the empty image's tokens:
+    ``clip_vision.encode_image`` (ComfyUI's CLIP vision model) gives the output the adapter reads
+    (``adapter.clip_output``), ``adapter.project`` (``attention.ip_adapter``) makes the tokens."""
+    want = adapter.clip_output
+
+    def feats(images, crop=True):
+        out = clip_vision.encode_image(images, crop=crop)
+        try:
+            return out[want]
+        except (KeyError, AttributeError):
+            raise ValueError(f"clip_vision: this CLIP vision model gives no '{want}', which the adapter needs") from None
+
+    tokens = []
+    for p in prompts:
+        with torch.no_grad():
+            tokens.append(adapter.project(feats(framed(p)).float().cpu()).mean(0))
+    with torch.no_grad():
+        if want == "image_embeds":
+            uncond = adapter.project(torch.zeros(1, adapter.clip_width))[0]
+        else:
+            mean = getattr(clip_vision, "image_mean", CLIP_MEAN)
+            size = int(getattr(clip_vision, "image_size", 224))
+            uncond = adapter.project(feats(mean_colour_image(mean, size)).float().cpu())[0]
+    return tokens, uncond

@@ -229,13 +229,13 @@ def test_image_prompt_encoding_with_comfyui_clip_vision(adapter_dir, clip_vision
     """Tokens = the adapter's projection of the CLIP vision output, averaged over the views; the
     unconditional tokens: zero image embeds, or the encoder on an image that normalises to zero."""
     import comfy.clip_model
-    from personalize_pack.references.image_prompt import mean_colour_image
+    from personalize_pack.references.image_prompt import encode_image_prompts, mean_colour_image
     cat = load_image(data_dir / "personalize_cat_04.jpg", 80)
     cat2 = load_image(data_dir / "personalize_mip_2_cat.jpg", 80)
     views = reference(torch.cat([cat, cat2]), "cat")
     for name, field in (("sd15_plain.safetensors", "image_embeds"), ("sd15_plus.bin", "penultimate_hidden_states")):
         adapter, _ = load(name)
-        tokens, uncond = nodes().encode_image_prompts(adapter, clip_vision, views)
+        tokens, uncond = encode_image_prompts(adapter, clip_vision, views)
         feats = clip_vision.encode_image(torch.cat([cat, cat2]), crop=True)[field]
         want = adapter.image_proj(feats.float()).mean(0)
         torch.testing.assert_close(tokens[0], want)

@@ -32,9 +32,11 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..attention.infusion import FAMILIES
+from ..files.checkpoints import flat_state_dict, read_checkpoint, safetensors_metadata
+
 KIND = "infusion"
 FORMAT_VERSION = "1"
-FAMILIES = {768: "SD1.x", 1024: "SD2.x"}          # text-conditioning width -> supported family
 _BLOCK_ORDER = {"input": 0, "middle": 1, "output": 2}
 _KEY_RE = re.compile(r"^(?:model\.)?(?:diffusion_model\.)?"
                      r"(?:(input|output)_blocks\.(\d+)|(middle)_block)\.(\d+)\.transformer_blocks\.(\d+)"
@@ -258,19 +260,9 @@ def save_offsets(path, offsets: InfusionOffsets, concept_word: str = "", family:
     return path
 
 
-def _safetensors_metadata(path: str) -> dict:
-    from safetensors import safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:  # noqa: BLE001 - read_checkpoint already reported a damaged file
-        return {}
-
-
 def _offset_dict(obj, name: str) -> dict:
     """The ``{key: tensor}`` holding the offsets: the official checkpoint's ``target_output`` entry,
     one under ``state_dict``, or the file's own flat dict."""
-    from ..files.checkpoints import flat_state_dict
     if isinstance(obj, dict):
         for k in ("target_output", "state_dict"):
             inner = obj.get(k)
@@ -286,12 +278,10 @@ def load_offsets(path, name: str | None = None) -> InfusionFile:
     """Read an Infusion file: this pack's safetensors (with its metadata) or an official checkpoint
     (``.ckpt``/``.pt``/``.pth``, read with ``torch.load(weights_only=True)``; a safetensors
     conversion works too). Every problem is a ValueError that names the file."""
-    from ..files.checkpoints import read_checkpoint
-
     path = os.fspath(path)
     name = name or os.path.basename(path)
     obj = read_checkpoint(path, redo="Train it again or download it again.")
-    meta = _safetensors_metadata(path) if isinstance(obj, dict) and all(
+    meta = safetensors_metadata(path) if isinstance(obj, dict) and all(
         isinstance(v, torch.Tensor) for v in obj.values()) else {}
     kind = meta.get("personalize_kind")
     if kind is not None and kind != KIND:
@@ -311,3 +301,21 @@ def load_offsets(path, name: str | None = None) -> InfusionFile:
             raise ValueError(f"{name}: its tensors do not match its own 'widths' metadata; the file is damaged")
     word = (meta.get("concept_word") or "").strip() or None
     return InfusionFile(offsets, word, family, "personalize" if kind == KIND else "official", path)
+
+
+_loaded: dict = {}
+
+
+def load_offsets_cached(path, name: str | None = None) -> InfusionFile:
+    """``load_offsets``, remembering the last file read: the same path, unchanged (modification time and
+    size), is not read again, so a graph re-run with another prompt or strength reuses it. One file is
+    kept (an Infusion file is small; a new one replaces it)."""
+    path = os.fspath(path)
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size, name)
+    hit = _loaded.get(key)
+    if hit is None:
+        hit = load_offsets(path, name=name)
+        _loaded.clear()
+        _loaded[key] = hit
+    return hit
