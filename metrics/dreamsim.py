@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from ..files.checkpoints import read_checkpoint
 from .detect_compare import image_to_pil
 from .models import (DINO_B16_FILE, DREAMSIM_FOLDER, DinoViT, EvalModelError, dino_config_from_state_dict,
                      download_hint, read_state_dict)
@@ -122,7 +123,6 @@ def _dino_backbone_state(folder: Path) -> dict[str, torch.Tensor]:
             return {k: v for k, v in sd.items() if not k.startswith("head.")}
     full = folder / DINO_FULL_FILE
     if full.is_file():
-        from ..files.checkpoints import read_checkpoint
         obj = read_checkpoint(full, EvalModelError, download_hint("dreamsim"))
         teacher = obj.get("teacher") if isinstance(obj, dict) else None
         if isinstance(teacher, dict):

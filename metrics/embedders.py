@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .detect_compare import image_to_pil
 from .models import EvalModelError, download_hint
 
 DINOV2_FOLDER = "dinov2-base"
@@ -33,7 +34,6 @@ class DinoV2Embedder:
 
     @torch.no_grad()
     def embed(self, images, batch: int = 16) -> torch.Tensor:
-        from .detect_compare import image_to_pil
         if isinstance(images, torch.Tensor):
             images = list(images if images.dim() == 4 else images[None])
         if len(images) == 0:
@@ -87,5 +87,5 @@ def load_embedder(folder: str | os.PathLike):
     if kind is not None:
         raise EvalModelError(f"{folder} holds a {kind!r} model; Detect-and-Compare embeds with DreamSim's ensemble "
                              f"or DINOv2 ({DINOV2_URL})")
-    from .dreamsim import load_dreamsim
+    from .dreamsim import load_dreamsim          # numpy and PIL: only for a DreamSim folder
     return load_dreamsim(folder)

@@ -1,25 +1,9 @@
 """Scoring a folder of generated images against a benchmark description: CLIP-T, CLIP-I, DINO and
 MuDI's Detect-and-Compare per image, written to a CSV, with a per-case summary table
 (docs/metrics.md §3.1-3.2). Pure torch / PIL / stdlib; no ComfyUI import. The command line is
-``tools/evaluate.py`` (``main`` below).
+``tools/evaluate.py`` (``metrics/cli.py``).
 
-Benchmark description: a JSON file in the format of the project's ``cases.json`` (its keys
-``dreambench_subjects``, ``multi_reference_cases`` with ``masked_references``,
-``detect_and_compare_demo``, ``mip_adapter_combinations``, ``mudi_pairs_using_dreambench``) and/or a
-``cases`` list written by the user::
-
-    {"cases": [{"name": "cat_and_dog", "prompt": "a cat and a dog on a sofa", "threshold": 0.4,
-                "subjects": [{"name": "cat", "query": "cat", "images": ["refs/cat"]},
-                             {"name": "dog", "images": ["refs/dog/00.jpg", "refs/dog/01.jpg"]}]}]}
-
-Paths are relative to the JSON file's folder (or ``data_root``); a folder stands for its
-.png/.jpg/.jpeg/.webp files whose names do not contain "mask", sorted. ``prompt`` and ``threshold`` are
-optional; a subject's ``query`` (the detector's text query) defaults to its ``name``. Cases come in
-the order of the file's keys.
-
-Generated images of a case named ``N``: the images in ``<images>/N/`` and the files ``<images>/N.png``
-and ``<images>/N_*.png`` (also .jpg, .jpeg, .webp); a file whose name fits several cases (``cat_1.png``
-and ``cat_and_dog_1.png`` with cases ``cat`` and ``cat_and_dog``) belongs to the longest case name.
+The cases and their generated images: ``metrics/cases.py``.
 
 Per generated image ``g`` of a case with subjects ``s = 1..S`` (``R_s``: subject s's reference images):
 
@@ -39,359 +23,26 @@ weights cases by their image counts, like the CSV's column means).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import json
-import math
-import os
-import re
-import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..files.atomic import atomic_write_text
 from . import models as em
+from .cases import Subject, discover_images, load_image, no_images_error, unmatched_entries
 from .detect_compare import score_image
+from .embedders import load_embedder
+from .errors import EvaluationError, UsageError
 from .owl import OWL_FOLDER, load_owlv2, owl_hint
 from .scores import clip_t, pairwise_mean_cosine
 
 METRICS = ("clip_t", "clip_i", "dino", "dnc")
 CSV_COLUMNS = ("case", "image", "subjects", "clip_t", "clip_i", "dino", "dnc", "boxes")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_THRESHOLD = 0.4
 DEFAULT_CSV_NAME = "personalize_eval.csv"
-CASE_KEYS = ("multi_reference_cases", "mip_adapter_combinations", "mudi_pairs_using_dreambench",
-             "detect_and_compare_demo", "dreambench_subjects", "cases")
-class EvaluationError(Exception):
-    """An evaluation that cannot run or finish (a bad benchmark file, a missing model, no images);
-    the message says why. Exit status 1."""
-
-
-class UsageError(EvaluationError):
-    """A bad command-line argument (exit status 2)."""
-
-
-# ------------------------------------------------------------------------------------------------
-# benchmark description
-# ------------------------------------------------------------------------------------------------
-
-@dataclass
-class Subject:
-    name: str
-    query: str
-    reference_paths: list
-
-
-@dataclass
-class Case:
-    name: str
-    prompt: str | None
-    subjects: list
-    threshold: float | None = None
-
-
-_ARTICLE = re.compile(r"^(a|an|the)\s+", re.IGNORECASE)
-
-
-def strip_article(text: str) -> str:
-    """"a cat" -> "cat" (a leading a / an / the removed)."""
-    return _ARTICLE.sub("", text.strip()).strip()
-
-
-def _is_image_file(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-
-
-def folder_references(folder: Path) -> list:
-    """The reference images of a folder: .png/.jpg/.jpeg/.webp whose name has no "mask", sorted."""
-    return sorted(p for p in folder.iterdir() if _is_image_file(p) and "mask" not in p.name.lower())
-
-
-def _expect(value, typ, where: str, what: str):
-    if typ is str and not (isinstance(value, str) and value.strip()):
-        raise EvaluationError(f"{where}: {what} must be a non-empty string, got {value!r}")
-    if typ is list and not isinstance(value, list):
-        raise EvaluationError(f"{where}: {what} must be a list, got {type(value).__name__}")
-    if typ is dict and not isinstance(value, dict):
-        raise EvaluationError(f"{where}: {what} must be an object, got {type(value).__name__}")
-    return value
-
-
-def _threshold(value, where: str):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise EvaluationError(f"{where}: threshold must be a number from 0 to 1, got {value!r}")
-    return float(value)
-
-
-def _ref_paths(entries, root: Path, where: str) -> list:
-    """Files and folders (expanded) relative to ``root``."""
-    if isinstance(entries, str):
-        entries = [entries]
-    _expect(entries, list, where, "images")
-    out = []
-    for e in entries:
-        _expect(e, str, where, "each image path")
-        p = root / e
-        if p.is_dir():
-            found = folder_references(p)
-            if not found:
-                raise EvaluationError(f"{where}: folder {p} has no .png/.jpg/.jpeg/.webp reference images")
-            out += found
-        else:
-            out.append(p)
-    return out
-
-
-def _multi_reference_cases(obj, root):
-    masked = _expect(obj.get("masked_references"), list, "multi_reference_cases",
-                     "the masked_references list they index")
-    cases = []
-    for i, entry in enumerate(_expect(obj["multi_reference_cases"], list, "multi_reference_cases", "the value")):
-        where = f"multi_reference_cases[{i}]"
-        _expect(entry, dict, where, "each entry")
-        name = _expect(entry.get("name"), str, where, "name")
-        subjects = []
-        for r in _expect(entry.get("refs"), list, f"case {name}", "refs"):
-            if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < len(masked):
-                raise EvaluationError(f"case {name}: ref {r!r} is not an index into masked_references "
-                                      f"(0..{len(masked) - 1})")
-            ref = _expect(masked[r], dict, f"masked_references[{r}]", "each entry")
-            concept = strip_article(_expect(ref.get("concept"), str, f"masked_references[{r}]", "concept"))
-            image = _expect(ref.get("image"), str, f"masked_references[{r}]", "image")
-            subjects.append(Subject(concept, concept, [root / image]))
-        prompt = entry.get("target_prompt")
-        cases.append(Case(name, _expect(prompt, str, f"case {name}", "target_prompt") if prompt is not None else None,
-                          subjects))
-    return cases
-
-
-def _mip_cases(obj, root):
-    cases = []
-    for i, entry in enumerate(_expect(obj["mip_adapter_combinations"], list, "mip_adapter_combinations", "the value")):
-        name = f"mip_combination_{i + 1}"
-        _expect(entry, dict, name, "each entry")
-        images = _expect(entry.get("images"), list, f"case {name}", "images")
-        entities = _expect(entry.get("entities"), list, f"case {name}", "entities")
-        if len(images) != len(entities):
-            raise EvaluationError(f"case {name}: {len(images)} images for {len(entities)} entities")
-        prompt = entry.get("prompt")
-        subjects = [Subject(_expect(q, str, f"case {name}", "each entity"), q,
-                            _ref_paths(img, root, f"case {name}")) for img, q in zip(images, entities)]
-        cases.append(Case(name, _expect(prompt, str, f"case {name}", "prompt") if prompt is not None else None,
-                          subjects))
-    return cases
-
-
-def _dreambench(obj) -> dict:
-    return _expect(obj.get("dreambench_subjects"), dict, "dreambench_subjects", "the value")
-
-
-def _dreambench_subject(obj, root, sid: str, where: str) -> Subject:
-    bench = _dreambench(obj)
-    if sid not in bench:
-        raise EvaluationError(f"{where}: {sid!r} is not in dreambench_subjects ({', '.join(bench)})")
-    entry = _expect(bench[sid], dict, f"dreambench_subjects.{sid}", "the value")
-    query = _expect(entry.get("class"), str, f"dreambench_subjects.{sid}", "class")
-    return Subject(sid, query, _ref_paths(entry.get("images"), root, f"dreambench_subjects.{sid}"))
-
-
-def _mudi_cases(obj, root):
-    section = obj["mudi_pairs_using_dreambench"]
-    pairs = section.get("pairs") if isinstance(section, dict) else section
-    cases = []
-    for i, pair in enumerate(_expect(pairs, list, "mudi_pairs_using_dreambench", "pairs")):
-        where = f"mudi_pairs_using_dreambench.pairs[{i}]"
-        if not isinstance(pair, list) or len(pair) < 1 or not all(isinstance(s, str) for s in pair):
-            raise EvaluationError(f"{where}: expected a list of dreambench_subjects ids, got {pair!r}")
-        name = "mudi_" + "_".join(pair)
-        cases.append(Case(name, None, [_dreambench_subject(obj, root, s, f"case {name}") for s in pair]))
-    return cases
-
-
-def _demo_case(obj, root):
-    demo = _expect(obj["detect_and_compare_demo"], dict, "detect_and_compare_demo", "the value")
-    name = "detect_and_compare_demo"
-    queries = _expect(demo.get("query_name"), list, name, "query_name")
-    folders = _expect(demo.get("query_path"), list, name, "query_path")
-    if len(queries) != len(folders):
-        raise EvaluationError(f"{name}: {len(queries)} query names for {len(folders)} query paths")
-    subjects = []
-    for q, f in zip(queries, folders):
-        _expect(q, str, name, "each query name")
-        folder = root / _expect(f, str, name, "each query path")
-        if not folder.is_dir():
-            raise EvaluationError(f"case {name}: reference folder {folder} does not exist")
-        refs = folder_references(folder)
-        if not refs:
-            raise EvaluationError(f"case {name}: reference folder {folder} has no .png/.jpg reference images")
-        subjects.append(Subject(folder.name, q, refs))
-    return [Case(name, None, subjects, _threshold(demo.get("owl_threshold"), name))]
-
-
-def _dreambench_cases(obj, root):
-    return [Case(f"dreambench_{sid}", None, [_dreambench_subject(obj, root, sid, f"case dreambench_{sid}")])
-            for sid in _dreambench(obj)]
-
-
-def _generic_cases(obj, root):
-    cases = []
-    for i, entry in enumerate(_expect(obj["cases"], list, "cases", "the value")):
-        _expect(entry, dict, f"cases[{i}]", "each case")
-        name = _expect(entry.get("name"), str, f"cases[{i}]", "name")
-        where = f"case {name}"
-        prompt = entry.get("prompt")
-        if prompt is not None:
-            _expect(prompt, str, where, "prompt")
-        subjects = []
-        for j, s in enumerate(_expect(entry.get("subjects"), list, where, "subjects")):
-            _expect(s, dict, f"{where}, subject {j + 1}", "each subject")
-            sname = _expect(s.get("name"), str, f"{where}, subject {j + 1}", "name")
-            query = s.get("query", sname)
-            _expect(query, str, f"{where}, subject {sname}", "query")
-            if "images" not in s:
-                raise EvaluationError(f"{where}, subject {sname}: no images (a list of reference files or folders)")
-            subjects.append(Subject(sname, query, _ref_paths(s["images"], root, f"{where}, subject {sname}")))
-        cases.append(Case(name, prompt, subjects, _threshold(entry.get("threshold"), where)))
-    return cases
-
-
-_PARSERS = {"multi_reference_cases": _multi_reference_cases, "mip_adapter_combinations": _mip_cases,
-            "mudi_pairs_using_dreambench": _mudi_cases, "detect_and_compare_demo": _demo_case,
-            "dreambench_subjects": _dreambench_cases, "cases": _generic_cases}
-
-
-def validate_cases(cases: list) -> None:
-    """Case names usable as file names and unique, at least one subject each, every reference file
-    present."""
-    seen = set()
-    for case in cases:
-        if not case.name or re.search(r"[/\\]", case.name) or case.name.startswith("."):
-            raise EvaluationError(f"case {case.name!r}: a case name is used as a folder name and may not be empty, "
-                                  f"contain / or \\, or start with a dot")
-        if case.name in seen:
-            raise EvaluationError(f"case {case.name}: the name appears twice (case names must be unique)")
-        seen.add(case.name)
-        if not case.subjects:
-            raise EvaluationError(f"case {case.name}: the subject list is empty")
-        for s in case.subjects:
-            if not s.reference_paths:
-                raise EvaluationError(f"case {case.name}, subject {s.name}: no reference images")
-            for p in s.reference_paths:
-                if not Path(p).is_file():
-                    raise EvaluationError(f"case {case.name}, subject {s.name}: reference image {p} does not exist")
-
-
-def parse_cases(obj, root, source: str = "benchmark") -> list:
-    """The cases of a benchmark description (a parsed JSON object); paths relative to ``root``."""
-    root = Path(root)
-    if not isinstance(obj, dict):
-        raise EvaluationError(f"{source}: expected a JSON object with one of the keys {', '.join(CASE_KEYS)}, "
-                              f"got a {type(obj).__name__}")
-    present = [k for k in obj if k in _PARSERS]
-    if not present:
-        keys = ", ".join(map(str, obj)) or "none"
-        raise EvaluationError(f"{source} has none of the keys this tool reads ({', '.join(CASE_KEYS)}); "
-                              f"its keys: {keys}")
-    cases = []
-    for key in present:
-        cases += _PARSERS[key](obj, root)
-    if not cases:
-        raise EvaluationError(f"{source}: {', '.join(present)} hold no cases")
-    validate_cases(cases)
-    return cases
-
-
-def load_cases(path, data_root=None) -> list:
-    """The cases of a benchmark JSON file (paths relative to its folder, or to ``data_root``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"benchmark file {path} does not exist")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EvaluationError(f"{path} is not a JSON file: {exc}") from None
-    if data_root is not None and not Path(data_root).is_dir():
-        raise UsageError(f"--data-root {data_root} is not a folder")
-    return parse_cases(obj, Path(data_root) if data_root is not None else path.parent, path.name)
-
-
-def select_cases(cases: list, names) -> list:
-    """The cases named in ``names`` ("a,b" or a list), in the benchmark's order."""
-    if names is None:
-        return list(cases)
-    if isinstance(names, str):
-        names = names.split(",")
-    wanted = [n.strip() for n in names if n.strip()]
-    if not wanted:
-        raise UsageError("--cases: no case names given")
-    known = {c.name for c in cases}
-    unknown = [n for n in wanted if n not in known]
-    if unknown:
-        raise UsageError(f"--cases: {', '.join(unknown)} not in the benchmark (its cases: "
-                         f"{', '.join(c.name for c in cases)})")
-    return [c for c in cases if c.name in set(wanted)]
-
-
-# ------------------------------------------------------------------------------------------------
-# generated images
-# ------------------------------------------------------------------------------------------------
-
-def _owner(stem: str, names) -> str | None:
-    best = None
-    for n in names:
-        if (stem == n or stem.startswith(n + "_")) and (best is None or len(n) > len(best)):
-            best = n
-    return best
-
-
-def discover_images(images_dir, cases: list, known_names=None) -> dict:
-    """``{case name: [image paths]}``: ``images_dir/<name>/*`` (sorted), then ``images_dir/<name>.*``
-    and ``images_dir/<name>_*`` (sorted; a file goes to the longest case name it fits among the cases
-    and ``known_names``)."""
-    images_dir = Path(images_dir)
-    names = {c.name for c in cases} | set(known_names or ())
-    found = {c.name: [] for c in cases}
-    for c in cases:
-        sub = images_dir / c.name
-        if sub.is_dir():
-            found[c.name] += sorted(p for p in sub.iterdir() if _is_image_file(p))
-    for p in sorted(images_dir.iterdir()):
-        if _is_image_file(p):
-            owner = _owner(p.stem, names)
-            if owner in found:
-                found[owner].append(p)
-    return found
-
-
-def unmatched_entries(images_dir, known_names) -> list:
-    """Top-level image files and folders of ``images_dir`` that belong to no case name."""
-    images_dir = Path(images_dir)
-    names = set(known_names)
-    out = []
-    for p in sorted(images_dir.iterdir()):
-        if p.is_dir() and p.name not in names and any(_is_image_file(q) for q in p.iterdir()):
-            out.append(p.name + "/")
-        elif _is_image_file(p) and _owner(p.stem, names) is None:
-            out.append(p.name)
-    return out
-
-
-def load_image(path) -> torch.Tensor:
-    """An image file as ``[H, W, 3]`` float32 in 0..1 (RGB; alpha dropped)."""
-    import numpy as np
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, ValueError) as exc:
-        raise EvaluationError(f"{path} cannot be read as an image: {exc}") from None
-    return torch.from_numpy(arr.copy())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -501,7 +152,6 @@ def load_scorers(models_dir, metrics=None, clip_arch: str = em.CLIP_ARCH, device
             unavailable(("dnc",), f"{what} not in {models_dir}", "; ".join(h for _, h in missing))
         else:
             try:
-                from .embedders import load_embedder
                 detector = load_owlv2(str(owl))
                 embedding_model = load_embedder(str(sim))
             except ImportError as exc:           # the code, or transformers, is not installed
@@ -570,53 +220,21 @@ class Evaluation:
     unmatched: list              # entries of the images folder that belong to no case
 
 
-def _fmt_time(seconds: float) -> str:
-    s = max(0, int(round(seconds)))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-class Progress:
-    """``[#####.....] 12/40 images  case_name  ETA 0:31`` redrawn on one line (``mode="bar"``), one
-    line per finished case (``"lines"``) or nothing (``"off"``)."""
-
-    def __init__(self, total: int, stream=None, mode: str = "bar", width: int = 20, clock=time.monotonic):
-        self.total, self.stream, self.mode, self.width, self.clock = total, stream, mode, width, clock
-        self.done = 0
-        self.start = clock()
-        self._drawn = False
-
-    def line(self, case: str) -> str:
-        filled = self.width * self.done // self.total if self.total else self.width
-        elapsed = self.clock() - self.start
-        eta = _fmt_time(elapsed / self.done * (self.total - self.done)) if self.done else "?"
-        name = case if len(case) <= 32 else case[:29] + "..."
-        return (f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} images  {name}  "
-                f"ETA {eta}")
-
-    def _write(self, text: str) -> None:
-        self.stream.write(text)
-        self.stream.flush()
+class _Quiet:
+    """The progress of an evaluation nobody watches."""
+    total = 0
 
     def show(self, case: str) -> None:
-        if self.mode == "bar":
-            self._write("\r" + self.line(case) + "\x1b[K")
-            self._drawn = True
+        pass
 
     def advance(self, case: str, n: int = 1) -> None:
-        self.done += n
-        self.show(case)
+        pass
 
     def case_done(self, case: str, images: int) -> None:
-        if self.mode == "lines":
-            self._write(f"{case}: {images} image{'s' if images != 1 else ''} ({self.done}/{self.total}, "
-                        f"{_fmt_time(self.clock() - self.start)} elapsed)\n")
+        pass
 
     def close(self) -> None:
-        if self.mode == "bar" and self._drawn:
-            self._write("\n")
-            self._drawn = False
+        pass
 
 
 def _embed_each(fn, images: list) -> torch.Tensor:
@@ -679,19 +297,14 @@ def _summarize(name: str, rows: list, metrics) -> CaseSummary:
     return CaseSummary(name, len(rows), {m: _mean(getattr(r, m) for r in rows) for m in metrics})
 
 
-def _no_images_error(cases: list, images_dir: Path) -> EvaluationError:
-    shown = ", ".join(c.name for c in cases[:8]) + (", ..." if len(cases) > 8 else "")
-    return EvaluationError(f"no generated images for any of the {len(cases)} selected cases in {images_dir}: "
-                           f"expected {images_dir}/<case>/*.png, {images_dir}/<case>.png or {images_dir}/<case>_*.png "
-                           f"(.jpg, .jpeg, .webp too) for the cases {shown}")
-
-
 @torch.no_grad()
 def evaluate(cases: list, images_dir, scorers: Scorers, threshold: float = DEFAULT_THRESHOLD,
-             progress: Progress | None = None, known_names=None) -> Evaluation:
+             progress=None, known_names=None) -> Evaluation:
     """Scores every generated image of ``cases`` found in ``images_dir`` (``discover_images``; a
     file fitting a case of ``known_names`` that is not selected is not taken) with the models of
-    ``scorers``. Raises ``EvaluationError`` when no case has an image or no metric can run."""
+    ``scorers``. ``progress``: a printer with ``show``/``advance``/``case_done``/``close`` (the command
+    line's ``common_cli.Progress``; None shows nothing). Raises ``EvaluationError`` when no case has an
+    image or no metric can run."""
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise UsageError(f"--images {images_dir} is not a folder")
@@ -700,13 +313,13 @@ def evaluate(cases: list, images_dir, scorers: Scorers, threshold: float = DEFAU
     todo = [c for c in cases if found[c.name]]
     no_images = [c.name for c in cases if not found[c.name]]
     if not todo:
-        raise _no_images_error(cases, images_dir)
+        raise no_images_error(cases, images_dir)
     metrics = scorers.active()
     skipped = scorers.skipped()
     if not metrics:
         raise EvaluationError(f"no metric can be computed: {_grouped(skipped)}")
     total = sum(len(found[c.name]) for c in todo)
-    progress = progress or Progress(total, mode="off")
+    progress = progress or _Quiet()
     progress.total = total
     embedder = _CpuEmbedder(scorers.embedder) if "dnc" in metrics else None
     cache = _Cache(scorers, embedder)
@@ -785,36 +398,9 @@ def csv_text(rows: list) -> str:
     return buf.getvalue()
 
 
-def _file_mode(path: Path) -> int:
-    """The permissions of the file being replaced, else those of a new file (0o666 less the umask);
-    mkstemp's own 0o600 would hide the results from other users."""
-    try:
-        return path.stat().st_mode & 0o777
-    except OSError:
-        mask = os.umask(0)
-        os.umask(mask)
-        return 0o666 & ~mask
-
-
-def write_atomic(path, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path``, then renames it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, _file_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_csv(path, rows: list) -> None:
-    write_atomic(path, csv_text(rows))
+    """The CSV of ``rows`` written atomically (the replaced file's permissions kept)."""
+    atomic_write_text(path, csv_text(rows))
 
 
 def format_summary(ev: Evaluation) -> str:
@@ -850,137 +436,5 @@ def format_summary(ev: Evaluation) -> str:
     return "\n".join(out) + "\n"
 
 
-# ------------------------------------------------------------------------------------------------
-# command line
-# ------------------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="evaluate.py",
-        description="Score a folder of generated images against a benchmark description (CLIP-T, CLIP-I, DINO, "
-                    "Detect-and-Compare): a CSV with one row per image and a summary table per case.",
-        epilog="Generated images of case N: <images>/N/*.png, <images>/N.png or <images>/N_*.png "
-               "(.jpg, .jpeg, .webp too). Exit status: 0 done, 1 evaluation error, 2 bad arguments. "
-               "'evaluate.py overfitting --help': Infusion's overfitting metrics (LFD, W2) of a customised model.")
-    p.add_argument("benchmark", help="benchmark JSON (the format of cases.json, or {\"cases\": [...]})")
-    p.add_argument("--images", required=True, metavar="DIR", help="folder of generated images")
-    p.add_argument("--models", required=True, metavar="DIR",
-                   help="evaluation models folder (ComfyUI/models/personalize_eval): "
-                        f"{em.CLIP_FILE}, {em.DINO_FILE}, {OWL_FOLDER}/, {em.DREAMSIM_FOLDER}/ (or --embedder)")
-    p.add_argument("--data-root", metavar="DIR", help="folder the benchmark's paths are relative to "
-                                                      "(default: the JSON file's folder)")
-    p.add_argument("--cases", metavar="A,B", help="evaluate only these cases (comma-separated names)")
-    p.add_argument("--metrics", metavar="LIST",
-                   help=f"comma-separated, from {','.join(METRICS)} (default: every metric whose models are present)")
-    p.add_argument("--embedder", default=em.DREAMSIM_FOLDER,
-                   help=f"D&C's embedder folder inside --models: {em.DREAMSIM_FOLDER} (DreamSim's ensemble, the "
-                        f"published metric; default) or a facebook/dinov2-base folder (D&C-DINO)")
-    p.add_argument("--clip-arch", default=em.CLIP_ARCH, help=f"open_clip architecture of the CLIP file "
-                                                             f"(default {em.CLIP_ARCH})")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help=f"detector score threshold for D&C where a case sets none (default {DEFAULT_THRESHOLD})")
-    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
-    p.add_argument("--out", metavar="FILE", help=f"CSV file (default <images>/{DEFAULT_CSV_NAME})")
-    p.add_argument("--summary", metavar="FILE", help="also write the summary table to this markdown file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per case instead)")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
-    return p
-
-
-def _check_output(path: Path, flag: str) -> None:
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a folder, not a file")
-    if not path.parent.is_dir():
-        raise UsageError(f"{flag} {path}: the folder {path.parent} does not exist")
-
-
-def _check_device(device: str) -> None:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available here")
-
-
-def run(a, stdout=None, stderr=None) -> Evaluation:
-    stdout = stdout or sys.stdout
-    stderr = stderr or sys.stderr
-    images_dir = Path(a.images)
-    if not images_dir.is_dir():
-        raise UsageError(f"--images {images_dir} is not a folder")
-    models_dir = Path(a.models)
-    if not models_dir.is_dir():
-        raise UsageError(f"--models {models_dir} is not a folder")
-    if not math.isfinite(a.threshold) or not 0.0 <= a.threshold <= 1.0:
-        raise UsageError(f"--threshold must be from 0 to 1, got {a.threshold}")
-    _check_device(a.device)
-    metrics = parse_metrics(a.metrics)
-    out = Path(a.out) if a.out else images_dir / DEFAULT_CSV_NAME
-    _check_output(out, "--out")
-    if a.summary:
-        _check_output(Path(a.summary), "--summary")
-    cases = load_cases(a.benchmark, a.data_root)
-    selected = select_cases(cases, a.cases)
-    # images first: a wrong folder should not wait for the models to load
-    found = discover_images(images_dir, selected, [c.name for c in cases])
-    if not any(found.values()):
-        raise _no_images_error(selected, images_dir)
-    scorers = load_scorers(models_dir, metrics, a.clip_arch, a.device, a.embedder)
-    total = sum(len(v) for v in found.values())
-    mode = "bar" if not a.no_progress and hasattr(stderr, "isatty") and stderr.isatty() else "lines"
-    progress = Progress(total, stderr, mode)
-    try:
-        ev = evaluate(selected, images_dir, scorers, a.threshold, progress, [c.name for c in cases])
-    finally:
-        progress.close()
-    write_csv(out, ev.rows)
-    text = format_summary(ev)
-    if a.summary:
-        write_atomic(a.summary, text)
-    stdout.write(text)
-    stdout.write(f"\n{len(ev.rows)} images scored; CSV: {out}\n")
-    stdout.flush()
-    return ev
-
-
-def main(argv=None) -> int:
-    """The command line (see ``build_parser``); returns the exit status. ``overfitting ...`` as the
-    first argument runs Infusion's overfitting metrics instead (``metrics/overfitting_comfy.main``)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "overfitting":
-        from .overfitting_comfy import main as overfitting_main
-        return overfitting_main(argv[1:])
-    return run_cli(build_parser(), run, argv, (UsageError,), (EvaluationError, em.EvalModelError))
-
-
-def run_cli(parser, run_fn, argv, usage_errors: tuple, errors: tuple) -> int:
-    """Parse ``argv`` and call ``run_fn(args)``: exit status 0 done, 2 for a bad argument (argparse's,
-    or ``usage_errors``), 1 for ``errors`` and anything else (one ``error:`` line on stderr; ``--debug``
-    shows the traceback), 130 on Ctrl-C. Shared by the evaluation and the overfitting commands."""
-    try:
-        a = parser.parse_args(argv)
-    except SystemExit as exc:       # argparse: 2 on a bad argument (message printed), 0 for --help
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        run_fn(a)
-    except usage_errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except errors as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - one clear line; --debug shows the traceback
-        if getattr(a, "debug", False):
-            raise
-        msg = str(exc).strip().splitlines()
-        print(f"error: {type(exc).__name__}: {msg[0] if msg else ''} (--debug shows the traceback)", file=sys.stderr)
-        return 1
-    return 0
-
-__all__ = ["Case", "Subject", "Scorers", "Evaluation", "ImageResult", "CaseSummary", "Progress", "EvaluationError",
-           "UsageError", "load_cases", "parse_cases", "select_cases", "discover_images", "load_scorers", "evaluate",
-           "format_summary", "write_csv", "main"]
+__all__ = ["METRICS", "CSV_COLUMNS", "DEFAULT_THRESHOLD", "DEFAULT_CSV_NAME", "Scorers", "Evaluation", "ImageResult",
+           "CaseSummary", "parse_metrics", "load_scorers", "evaluate", "csv_text", "write_csv", "format_summary"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..metrics.overfitting_comfy import DEFAULT_PROMPTS_WITH, DEFAULT_PROMPTS_WITHOUT, format_report, \
-    overfitting_metrics
+from ..metrics.overfitting_comfy import DEFAULT_PROMPTS_WITH, DEFAULT_PROMPTS_WITHOUT, overfitting_metrics
+from ..metrics.overfitting_report import format_report
 from .scores import EvalModelType
 
 

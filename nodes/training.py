@@ -12,7 +12,8 @@ import torch
 from comfy_api.latest import io
 
 from ..references.masks import as_mask_batch
-from ..training.checkpoint import atomic_save_safetensors, atomic_write_text, output_path
+from ..files.atomic import atomic_save_safetensors, atomic_write_text
+from ..files.output_names import output_path
 
 SegMixDatasetType = io.Custom("PERSONALIZE_SEGMIX_DATASET")
 CATEGORY = "personalize/training"

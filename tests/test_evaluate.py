@@ -1,7 +1,7 @@
-"""The evaluation command (metrics/evaluate.py, tools/evaluate.py): reading the project's cases.json and
-a user's "cases" list, finding generated images, and an end-to-end run with tiny random DINO / CLIP
-models and a stand-in detector and embedder, every CSV value checked against an independent
-computation. The benchmark file and DreamBench photos come from the project's shared data folder
+"""The evaluation (metrics/evaluate.py) and its command (metrics/cli.py, tools/evaluate.py): loading the
+scorers, and an end-to-end run with tiny random DINO / CLIP models and a stand-in detector and embedder,
+every CSV value checked against an independent computation; the command's arguments, outputs and exit
+statuses (the cases themselves: test_cases.py). The benchmark file and DreamBench photos come from the project's shared data folder
 ($PERSONALIZE_TEST_DATA, default /work/shared/data); the tests that need it skip without it."""
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import csv
 import dataclasses
 import functools
 import importlib.util
-import io
 import os
 import re
 import subprocess
@@ -24,9 +23,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import PACK_ROOT
+from personalize_pack.metrics import cli
 from personalize_pack.metrics import evaluate as ev
 from personalize_pack.metrics import models as em
+from personalize_pack.metrics.cases import load_cases
 from personalize_pack.metrics.detect_compare import Detection, detect_and_compare
+from personalize_pack.metrics.errors import EvaluationError, UsageError
 from personalize_pack.metrics.scores import clip_preprocess, dino_preprocess
 from test_score_models import OPEN_CLIP_ERROR, TINY_CLIP_ARCH, register_tiny_clip, save_tiny_clip
 
@@ -65,214 +67,6 @@ def cos(a, b) -> float:
     return float(F.cosine_similarity(a.double(), b.double(), dim=0))
 
 
-# ------------------------------------------------------------------------------------- cases.json
-
-@needs_data
-def test_shared_cases_json_names_and_order():
-    cases = ev.load_cases(CASES_JSON)
-    assert [c.name for c in cases] == ALL_NAMES        # the file's key order
-
-
-@needs_data
-def test_shared_cases_json_subjects_prompts_and_references():
-    c = by_name(ev.load_cases(CASES_JSON))
-    cat_and_dog = c["cat_and_dog"]
-    assert cat_and_dog.prompt == "a cat and a dog sitting together on a sofa"
-    assert cat_and_dog.threshold is None
-    assert [(s.name, s.query) for s in cat_and_dog.subjects] == [("cat", "cat"), ("dog", "dog")]
-    assert [s.reference_paths for s in cat_and_dog.subjects] == [[DATA / "dreambench/cat/04.jpg"],
-                                                                [DATA / "dreambench/dog6/02.jpg"]]
-    three = c["two_cats_and_dog"]
-    assert [s.query for s in three.subjects] == ["cat", "cat", "dog"]
-    assert [s.reference_paths[0] for s in three.subjects] == [DATA / "dreambench/cat/04.jpg",
-                                                             DATA / "dreambench/cat2/02.jpg",
-                                                             DATA / "dreambench/dog6/02.jpg"]
-    assert c["dog_and_teapot"].subjects[1].reference_paths == [DATA / "dreambench/teapot/00.jpg"]
-
-    demo = c["detect_and_compare_demo"]
-    assert demo.prompt is None and demo.threshold == 0.4
-    assert [s.query for s in demo.subjects] == ["monster toy", "robot toy"]
-    assert [s.name for s in demo.subjects] == ["monster_toy", "robot_toy"]
-    for s, folder in zip(demo.subjects, ["monster_toy", "robot_toy"]):
-        assert s.reference_paths == [DATA / "dreambench" / folder / f"0{i}.jpg" for i in range(3)]
-
-    mip = c["mip_combination_2"]
-    assert mip.prompt == "A pet cat playing with dice on a sidewalk."
-    assert [s.query for s in mip.subjects] == ["cat", "dice"]
-    assert [s.reference_paths for s in mip.subjects] == [[DATA / "mip_adapter_combinations/combination_2/cat.jpg"],
-                                                        [DATA / "mip_adapter_combinations/combination_2/dice.jpg"]]
-    assert [s.query for s in c["mip_combination_3"].subjects] == ["barn", "dog"]
-
-    mudi = c["mudi_dog6_dog2"]
-    assert mudi.prompt is None
-    assert [(s.name, s.query) for s in mudi.subjects] == [("dog6", "dog"), ("dog2", "dog")]
-    assert mudi.subjects[1].reference_paths == [DATA / f"dreambench/dog2/0{i}.jpg" for i in (0, 3, 4)]
-    assert [s.query for s in c["mudi_can_monster_toy"].subjects] == ["can", "toy"]
-
-    cat2 = c["dreambench_cat2"]
-    assert cat2.prompt is None and len(cat2.subjects) == 1
-    assert (cat2.subjects[0].name, cat2.subjects[0].query) == ("cat2", "cat")
-    assert cat2.subjects[0].reference_paths == [DATA / "dreambench/cat2/00.jpg", DATA / "dreambench/cat2/02.jpg"]
-
-
-@needs_data
-def test_data_root_moves_the_relative_paths(tmp_path):
-    (tmp_path / "b.json").write_text('{"about": "ignored", "cases": [{"name": "x", '
-                                     '"subjects": [{"name": "cat", "images": ["dreambench/cat"]}]}]}')
-    with pytest.raises(ev.EvaluationError, match="dreambench/cat does not exist"):
-        ev.load_cases(tmp_path / "b.json")              # relative to the JSON file's folder
-    (case,) = ev.load_cases(tmp_path / "b.json", data_root=DATA)
-    assert case.subjects[0].reference_paths == [DATA / f"dreambench/cat/0{i}.jpg" for i in (0, 3, 4)]
-
-
-# ------------------------------------------------------------------------------ a "cases" list
-
-def make_refs(root: Path):
-    (root / "refs/dog").mkdir(parents=True)
-    for name, colour in [("01.jpg", (200, 10, 10)), ("00.png", (10, 200, 10)), ("00_mask.png", (255, 255, 255)),
-                         ("Mask-dog.jpg", (0, 0, 0))]:
-        Image.new("RGB", (20, 16), colour).save(root / "refs/dog" / name)
-    (root / "refs/dog/notes.txt").write_text("not an image")
-    Image.new("RGB", (16, 16), (0, 0, 200)).save(root / "refs/cat.webp")
-
-
-def test_generic_cases_file(tmp_path):
-    make_refs(tmp_path)
-    obj = {"about": "unknown keys are ignored",
-           "cases": [{"name": "pets", "prompt": "a cat and a dog", "threshold": 0.25, "extra": 1,
-                      "subjects": [{"name": "cat", "query": "tabby cat", "images": ["refs/cat.webp"]},
-                                   {"name": "dog", "images": ["refs/dog"]}]},
-                     {"name": "just_a_dog", "subjects": [{"name": "dog", "images": "refs/dog/01.jpg"}]}]}
-    pets, dog = ev.parse_cases(obj, tmp_path)
-    assert (pets.name, pets.prompt, pets.threshold) == ("pets", "a cat and a dog", 0.25)
-    assert [(s.name, s.query) for s in pets.subjects] == [("cat", "tabby cat"), ("dog", "dog")]
-    assert pets.subjects[0].reference_paths == [tmp_path / "refs/cat.webp"]
-    # a folder: its images without "mask" in the name, sorted
-    assert pets.subjects[1].reference_paths == [tmp_path / "refs/dog/00.png", tmp_path / "refs/dog/01.jpg"]
-    assert (dog.prompt, dog.threshold) == (None, None)
-    assert dog.subjects[0].reference_paths == [tmp_path / "refs/dog/01.jpg"]
-
-
-@pytest.mark.parametrize("obj, message", [
-    ({"cases": [{"name": "pets", "subjects": [{"name": "cat", "images": ["refs/cat.webp", "refs/missing.png"]}]}]},
-     r"case pets, subject cat: reference image .*refs/missing.png does not exist"),
-    ({"cases": [{"name": "pets", "subjects": [{"name": "cat", "images": ["refs/cat.webp"]}]},
-                {"name": "pets", "subjects": [{"name": "dog", "images": ["refs/dog"]}]}]},
-     r"case pets: the name appears twice"),
-    ({"about": "x", "references": []},
-     r"has none of the keys this tool reads \(multi_reference_cases, mip_adapter_combinations, "
-     r"mudi_pairs_using_dreambench, detect_and_compare_demo, dreambench_subjects, cases\); its keys: about, references"),
-    ({"cases": [{"name": "pets", "subjects": []}]}, r"case pets: the subject list is empty"),
-    ({"cases": [{"name": "pets", "threshold": 2, "subjects": [{"name": "cat", "images": ["refs/cat.webp"]}]}]},
-     r"case pets: threshold must be a number from 0 to 1"),
-    ({"cases": [{"name": "a/b", "subjects": [{"name": "cat", "images": ["refs/cat.webp"]}]}]},
-     r"may not be empty, contain /"),
-    ({"cases": [{"name": "pets", "subjects": [{"name": "cat"}]}]}, r"case pets, subject cat: no images"),
-    ({"cases": []}, r"cases hold no cases"),
-    ({"dreambench_subjects": {"cat": {"class": "cat", "images": ["refs/cat.webp"]}},
-      "mudi_pairs_using_dreambench": {"pairs": [["cat", "dog9"]]}},
-     r"case mudi_cat_dog9: 'dog9' is not in dreambench_subjects"),
-    ({"masked_references": [{"image": "refs/cat.webp", "concept": "a cat"}],
-      "multi_reference_cases": [{"name": "m", "refs": [0, 1], "target_prompt": "p"}]},
-     r"case m: ref 1 is not an index into masked_references"),
-])
-def test_benchmark_errors(tmp_path, obj, message):
-    make_refs(tmp_path)
-    with pytest.raises(ev.EvaluationError, match=message):
-        ev.parse_cases(obj, tmp_path, "bench.json")
-
-
-def test_load_cases_file_errors(tmp_path):
-    with pytest.raises(ev.UsageError, match="nope.json does not exist"):
-        ev.load_cases(tmp_path / "nope.json")
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ev.EvaluationError, match="bad.json is not a JSON file"):
-        ev.load_cases(tmp_path / "bad.json")
-    (tmp_path / "list.json").write_text("[]")
-    with pytest.raises(ev.EvaluationError, match="list.json: expected a JSON object"):
-        ev.load_cases(tmp_path / "list.json")
-
-
-# ----------------------------------------------------------------------------- generated images
-
-def case(name):
-    return ev.Case(name, None, [ev.Subject("s", "s", [Path("unused.png")])])
-
-
-def touch_image(path, size=(8, 8)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (1, 2, 3)).save(path)
-
-
-def test_discover_images_subfolders_prefixes_and_longest_name(tmp_path):
-    for rel in ["cat_and_dog/b.png", "cat_and_dog/a.jpg", "cat_and_dog/c.JPEG", "cat_and_dog/x.webp",
-                "cat_1.png", "cat.jpg", "cat_and_dog_7.png", "catalog.png", "dog2_0.png", "other/z.png"]:
-        touch_image(tmp_path / rel)
-    (tmp_path / "cat_and_dog/notes.txt").write_text("no")
-    (tmp_path / "cat_2.txt").write_text("no")
-    cases = [case("cat"), case("cat_and_dog"), case("dog")]
-    found = ev.discover_images(tmp_path, cases)
-    rel = {k: [p.relative_to(tmp_path).as_posix() for p in v] for k, v in found.items()}
-    assert rel == {"cat": ["cat.jpg", "cat_1.png"],      # not cat_and_dog_7.png: the longer name wins
-                   "cat_and_dog": ["cat_and_dog/a.jpg", "cat_and_dog/b.png", "cat_and_dog/c.JPEG",
-                                   "cat_and_dog/x.webp", "cat_and_dog_7.png"],
-                   "dog": []}                           # dog2_0.png is not dog's
-    # a file of a case that is known but not selected stays with that case
-    only_cat = ev.discover_images(tmp_path, [case("cat")], known_names=["cat_and_dog"])
-    assert [p.name for p in only_cat["cat"]] == ["cat.jpg", "cat_1.png"]
-    assert ev.unmatched_entries(tmp_path, ["cat", "cat_and_dog", "dog"]) == ["catalog.png", "dog2_0.png", "other/"]
-
-
-def test_select_cases():
-    cases = [case("a"), case("b"), case("c")]
-    assert [c.name for c in ev.select_cases(cases, "c, a")] == ["a", "c"]      # benchmark order
-    assert ev.select_cases(cases, None) == cases
-    with pytest.raises(ev.UsageError, match=r"--cases: x, y not in the benchmark \(its cases: a, b, c\)"):
-        ev.select_cases(cases, "a,x,y")
-    with pytest.raises(ev.UsageError, match="no case names"):
-        ev.select_cases(cases, " , ")
-
-
-def test_no_images_for_any_selected_case(tmp_path):
-    touch_image(tmp_path / "b_0.png")
-    scorers = ev.Scorers(dino=object())
-    with pytest.raises(ev.EvaluationError, match=r"no generated images for any of the 1 selected cases in .*<case>/\*.png"):
-        ev.evaluate([case("a")], tmp_path, scorers, known_names=["a", "b"])
-
-
-def test_progress_bar_lines_and_off():
-    t = [100.0]
-    out = io.StringIO()
-    p = ev.Progress(40, out, "bar", width=10, clock=lambda: t[0])
-    p.show("case_name")
-    assert out.getvalue() == "\r[..........] 0/40 images  case_name  ETA ?\x1b[K"
-    t[0] += 12.0
-    for _ in range(12):
-        p.advance("case_name")
-    # 12 done in 12 s: 28 left at 1 s each
-    assert out.getvalue().endswith("\r[###.......] 12/40 images  case_name  ETA 0:28\x1b[K")
-    t[0] += 3600.0
-    p.advance("a_very_long_case_name_that_does_not_fit_the_line", 28)
-    assert out.getvalue().endswith("\r[##########] 40/40 images  a_very_long_case_name_that_do...  ETA 0:00\x1b[K")
-    p.close()
-    assert out.getvalue().endswith("\n")
-    out = io.StringIO()
-    p = ev.Progress(3, out, "lines", clock=lambda: t[0])
-    p.show("a")
-    p.advance("a", 2)
-    p.case_done("a", 2)
-    p.advance("b")
-    p.case_done("b", 1)
-    p.close()
-    assert out.getvalue() == "a: 2 images (2/3, 0:00 elapsed)\nb: 1 image (3/3, 0:00 elapsed)\n"
-    out = io.StringIO()
-    p = ev.Progress(3, out, "off")
-    p.advance("a", 3)
-    p.case_done("a", 3)
-    p.close()
-    assert out.getvalue() == ""
-
-
 # ----------------------------------------------------------------------------- models and scorers
 
 def tiny_dino(seed=0) -> em.DinoViT:
@@ -285,7 +79,7 @@ def tiny_dino(seed=0) -> em.DinoViT:
 
 
 def test_load_scorers_defaults_explicit_and_missing(tmp_path):
-    with pytest.raises(ev.EvaluationError, match=r"no metric can be computed: clip_t, clip_i: open_clip_pytorch_model.bin "
+    with pytest.raises(EvaluationError, match=r"no metric can be computed: clip_t, clip_i: open_clip_pytorch_model.bin "
                                                  r".* not in .*; dino: dino_deitsmall16_pretrain.pth not in .*"
                                                  r"dnc: owlv2-base-patch16-ensemble/ and dreamsim/ not in .*Where to get"):
         ev.load_scorers(tmp_path)
@@ -298,12 +92,12 @@ def test_load_scorers_defaults_explicit_and_missing(tmp_path):
                            "dnc": f"owlv2-base-patch16-ensemble/ and dreamsim/ not in {tmp_path}"}
     only = ev.load_scorers(tmp_path, "dino")
     assert only.metrics == ("dino",) and only.skipped() == {}
-    with pytest.raises(ev.EvaluationError, match=r"--metrics clip_i: open_clip_pytorch_model.bin .*huggingface"):
+    with pytest.raises(EvaluationError, match=r"--metrics clip_i: open_clip_pytorch_model.bin .*huggingface"):
         ev.load_scorers(tmp_path, ["dino", "clip_i"])
     (tmp_path / "dreamsim").mkdir()
-    with pytest.raises(ev.EvaluationError, match=r"--metrics dnc: owlv2-base-patch16-ensemble/ not in .*google/owlv2"):
+    with pytest.raises(EvaluationError, match=r"--metrics dnc: owlv2-base-patch16-ensemble/ not in .*google/owlv2"):
         ev.load_scorers(tmp_path, "dnc")
-    with pytest.raises(ev.UsageError, match="unknown metric 'clipi'"):
+    with pytest.raises(UsageError, match="unknown metric 'clipi'"):
         ev.load_scorers(tmp_path, "clipi")
 
 
@@ -316,14 +110,14 @@ def test_load_scorers_loads_the_detector_and_embedder_folders(tmp_path):
     from personalize_pack.metrics.dreamsim import DreamSimEnsemble
     from personalize_pack.metrics.owl import OwlDetector
     build_tiny_dreamsim(tmp_path / "dreamsim")
-    with pytest.raises(ev.EvaluationError, match=r"--metrics dnc: owlv2-base-patch16-ensemble/ not in .*; "
+    with pytest.raises(EvaluationError, match=r"--metrics dnc: owlv2-base-patch16-ensemble/ not in .*; "
                                                  r"Download every file of https://huggingface.co/google/owlv2"):
         ev.load_scorers(tmp_path, "dnc")
     build_tiny_owlv2(tmp_path / "owlv2-base-patch16-ensemble")
     s = ev.load_scorers(tmp_path, "dnc")
     assert isinstance(s.detector, OwlDetector) and isinstance(s.embedder, DreamSimEnsemble)
     assert s.active() == ["dnc"] and s.skipped() == {}
-    with pytest.raises(ev.EvaluationError, match=r"--metrics dnc: dinov2-base/ not in"):
+    with pytest.raises(EvaluationError, match=r"--metrics dnc: dinov2-base/ not in"):
         ev.load_scorers(tmp_path, "dnc", embedder="dinov2-base")
 
 
@@ -346,9 +140,9 @@ def test_load_scorers_missing_code_skips_by_default_and_fails_when_asked(tmp_pat
                                                       "pip install open_clip_torch")
     assert skipped["dnc"] == ("the detector or embedder cannot be imported (The OWLv2 detector needs transformers: "
                               "pip install transformers)")
-    with pytest.raises(ev.EvaluationError, match=r"--metrics dnc: the detector or embedder cannot be imported .*transformers"):
+    with pytest.raises(EvaluationError, match=r"--metrics dnc: the detector or embedder cannot be imported .*transformers"):
         ev.load_scorers(tmp_path, "dino,dnc")
-    with pytest.raises(ev.EvaluationError, match=r"--metrics clip_t: the CLIP score needs open_clip"):
+    with pytest.raises(EvaluationError, match=r"--metrics clip_t: the CLIP score needs open_clip"):
         ev.load_scorers(tmp_path, "clip_t")
 
 
@@ -420,7 +214,7 @@ def bench(tmp_path_factory):
     images = root / "images"
     for rel, (src, size) in GENERATED.items():
         save_small(DATA / src, images / rel, size)
-    cases = ev.load_cases(CASES_JSON)
+    cases = load_cases(CASES_JSON)
     scorers = ev.load_scorers(models, clip_arch=TINY_CLIP_ARCH)
     assert scorers.skipped()["dnc"] == f"owlv2-base-patch16-ensemble/ and dreamsim/ not in {models}"
     detector = StandInDetector()
@@ -638,10 +432,10 @@ def test_cli_bad_arguments_exit_2(bench, dino_only, tmp_path, capsys):
                            (["--threshold", "1.5"], "--threshold must be from 0 to 1"),
                            (["--device", "toaster"], "is not a torch device"),
                            (["--out", str(tmp_path / "no/such/dir/o.csv")], "does not exist")]:
-        assert ev.main(base + extra) == 2, extra
-    assert ev.main([str(CASES_JSON), "--images", str(tmp_path / "nowhere"), "--models", str(dino_only)]) == 2
-    assert ev.main([str(tmp_path / "no.json"), "--images", str(bench.images), "--models", str(dino_only)]) == 2
-    assert ev.main(["--images", str(bench.images)]) == 2
+        assert cli.main(base + extra) == 2, extra
+    assert cli.main([str(CASES_JSON), "--images", str(tmp_path / "nowhere"), "--models", str(dino_only)]) == 2
+    assert cli.main([str(tmp_path / "no.json"), "--images", str(bench.images), "--models", str(dino_only)]) == 2
+    assert cli.main(["--images", str(bench.images)]) == 2
 
 
 def test_cli_explicit_dnc_without_the_detector_exits_1(bench, dino_only):
@@ -655,10 +449,10 @@ def test_cli_explicit_dnc_without_the_detector_exits_1(bench, dino_only):
 def test_cli_error_messages_are_one_line(bench, dino_only, tmp_path, capsys):
     bad = tmp_path / "bench.json"
     bad.write_text('{"cases": [{"name": "x", "subjects": [{"name": "cat", "images": ["missing.png"]}]}]}')
-    assert ev.main([str(bad), "--images", str(bench.images), "--models", str(dino_only)]) == 1
+    assert cli.main([str(bad), "--images", str(bench.images), "--models", str(dino_only)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: case x, subject cat: reference image ") and \
         err[0].endswith("missing.png does not exist")
-    assert ev.main([str(CASES_JSON), "--images", str(bench.images), "--models", str(dino_only),
+    assert cli.main([str(CASES_JSON), "--images", str(bench.images), "--models", str(dino_only),
                     "--cases", "mudi_dog6_dog2"]) == 1
     assert "no generated images for any of the 1 selected cases" in capsys.readouterr().err

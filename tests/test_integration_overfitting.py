@@ -267,7 +267,7 @@ def test_command_runs_headless_and_writes_the_json(tiny_sd15_path, lora_file, in
 
 
 def test_command_bad_arguments(tmp_path, tiny_sd15_path, capsys):
-    from personalize_pack.metrics import evaluate as ev
+    from personalize_pack.metrics import cli as ev
     base = ["overfitting", "--checkpoint", str(tiny_sd15_path), "--prompts-without", "a dog"]
     for extra, message in [([], "give the customised model: --lora FILE and/or --infusion FILE"),
                            (["--lora", str(tmp_path / "none.safetensors")], "none.safetensors: no such file"),

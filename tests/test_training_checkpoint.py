@@ -1,5 +1,5 @@
-"""training/checkpoint.py: atomic files, optimizer / RNG state round trips, checkpoints, output names
-(in-process, CPU, no child processes)."""
+"""training/checkpoint.py: snapshots, optimizer / RNG state round trips, checkpoints (in-process, CPU, no
+child processes; the atomic writer itself: test_files_atomic.py)."""
 from __future__ import annotations
 
 import errno
@@ -9,8 +9,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from personalize_pack.files import atomic
 from personalize_pack.training import checkpoint as ck
 
 
@@ -19,12 +19,12 @@ def _no_temp_files(folder):
 
 
 class _FullDisk:
-    """Replaces checkpoint._write_file: the ``fail_on``-th call (1-based) raises ENOSPC after
+    """Replaces files.atomic._write_file: the ``fail_on``-th call (1-based) raises ENOSPC after
     writing the first chunk (as a real full disk would, part way)."""
 
     def __init__(self, fail_on):
         self.fail_on, self.calls = fail_on, 0
-        self.real = ck._write_file
+        self.real = atomic._write_file
 
     def __call__(self, fh, chunks):
         self.calls += 1
@@ -34,41 +34,7 @@ class _FullDisk:
         self.real(fh, chunks)
 
 
-# =========================================================================== atomic files
-
-def test_atomic_writes_round_trip(tmp_path):
-    p = ck.atomic_write_text(tmp_path / "sub" / "a.txt", "hello")
-    assert p.read_text() == "hello"
-    ck.atomic_write_text(p, "again")
-    assert p.read_text() == "again"
-    t = {"w": torch.randn(3, 4), "b": torch.arange(5)}
-    q = ck.atomic_save_safetensors(tmp_path / "t.safetensors", {"w": t["w"].t(), "b": t["b"]}, {"k": "v"})
-    back = load_file(q)
-    torch.testing.assert_close(back["w"], t["w"].t().contiguous())
-    assert torch.equal(back["b"], t["b"])
-    assert _no_temp_files(tmp_path) and _no_temp_files(tmp_path / "sub")
-
-
-def test_streamed_safetensors_match_the_library(tmp_path):
-    from safetensors import safe_open
-    from safetensors.torch import save as st_save
-    t = {"f32": torch.randn(3, 5).t(), "bf16": torch.randn(4, dtype=torch.bfloat16), "f16": torch.randn(2, 2).half(),
-         "i64": torch.arange(7), "u8": torch.randint(0, 255, (9,), dtype=torch.uint8), "bool": torch.rand(5) > 0.5,
-         "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "f64": torch.randn(2, dtype=torch.float64)}
-    path = ck.atomic_save_safetensors(tmp_path / "s.safetensors", t, {"a": "1", "b": "x y"})
-    with safe_open(str(path), framework="pt") as f:
-        assert f.metadata() == {"a": "1", "b": "x y"}
-        for k, v in t.items():
-            got = f.get_tensor(k)
-            assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
-    ours = b"".join(bytes(c) for c in ck.safetensors_chunks({"w": t["f32"].contiguous()}))
-    assert load_file_bytes(ours)["w"].equal(load_file_bytes(st_save({"w": t["f32"].contiguous()}))["w"])
-
-
-def load_file_bytes(data):
-    from safetensors.torch import load
-    return load(data)
-
+# =========================================================================== snapshots
 
 def test_snapshot_is_a_copy():
     src = {"a": torch.ones(3), "b": torch.arange(6).reshape(2, 3).t()}
@@ -89,42 +55,6 @@ def test_snapshot_of_cuda_tensors_is_pinned_and_waits():
     assert snap["a"].is_pinned() and torch.equal(snap["a"], expected)
     snap2, _ = ck.snapshot_tensors(src, pinned)
     assert snap2["a"].data_ptr() == snap["a"].data_ptr()           # the buffer is reused
-
-
-def test_disk_full_keeps_previous_file(tmp_path, monkeypatch):
-    p = ck.atomic_write_text(tmp_path / "a.txt", "old")
-    monkeypatch.setattr(ck, "_write_file", _FullDisk(1))
-    with pytest.raises(OSError) as info:
-        ck.atomic_write_text(p, "new contents")
-    assert info.value.errno == errno.ENOSPC
-    assert "no space left" in str(info.value).lower() and "intact" in str(info.value)
-    assert p.read_text() == "old"
-    assert _no_temp_files(tmp_path)
-
-
-def test_finish_atomic_moves_file(tmp_path):
-    tmp = tmp_path / ".x.tmp"
-    tmp.write_bytes(b"abc")
-    out = ck.finish_atomic(tmp, tmp_path / "x.bin")
-    assert out.read_bytes() == b"abc" and not tmp.exists()
-
-
-# =========================================================================== output names
-
-@pytest.mark.parametrize("name", ["a/b", "a\\b", "..", "../x", "x..y", "", "   ", "/etc/passwd", "C:evil", ".hidden",
-                                  "a\0b", "tab\there", "sub/../../x"])
-def test_output_name_rejected(tmp_path, name):
-    with pytest.raises(ValueError) as info:
-        ck.output_path(tmp_path, name, ".safetensors")
-    assert "output name" in str(info.value)
-
-
-def test_output_name_accepted(tmp_path):
-    assert ck.output_path(tmp_path, "my_lora", ".safetensors") == tmp_path / "my_lora.safetensors"
-    assert ck.output_path(tmp_path, "my lora-v2.safetensors", ".safetensors") == tmp_path / "my lora-v2.safetensors"
-    assert ck.output_path(tmp_path, " toy ", "safetensors") == tmp_path / "toy.safetensors"
-    with pytest.raises(ValueError):
-        ck.output_path(tmp_path, None, ".safetensors")
 
 
 # =========================================================================== config hash
@@ -221,7 +151,7 @@ def test_no_checkpoint_and_damaged_checkpoint(tmp_path):
     (tmp_path / ck.CHECKPOINT_NAME).write_bytes(b"not a safetensors file")
     with pytest.raises(ck.CheckpointError, match="cannot read the checkpoint"):
         ck.load_checkpoint(tmp_path)
-    ck.atomic_save_safetensors(tmp_path / ck.CHECKPOINT_NAME, {"x": torch.zeros(1)})
+    atomic.atomic_save_safetensors(tmp_path / ck.CHECKPOINT_NAME, {"x": torch.zeros(1)})
     with pytest.raises(ck.CheckpointError, match="not a training checkpoint"):
         ck.load_checkpoint(tmp_path)
     ck.remove_checkpoint(tmp_path)
@@ -246,7 +176,7 @@ def test_disk_full_at_second_checkpoint(tmp_path, monkeypatch):
     ck.save_checkpoint(tmp_path, 5, "h", model.state_dict(), opt, [0.1] * 5)
     first = {k: v.clone() for k, v in model.state_dict().items()}
     _train(model, opt, 2, seed=0)
-    monkeypatch.setattr(ck, "_write_file", _FullDisk(1))        # the tensors' write of the second one
+    monkeypatch.setattr(atomic, "_write_file", _FullDisk(1))        # the tensors' write of the second one
     with pytest.raises(OSError) as info:
         ck.save_checkpoint(tmp_path, 10, "h", model.state_dict(), opt, [0.1] * 10)
     assert info.value.errno == errno.ENOSPC and "no space left" in str(info.value).lower()

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from personalize_pack.files import atomic
 from personalize_pack.training import checkpoint as ck
 from personalize_pack.training import jobs, runner, sidecar
 from personalize_pack.training.runner import TrainingCancelled, TrainingError, run_job
@@ -306,7 +307,7 @@ def test_disk_full_at_second_checkpoint(tmp_path, monkeypatch):
     a clear error event, the first checkpoint intact, no temporary files, no output."""
     job_dir = make_job(tmp_path, "full")
     cfg = config_of(job_dir)
-    real, calls = ck._write_file, []
+    real, calls = atomic._write_file, []
 
     def writer(fh, chunks):
         calls.append(len(chunks))
@@ -315,7 +316,7 @@ def test_disk_full_at_second_checkpoint(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fh, chunks)
 
-    monkeypatch.setattr(ck, "_write_file", writer)
+    monkeypatch.setattr(atomic, "_write_file", writer)
     events = []
     assert sidecar.train(job_dir, emit=events.append, handle_signals=False) == 1
     assert events[-1]["event"] == "error"
@@ -405,7 +406,7 @@ class _LinearJob(jobs.Job):
         return ((self.w - self.target - noise) ** 2).mean()
 
     def save_final(self, path):
-        ck.atomic_save_safetensors(path, {"w": self.w})
+        atomic.atomic_save_safetensors(path, {"w": self.w})
 
 
 def test_registry_strings_and_base_class_defaults(tmp_path, monkeypatch):

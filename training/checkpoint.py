@@ -1,9 +1,5 @@
-"""Atomic files and training checkpoints (pure torch + safetensors; no ComfyUI).
-
-Every file the training writes goes through :func:`atomic_write_bytes`: a temporary file next to the
-target (its name carries the process id, so concurrent writers never share one), ``fsync``, then
-``os.replace`` and an ``fsync`` of the folder. A failed write (disk full, permission) removes the
-temporary file and leaves the previous file untouched.
+"""Training checkpoints (pure torch + safetensors; no ComfyUI), written through the pack's one atomic
+writer (``files/atomic.py``: a failed write, a full disk included, leaves the previous checkpoint as it was).
 
 A checkpoint is ``state_dir/checkpoint.safetensors`` plus ``state_dir/checkpoint.json``. The
 safetensors file is self-contained: the job's tensors (``job.*``), the optimizer state flattened into
@@ -15,10 +11,8 @@ JSON file, so the loader trusts the safetensors metadata only.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import random
 import sys
 from dataclasses import dataclass, field
@@ -27,7 +21,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as _st_save
+
+from ..files.atomic import atomic_save_safetensors, atomic_write_text, remove_quietly
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 INDEX_NAME = "checkpoint.json"
@@ -40,176 +35,6 @@ VOLATILE_KEYS = frozenset({"steps", "checkpoint_every", "validate_every", "devic
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (another run's settings, unreadable, beyond the step count)."""
-
-
-# =========================================================================== atomic files
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _write_file(fh, chunks) -> None:
-    """The one place bytes reach the disk (tests replace it to simulate a full disk): every chunk
-    (bytes or a buffer), then flush and fsync."""
-    for chunk in chunks:
-        fh.write(chunk)
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (a no-op where folders cannot be opened: Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _disk_error(exc: OSError, path: Path) -> OSError:
-    if exc.errno == errno.ENOSPC:
-        return OSError(errno.ENOSPC, f"no space left on the device while writing {path}; the previous "
-                                     f"file there (if any) is intact. Free some space and run again")
-    return exc
-
-
-def atomic_write_chunks(path, chunks) -> Path:
-    """Write the concatenation of ``chunks`` to ``path`` atomically: readers see the old file or the
-    new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as fh:
-            _write_file(fh, chunks)
-        os.replace(tmp, path)
-    except OSError as exc:
-        _remove_quietly(tmp)
-        raise _disk_error(exc, path) from exc
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    return atomic_write_chunks(path, [data])
-
-
-def atomic_write_text(path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"),
-                     ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        _ST_DTYPES[getattr(torch, _attr)] = _name
-
-
-def safetensors_chunks(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> list:
-    """The safetensors file of ``tensors`` (CPU) as a header and one buffer per tensor, without
-    copying the data into one big bytes object (the write streams it, releasing the GIL)."""
-    if sys.byteorder != "little":
-        data = _st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-        return [data]
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    bufs, offset = [], 0
-    for name, t in tensors.items():
-        t = t.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        if t.dtype not in _ST_DTYPES:
-            raise TypeError(f"cannot store {t.dtype} ({name}) in safetensors")
-        flat = t.contiguous().reshape(-1)
-        buf = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
-        n = flat.numel() * flat.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        bufs.append(buf)
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)
-    return [len(head).to_bytes(8, "little"), head] + bufs
-
-
-def atomic_save_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    """``safetensors.torch.save_file`` made atomic (tensors are moved to the CPU and made contiguous)."""
-    return atomic_write_chunks(path, safetensors_chunks(tensors, metadata))
-
-
-def remove_stale_temp_files(folder, prefix: str = ".") -> None:
-    """Delete ``<prefix>*.tmp`` files in ``folder`` that a killed writer left behind (call while
-    holding the folder's lock, so no live writer owns them)."""
-    folder = Path(folder)
-    if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.startswith(prefix) and p.name.endswith(".tmp") and p.is_file():
-                _remove_quietly(p)
-
-
-def finish_atomic(tmp, path) -> Path:
-    """Move a finished temporary file (written by someone else, e.g. a job's ``save_final``) into
-    place: ``fsync`` it, ``os.replace``, ``fsync`` the folder. Removes ``tmp`` on failure."""
-    tmp, path = Path(tmp), Path(path)
-    try:
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        _remove_quietly(tmp)
-        raise _disk_error(exc, path) from exc
-    fsync_dir(path.parent)
-    return path
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-# =========================================================================== output names
-
-_BAD_CHARS = set('/\\:*?"<>|\0')
-
-
-def output_path(models_dir, name: str, ext: str) -> Path:
-    """The file ``<models_dir>/<name><ext>`` for a user-given output name, or a ``ValueError`` that
-    says why the name is refused: empty, a path (``/``, ``\\``, a drive ``:``), ``..``, a hidden
-    name (leading ``.``), characters Windows forbids, or anything that would land outside
-    ``models_dir``. ``ext`` (``".safetensors"``) is added unless the name already ends with it."""
-    if not isinstance(name, str):
-        raise ValueError(f"output name must be a string, not {type(name).__name__}")
-    clean = name.strip()
-    if not clean:
-        raise ValueError("output name is empty: give the file a name (letters, digits, '-', '_')")
-    bad = sorted({c for c in clean if c in _BAD_CHARS or ord(c) < 32})
-    if bad:
-        shown = ", ".join(repr(c) for c in bad)
-        raise ValueError(f"output name {name!r} contains {shown}: give a plain file name, not a path "
-                         f"(the file is always written to {models_dir})")
-    if ".." in clean:
-        raise ValueError(f"output name {name!r} contains '..': give a plain file name")
-    if clean.startswith("."):
-        raise ValueError(f"output name {name!r} starts with '.': give a plain, visible file name")
-    ext = ext if not ext or ext.startswith(".") else "." + ext
-    fname = clean if ext and clean.lower().endswith(ext.lower()) else clean + ext
-    root = Path(os.path.abspath(models_dir))
-    target = Path(os.path.abspath(root / fname))
-    if target.parent != root or os.path.isabs(clean):
-        raise ValueError(f"output name {name!r} would be written outside {root}")
-    return target
 
 
 # =========================================================================== config hash
@@ -490,4 +315,4 @@ def load_checkpoint(state_dir, device: str | torch.device = "cpu") -> Checkpoint
 def remove_checkpoint(state_dir) -> None:
     """Delete the checkpoint pair (a fresh start with ``resume: false``)."""
     for p in checkpoint_paths(state_dir):
-        _remove_quietly(p)
+        remove_quietly(p)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from ..attention.infusion import FAMILIES
+from ..files.atomic import atomic_save_safetensors
 from ..files.checkpoints import flat_state_dict, read_checkpoint, safetensors_metadata
 
 KIND = "infusion"
@@ -233,10 +233,8 @@ class InfusionFile:
 
 def save_offsets(path, offsets: InfusionOffsets, concept_word: str = "", family: str | None = None,
                  dtype: torch.dtype = torch.float32, extra_metadata: Mapping[str, str] | None = None) -> str:
-    """Write ``offsets`` as a safetensors Infusion file (module docstring), atomically (a temporary
-    file in the same folder, then a rename). Returns the path."""
-    from safetensors.torch import save_file
-
+    """Write ``offsets`` as a safetensors Infusion file (module docstring), atomically (the pack's one
+    atomic writer: a temporary file in the same folder, then a rename). Returns the path."""
     if family is not None and family not in FAMILIES.values():
         raise ValueError(f"family: {family!r}; Infusion files are for {' or '.join(FAMILIES.values())}")
     meta = {"personalize_kind": KIND, "format_version": FORMAT_VERSION, "concept_word": (concept_word or "").strip(),
@@ -246,17 +244,7 @@ def save_offsets(path, offsets: InfusionOffsets, concept_word: str = "", family:
     for k, v in (extra_metadata or {}).items():
         meta.setdefault(str(k), str(v))
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".infusion-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(offsets.to_tensors(dtype), tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_save_safetensors(path, offsets.to_tensors(dtype), meta)
     return path
 
 

@@ -53,9 +53,9 @@ if __name__ == "__main__":                                      # bootstrap: the
 
 import torch
 
-from .checkpoint import (VOLATILE_KEYS, CheckpointError, checkpoint_payload, config_hash, finish_atomic,
-                         load_checkpoint, remove_checkpoint, remove_stale_temp_files, rng_state, set_rng_state,
-                         write_checkpoint)
+from ..files.atomic import finish_atomic, remove_stale_temp_files
+from .checkpoint import (VOLATILE_KEYS, CheckpointError, checkpoint_payload, config_hash, load_checkpoint,
+                         remove_checkpoint, rng_state, set_rng_state, write_checkpoint)
 from .jobs import JOB_KINDS, Job, JobContext, resolve_kind
 
 __all__ = ["JOB_KINDS", "Job", "JobContext", "train", "main", "load_config", "ConfigError"]
