@@ -53,7 +53,7 @@ DATA_FILE = "data.safetensors"
 DATA_META_FILE = "data.json"
 
 # Textual-Inversion-style caption templates with the concept's super-class word (Infusion trains on 11
-# such templates, §6.2; the word is the ordinary class word, e.g. "cat").
+# such templates, docs/algorithms.md §6.2; the word is the ordinary class word, e.g. "cat").
 INFUSION_TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
                       "a photo of a clean {}", "a close-up photo of a {}", "a bright photo of the {}",
                       "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a photo of a nice {}")
