@@ -69,7 +69,7 @@ def rnd(x, n=4):
 # =========================================================================== overhead
 
 def toy_config(opts, root: Path, name: str) -> dict:
-    from personalize_pack.training.sidecar import DEFAULTS
+    from personalize_pack.training.job_folder import DEFAULTS
     size = {k: getattr(opts, k) or SIZES[opts.device][k] for k in SIZES["cpu"]}
     return {"kind": "toy", "output": str(root / "out" / f"{name}.safetensors"), "state_dir": str(root / "state" / name),
             "steps": opts.steps, "seed": 0, "checkpoint_every": opts.checkpoint_every or DEFAULTS["checkpoint_every"],
@@ -167,14 +167,15 @@ def bench_overhead(opts) -> dict:
 
 def lora_job_folder(opts, root: Path) -> tuple[Path, dict]:
     """The tiny SD1.5 checkpoint, loaded by ComfyUI, and a Seg-Mix job folder for it written by the
-    training node's helpers (two shipped subjects with their masks)."""
+    job-folder writer the training node uses (two shipped subjects with their masks)."""
     import numpy as np
     from PIL import Image
 
     from bench_mrsa import comfyui_path, setup_comfy
     setup_comfy(comfyui_path(opts, "--only lora"), "pytorch")
     import comfy.sd
-    from personalize_pack.nodes import training as tn
+    from personalize_pack.training.dataset import dataset_from_inputs
+    from personalize_pack.training.job_folder import write_model, write_segmix_data, write_vae
     from personalize_pack.training.segmix import TEMPLATE
     from tiny_models import build_sd15
     ckpt = build_sd15(root / "tiny_sd15.safetensors")
@@ -186,13 +187,13 @@ def lora_job_folder(opts, root: Path) -> tuple[Path, dict]:
                                 .astype(np.float32) / 255)[None]
     data = None
     for stem, phrase in (("personalize_cat_04", "olis cat"), ("personalize_dog6_02", "hta dog")):
-        data = tn.dataset_from_inputs(load(f"{stem}.jpg"), load(f"{stem}_mask.jpg")[..., 0], phrase, "a photo of {}",
-                                      "", data)
+        data = dataset_from_inputs(load(f"{stem}.jpg"), load(f"{stem}_mask.jpg")[..., 0], phrase, "a photo of {}", "",
+                                   data)
     job_dir = root / "lora_job"
     job_dir.mkdir()
-    fingerprint = tn.write_model(model, str(job_dir))
-    tn.write_vae(vae, str(job_dir))
-    tn.write_segmix_data(data, clip, str(job_dir), TEMPLATE, "", 0)
+    fingerprint = write_model(model, str(job_dir))
+    write_vae(vae, str(job_dir))
+    write_segmix_data(data, clip, str(job_dir), TEMPLATE, "", 0)
     config = {"kind": "lora", "output": str(root / "out.safetensors"), "state_dir": str(root / "state"),
               "steps": opts.lora_steps, "seed": 42, "checkpoint_every": 100, "validate_every": 0,
               "comfyui_path": str(comfyui_path(opts, "--only lora")), "device": "cpu", "resolution": opts.resolution,

@@ -1,64 +1,24 @@
-"""Training nodes: Seg-Mix Dataset and Train Seg-Mix LoRA (MuDI). Schema, input checks, the job
-folder and the wiring to the training child (``training/runner.py``); the training itself runs in the
-child (``training/sidecar.py`` + ``training/comfy_model.py``)."""
+"""Training nodes: Seg-Mix Dataset, Train Seg-Mix LoRA (MuDI) and Train Infusion. Schema, input checks
+and the wiring: the data checks are ``training/dataset.py``, the job folder ``training/job_folder.py``,
+the child process ``training/runner.py`` (the training itself runs there: ``training/sidecar.py`` +
+``training/comfy_model.py``), the loss curve and previews ``training/report.py``."""
 from __future__ import annotations
 
-import json
-import math
 import os
-from dataclasses import dataclass
 
-import torch
+import folder_paths
 from comfy_api.latest import io
 
-from ..references.masks import as_mask_batch
-from ..files.atomic import atomic_save_safetensors, atomic_write_text
 from ..files.output_names import output_path
+from ..training.dataset import check_segmix_dataset, dataset_from_inputs, infusion_data_from_inputs
+from ..training.job_folder import write_config, write_infusion_data, write_model, write_segmix_data, write_vae
+from ..training.report import loss_curve_image, preview_images, preview_picture
+from ..training.runner import TrainingCancelled, run_with_progress
+from ..training.segmix import TEMPLATE
 
 SegMixDatasetType = io.Custom("PERSONALIZE_SEGMIX_DATASET")
 CATEGORY = "personalize/training"
 JOBS_FOLDER = "personalize_training"
-
-
-# ====================================================================================== dataset
-
-@dataclass(frozen=True)
-class DatasetSubject:
-    identifier: str
-    phrase: str
-    images: torch.Tensor     # [N, H, W, 3]
-    masks: torch.Tensor      # [N, H, W]
-    captions: tuple
-
-
-def dataset_from_inputs(images, masks, phrase: str, captions: str, identifier: str = "", previous=None) -> tuple:
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 1 or images.shape[-1] < 3:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images: expected a ComfyUI IMAGE [B,H,W,3] with at least one image, got {shape}")
-    m = as_mask_batch(masks, "masks")
-    n = images.shape[0]
-    if m.shape[0] not in (1, n):
-        raise ValueError(f"masks: {m.shape[0]} masks for {n} images; give one mask per image (or one for all)")
-    if tuple(m.shape[-2:]) != tuple(images.shape[1:3]):
-        raise ValueError(f"masks: {m.shape[-1]}x{m.shape[-2]} masks for {images.shape[2]}x{images.shape[1]} images; "
-                         f"each mask must have its image's size")
-    m = m.expand(n, -1, -1) if m.shape[0] == 1 else m
-    empty = [i + 1 for i in range(n) if float((m[i] > 0.5).sum()) == 0]
-    if empty:
-        raise ValueError(f"masks: mask(s) {empty} are empty (nothing above 0.5): Seg-Mix cuts the subject out with it")
-    phrase = str(phrase or "").strip()
-    if not phrase:
-        raise ValueError("phrase: give the subject's placeholder phrase, e.g. 'olis monster toy'")
-    ident = str(identifier or "").strip() or phrase.split()[0]
-    lines = [ln.strip() for ln in str(captions or "").splitlines() if ln.strip()] or ["a photo of {}"]
-    if len(lines) not in (1, n):
-        raise ValueError(f"captions: {len(lines)} lines for {n} images; give one line for all (with '{{}}' for the "
-                         f"phrase) or one per image")
-    caps = tuple((lines[i] if len(lines) == n else lines[0]).replace("{}", phrase) for i in range(n))
-    prev = tuple(previous or ())
-    if any(s.identifier == ident for s in prev):
-        raise ValueError(f"identifier: {ident!r} is already in the dataset; give each subject its own identifier")
-    return prev + (DatasetSubject(ident, phrase, images[..., :3].float().cpu(), (m > 0.5).float().cpu(), caps),)
 
 
 class SegMixDataset(io.ComfyNode):
@@ -93,168 +53,49 @@ class SegMixDataset(io.ComfyNode):
         return io.NodeOutput(dataset_from_inputs(images, masks, phrase, captions, identifier, dataset))
 
 
-# ====================================================================================== job folder
+# ====================================================================================== wiring
+# comfy.* is imported when a node runs, as in the other node files: comfy.model_management picks the
+# device when it is first imported, which must not happen before ComfyUI has read its settings.
 
 def comfyui_root() -> str:
-    import folder_paths
     return os.path.dirname(os.path.abspath(folder_paths.__file__))
 
 
 def job_folder(stem: str) -> str:
-    import folder_paths
     path = os.path.join(folder_paths.get_output_directory(), JOBS_FOLDER, stem)
     os.makedirs(path, exist_ok=True)
     return path
 
 
-def model_fingerprint(sd: dict) -> str:
-    """A cheap digest of the weights (names, shapes and a few sums), so a resume with another model is
-    refused without hashing gigabytes."""
-    import hashlib
-    h = hashlib.sha256()
-    keys = sorted(sd)
-    for k in keys:
-        h.update(f"{k}:{tuple(sd[k].shape)};".encode())
-    for k in keys[:: max(1, len(keys) // 16)]:
-        h.update(f"{float(sd[k].double().sum()):.6e}".encode())
-    return h.hexdigest()[:16]
-
-
-def write_model(model, job_dir: str) -> str:
-    """The MODEL's diffusion model weights, patches (LoRAs applied before this node) included."""
+def training_device() -> str:
     import comfy.model_management as mm
-    mm.load_models_gpu([model], force_patch_weights=True)
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.model.diffusion_model.state_dict().items()}
-    atomic_save_safetensors(os.path.join(job_dir, "model.safetensors"), sd)
-    return model_fingerprint(sd)
+    return "cuda" if mm.get_torch_device().type == "cuda" else "cpu"
 
 
-def write_vae(vae, job_dir: str) -> None:
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in vae.first_stage_model.state_dict().items()}
-    atomic_save_safetensors(os.path.join(job_dir, "vae.safetensors"), sd)
-
-
-def encode_text(clip, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-    return cond.detach().float().cpu().contiguous(), (None if pooled is None else pooled.detach().float().cpu().contiguous())
-
-
-def write_segmix_data(dataset, clip, job_dir: str, template: str, validation_prompt: str, seed: int) -> None:
-    tensors, images = {}, []
-    phrases = {s.identifier: s.phrase for s in dataset}
-    captions: list[str] = []
-    k = 0
-    for s in dataset:
-        for i in range(s.images.shape[0]):
-            tensors[f"image.{k}"] = s.images[i].contiguous()
-            tensors[f"mask.{k}"] = s.masks[i].contiguous()
-            images.append({"identifier": s.identifier, "caption": s.captions[i]})
-            if s.captions[i] not in captions:
-                captions.append(s.captions[i])
-            k += 1
-    for a in phrases:
-        for b in phrases:
-            if a != b:
-                text = template.format(phrases[a], phrases[b])
-                if text not in captions:
-                    captions.append(text)
-    for i, text in enumerate(captions):
-        cond, pooled = encode_text(clip, text)
-        tensors[f"cond.{i}"] = cond
-        if pooled is not None:
-            tensors[f"pooled.{i}"] = pooled
-    meta = {"images": images, "phrases": phrases, "captions": captions}
-    if validation_prompt.strip():
-        for j, text in enumerate((validation_prompt.strip(), "")):
-            cond, pooled = encode_text(clip, text)
-            tensors[f"val_cond.{j}"] = cond
-            if pooled is not None:
-                tensors[f"val_pooled.{j}"] = pooled
-        meta["validation"] = {"prompt": validation_prompt.strip(), "seed": int(seed)}
-    atomic_save_safetensors(os.path.join(job_dir, "data.safetensors"), tensors)
-    atomic_write_text(os.path.join(job_dir, "data.json"), json.dumps(meta, indent=1))
-
-
-# ====================================================================================== running
-
-def run_in_child(job_dir: str, total: int, gpus: int):
+def run_in_child(job_dir: str, total: int, gpus: int) -> dict:
     """Runs the job folder's training in the child process with ComfyUI's progress bar (step, loss,
     previews) and Cancel; returns the runner's result."""
     import comfy.model_management as mm
     import comfy.utils
-    from PIL import Image
-
-    from ..training.runner import run_job
     pbar = comfy.utils.ProgressBar(total)
-    previews = []
 
-    def on_event(evt):
-        kind = evt.get("event")
-        if kind == "start":
-            pbar.update_absolute(int(evt.get("resumed_from", 0)), total)
-        elif kind == "step":
-            pbar.update_absolute(int(evt["step"]), total)
-        elif kind == "preview":
-            previews.append(evt["path"])
-            with Image.open(evt["path"]) as im:
-                pbar.update_absolute(int(evt["step"]), total, ("PNG", im.convert("RGB"), 512))
+    def on_progress(step: int, preview: str | None) -> None:
+        pbar.update_absolute(step, total, None if preview is None else ("PNG", preview_picture(preview), 512))
 
-    from ..training.runner import TrainingCancelled
     mm.unload_all_models()
     mm.soft_empty_cache()
     try:
-        result = run_job(job_dir, on_event, mm.processing_interrupted, gpus=gpus)
+        return run_with_progress(job_dir, on_progress, mm.processing_interrupted, gpus=gpus)
     except TrainingCancelled:
         # the child has stopped (its last checkpoint kept); ComfyUI's own interrupt ends the prompt as
         # "interrupted", not as an error
         mm.throw_exception_if_processing_interrupted()
         raise
-    result["preview_paths"] = previews
-    return result
 
 
-def loss_curve_image(losses: list, width: int = 640, height: int = 320) -> torch.Tensor:
-    """The loss per step (and its running mean over ~5 % of the steps) as an IMAGE ``[1, H, W, 3]``."""
-    from PIL import Image, ImageDraw
-    im = Image.new("RGB", (width, height), (255, 255, 255))
-    d = ImageDraw.Draw(im)
-    left, top, right, bottom = 56, 16, width - 12, height - 28
-    d.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-    vals = [float(v) for v in losses if math.isfinite(float(v))]
-    if vals:
-        lo, hi = min(vals), max(vals)
-        hi = hi if hi > lo else lo + 1e-8
-        n = len(vals)
-
-        def xy(i, v):
-            x = left + (right - left) * (i / max(1, n - 1))
-            return x, bottom - (bottom - top) * (v - lo) / (hi - lo)
-        d.line([xy(i, v) for i, v in enumerate(vals)], fill=(150, 170, 230), width=1)
-        w = max(1, n // 20)
-        run = [sum(vals[max(0, i - w + 1):i + 1]) / len(vals[max(0, i - w + 1):i + 1]) for i in range(n)]
-        d.line([xy(i, v) for i, v in enumerate(run)], fill=(20, 60, 200), width=2)
-        d.text((4, top), f"{hi:.4g}", fill=(0, 0, 0))
-        d.text((4, bottom - 10), f"{lo:.4g}", fill=(0, 0, 0))
-        d.text((left, bottom + 6), f"step 1 .. {n}    loss (light) and running mean (dark)", fill=(0, 0, 0))
-    import numpy as np
-    return torch.from_numpy(np.asarray(im).astype(np.float32) / 255.0)[None]
-
-
-def preview_images(paths: list) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-    if not paths:
-        return torch.zeros(1, 64, 64, 3)
-    ims = []
-    for p in paths:
-        with Image.open(p) as im:
-            ims.append(torch.from_numpy(np.asarray(im.convert("RGB")).astype(np.float32) / 255.0))
-    shape = ims[0].shape
-    return torch.stack([i for i in ims if i.shape == shape])
-
+# ====================================================================================== Seg-Mix
 
 def lora_files() -> list[str]:
-    import folder_paths
     return folder_paths.get_filename_list("loras")
 
 
@@ -342,28 +183,20 @@ class TrainSegMixLoRA(io.ComfyNode):
         import comfy.model_management as mm
         import comfy.sd
         import comfy.utils
-        import folder_paths
-
-        from ..training.segmix import TEMPLATE
-        if not dataset or not all(isinstance(s, DatasetSubject) for s in dataset):
-            raise ValueError("dataset: connect Seg-Mix Dataset (MuDI) nodes (at least one subject)")
-        if segmix_prob > 0 and len(dataset) < 2:
-            raise ValueError("segmix_prob: Seg-Mix composes two different subjects; chain a second Seg-Mix Dataset "
-                             "node, or set segmix_prob to 0 to train one subject")
+        check_segmix_dataset(dataset, segmix_prob)
         if scale_min > scale_max:
             raise ValueError(f"scale_min ({scale_min}) is above scale_max ({scale_max})")
         if batch_size % gpus:
             raise ValueError(f"batch_size ({batch_size}) must be a multiple of gpus ({gpus})")
         if loss not in ("dco", "mse"):
             raise ValueError(f"loss: expected dco or mse, got {loss!r}")
-        loras_dir = folder_paths.get_folder_paths("loras")[0]
-        out = output_path(loras_dir, output_name, ".safetensors")
+        out = output_path(folder_paths.get_folder_paths("loras")[0], output_name, ".safetensors")
         job_dir = job_folder(out.stem)
-        device = "cuda" if mm.get_torch_device().type == "cuda" else "cpu"
+        device = training_device()
         fingerprint = write_model(model, job_dir)
         write_vae(vae, job_dir)
         write_segmix_data(dataset, clip, job_dir, TEMPLATE, validation_prompt if validate_every else "", seed)
-        config = {
+        write_config(job_dir, {
             "kind": "lora", "output": str(out), "state_dir": os.path.join(job_dir, "state"), "steps": int(steps),
             "seed": int(seed), "checkpoint_every": int(checkpoint_every), "validate_every": int(validate_every),
             "comfyui_path": comfyui_root(), "device": device, "resolution": int(resolution), "rank": int(rank),
@@ -372,8 +205,7 @@ class TrainSegMixLoRA(io.ComfyNode):
             "loss": loss, "dco_beta": float(dco_beta), "batch_size": int(batch_size),
             "gradient_checkpointing": bool(gradient_checkpointing), "model_fingerprint": fingerprint,
             "training_dtype": "bfloat16" if device == "cuda" and mm.should_use_bf16(mm.get_torch_device()) else "float32",
-        }
-        atomic_write_text(os.path.join(job_dir, "job.json"), json.dumps(config, indent=1))
+        })
         result = run_in_child(job_dir, int(steps), int(gpus))
         lora_sd = comfy.utils.load_torch_file(str(out), safe_load=True)
         patched, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0.0)
@@ -387,50 +219,7 @@ class TrainSegMixLoRA(io.ComfyNode):
 
 # ====================================================================================== Infusion
 
-# Textual-Inversion-style caption templates with the concept's super-class word (Infusion trains on 11
-# such templates, §6.2; the word is the ordinary class word, e.g. "cat").
-INFUSION_TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
-                      "a photo of a clean {}", "a close-up photo of a {}", "a bright photo of the {}",
-                      "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a photo of a nice {}")
-
-
-def write_infusion_data(model, clip, images, masks, word: str, job_dir: str, validation_prompt: str, seed: int):
-    from ..attention.infusion import concept_position, cross_attention_widths
-    widths, family = cross_attention_widths(model)
-    tensors, meta_images = {}, []
-    for i in range(images.shape[0]):
-        tensors[f"image.{i}"] = images[i, ..., :3].float().contiguous()
-        tensors[f"mask.{i}"] = masks[i].float().contiguous()
-        meta_images.append({"index": i})
-    captions = [t.format(word) for t in INFUSION_TEMPLATES]
-    positions, length = [], None
-    for i, text in enumerate(captions):
-        pos, n = concept_position(clip, text, word, family)
-        positions.append(pos)
-        if length is not None and n != length:
-            raise ValueError(f"concept_word: the captions tokenize to {length} and {n} tokens; use a shorter word")
-        length = n
-        cond, pooled = encode_text(clip, text)
-        tensors[f"cond.{i}"] = cond
-        if pooled is not None:
-            tensors[f"pooled.{i}"] = pooled
-    meta = {"images": meta_images, "captions": captions, "positions": positions, "length": length,
-            "widths": [[list(k), w] for k, w in widths.items()], "family": family}
-    if validation_prompt.strip():
-        pos, n = concept_position(clip, validation_prompt.strip(), word, family)
-        for j, text in enumerate((validation_prompt.strip(), "")):
-            cond, pooled = encode_text(clip, text)
-            tensors[f"val_cond.{j}"] = cond
-            if pooled is not None:
-                tensors[f"val_pooled.{j}"] = pooled
-        meta["validation"] = {"prompt": validation_prompt.strip(), "seed": int(seed), "position": pos, "length": n}
-    atomic_save_safetensors(os.path.join(job_dir, "data.safetensors"), tensors)
-    atomic_write_text(os.path.join(job_dir, "data.json"), json.dumps(meta, indent=1))
-    return family
-
-
 def infusion_files() -> list[str]:
-    import folder_paths
     return folder_paths.get_filename_list("model_patches")
 
 
@@ -486,47 +275,22 @@ class TrainInfusion(io.ComfyNode):
     def execute(cls, model, clip, vae, images, concept_word, masks=None, output_name="infusion", steps=500,
                 learning_rate=0.01, batch_size=4, resolution=512, offsets="kv", seed=42, validation_prompt="",
                 validate_every=0, checkpoint_every=100, gpus=1) -> io.NodeOutput:
-        import comfy.model_management as mm
-        import folder_paths
-
-        from ..references.compose import make_subject
-        from ..training.segmix import cover_resize
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 1:
-            raise ValueError("images: expected a ComfyUI IMAGE batch with at least one photo")
-        word = str(concept_word or "").strip()
-        if not word:
-            raise ValueError("concept_word: give the concept's super-class word, e.g. 'cat'")
-        n = images.shape[0]
-        if masks is None:
-            m = torch.ones(n, images.shape[1], images.shape[2])
-        else:
-            m = as_mask_batch(masks, "masks")
-            if m.shape[0] not in (1, n) or tuple(m.shape[-2:]) != tuple(images.shape[1:3]):
-                raise ValueError(f"masks: {m.shape[0]} masks of {m.shape[-1]}x{m.shape[-2]} for {n} images of "
-                                 f"{images.shape[2]}x{images.shape[1]}; give one mask per image, of its size")
-            m = m.expand(n, -1, -1) if m.shape[0] == 1 else m
+        word, imgs, msks = infusion_data_from_inputs(images, masks, concept_word, resolution)
         if batch_size % gpus:
             raise ValueError(f"batch_size ({batch_size}) must be a multiple of gpus ({gpus})")
-        for i in range(n):
-            make_subject(images[i], torch.ones_like(m[i]), f"image {i + 1}")          # checks the pixels
-        size = int(resolution)
-        imgs = torch.stack([cover_resize(images[i, ..., :3].float(), size) for i in range(n)])
-        msks = torch.stack([cover_resize(m[i, ..., None].float(), size)[..., 0] for i in range(n)])
         out = output_path(folder_paths.get_folder_paths("model_patches")[0], output_name, ".safetensors")
         job_dir = job_folder("infusion_" + out.stem)
-        device = "cuda" if mm.get_torch_device().type == "cuda" else "cpu"
         family = write_infusion_data(model, clip, imgs, msks, word, job_dir, validation_prompt if validate_every else "",
                                      seed)
         fingerprint = write_model(model, job_dir)
         write_vae(vae, job_dir)
-        config = {
+        write_config(job_dir, {
             "kind": "infusion", "output": str(out), "state_dir": os.path.join(job_dir, "state"), "steps": int(steps),
             "seed": int(seed), "checkpoint_every": int(checkpoint_every), "validate_every": int(validate_every),
-            "comfyui_path": comfyui_root(), "device": device, "resolution": size, "concept_word": word,
-            "learning_rate": float(learning_rate), "weight_decay": 0.01, "max_grad_norm": 0.0,
+            "comfyui_path": comfyui_root(), "device": training_device(), "resolution": int(resolution),
+            "concept_word": word, "learning_rate": float(learning_rate), "weight_decay": 0.01, "max_grad_norm": 0.0,
             "batch_size": int(batch_size), "kv": offsets, "model_fingerprint": fingerprint,
-        }
-        atomic_write_text(os.path.join(job_dir, "job.json"), json.dumps(config, indent=1))
+        })
         result = run_in_child(job_dir, int(steps), int(gpus))
         losses = result.get("losses") or []
         report = (f"Infusion ({family}, {offsets}): {out}; {result.get('steps')} steps"

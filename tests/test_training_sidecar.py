@@ -410,9 +410,9 @@ class _LinearJob(jobs.Job):
 
 
 def test_registry_strings_and_base_class_defaults(tmp_path, monkeypatch):
-    monkeypatch.setitem(jobs.JOB_KINDS, "linear", _LinearJob)
-    monkeypatch.setitem(jobs.JOB_KINDS, "toy_by_name", ".jobs:ToyJob")
-    assert jobs.resolve_kind("toy_by_name") is jobs.ToyJob
+    monkeypatch.setitem(sidecar.JOB_KINDS, "linear", _LinearJob)
+    monkeypatch.setitem(sidecar.JOB_KINDS, "toy_by_name", ".jobs:ToyJob")
+    assert sidecar.resolve_kind("toy_by_name") is jobs.ToyJob
     whole = make_job(tmp_path, "whole", kind="linear", steps=12, checkpoint_every=4, learning_rate=0.1)
     ev_whole = []
     assert sidecar.train(whole, emit=ev_whole.append, handle_signals=False) == 0

@@ -2,15 +2,7 @@
 the denoising loss, and the Seg-Mix LoRA job (``training/jobs.py``'s ``Job`` interface). ComfyUI is
 imported lazily, inside the child (``comfyui_path`` of job.json), with its CPU / attention settings.
 
-Job folder, written by the training node (``nodes/training.py``):
-
-* ``model.safetensors``: the MODEL's diffusion model weights as the node's ModelPatcher had them
-  (patches applied), with the ComfyUI ``diffusion_model.`` key layout; rebuilt with
-  ``comfy.sd.load_diffusion_model_state_dict`` (the family is detected from the tensors, as UNETLoader
-  does). ``model.json``: ``{"model_type": "EPS" | "V_PREDICTION" | "FLOW" ...}`` for checks.
-* ``vae.safetensors``: the VAE's weights (``comfy.sd.VAE(sd=...)``), when the job encodes images.
-* ``data.safetensors`` + ``data.json``: the subjects' images and masks, the captions and their CLIP
-  encodings (``cond.<i>``, ``pooled.<i>``), the validation prompt's.
+The job folder's format, its writer and its reader are ``training/job_folder.py``.
 
 The loss is the model family's own training target written once for all of them: with ``x_t =
 noise_scaling(σ, ε, x_0)`` and the model's denoised estimate ``x̂_0 = apply_model(x_t, σ)``, the
@@ -26,9 +18,17 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
+from ..attention.infusion import concept_positions, infuse_kv
+from .infusion import InfusionOffsets, save_offsets
+from .job_folder import load_diffusion_model, load_vae, read_data
 from .jobs import Job, JobContext
+from .lora import inject_lora, lora_parameters, lora_state_dict, set_lora_enabled
 from .losses import dco_loss, mask_to_latent, masked_mse, soft_mask
+from .segmix import SegMixSampler
 
 _COMFY_READY = False
 
@@ -53,35 +53,6 @@ def init_comfy(comfyui_path: str | None, device: torch.device) -> None:
     import comfy.model_management  # noqa: F401
     import comfy.sd  # noqa: F401
     _COMFY_READY = True
-
-
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    if not path.is_file():
-        raise FileNotFoundError(f"the job folder lacks {path.name} ({path})")
-    return load_file(str(path))
-
-
-def load_diffusion_model(job_dir: Path, device: torch.device, dtype: torch.dtype):
-    """ComfyUI's ModelPatcher for the job's ``model.safetensors``, its weights frozen on ``device``."""
-    import comfy.sd
-    sd = read_tensors(job_dir / "model.safetensors")
-    mp = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
-    if mp is None:
-        raise RuntimeError("ComfyUI does not recognise the diffusion model in model.safetensors")
-    model = mp.model
-    model.to(device=device)
-    model.diffusion_model.to(dtype=dtype)
-    model.requires_grad_(False)
-    model.eval()
-    return mp
-
-
-def load_vae(job_dir: Path, device: torch.device):
-    import comfy.sd
-    vae = comfy.sd.VAE(sd=read_tensors(job_dir / "vae.safetensors"), device=device)
-    vae.first_stage_model.requires_grad_(False)
-    return vae
 
 
 def conditioning(model, cond: torch.Tensor, pooled: torch.Tensor | None, size: tuple, device) -> dict:
@@ -135,11 +106,10 @@ class ComfyJob(Job):
             c.get("training_dtype", "float32")]
         self.mp = load_diffusion_model(self.job_dir, ctx.device, self.dtype)
         self.model = self.mp.model
-        self.data = read_tensors(self.job_dir / "data.safetensors")
-        self.meta = json.loads((self.job_dir / "data.json").read_text(encoding="utf-8"))
+        self.data, self.meta = read_data(self.job_dir)
         self.size = int(c["resolution"])
         self._conds: dict[int, dict] = {}
-        self.vae = load_vae(self.job_dir, ctx.device) if (self.job_dir / "vae.safetensors").is_file() else None
+        self.vae = load_vae(self.job_dir, ctx.device)
         if c.get("gradient_checkpointing"):
             enable_gradient_checkpointing(self.model.diffusion_model)
 
@@ -162,7 +132,6 @@ class ComfyJob(Job):
 
 def enable_gradient_checkpointing(diffusion_model) -> int:
     """Recompute every transformer block in the backward pass instead of keeping its activations."""
-    from torch.utils.checkpoint import checkpoint
     n = 0
     for module in diffusion_model.modules():
         if type(module).__name__ in ("BasicTransformerBlock",) and not getattr(module, "_personalize_ckpt", False):
@@ -186,8 +155,6 @@ class LoRAJob(ComfyJob):
 
     def setup(self, ctx: JobContext) -> None:
         super().setup(ctx)
-        from .lora import inject_lora, lora_parameters
-        from .segmix import SegMixSampler
         c = self.config
         self.rank = int(c["rank"])
         self.loras = inject_lora(self.model.diffusion_model, rank=self.rank, alpha=float(c.get("alpha") or self.rank),
@@ -234,7 +201,6 @@ class LoRAJob(ComfyJob):
     def loss(self, step: int) -> torch.Tensor:
         """``fixed_batch`` (tests, the overfit check): every step sees step 0's images, noise and noise
         levels."""
-        from .lora import set_lora_enabled
         fixed = bool(self.config.get("fixed_batch"))
         x0, mask, caps = self.sample_latents(0 if fixed else step)
         g = torch.Generator().manual_seed(int(self.config["seed"])) if fixed else None
@@ -253,8 +219,6 @@ class LoRAJob(ComfyJob):
         return dco_loss(l_lora, l_ref, self.beta)
 
     def save_final(self, path: Path) -> None:
-        from safetensors.torch import save_file
-        from .lora import lora_state_dict
         meta = {"personalize_kind": "segmix_lora", "rank": str(self.rank), "steps": str(self.config["steps"]),
                 "phrases": json.dumps(self.meta["phrases"])}
         save_file(lora_state_dict(self.loras, dtype=torch.float16 if self.config.get("save_fp16") else None),
@@ -275,8 +239,7 @@ def sample_preview(job: ComfyJob, step: int, transformer_options: dict | None = 
     val = job.meta.get("validation")
     if not val or job.vae is None:
         return None
-    import comfy.sample
-    from PIL import Image
+    import comfy.sample                                 # ComfyUI: imported by init_comfy
     c = job.config
     lat = torch.zeros(1, job.model.latent_format.latent_channels, job.size // 8, job.size // 8)
     pos = [[job.data["val_cond.0"], {"pooled_output": job.data["val_pooled.0"]} if "val_pooled.0" in job.data else {}]]
@@ -308,9 +271,7 @@ class InfusionTrainPatch:
         self.offsets, self.key, self.holder = offsets, key, holder
 
     def __call__(self, q, k, v, extra_options):
-        from comfy.ldm.modules.attention import optimized_attention
-
-        from ..attention.infusion import concept_positions, infuse_kv
+        from comfy.ldm.modules.attention import optimized_attention   # ComfyUI: imported by init_comfy
         labels = list(extra_options.get("cond_or_uncond") or [0])
         chunk = q.shape[0] // len(labels)
         rows = [i for j, lab in enumerate(labels) if lab == 0 for i in range(j * chunk, (j + 1) * chunk)]
@@ -332,7 +293,6 @@ class InfusionJob(ComfyJob):
 
     def setup(self, ctx: JobContext) -> None:
         super().setup(ctx)
-        from .infusion import InfusionOffsets
         c = self.config
         widths = {tuple(k): int(w) for k, w in self.meta["widths"]}
         self.offsets = InfusionOffsets(widths, kv=c.get("kv", "kv"), device=ctx.device)
@@ -377,7 +337,6 @@ class InfusionJob(ComfyJob):
         return masked_mse(pred.float(), target.float(), mask * mask)
 
     def save_final(self, path: Path) -> None:
-        from .infusion import save_offsets
         save_offsets(path, self.offsets, concept_word=self.config["concept_word"], family=self.meta.get("family"))
 
     def preview(self, step: int):

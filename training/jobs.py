@@ -1,22 +1,18 @@
-"""The job interface the training loop (``training/sidecar.py``) drives, the registry of job kinds,
-and the ``toy`` kind the tests and the overhead benchmark use.
+"""The job interface the training loop (``training/sidecar.py``) drives, and the ``toy`` kind the
+tests and the overhead benchmark use.
 
-A job kind is a :class:`Job` subclass registered in :data:`JOB_KINDS` under the ``kind`` name
-``job.json`` gives. Entries are classes, or ``"module:Class"`` strings imported on first use (a
-module name starting with ``.`` is relative to this package), so that heavy kinds (the ComfyUI
-model adapter) are imported only by the child that runs them::
-
-    JOB_KINDS["lora"] = ".comfy_model:LoRAJob"
+A job kind is a :class:`Job` subclass registered in ``training/sidecar.py``'s ``JOB_KINDS`` under the
+``kind`` name ``job.json`` gives (the ComfyUI kinds are in ``training/comfy_model.py``).
 """
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import file_digest
@@ -204,39 +200,13 @@ class ToyJob(Job):
         self.model.load_state_dict({k: tensors[k] for k in self.model.state_dict()})
 
     def save_final(self, path):
-        from safetensors.torch import save_file
         save_file({k: v.to("cpu").contiguous() for k, v in self.state_tensors().items()}, str(path),
                   metadata={"personalize_kind": "toy"})
 
     def preview(self, step):
-        from PIL import Image
         w = self.model[0].weight.detach().float().cpu()
         w = w + 0.01 * torch.rand_like(w)       # dithered: draws from the global RNG, as a sampler would
         w = (w - w.min()) / (w.max() - w.min() + 1e-12)
         path = self.job_dir / f"preview_{step:06d}.png"
         Image.fromarray((w.numpy() * 255).astype("uint8")).save(path)
         return str(path), f"toy step {step}: first layer weights"
-
-
-# =========================================================================== registry
-
-JOB_KINDS: dict[str, Any] = {
-    "toy": ToyJob,
-    "lora": ".comfy_model:LoRAJob",
-    "infusion": ".comfy_model:InfusionJob",
-}
-
-
-def resolve_kind(kind: str) -> type[Job]:
-    """The Job class for a ``kind`` name; ``KeyError`` with the known kinds when there is none."""
-    if not isinstance(kind, str) or kind not in JOB_KINDS:
-        known = ", ".join(sorted(JOB_KINDS))
-        raise KeyError(f"unknown job kind {kind!r} in job.json (known kinds: {known})")
-    entry = JOB_KINDS[kind]
-    if isinstance(entry, str):
-        module, _, attr = entry.partition(":")
-        mod = importlib.import_module(module, package=__package__) if module.startswith(".") else \
-            importlib.import_module(module)
-        entry = getattr(mod, attr)
-        JOB_KINDS[kind] = entry
-    return entry

@@ -1,7 +1,8 @@
 """Parent side of the training sidecar: start the child, stream its events, forward Cancel.
 
-No ComfyUI (and no torch) import: the training nodes call :func:`run_job` with callbacks that turn
-events into ComfyUI progress and that read ComfyUI's interrupt flag.
+No ComfyUI (and no torch) import: the training nodes call :func:`run_with_progress` (or
+:func:`run_job`) with callbacks that turn steps and previews into ComfyUI progress and that read
+ComfyUI's interrupt flag.
 
 The child is ``[python, training/sidecar.py, JOB_DIR]`` (or the same under ``accelerate launch`` /
 ``torchrun`` for several GPUs) in a new process group / session, so Cancel and clean-up reach every
@@ -239,4 +240,23 @@ def run_job(job_dir, on_event: Callable[[dict], None] | None = None,
     if "ranks_identical" in done:
         result["ranks_identical"] = done["ranks_identical"]
     result["median_step_s"] = statistics.median(result["step_times"]) if result["step_times"] else None
+    return result
+
+
+def run_with_progress(job_dir, on_progress: Callable[[int, str | None], None],
+                      should_cancel: Callable[[], bool] | None = None, gpus: int = 1) -> dict:
+    """:func:`run_job` for a node: ``on_progress(steps done, path of a new preview PNG or None)`` at the
+    start (the resumed step), after every step and at every preview. The result also has
+    ``preview_paths``, the previews' files in order."""
+    def on_event(evt):
+        kind = evt.get("event")
+        if kind == "start":
+            on_progress(int(evt.get("resumed_from", 0)), None)
+        elif kind == "step":
+            on_progress(int(evt["step"]), None)
+        elif kind == "preview":
+            on_progress(int(evt["step"]), evt["path"])
+
+    result = run_job(job_dir, on_event, should_cancel, gpus=gpus)
+    result["preview_paths"] = [evt["path"] for evt in result["previews"]]
     return result

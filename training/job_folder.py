@@ -1,0 +1,246 @@
+"""The job folder: the one owner of its format, writer and reader together.
+
+The training nodes write it in ComfyUI's process (``write_*``: from the node's MODEL, VAE and CLIP);
+the training child reads it back (``read_*``, ``load_*``) and rebuilds ComfyUI's own models there.
+
+* ``job.json``: the run's settings (``write_config``, ``load_config``). The keys the training loop
+  reads: ``kind``, ``output`` (the final file), ``state_dir`` (checkpoints of this output name),
+  ``steps``, ``seed`` (required); ``checkpoint_every`` (100; 0 = only at the end), ``validate_every``
+  (0 = no previews), ``device`` ("cpu" | "cuda"), ``resume`` (true; false deletes the old checkpoint
+  and starts over), ``max_grad_norm`` (1.0; 0 = no clipping), ``threads`` (torch CPU threads; unset =
+  torch's default), ``comfyui_path`` (for kinds that load ComfyUI). The rest belong to the job kind
+  (its ``REQUIRED_KEYS``, checked by the loop).
+* ``model.safetensors``: the MODEL's diffusion model weights as the node's ModelPatcher had them
+  (patches, e.g. LoRAs applied before the node, included), with the ComfyUI ``diffusion_model.`` key
+  layout; rebuilt with ``comfy.sd.load_diffusion_model_state_dict`` (the family is detected from the
+  tensors, as UNETLoader does). Its :func:`model_fingerprint` goes into job.json.
+* ``vae.safetensors``: the VAE's weights (``comfy.sd.VAE(sd=...)``), for the jobs that encode images.
+* ``data.safetensors`` + ``data.json``: the training data. Tensors ``image.<k>`` (``[H, W, 3]``,
+  0..1) and ``mask.<k>`` (``[H, W]``), the captions' CLIP encodings ``cond.<i>`` / ``pooled.<i>``
+  (pooled only for models that use it) and, with a validation prompt, ``val_cond.<j>`` /
+  ``val_pooled.<j>`` (j = 0 the prompt, 1 the empty negative). data.json: ``images`` (one entry per
+  ``k``), ``captions`` (the texts of ``cond.<i>``), ``validation`` (``prompt``, ``seed``) and the
+  kind's own keys: Seg-Mix ``phrases`` (identifier → phrase) with ``images[k]`` = ``{identifier,
+  caption}``; Infusion ``positions`` (the concept token of every caption), ``length`` (their token
+  count), ``widths`` (``[[layer key], attn2 width]``), ``family`` and ``validation.position`` /
+  ``validation.length``.
+
+ComfyUI is imported inside the functions that need it (the writer runs in ComfyUI's process, the
+reader in the child after ``training/comfy_model.init_comfy``): nothing here imports it at module
+level.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..attention.infusion import concept_position, cross_attention_widths
+from ..files.atomic import atomic_save_safetensors, atomic_write_text
+
+REQUIRED_KEYS = ("kind", "output", "state_dir", "steps", "seed")
+DEFAULTS = {"checkpoint_every": 100, "validate_every": 0, "device": "cpu", "comfyui_path": None, "resume": True,
+            "max_grad_norm": 1.0}
+
+CONFIG_FILE = "job.json"
+MODEL_FILE = "model.safetensors"
+VAE_FILE = "vae.safetensors"
+DATA_FILE = "data.safetensors"
+DATA_META_FILE = "data.json"
+
+# Textual-Inversion-style caption templates with the concept's super-class word (Infusion trains on 11
+# such templates, docs/algorithms.md §6.2; the word is the ordinary class word, e.g. "cat").
+INFUSION_TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+                      "a photo of a clean {}", "a close-up photo of a {}", "a bright photo of the {}",
+                      "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a photo of a nice {}")
+
+
+# ====================================================================================== writer
+
+def model_fingerprint(sd: dict) -> str:
+    """A cheap digest of the weights (names, shapes and a few sums), so a resume with another model is
+    refused without hashing gigabytes."""
+    h = hashlib.sha256()
+    keys = sorted(sd)
+    for k in keys:
+        h.update(f"{k}:{tuple(sd[k].shape)};".encode())
+    for k in keys[:: max(1, len(keys) // 16)]:
+        h.update(f"{float(sd[k].double().sum()):.6e}".encode())
+    return h.hexdigest()[:16]
+
+
+def write_model(model, job_dir: str) -> str:
+    """The MODEL's (a ComfyUI ModelPatcher) diffusion model weights, patches (LoRAs applied before the
+    node) included; returns their :func:`model_fingerprint`."""
+    import comfy.model_management as mm                 # ComfyUI: the writer runs in its process
+    mm.load_models_gpu([model], force_patch_weights=True)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.model.diffusion_model.state_dict().items()}
+    atomic_save_safetensors(os.path.join(job_dir, MODEL_FILE), sd)
+    return model_fingerprint(sd)
+
+
+def write_vae(vae, job_dir: str) -> None:
+    """The weights of a ComfyUI VAE."""
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in vae.first_stage_model.state_dict().items()}
+    atomic_save_safetensors(os.path.join(job_dir, VAE_FILE), sd)
+
+
+def write_config(job_dir: str, config: dict) -> None:
+    atomic_write_text(os.path.join(job_dir, CONFIG_FILE), json.dumps(config, indent=1))
+
+
+def encode_text(clip, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A ComfyUI CLIP's encoding of ``text``: ``(cond, pooled or None)``, float32 on the CPU."""
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return cond.detach().float().cpu().contiguous(), (None if pooled is None else pooled.detach().float().cpu().contiguous())
+
+
+def _put_encoding(tensors: dict, prefix: str, index: int, clip, text: str) -> None:
+    cond, pooled = encode_text(clip, text)
+    tensors[f"{prefix}cond.{index}"] = cond
+    if pooled is not None:
+        tensors[f"{prefix}pooled.{index}"] = pooled
+
+
+def _put_validation(tensors: dict, meta: dict, clip, prompt: str, seed: int) -> None:
+    for j, text in enumerate((prompt, "")):
+        _put_encoding(tensors, "val_", j, clip, text)
+    meta["validation"] = {"prompt": prompt, "seed": int(seed)}
+
+
+def _write_data(job_dir: str, tensors: dict, meta: dict) -> None:
+    atomic_save_safetensors(os.path.join(job_dir, DATA_FILE), tensors)
+    atomic_write_text(os.path.join(job_dir, DATA_META_FILE), json.dumps(meta, indent=1))
+
+
+def write_segmix_data(dataset, clip, job_dir: str, template: str, validation_prompt: str, seed: int) -> None:
+    """A Seg-Mix data set (``training/dataset.py``'s subjects): every image and mask, the captions of
+    the images and of every ordered pair of subjects (``template`` with their phrases), encoded."""
+    tensors, images = {}, []
+    phrases = {s.identifier: s.phrase for s in dataset}
+    captions: list[str] = []
+    k = 0
+    for s in dataset:
+        for i in range(s.images.shape[0]):
+            tensors[f"image.{k}"] = s.images[i].contiguous()
+            tensors[f"mask.{k}"] = s.masks[i].contiguous()
+            images.append({"identifier": s.identifier, "caption": s.captions[i]})
+            if s.captions[i] not in captions:
+                captions.append(s.captions[i])
+            k += 1
+    for a in phrases:
+        for b in phrases:
+            if a != b:
+                text = template.format(phrases[a], phrases[b])
+                if text not in captions:
+                    captions.append(text)
+    for i, text in enumerate(captions):
+        _put_encoding(tensors, "", i, clip, text)
+    meta = {"images": images, "phrases": phrases, "captions": captions}
+    if validation_prompt.strip():
+        _put_validation(tensors, meta, clip, validation_prompt.strip(), seed)
+    _write_data(job_dir, tensors, meta)
+
+
+def write_infusion_data(model, clip, images, masks, word: str, job_dir: str, validation_prompt: str, seed: int):
+    """Infusion's data: the images and masks, the :data:`INFUSION_TEMPLATES` captions with ``word``
+    encoded, the concept token of each and the model's cross-attention widths; returns the family."""
+    widths, family = cross_attention_widths(model)
+    tensors, meta_images = {}, []
+    for i in range(images.shape[0]):
+        tensors[f"image.{i}"] = images[i, ..., :3].float().contiguous()
+        tensors[f"mask.{i}"] = masks[i].float().contiguous()
+        meta_images.append({"index": i})
+    captions = [t.format(word) for t in INFUSION_TEMPLATES]
+    positions, length = [], None
+    for i, text in enumerate(captions):
+        pos, n = concept_position(clip, text, word, family)
+        positions.append(pos)
+        if length is not None and n != length:
+            raise ValueError(f"concept_word: the captions tokenize to {length} and {n} tokens; use a shorter word")
+        length = n
+        _put_encoding(tensors, "", i, clip, text)
+    meta = {"images": meta_images, "captions": captions, "positions": positions, "length": length,
+            "widths": [[list(k), w] for k, w in widths.items()], "family": family}
+    if validation_prompt.strip():
+        pos, n = concept_position(clip, validation_prompt.strip(), word, family)
+        _put_validation(tensors, meta, clip, validation_prompt.strip(), seed)
+        meta["validation"].update(position=pos, length=n)
+    _write_data(job_dir, tensors, meta)
+    return family
+
+
+# ====================================================================================== reader
+
+class ConfigError(ValueError):
+    """A job.json the loop cannot run."""
+
+
+def load_config(job_dir: Path) -> dict:
+    """job.json with the loop's defaults filled in; :class:`ConfigError` when it cannot be run."""
+    path = job_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"no job.json in {job_dir}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not {type(config).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise ConfigError(f"job.json is missing required keys: {', '.join(missing)}")
+    for k, v in DEFAULTS.items():
+        config.setdefault(k, v)
+    for key, low in (("steps", 1), ("seed", 0), ("checkpoint_every", 0), ("validate_every", 0)):
+        v = config[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(f"job.json: {key} must be an integer >= {low}, not {v!r}")
+    if not isinstance(config["resume"], bool):
+        raise ConfigError(f"job.json: resume must be true or false, not {config['resume']!r}")
+    for key in ("output", "state_dir"):
+        if not isinstance(config[key], str) or not config[key]:
+            raise ConfigError(f"job.json: {key} must be a non-empty path")
+    if config["device"] not in ("cpu", "cuda") and not str(config["device"]).startswith("cuda:"):
+        raise ConfigError(f"job.json: device must be 'cpu' or 'cuda', not {config['device']!r}")
+    return config
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"the job folder lacks {path.name} ({path})")
+    return load_file(str(path))
+
+
+def read_data(job_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(data.safetensors's tensors, data.json)``."""
+    return read_tensors(job_dir / DATA_FILE), json.loads((job_dir / DATA_META_FILE).read_text(encoding="utf-8"))
+
+
+def load_diffusion_model(job_dir: Path, device: torch.device, dtype: torch.dtype):
+    """ComfyUI's ModelPatcher for the job's ``model.safetensors``, its weights frozen on ``device``."""
+    import comfy.sd                                     # ComfyUI: imported by the child's init_comfy
+    sd = read_tensors(job_dir / MODEL_FILE)
+    mp = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
+    if mp is None:
+        raise RuntimeError(f"ComfyUI does not recognise the diffusion model in {MODEL_FILE}")
+    model = mp.model
+    model.to(device=device)
+    model.diffusion_model.to(dtype=dtype)
+    model.requires_grad_(False)
+    model.eval()
+    return mp
+
+
+def load_vae(job_dir: Path, device: torch.device):
+    """ComfyUI's VAE of the job's ``vae.safetensors`` (frozen), or None when the job has none."""
+    if not (job_dir / VAE_FILE).is_file():
+        return None
+    import comfy.sd                                     # ComfyUI: imported by the child's init_comfy
+    vae = comfy.sd.VAE(sd=read_tensors(job_dir / VAE_FILE), device=device)
+    vae.first_stage_model.requires_grad_(False)
+    return vae
