@@ -8,6 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..references import sam as samlib
+from ..references import sam_checkpoint as samfile
 from .folders import folder_list, register_folder
 
 # ComfyUI has no "sams" key; other SAM packs (Impact, storyicon) use models/sams. Register it the way
@@ -25,16 +26,16 @@ def _sams_folders() -> str:
 
 def missing_file_message(model_name: str) -> str:
     if not model_name:
-        return f"no SAM checkpoint in the sams folder ({_sams_folders()}); " + samlib.download_hint(_sams_folders())
+        return f"no SAM checkpoint in the sams folder ({_sams_folders()}); " + samfile.download_hint(_sams_folders())
     return (f"{model_name!r} is not in the sams folder ({_sams_folders()}); "
-            + samlib.download_hint(_sams_folders()))
+            + samfile.download_hint(_sams_folders()))
 
 
 class SAMModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         files = folder_paths.get_filename_list("sams")
-        default = next((f for f in samlib.OFFICIAL_FILES if f in files), files[0] if files else samlib.OFFICIAL_FILES[0])
+        default = next((f for f in samfile.OFFICIAL_FILES if f in files), files[0] if files else samfile.OFFICIAL_FILES[0])
         return io.Schema(
             node_id="PersonalizeSAMModelLoader",
             display_name="SAM Model Loader (Personalize)",
@@ -47,7 +48,7 @@ class SAMModelLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("model_name", options=files, default=default,
                                tooltip="A SAM checkpoint in ComfyUI/models/sams (official files: "
-                                       + ", ".join(samlib.OFFICIAL_FILES) + "; ViT-B is the smallest and fastest)."),
+                                       + ", ".join(samfile.OFFICIAL_FILES) + "; ViT-B is the smallest and fastest)."),
                 io.Combo.Input("device", options=list(DEVICES), default="auto",
                                tooltip="auto: ComfyUI's device (the GPU when there is one), loaded and unloaded by "
                                        "ComfyUI's model management; cpu: always run SAM on the CPU."),
@@ -68,17 +69,17 @@ class SAMModelLoader(io.ComfyNode):
         path = folder_paths.get_full_path("sams", model_name) if model_name else None
         if path is None:
             raise FileNotFoundError("model_name: " + missing_file_message(model_name))
-        samlib.import_sam_modeling()          # fails early, saying what to install
-        sam = samlib.load_sam(path)
+        samfile.import_sam_modeling()          # fails early, saying what to install
+        sam = samfile.load_sam(path)
         sam.extras["device"] = device
-        expected = next((v for v, spec in samlib.OFFICIAL.items() if spec[0] == model_name), None)
+        expected = next((v for v, spec in samfile.OFFICIAL.items() if spec[0] == model_name), None)
         if expected and sam.config.variant != expected:
             log.warning("Personalize SAM: %s holds a %s, not the %s its name says", model_name, sam.config.label,
                         expected)
         return io.NodeOutput(sam)
 
 
-def _patcher(sam: samlib.SamModel):
+def _patcher(sam: samfile.SamModel):
     """ComfyUI's model patcher for the SAM network (made once per loaded model), so ComfyUI's model
     management moves it to the device, frees memory for it and unloads it like any other model."""
     import comfy.model_management as mm
@@ -175,7 +176,7 @@ class SAMMask(io.ComfyNode):
         return io.NodeOutput(torch.stack(out))
 
 
-def _memory_estimate(sam: samlib.SamModel, grid: int) -> int:
+def _memory_estimate(sam: samfile.SamModel, grid: int) -> int:
     """Working memory of one image: the encoder's activations (about 40 float32 copies of its token
     grid) plus one chunk of grid prompts in the decoder."""
     c = sam.config
