@@ -11,7 +11,7 @@ from ..attention.fasa import (FASA_PRESETS, FoundationAwareAttention, dit_fasa_k
 from ..attention.layers import CUSTOM, PRESET_NAMES, SigmaRange, discover_attention_blocks, resolve_layers
 from ..attention.mrsa import MultiReferenceAttention
 from ..attention.patch import install_technique
-from .references import References, conditioning_tensor
+from .types import References, conditioning_tensor
 
 
 def check_references(model, references, input_name="references"):

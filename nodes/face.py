@@ -12,7 +12,6 @@ from ..references.bisenet import (
     OFFICIAL_FILE,
     OFFICIAL_URL,
     REPO_URL,
-    FaceParser,
     download_hint,
     load_face_parser,
     memory_estimate,
@@ -30,7 +29,7 @@ from ..references.face_attributes import (
 )
 from ..references.face_masks import face_attribute_masks
 from ..references.face_mesh import MEDIAPIPE_VERSION
-from .folders import folder_list, register_folder
+from .model_files import folder_list, missing_file_message, model_patcher, register_folder
 
 # No ComfyUI folder holds BiSeNet face parsers; register models/face_parsing (extra_model_paths.yaml
 # entries for face_parsing work). Another pack may have registered the name already: keep its entry.
@@ -39,15 +38,6 @@ register_folder("face_parsing")
 FaceParserType = io.Custom("PERSONALIZE_FACE_PARSER")
 DEVICES = ("auto", "cpu")
 log = logging.getLogger(__name__)
-
-
-def _folders() -> str:
-    return folder_list("face_parsing")
-
-
-def missing_file_message(model_name: str) -> str:
-    what = f"{model_name!r} is not" if model_name else "no file is"
-    return f"{what} in the face_parsing folder ({_folders()}); " + download_hint(_folders())
 
 
 class FaceParsingLoader(io.ComfyNode):
@@ -81,30 +71,18 @@ class FaceParsingLoader(io.ComfyNode):
     def validate_inputs(cls, model_name):
         # replaces ComfyUI's "value not in list", so the message says what to download and where
         if not model_name or folder_paths.get_full_path("face_parsing", model_name) is None:
-            return missing_file_message(model_name)
+            return missing_file_message("face_parsing", model_name, download_hint(folder_list("face_parsing")))
         return True
 
     @classmethod
     def execute(cls, model_name, device="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path("face_parsing", model_name) if model_name else None
         if path is None:
-            raise FileNotFoundError("model_name: " + missing_file_message(model_name))
+            raise FileNotFoundError("model_name: " + missing_file_message("face_parsing", model_name,
+                                                                          download_hint(folder_list("face_parsing"))))
         parser = load_face_parser(path)
         parser.extras["device"] = device
         return io.NodeOutput(parser)
-
-
-def _patcher(parser: FaceParser):
-    """ComfyUI's model patcher for the parser (made once per loaded model), so ComfyUI's model
-    management moves it to the device and unloads it like any other model."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import torch
-    if "patcher" not in parser.extras:
-        load = mm.get_torch_device() if parser.extras.get("device", "auto") == "auto" else torch.device("cpu")
-        parser.extras["patcher"] = comfy.model_patcher.CoreModelPatcher(parser.net, load_device=load,
-                                                                        offload_device=mm.unet_offload_device())
-    return parser.extras["patcher"]
 
 
 class FaceAttributeMask(io.ComfyNode):
@@ -171,7 +149,7 @@ class FaceAttributeMask(io.ComfyNode):
                                  f"(BiSeNet) with {OFFICIAL_FILE}, or use the mediapipe provider (no model file)")
             if not all(hasattr(face_parser, a) for a in ("net", "extras")):   # duck-typed: the pack may load twice
                 raise ValueError("face_parser: expected a model from Face Parsing Loader (BiSeNet)")
-            patcher = _patcher(face_parser)
+            patcher = model_patcher(face_parser.extras, face_parser.net)
             mm.load_models_gpu([patcher], memory_required=memory_estimate(), force_full_load=True)
         elif face_parser is not None:
             log.info("Personalize Face Attribute Mask: provider mediapipe ignores the connected face_parser")

@@ -1,5 +1,5 @@
 """Mask nodes: Segment Anything loader and mask node. Schema, input checks and wiring only (the work
-is in ``references/sam.py``)."""
+is in ``references/sam.py`` and ``references/sam_checkpoint.py``)."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..references import sam as samlib
 from ..references import sam_checkpoint as samfile
-from .folders import folder_list, register_folder
+from .model_files import folder_list, missing_file_message, model_patcher, register_folder
 
 # ComfyUI has no "sams" key; other SAM packs (Impact, storyicon) use models/sams. Register it the way
 # cubiq's packs register theirs, so extra_model_paths.yaml entries work.
@@ -18,17 +18,6 @@ register_folder("sams")
 SamType = io.Custom("PERSONALIZE_SAM")
 DEVICES = ("auto", "cpu")
 log = logging.getLogger(__name__)
-
-
-def _sams_folders() -> str:
-    return folder_list("sams")
-
-
-def missing_file_message(model_name: str) -> str:
-    if not model_name:
-        return f"no SAM checkpoint in the sams folder ({_sams_folders()}); " + samfile.download_hint(_sams_folders())
-    return (f"{model_name!r} is not in the sams folder ({_sams_folders()}); "
-            + samfile.download_hint(_sams_folders()))
 
 
 class SAMModelLoader(io.ComfyNode):
@@ -61,14 +50,15 @@ class SAMModelLoader(io.ComfyNode):
         # replaces ComfyUI's "value not in list" for model_name, so that the message says what to
         # download and where (ComfyUI prefixes it with the input's name)
         if not model_name or folder_paths.get_full_path("sams", model_name) is None:
-            return missing_file_message(model_name)
+            return missing_file_message("sams", model_name, samfile.download_hint(folder_list("sams")), "SAM checkpoint")
         return True
 
     @classmethod
     def execute(cls, model_name, device="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path("sams", model_name) if model_name else None
         if path is None:
-            raise FileNotFoundError("model_name: " + missing_file_message(model_name))
+            raise FileNotFoundError("model_name: " + missing_file_message(
+                "sams", model_name, samfile.download_hint(folder_list("sams")), "SAM checkpoint"))
         samfile.import_sam_modeling()          # fails early, saying what to install
         sam = samfile.load_sam(path)
         sam.extras["device"] = device
@@ -77,21 +67,6 @@ class SAMModelLoader(io.ComfyNode):
             log.warning("Personalize SAM: %s holds a %s, not the %s its name says", model_name, sam.config.label,
                         expected)
         return io.NodeOutput(sam)
-
-
-def _patcher(sam: samfile.SamModel):
-    """ComfyUI's model patcher for the SAM network (made once per loaded model), so ComfyUI's model
-    management moves it to the device, frees memory for it and unloads it like any other model."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import torch
-    if "patcher" not in sam.extras:
-        load = mm.get_torch_device() if sam.extras.get("device", "auto") == "auto" else torch.device("cpu")
-        holder = torch.nn.Module()     # the patcher sets attributes (e.g. .device) that Sam defines read-only
-        holder.sam = sam.net
-        sam.extras["patcher"] = comfy.model_patcher.CoreModelPatcher(holder, load_device=load,
-                                                                     offload_device=mm.unet_offload_device())
-    return sam.extras["patcher"]
 
 
 class SAMMask(io.ComfyNode):
@@ -160,7 +135,7 @@ class SAMMask(io.ComfyNode):
         prompts = samlib.make_prompts(mode, points, negative_points, box, H, W, units)
         samlib.use_multimask(multimask, prompts)      # checks the option before any work
 
-        patcher = _patcher(sam)
+        patcher = model_patcher(sam.extras, sam.net, holder="sam")   # Sam defines .device read-only
         mm.load_models_gpu([patcher], memory_required=_memory_estimate(sam, grid), force_full_load=True)
         pbar = comfy.utils.ProgressBar(B)
         out = []

@@ -14,7 +14,7 @@ from ..attention.mip import EncodedPrompt, MultiImagePromptAttention
 from ..attention.patch import install_technique
 from ..references.image_prompt import CROPS, framed, make_image_prompt, mean_colour_image
 from .attention import prompt_token_ids
-from .folders import folder_list, register_folder
+from .model_files import missing_file_message, register_folder
 
 # cubiq's IPAdapter pack keeps its files in models/ipadapter; users already have them there.
 register_folder("ipadapter")
@@ -24,15 +24,9 @@ ImagePrompts = io.Custom("PERSONALIZE_IMAGE_PROMPT")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 
-def _folders() -> str:
-    return folder_list("ipadapter")
-
-
-def missing_adapter_message(name: str) -> str:
-    what = f"{name!r} is not" if name else "no file is"
-    return (f"{what} in the ipadapter folder ({_folders()}). Put MIP-Adapter's model_sdxl.bin or "
-            f"model_sdxl_plus.bin (huggingface.co/hqhQAQ/MIP-Adapter), or an IP-Adapter file "
-            f"(huggingface.co/h94/IP-Adapter, e.g. ip-adapter_sdxl.safetensors or ip-adapter_sd15.safetensors) there")
+ADAPTER_HINT = ("Put MIP-Adapter's model_sdxl.bin or model_sdxl_plus.bin (huggingface.co/hqhQAQ/MIP-Adapter), or an "
+                "IP-Adapter file (huggingface.co/h94/IP-Adapter, e.g. ip-adapter_sdxl.safetensors or "
+                "ip-adapter_sd15.safetensors) there")
 
 
 class MIPAdapterLoader(io.ComfyNode):
@@ -59,14 +53,14 @@ class MIPAdapterLoader(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, adapter_name):
         if not adapter_name or folder_paths.get_full_path("ipadapter", adapter_name) is None:
-            return missing_adapter_message(adapter_name)
+            return missing_file_message("ipadapter", adapter_name, ADAPTER_HINT)
         return True
 
     @classmethod
     def execute(cls, adapter_name) -> io.NodeOutput:
         path = folder_paths.get_full_path("ipadapter", adapter_name) if adapter_name else None
         if path is None:
-            raise FileNotFoundError("adapter_name: " + missing_adapter_message(adapter_name))
+            raise FileNotFoundError("adapter_name: " + missing_file_message("ipadapter", adapter_name, ADAPTER_HINT))
         adapter = load_adapter(path)
         info = adapter.describe()
         return io.NodeOutput(adapter, info, ui={"text": [info]})

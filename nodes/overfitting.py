@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..metrics.overfitting_comfy import DEFAULT_PROMPTS_WITH, DEFAULT_PROMPTS_WITHOUT, format_report, \
     overfitting_metrics
-from .scores import EvalModelType
+from .types import EvalModelType
 
 
 class OverfittingMetrics(io.ComfyNode):
