@@ -100,12 +100,13 @@ def main(argv=None) -> int:
                 log(f"SAM Mask node, {label}: {med:.2f} s per image")
                 print(json.dumps({**base, "what": f"SAM Mask node, {label}", "seconds_per_image": round(med, 3),
                                   "runs": [round(r, 3) for r in runs]}))
-            S = sys.modules[type(sam).__module__]
+            S = sys.modules[type(sam).__module__.rsplit(".", 1)[0] + ".sam"]   # the references/sam.py ComfyUI loaded
         else:
             import_pack()
             from personalize_pack.references import sam as S  # noqa: N812
+            from personalize_pack.references.sam_checkpoint import load_sam
             t = time.perf_counter()
-            sam = S.load_sam(path)
+            sam = load_sam(path)
             print(json.dumps({**base, "what": "load_sam (read, check, build)",
                               "seconds": round(time.perf_counter() - t, 3)}))
             for label, prompts in (("box", S.make_prompts("box", box="80,0,420,512", height=512, width=512)),

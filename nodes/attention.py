@@ -11,7 +11,7 @@ from ..attention.install import install_technique
 from ..attention.mrsa import MultiReferenceAttention
 from ..attention.patch import SigmaRange
 from ..references.prompt_tokens import blend_word_tokens
-from .references import References, conditioning_tensor
+from .types import References, conditioning_tensor
 
 
 def check_references(model, references, input_name="references"):

@@ -11,8 +11,10 @@ from comfy_api.latest import io
 
 from ..metrics import detect_compare as dc
 from ..metrics.models import DREAMSIM_FOLDER, download_hint
-from .folders import find_subfolder, folder_list, subfolders
-from .scores import FOLDER, _check_images, _device
+from .model_files import EVAL_FOLDER, find_subfolder, missing_file_message, register_folder, subfolders, torch_device
+from .types import check_images
+
+register_folder(EVAL_FOLDER)
 
 DetectCompareModels = io.Custom("PERSONALIZE_DC_MODELS")
 DetectCompareSubjects = io.Custom("PERSONALIZE_DC_SUBJECTS")
@@ -36,19 +38,14 @@ class DCSubject:
     images: torch.Tensor       # [K, H, W, 3] reference images
 
 
-def _missing(kind: str, name: str) -> str:
-    where = folder_list(FOLDER)
-    if kind == "detector":
-        hint = _owl().owl_hint()
-    else:
-        hint = download_hint("dreamsim")
-    return f"{kind}: no folder {name!r} in the {FOLDER} folder ({where}). {hint}"
+def _hint(kind: str) -> str:
+    return _owl().owl_hint() if kind == "detector" else download_hint("dreamsim")
 
 
 class DetectCompareLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        found = subfolders(FOLDER)
+        found = subfolders(EVAL_FOLDER)
         owl_folder = _owl().OWL_FOLDER
         det = sorted(set(found) | {owl_folder})
         emb = sorted(set(found) | {DREAMSIM_FOLDER})
@@ -78,17 +75,18 @@ class DetectCompareLoader(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, detector, embedder):
         for kind, name in (("detector", detector), ("embedder", embedder)):
-            if find_subfolder(FOLDER, name) is None:
-                return _missing(kind, name)
+            if find_subfolder(EVAL_FOLDER, name) is None:
+                return f"{kind}: " + missing_file_message(EVAL_FOLDER, name, _hint(kind), subfolder=True)
         return True
 
     @classmethod
     def execute(cls, detector, embedder) -> io.NodeOutput:
         paths = {}
         for kind, name in (("detector", detector), ("embedder", embedder)):
-            paths[kind] = find_subfolder(FOLDER, name)
+            paths[kind] = find_subfolder(EVAL_FOLDER, name)
             if paths[kind] is None:
-                raise FileNotFoundError(_missing(kind, name))
+                raise FileNotFoundError(f"{kind}: " + missing_file_message(EVAL_FOLDER, name, _hint(kind),
+                                                                             subfolder=True))
         from ..metrics.embedders import load_embedder
         return io.NodeOutput(DCModels(_owl().load_owlv2(paths["detector"]), load_embedder(paths["embedder"])))
 
@@ -97,7 +95,7 @@ def subjects_from_inputs(name: str, images, previous=None) -> tuple:
     name = str(name or "").strip()
     if not name:
         raise ValueError("name: give the subject's name, the detector's text query (e.g. 'monster toy')")
-    images = _check_images("reference_images", images)
+    images = check_images("reference_images", images)
     prev = tuple(previous or ())
     if any(s.name == name for s in prev):
         raise ValueError(f"name: {name!r} is already a subject of this chain; give each subject its own name")
@@ -193,13 +191,13 @@ class DetectCompare(io.ComfyNode):
     def execute(cls, dc_models, images, subjects, threshold=0.4) -> io.NodeOutput:
         if not isinstance(dc_models, DCModels):
             raise ValueError("dc_models: expected the output of Detect-and-Compare Loader (MuDI)")
-        images = _check_images("images", images)
+        images = check_images("images", images)
         if not subjects or not all(isinstance(s, DCSubject) for s in subjects):
             raise ValueError("subjects: connect Detect-and-Compare Subject (MuDI) nodes (at least one subject)")
         threshold = float(threshold)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold: {threshold} is outside [0, 1]")
-        scores, results, dets, annotated = score_batch(dc_models, images, subjects, threshold, _device())
+        scores, results, dets, annotated = score_batch(dc_models, images, subjects, threshold, torch_device())
         names = [s.name for s in subjects]
         mean = sum(scores) / len(scores)
         lines = [f"D&C {mean:.4f} over {len(scores)} image(s), {len(names)} subjects ({', '.join(names)}), "

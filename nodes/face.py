@@ -1,5 +1,6 @@
 """Face nodes for FreeCure: the BiSeNet face-parsing loader and the face attribute mask. Schema, input
-checks and wiring only (the work is in ``references/face_masks.py``)."""
+checks and wiring only (the work is in ``references/face_masks.py`` and the modules it
+dispatches to)."""
 from __future__ import annotations
 
 import logging
@@ -7,8 +8,28 @@ import logging
 import folder_paths
 from comfy_api.latest import io
 
-from ..references import face_masks as fm
-from .folders import folder_list, register_folder
+from ..references.bisenet import (
+    OFFICIAL_FILE,
+    OFFICIAL_URL,
+    REPO_URL,
+    download_hint,
+    load_face_parser,
+    memory_estimate,
+)
+from ..references.face_attributes import (
+    BISENET_ATTRIBUTES,
+    FACES,
+    IF_NO_FACE,
+    MEDIAPIPE_ATTRIBUTES,
+    PROVIDERS,
+    check_image,
+    check_supported,
+    overlay,
+    parse_attributes,
+)
+from ..references.face_masks import face_attribute_masks
+from ..references.face_mesh import MEDIAPIPE_VERSION
+from .model_files import folder_list, missing_file_message, model_patcher, register_folder
 
 # No ComfyUI folder holds BiSeNet face parsers; register models/face_parsing (extra_model_paths.yaml
 # entries for face_parsing work). Another pack may have registered the name already: keep its entry.
@@ -19,20 +40,11 @@ DEVICES = ("auto", "cpu")
 log = logging.getLogger(__name__)
 
 
-def _folders() -> str:
-    return folder_list("face_parsing")
-
-
-def missing_file_message(model_name: str) -> str:
-    what = f"{model_name!r} is not" if model_name else "no file is"
-    return f"{what} in the face_parsing folder ({_folders()}); " + fm.download_hint(_folders())
-
-
 class FaceParsingLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         files = folder_paths.get_filename_list("face_parsing")
-        default = fm.OFFICIAL_FILE if fm.OFFICIAL_FILE in files else (files[0] if files else fm.OFFICIAL_FILE)
+        default = OFFICIAL_FILE if OFFICIAL_FILE in files else (files[0] if files else OFFICIAL_FILE)
         return io.Schema(
             node_id="PersonalizeFaceParsingLoader",
             display_name="Face Parsing Loader (BiSeNet)",
@@ -41,11 +53,11 @@ class FaceParsingLoader(io.ComfyNode):
                 "Loads the BiSeNet face parser that FreeCure uses (face-parsing.PyTorch, 19 CelebAMask-HQ classes: "
                 "skin, brows, eyes, glasses, ears, earrings, nose, mouth, lips, neck, necklace, clothes, hair, hat) "
                 "from ComfyUI/models/face_parsing, for the bisenet provider of Face Attribute Mask. The file is "
-                f"{fm.OFFICIAL_FILE} ({fm.OFFICIAL_URL}); it is read as tensors only."),
+                f"{OFFICIAL_FILE} ({OFFICIAL_URL}); it is read as tensors only."),
             inputs=[
                 io.Combo.Input("model_name", options=files, default=default,
                                tooltip=f"A BiSeNet face-parsing file in ComfyUI/models/face_parsing: the official "
-                                       f"{fm.OFFICIAL_FILE} (53 MB, from the README of {fm.REPO_URL}), or a "
+                                       f"{OFFICIAL_FILE} (53 MB, from the README of {REPO_URL}), or a "
                                        f".safetensors copy with the same keys."),
                 io.Combo.Input("device", options=list(DEVICES), default="auto",
                                tooltip="auto: ComfyUI's device (the GPU when there is one), loaded and unloaded by "
@@ -59,30 +71,18 @@ class FaceParsingLoader(io.ComfyNode):
     def validate_inputs(cls, model_name):
         # replaces ComfyUI's "value not in list", so the message says what to download and where
         if not model_name or folder_paths.get_full_path("face_parsing", model_name) is None:
-            return missing_file_message(model_name)
+            return missing_file_message("face_parsing", model_name, download_hint(folder_list("face_parsing")))
         return True
 
     @classmethod
     def execute(cls, model_name, device="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path("face_parsing", model_name) if model_name else None
         if path is None:
-            raise FileNotFoundError("model_name: " + missing_file_message(model_name))
-        parser = fm.load_face_parser(path)
+            raise FileNotFoundError("model_name: " + missing_file_message("face_parsing", model_name,
+                                                                          download_hint(folder_list("face_parsing"))))
+        parser = load_face_parser(path)
         parser.extras["device"] = device
         return io.NodeOutput(parser)
-
-
-def _patcher(parser: fm.FaceParser):
-    """ComfyUI's model patcher for the parser (made once per loaded model), so ComfyUI's model
-    management moves it to the device and unloads it like any other model."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import torch
-    if "patcher" not in parser.extras:
-        load = mm.get_torch_device() if parser.extras.get("device", "auto") == "auto" else torch.device("cpu")
-        parser.extras["patcher"] = comfy.model_patcher.CoreModelPatcher(parser.net, load_device=load,
-                                                                        offload_device=mm.unet_offload_device())
-    return parser.extras["patcher"]
 
 
 class FaceAttributeMask(io.ComfyNode):
@@ -104,19 +104,19 @@ class FaceAttributeMask(io.ComfyNode):
                                                 "mask per image."),
                 io.String.Input("attributes", default="eyes",
                                 tooltip="Attributes to mask, separated by commas, e.g. 'hair, eyes' (the union is "
-                                        "masked). mediapipe: " + ", ".join(fm.MEDIAPIPE_ATTRIBUTES) + ". bisenet: "
-                                        + ", ".join(fm.BISENET_ATTRIBUTES) + ". 'from prompt' takes the attributes "
+                                        "masked). mediapipe: " + ", ".join(MEDIAPIPE_ATTRIBUTES) + ". bisenet: "
+                                        + ", ".join(BISENET_ATTRIBUTES) + ". 'from prompt' takes the attributes "
                                         "that the prompt input names (hair, eyes, glasses, eyebrows, lips, ...). "
                                         "Left/right are the person's own."),
-                io.Combo.Input("provider", options=list(fm.PROVIDERS), default="mediapipe",
+                io.Combo.Input("provider", options=list(PROVIDERS), default="mediapipe",
                                tooltip="mediapipe: MediaPipe Face Mesh landmarks (no model file; pip install "
-                                       f"--no-deps mediapipe=={fm.MEDIAPIPE_VERSION}, see the README); face features "
+                                       f"--no-deps mediapipe=={MEDIAPIPE_VERSION}, see the README); face features "
                                        "only. bisenet: the BiSeNet face parser FreeCure uses (connect Face Parsing "
                                        "Loader); also hair, hat, glasses, ears, neck and clothes."),
-                io.Combo.Input("faces", options=list(fm.FACES), default="largest",
+                io.Combo.Input("faces", options=list(FACES), default="largest",
                                tooltip="largest: only the largest face's attributes (mediapipe); all: every face "
                                        "found. bisenet parses the whole image, so it always masks every face."),
-                io.Combo.Input("if_no_face", options=list(fm.IF_NO_FACE), default="error",
+                io.Combo.Input("if_no_face", options=list(IF_NO_FACE), default="error",
                                tooltip="error: stop with an error naming the image without a face; empty mask: that "
                                        "image's mask is empty (a warning is logged)."),
                 io.Int.Input("grow", default=0, min=-256, max=256, step=1,
@@ -138,28 +138,28 @@ class FaceAttributeMask(io.ComfyNode):
         import comfy.model_management as mm
         import comfy.utils
 
-        B, _, _ = fm.check_image(image)
-        if provider not in fm.PROVIDERS:
-            raise ValueError(f"provider: unknown {provider!r}; use one of {', '.join(fm.PROVIDERS)}")
-        names = fm.parse_attributes(attributes, prompt or "")
-        fm.check_supported(names, provider)
+        B, _, _ = check_image(image)
+        if provider not in PROVIDERS:
+            raise ValueError(f"provider: unknown {provider!r}; use one of {', '.join(PROVIDERS)}")
+        names = parse_attributes(attributes, prompt or "")
+        check_supported(names, provider)
         if provider == "bisenet":
             if face_parser is None:
                 raise ValueError("face_parser: the bisenet provider needs a face parser: connect Face Parsing Loader "
-                                 f"(BiSeNet) with {fm.OFFICIAL_FILE}, or use the mediapipe provider (no model file)")
+                                 f"(BiSeNet) with {OFFICIAL_FILE}, or use the mediapipe provider (no model file)")
             if not all(hasattr(face_parser, a) for a in ("net", "extras")):   # duck-typed: the pack may load twice
                 raise ValueError("face_parser: expected a model from Face Parsing Loader (BiSeNet)")
-            patcher = _patcher(face_parser)
-            mm.load_models_gpu([patcher], memory_required=fm.memory_estimate(), force_full_load=True)
+            patcher = model_patcher(face_parser.extras, face_parser.net)
+            mm.load_models_gpu([patcher], memory_required=memory_estimate(), force_full_load=True)
         elif face_parser is not None:
             log.info("Personalize Face Attribute Mask: provider mediapipe ignores the connected face_parser")
         pbar = comfy.utils.ProgressBar(B)
-        masks = fm.face_attribute_masks(image, names, provider, face_parser if provider == "bisenet" else None,
-                                        faces, if_no_face, grow,
-                                        check_interrupt=mm.throw_exception_if_processing_interrupted,
-                                        progress=lambda n: pbar.update_absolute(n, B))
+        masks = face_attribute_masks(image, names, provider, face_parser if provider == "bisenet" else None,
+                                     faces, if_no_face, grow,
+                                     check_interrupt=mm.throw_exception_if_processing_interrupted,
+                                     progress=lambda n: pbar.update_absolute(n, B))
         masks = masks.to(mm.intermediate_device())
-        return io.NodeOutput(masks, fm.overlay(image.to(masks.device), masks))
+        return io.NodeOutput(masks, overlay(image.to(masks.device), masks))
 
 
 NODES = [FaceParsingLoader, FaceAttributeMask]

@@ -8,15 +8,13 @@ from comfy_api.latest import io
 
 from ..attention.infusion import apply_infusion
 from ..training.infusion import load_offsets_cached
-from .folders import folder_list
+from .model_files import missing_file_message
 
 FOLDER = "model_patches"              # core ComfyUI's folder for model patches
 
 
-def missing_file_message(name: str) -> str:
-    what = f"{name!r} is not" if name else "no file is"
-    return (f"{what} in the model_patches folder ({folder_list(FOLDER)}). Put an Infusion file there: one trained "
-            f"with Train Infusion, or an official Infusion checkpoint (.ckpt) of the zwl666666/infusion code")
+INFUSION_HINT = ("Put an Infusion file there: one trained with Train Infusion, or an official Infusion checkpoint "
+                 "(.ckpt) of the zwl666666/infusion code")
 
 
 class InfusionApply(io.ComfyNode):
@@ -57,14 +55,14 @@ class InfusionApply(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, infusion_name):
         if not infusion_name or folder_paths.get_full_path(FOLDER, infusion_name) is None:
-            return missing_file_message(infusion_name)
+            return missing_file_message(FOLDER, infusion_name, INFUSION_HINT)
         return True
 
     @classmethod
     def execute(cls, model, infusion_name, clip, prompt, concept_word="", strength=1.0) -> io.NodeOutput:
         path = folder_paths.get_full_path(FOLDER, infusion_name) if infusion_name else None
         if path is None:
-            raise FileNotFoundError("infusion_name: " + missing_file_message(infusion_name))
+            raise FileNotFoundError("infusion_name: " + missing_file_message(FOLDER, infusion_name, INFUSION_HINT))
         loaded = load_offsets_cached(path, name=f"infusion_name: '{infusion_name}'")
         return io.NodeOutput(apply_infusion(model, loaded, clip, prompt, concept_word, strength,
                                             f"infusion_name: '{infusion_name}'"))

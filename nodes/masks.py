@@ -1,5 +1,5 @@
 """Mask nodes: Segment Anything loader and mask node. Schema, input checks and wiring only (the work
-is in ``references/sam.py``)."""
+is in ``references/sam.py`` and ``references/sam_checkpoint.py``)."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,8 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..references import sam as samlib
-from .folders import folder_list, register_folder
+from ..references import sam_checkpoint as samfile
+from .model_files import folder_list, missing_file_message, model_patcher, register_folder
 
 # ComfyUI has no "sams" key; other SAM packs (Impact, storyicon) use models/sams. Register it the way
 # cubiq's packs register theirs, so extra_model_paths.yaml entries work.
@@ -19,22 +20,11 @@ DEVICES = ("auto", "cpu")
 log = logging.getLogger(__name__)
 
 
-def _sams_folders() -> str:
-    return folder_list("sams")
-
-
-def missing_file_message(model_name: str) -> str:
-    if not model_name:
-        return f"no SAM checkpoint in the sams folder ({_sams_folders()}); " + samlib.download_hint(_sams_folders())
-    return (f"{model_name!r} is not in the sams folder ({_sams_folders()}); "
-            + samlib.download_hint(_sams_folders()))
-
-
 class SAMModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         files = folder_paths.get_filename_list("sams")
-        default = next((f for f in samlib.OFFICIAL_FILES if f in files), files[0] if files else samlib.OFFICIAL_FILES[0])
+        default = next((f for f in samfile.OFFICIAL_FILES if f in files), files[0] if files else samfile.OFFICIAL_FILES[0])
         return io.Schema(
             node_id="PersonalizeSAMModelLoader",
             display_name="SAM Model Loader (Personalize)",
@@ -47,7 +37,7 @@ class SAMModelLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("model_name", options=files, default=default,
                                tooltip="A SAM checkpoint in ComfyUI/models/sams (official files: "
-                                       + ", ".join(samlib.OFFICIAL_FILES) + "; ViT-B is the smallest and fastest)."),
+                                       + ", ".join(samfile.OFFICIAL_FILES) + "; ViT-B is the smallest and fastest)."),
                 io.Combo.Input("device", options=list(DEVICES), default="auto",
                                tooltip="auto: ComfyUI's device (the GPU when there is one), loaded and unloaded by "
                                        "ComfyUI's model management; cpu: always run SAM on the CPU."),
@@ -60,37 +50,23 @@ class SAMModelLoader(io.ComfyNode):
         # replaces ComfyUI's "value not in list" for model_name, so that the message says what to
         # download and where (ComfyUI prefixes it with the input's name)
         if not model_name or folder_paths.get_full_path("sams", model_name) is None:
-            return missing_file_message(model_name)
+            return missing_file_message("sams", model_name, samfile.download_hint(folder_list("sams")), "SAM checkpoint")
         return True
 
     @classmethod
     def execute(cls, model_name, device="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path("sams", model_name) if model_name else None
         if path is None:
-            raise FileNotFoundError("model_name: " + missing_file_message(model_name))
-        samlib.import_sam_modeling()          # fails early, saying what to install
-        sam = samlib.load_sam(path)
+            raise FileNotFoundError("model_name: " + missing_file_message(
+                "sams", model_name, samfile.download_hint(folder_list("sams")), "SAM checkpoint"))
+        samfile.import_sam_modeling()          # fails early, saying what to install
+        sam = samfile.load_sam(path)
         sam.extras["device"] = device
-        expected = next((v for v, spec in samlib.OFFICIAL.items() if spec[0] == model_name), None)
+        expected = next((v for v, spec in samfile.OFFICIAL.items() if spec[0] == model_name), None)
         if expected and sam.config.variant != expected:
             log.warning("Personalize SAM: %s holds a %s, not the %s its name says", model_name, sam.config.label,
                         expected)
         return io.NodeOutput(sam)
-
-
-def _patcher(sam: samlib.SamModel):
-    """ComfyUI's model patcher for the SAM network (made once per loaded model), so ComfyUI's model
-    management moves it to the device, frees memory for it and unloads it like any other model."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import torch
-    if "patcher" not in sam.extras:
-        load = mm.get_torch_device() if sam.extras.get("device", "auto") == "auto" else torch.device("cpu")
-        holder = torch.nn.Module()     # the patcher sets attributes (e.g. .device) that Sam defines read-only
-        holder.sam = sam.net
-        sam.extras["patcher"] = comfy.model_patcher.CoreModelPatcher(holder, load_device=load,
-                                                                     offload_device=mm.unet_offload_device())
-    return sam.extras["patcher"]
 
 
 class SAMMask(io.ComfyNode):
@@ -159,7 +135,7 @@ class SAMMask(io.ComfyNode):
         prompts = samlib.make_prompts(mode, points, negative_points, box, H, W, units)
         samlib.use_multimask(multimask, prompts)      # checks the option before any work
 
-        patcher = _patcher(sam)
+        patcher = model_patcher(sam.extras, sam.net, holder="sam")   # Sam defines .device read-only
         mm.load_models_gpu([patcher], memory_required=_memory_estimate(sam, grid), force_full_load=True)
         pbar = comfy.utils.ProgressBar(B)
         out = []
@@ -175,7 +151,7 @@ class SAMMask(io.ComfyNode):
         return io.NodeOutput(torch.stack(out))
 
 
-def _memory_estimate(sam: samlib.SamModel, grid: int) -> int:
+def _memory_estimate(sam: samfile.SamModel, grid: int) -> int:
     """Working memory of one image: the encoder's activations (about 40 float32 copies of its token
     grid) plus one chunk of grid prompts in the decoder."""
     c = sam.config

@@ -13,7 +13,7 @@ from ..attention.mip import EncodedPrompt, MultiImagePromptAttention, adapter_la
 from ..attention.patch import SigmaRange
 from ..references.image_prompt import CROPS, encode_image_prompts, make_image_prompt
 from ..references.prompt_tokens import find_token_positions, prompt_token_ids, word_token_ids
-from .folders import folder_list, register_folder
+from .model_files import missing_file_message, register_folder
 
 # cubiq's IPAdapter pack keeps its files in models/ipadapter; users already have them there.
 register_folder("ipadapter")
@@ -22,15 +22,9 @@ AdapterType = io.Custom("PERSONALIZE_IP_ADAPTER")
 ImagePrompts = io.Custom("PERSONALIZE_IMAGE_PROMPT")
 
 
-def _folders() -> str:
-    return folder_list("ipadapter")
-
-
-def missing_adapter_message(name: str) -> str:
-    what = f"{name!r} is not" if name else "no file is"
-    return (f"{what} in the ipadapter folder ({_folders()}). Put MIP-Adapter's model_sdxl.bin or "
-            f"model_sdxl_plus.bin (huggingface.co/hqhQAQ/MIP-Adapter), or an IP-Adapter file "
-            f"(huggingface.co/h94/IP-Adapter, e.g. ip-adapter_sdxl.safetensors or ip-adapter_sd15.safetensors) there")
+ADAPTER_HINT = ("Put MIP-Adapter's model_sdxl.bin or model_sdxl_plus.bin (huggingface.co/hqhQAQ/MIP-Adapter), or an "
+                "IP-Adapter file (huggingface.co/h94/IP-Adapter, e.g. ip-adapter_sdxl.safetensors or "
+                "ip-adapter_sd15.safetensors) there")
 
 
 class MIPAdapterLoader(io.ComfyNode):
@@ -57,14 +51,14 @@ class MIPAdapterLoader(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, adapter_name):
         if not adapter_name or folder_paths.get_full_path("ipadapter", adapter_name) is None:
-            return missing_adapter_message(adapter_name)
+            return missing_file_message("ipadapter", adapter_name, ADAPTER_HINT)
         return True
 
     @classmethod
     def execute(cls, adapter_name) -> io.NodeOutput:
         path = folder_paths.get_full_path("ipadapter", adapter_name) if adapter_name else None
         if path is None:
-            raise FileNotFoundError("adapter_name: " + missing_adapter_message(adapter_name))
+            raise FileNotFoundError("adapter_name: " + missing_file_message("ipadapter", adapter_name, ADAPTER_HINT))
         adapter = load_adapter(path)
         info = adapter.describe()
         return io.NodeOutput(adapter, info, ui={"text": [info]})

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..metrics.overfitting_comfy import DEFAULT_PROMPTS_WITH, DEFAULT_PROMPTS_WITHOUT, overfitting_metrics
 from ..metrics.overfitting_report import format_report
-from .scores import EvalModelType
+from .types import EvalModelType
 
 
 class OverfittingMetrics(io.ComfyNode):

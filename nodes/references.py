@@ -5,35 +5,7 @@ import torch
 from comfy_api.latest import io
 
 from ..references.reference import Reference, check_image, fit_image, prepare_masks
-
-References = io.Custom("PERSONALIZE_REFERENCE")
-
-
-def conditioning_tensor(conditioning, name: str = "caption", first_row: bool = True):
-    """The text conditioning tensor ``[B, T, D]`` of a CONDITIONING (its first entry), or None."""
-    if conditioning is None:
-        return None
-    try:
-        cap = conditioning[0][0]
-    except (TypeError, IndexError, KeyError):
-        raise ValueError(f"{name}: expected a CONDITIONING from CLIP Text Encode") from None
-    if not isinstance(cap, torch.Tensor) or cap.dim() != 3:
-        raise ValueError(f"{name}: expected a CONDITIONING from CLIP Text Encode")
-    return (cap[:1] if first_row else cap).detach()
-
-
-def conditioning_pooled(conditioning):
-    """The pooled output ``[1, D]`` of a CONDITIONING's first entry, or None when it has none."""
-    if conditioning is None:
-        return None
-    try:
-        pooled = conditioning[0][1].get("pooled_output")
-    except (TypeError, IndexError, KeyError, AttributeError):
-        return None
-    if not isinstance(pooled, torch.Tensor) or pooled.dim() != 2:
-        return None
-    return pooled[:1].detach()
-
+from .types import References, conditioning_pooled, conditioning_tensor
 
 def encode_references(image, vae, mask=None, caption=None, weight=3.0, mask_threshold=0.5, soft_mask=False,
                       resolution=512, name="reference") -> list[Reference]:

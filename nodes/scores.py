@@ -10,29 +10,22 @@ from comfy_api.latest import io
 
 from ..metrics import models as evalmodels
 from ..metrics.scores import clip_t, pairwise_mean_cosine
-from .folders import folder_list, register_folder
+from .model_files import EVAL_FOLDER, missing_file_message, register_folder, run_on_device
+from .types import EvalModelType, check_images
 
-FOLDER = "personalize_eval"
-register_folder(FOLDER)
+register_folder(EVAL_FOLDER)
 
-EvalModelType = io.Custom("PERSONALIZE_EVAL_MODEL")
 KINDS = ("clip", "dino")
 
 
-def _folders() -> str:
-    return folder_list(FOLDER)
-
-
-def missing_file_message(model_name: str, kind: str = "clip") -> str:
-    what = f"{model_name!r} is not" if model_name else "no model file is"
-    return (f"{what} in the {FOLDER} folder ({_folders()}); {evalmodels.download_hint('dino')}; "
-            f"{evalmodels.download_hint('clip')}")
+def _eval_hint() -> str:
+    return f"{evalmodels.download_hint('dino')}; {evalmodels.download_hint('clip')}"
 
 
 class EvalModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        files = folder_paths.get_filename_list(FOLDER)
+        files = folder_paths.get_filename_list(EVAL_FOLDER)
         default = next((f for f in (evalmodels.CLIP_FILE, evalmodels.CLIP_SAFETENSORS_FILE, evalmodels.DINO_FILE)
                         if f in files), files[0] if files else evalmodels.CLIP_FILE)
         return io.Schema(
@@ -59,47 +52,21 @@ class EvalModelLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, kind, model_name, clip_architecture=evalmodels.CLIP_ARCH):
-        if not model_name or folder_paths.get_full_path(FOLDER, model_name) is None:
-            return missing_file_message(model_name, kind)
+        if not model_name or folder_paths.get_full_path(EVAL_FOLDER, model_name) is None:
+            return missing_file_message(EVAL_FOLDER, model_name, _eval_hint(), "model file")
         return True
 
     @classmethod
     def execute(cls, kind, model_name, clip_architecture=evalmodels.CLIP_ARCH) -> io.NodeOutput:
-        path = folder_paths.get_full_path(FOLDER, model_name) if model_name else None
+        path = folder_paths.get_full_path(EVAL_FOLDER, model_name) if model_name else None
         if path is None:
-            raise FileNotFoundError("model_name: " + missing_file_message(model_name, kind))
+            raise FileNotFoundError("model_name: " + missing_file_message(EVAL_FOLDER, model_name, _eval_hint(),
+                                                                          "model file"))
         if kind == "clip":
             return io.NodeOutput(evalmodels.load_clip(path, clip_architecture))
         if kind == "dino":
             return io.NodeOutput(evalmodels.load_dino(path))
         raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
-
-
-def _device():
-    import comfy.model_management as mm
-    return mm.get_torch_device()
-
-
-def _run_on_device(module, fn):
-    """Moves ``module`` to ComfyUI's device for ``fn`` and back to the CPU afterwards."""
-    import comfy.model_management as mm
-    dev = _device()
-    module.to(dev)
-    try:
-        return fn(dev)
-    finally:
-        module.to("cpu")
-        mm.soft_empty_cache()
-
-
-def _check_images(name, images, required=True):
-    import torch
-    if images is None and not required:
-        return None
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] < 3 or images.shape[0] < 1:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{name}: expected a ComfyUI IMAGE [B,H,W,3], got {shape}")
-    return images
 
 
 def parse_prompts(text: str, n: int) -> list[str]:
@@ -146,8 +113,8 @@ class CLIPScore(io.ComfyNode):
     def execute(cls, eval_model, images, prompts, reference_images=None) -> io.NodeOutput:
         if not isinstance(eval_model, evalmodels.ClipModel) and not hasattr(eval_model, "tokenizer"):
             raise ValueError("eval_model: expected a CLIP model from Evaluation Model Loader (kind clip)")
-        images = _check_images("images", images)
-        refs = _check_images("reference_images", reference_images, required=False)
+        images = check_images("images", images)
+        refs = check_images("reference_images", reference_images, required=False)
         texts = parse_prompts(prompts, images.shape[0])
 
         def work(dev):
@@ -156,7 +123,7 @@ class CLIPScore(io.ComfyNode):
             r = evalmodels.clip_image_embeds(eval_model, refs, dev) if refs is not None else None
             return g, t, r
 
-        g, t, r = _run_on_device(eval_model.model, work)
+        g, t, r = run_on_device(eval_model.model, work)
         per_image = clip_t(g, t)
         score_t = float(per_image.mean())
         lines = [f"CLIP-T {score_t:.4f} over {images.shape[0]} image(s) ({eval_model.arch}; 2.5*max(0,cos))"]
@@ -193,9 +160,9 @@ class DINOScore(io.ComfyNode):
     def execute(cls, eval_model, images, reference_images) -> io.NodeOutput:
         if not isinstance(eval_model, evalmodels.DinoViT) and not hasattr(eval_model, "patch_embed"):
             raise ValueError("eval_model: expected a DINO model from Evaluation Model Loader (kind dino)")
-        images = _check_images("images", images)
-        refs = _check_images("reference_images", reference_images)
-        g, r = _run_on_device(eval_model, lambda dev: (evalmodels.dino_embeds(eval_model, images, dev),
+        images = check_images("images", images)
+        refs = check_images("reference_images", reference_images)
+        g, r = run_on_device(eval_model, lambda dev: (evalmodels.dino_embeds(eval_model, images, dev),
                                                        evalmodels.dino_embeds(eval_model, refs, dev)))
         score = float(pairwise_mean_cosine(g, r))
         report = f"DINO {score:.4f} over {g.shape[0]}x{r.shape[0]} (image, reference) pairs"

@@ -17,17 +17,20 @@ ROOT = comfyui_root()
 pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree (or place "
                                                      "the pack in ComfyUI/custom_nodes) to run the integration tests")
 
-from personalize_pack.references import face_masks as fm  # noqa: E402
+from personalize_pack.references.bisenet import OFFICIAL_FILE, build_bisenet  # noqa: E402
+from personalize_pack.references.face_attributes import grow_mask  # noqa: E402
+from personalize_pack.references.face_masks import face_attribute_masks  # noqa: E402
+from personalize_pack.references.face_mesh import import_solutions  # noqa: E402
 
 try:
-    fm.import_solutions()
+    import_solutions()
     from skimage import data as skdata
     MP_ERROR = None
 except Exception as exc:  # noqa: BLE001
     MP_ERROR = f"{type(exc).__name__}: {str(exc).split(';')[0][:160]}"
 needs_mediapipe = pytest.mark.skipif(MP_ERROR is not None, reason=f"mediapipe or scikit-image cannot be imported "
                                                                   f"({MP_ERROR}); see tools/run_tests.sh")
-OFFICIAL = fm.OFFICIAL_FILE
+OFFICIAL = OFFICIAL_FILE
 MASK_ARGS = dict(attributes="eyes", provider="mediapipe", faces="largest", if_no_face="error", grow=0,
                  face_parser=None, prompt="")
 
@@ -42,7 +45,7 @@ def parsing_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("face_models") / "face_parsing"
     d.mkdir()
     torch.manual_seed(0)
-    torch.save(fm.build_bisenet().state_dict(), d / "random_bisenet.pth", _use_new_zipfile_serialization=False)
+    torch.save(build_bisenet().state_dict(), d / "random_bisenet.pth", _use_new_zipfile_serialization=False)
     folder_paths.add_model_folder_path("face_parsing", str(d))
     return d
 
@@ -138,7 +141,7 @@ def test_mediapipe_masks_through_the_node(parsing_dir, astronaut):
     assert mask.shape == (2, 512, 512) and mask.dtype == torch.float32
     assert set(mask.unique().tolist()) == {0.0, 1.0}
     assert preview.shape == (2, 512, 512, 3) and calls[-1] == (2, 2)
-    direct = fm.face_attribute_masks(astronaut, ("eyes", "lips"))
+    direct = face_attribute_masks(astronaut, ("eyes", "lips"))
     assert torch.equal(mask[:1], direct)
     # the mirrored photo gives (about) the mirrored mask
     flipped = mask[1].flip(1)
@@ -146,7 +149,7 @@ def test_mediapipe_masks_through_the_node(parsing_dir, astronaut):
     # from the prompt, grown
     by_prompt, _ = run_mask(astronaut, attributes="from prompt", prompt="a woman img with green eyes and red lipstick",
                             grow=2)
-    assert torch.equal(by_prompt, fm.grow_mask(direct, 2))
+    assert torch.equal(by_prompt, grow_mask(direct, 2))
 
 
 @needs_mediapipe
@@ -186,7 +189,7 @@ def test_bisenet_through_the_node_with_model_management(parsing_dir):
         assert set(mask.unique().tolist()) <= {0.0, 1.0}
         assert "patcher" in parser.extras
         parser.net.to("cpu")
-        want = fm.face_attribute_masks(image, ("hair", "eyes", "glasses"), "bisenet", parser, if_no_face="empty mask")
+        want = face_attribute_masks(image, ("hair", "eyes", "glasses"), "bisenet", parser, if_no_face="empty mask")
         assert torch.equal(mask, want)
 
 

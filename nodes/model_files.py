@@ -1,0 +1,100 @@
+"""The model files the pack's loaders read: their folders (registered with ComfyUI the way other packs
+register theirs, so ``extra_model_paths.yaml`` entries work), the one message for a file that is not
+there, and the device handling of what was loaded (ComfyUI's model patcher, or a move to the device
+and back)."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import folder_paths
+
+EVAL_FOLDER = "personalize_eval"     # the evaluation models: CLIP, DINO, OWLv2, DreamSim (files and folders)
+
+
+def register_folder(name: str) -> str:
+    """Register ``models/<name>`` unless ComfyUI or another pack already did; returns ``name``."""
+    if name not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)],
+                                                     folder_paths.supported_pt_extensions)
+    return name
+
+
+def folder_list(name: str) -> str:
+    """The folder's paths, comma-separated, for messages that say where a file belongs."""
+    return ", ".join(folder_paths.get_folder_paths(name)) or os.path.join(folder_paths.models_dir, name)
+
+
+def subfolders(name: str) -> list[str]:
+    """The names of the model folders (directories, e.g. Hugging Face model folders) inside every path
+    of ``models/<name>``, sorted."""
+    out = set()
+    for root in folder_paths.get_folder_paths(name):
+        if os.path.isdir(root):
+            out.update(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    return sorted(out)
+
+
+def find_subfolder(name: str, sub: str) -> str | None:
+    """The path of directory ``sub`` in the first path of ``models/<name>`` that has it, else None."""
+    if not sub or os.path.basename(sub) != sub or sub in (".", ".."):
+        return None
+    for root in folder_paths.get_folder_paths(name):
+        path = os.path.join(root, sub)
+        if os.path.isdir(path):
+            return path
+    return None
+
+
+def missing_file_message(folder: str, name: str, hint: str, what: str = "file", subfolder: bool = False) -> str:
+    """What a loader says when the chosen model is not in its folder: which name, which folder (with
+    every path ComfyUI searches for it), then ``hint``: what to put there and where to get it.
+
+    ``what`` names the kind of file when none was chosen ("no SAM checkpoint is in ..."); ``subfolder``
+    is for models that are folders (Hugging Face layouts), not files. The loader prefixes its input's
+    name where ComfyUI does not ("model_name: ...")."""
+    if subfolder:
+        subject = f"no folder {name!r}"
+    elif name:
+        subject = f"{name!r} is not"
+    else:
+        subject = f"no {what} is"
+    return f"{subject} in the {folder} folder ({folder_list(folder)}). {hint[:1].upper()}{hint[1:]}"
+
+
+def model_patcher(extras: dict, net, holder: str | None = None):
+    """ComfyUI's model patcher for a loaded network, made once and kept in ``extras["patcher"]``, so that
+    ComfyUI's model management moves it to the device, frees memory for it and unloads it like any
+    other model. ``extras["device"]`` is the loader's choice: ``auto`` (ComfyUI's device) or ``cpu``.
+    ``holder``: hold ``net`` as this attribute of a plain module, for networks that define attributes
+    the patcher sets (e.g. SAM's read-only ``device``)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import torch
+    if "patcher" not in extras:
+        load = mm.get_torch_device() if extras.get("device", "auto") == "auto" else torch.device("cpu")
+        model = net
+        if holder is not None:
+            model = torch.nn.Module()
+            setattr(model, holder, net)
+        extras["patcher"] = comfy.model_patcher.CoreModelPatcher(model, load_device=load,
+                                                                 offload_device=mm.unet_offload_device())
+    return extras["patcher"]
+
+
+def torch_device():
+    """ComfyUI's compute device."""
+    import comfy.model_management as mm
+    return mm.get_torch_device()
+
+
+def run_on_device(module, fn: Callable):
+    """Moves ``module`` to ComfyUI's device for ``fn(device)`` and back to the CPU afterwards."""
+    import comfy.model_management as mm
+    dev = torch_device()
+    module.to(dev)
+    try:
+        return fn(dev)
+    finally:
+        module.to("cpu")
+        mm.soft_empty_cache()
