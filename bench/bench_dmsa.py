@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Speed benchmark of the pack's FreeMix disentangle-mixing self-attention (DMSA) on the CPU.
 
-Reuses bench_mrsa.py's machinery (random-weight SD1.5 UNet built in memory, step timing through the
+Reuses the benchmarks' shared machinery in harness.py (random-weight SD1.5 UNet built in memory, step timing through the
 sampling callback, the UNet batch probe, the direct floor measurement). Every ratio is computed from
 measurements taken in the same run. Output: one JSON object per line on stdout (progress goes to
 stderr). See bench/README.md for what each line means and the targets.
@@ -18,7 +18,7 @@ interleaved over several rounds. Every step is assigned to the phase its sigma l
 phase only, or appearance phase on output 9-11), so the step times are reported per phase too; the
 UNet batch of every step is recorded (2 target rows + 1 reference row in the structure phase, + 2 in
 the appearance phase) to check the assignment. The floor is a plain UNet call of batch 3 and 4 over
-one of batch 2, timed directly (bench_mrsa.run_floor).
+one of batch 2, timed directly (harness.run_floor).
 
 The SAM Mask node's time per image is measured by bench_sam.py.
 """
@@ -29,15 +29,10 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-import bench_mrsa as bm  # noqa: E402  (also puts tests/ on sys.path and imports the pack importer)
-
-PACK_ROOT = bm.PACK_ROOT
-emit, log, median, rnd = bm.emit, bm.log, bm.median, bm.rnd
+import harness as hr  # bench/ is on sys.path when a benchmark runs
+from harness import emit, log, median, rnd
 
 TARGET_STEP_RATIO = 1.8          # dmsa ÷ plain, median step, B=1 (see bench/README.md)
 PRESET = "SD1.5 FreeMix"
@@ -55,7 +50,7 @@ def build_dmsa(model, blocks, hw, opts):
     from personalize_pack.attention.install import install_technique  # noqa: PLC0415
     from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
 
-    s_ref, a_ref = bm.make_references(2, hw, opts.mask)
+    s_ref, a_ref = hr.make_references(2, hw, opts.mask)
     s_ref = type(s_ref)(latent=s_ref.latent, mask=s_ref.mask, weight=s_ref.weight, name="structure")
     a_ref = type(a_ref)(latent=a_ref.latent, mask=a_ref.mask, weight=a_ref.weight, name="appearance")
     keys = DMSA_PRESETS[PRESET].keys(blocks)
@@ -81,9 +76,8 @@ def step_phases(model, tech, steps) -> tuple[list[str], list[float]]:
 def run_dmsa(opts) -> dict:
     import torch  # noqa: PLC0415
 
-    model, blocks, hw, build_s, load_s = bm.speed_setup(opts, "DMSA benchmark")
+    model, blocks, hw, build_s, load_s = hr.speed_setup(opts, "DMSA benchmark")
     import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
-    import comfy.model_management  # noqa: PLC0415
     dm = model.model.diffusion_model
     patched, tech, (s_keys, a_keys, m_keys) = build_dmsa(model, blocks, hw, opts)
     phases, sigmas = step_phases(model, tech, opts.steps)
@@ -104,14 +98,14 @@ def run_dmsa(opts) -> dict:
         log(f"warning: the counted steps (2..{opts.steps}) do not cover both phases {counted}; "
             f"use more --steps or another --appearance-start")
 
-    probe = bm.BatchProbe(dm)
+    probe = hr.BatchProbe(dm)
     g = torch.Generator().manual_seed(0)
     cond = ([[torch.randn(1, PROMPT_TOKENS, 768, generator=g), {}]],
             [[torch.randn(1, PROMPT_TOKENS, 768, generator=g), {}]])
 
     # Warm-up (not recorded), 3 steps so the DMSA run passes through both phases.
     for m in (model, patched):
-        bm.sample_once(m, 1, hw, 3, cond, probe, seed=999)
+        hr.sample_once(m, 1, hw, 3, cond, probe, seed=999)
     log("warm-up done")
 
     variants = ("plain", "dmsa")
@@ -120,7 +114,7 @@ def run_dmsa(opts) -> dict:
     step_batches = {v: {} for v in variants}               # step index -> UNet batch sizes seen
     for r in range(opts.repeats):
         for v in (variants if r % 2 == 0 else variants[::-1]):
-            steps, _ = bm.sample_once(patched if v == "dmsa" else model, 1, hw, opts.steps, cond, probe,
+            steps, _ = hr.sample_once(patched if v == "dmsa" else model, 1, hw, opts.steps, cond, probe,
                                       seed=1000 + r)
             calls = list(probe.batches)                    # in call order; euler+CFG: one UNet call per step
             if len(calls) == opts.steps:
@@ -173,7 +167,7 @@ def run_dmsa(opts) -> dict:
 
     # The floor: plain UNet calls of batch 2+1 (structure phase) and 2+2 (appearance phase) over batch 2.
     floor_opts = SimpleNamespace(batches=[1], refs=[1, 2], repeats=opts.repeats)
-    floors = {r["refs"]: r["floor_ratio"] for r in bm.run_floor(model, floor_opts, hw, cond, comfy.model_management)}
+    floors = {r["refs"]: r["floor_ratio"] for r in hr.run_floor(model, floor_opts, hw, cond)}
     ph = dmsa_row["phases"]
     n_s, n_a = ph["structure"]["steps_measured"], ph["appearance"]["steps_measured"]
     mixed_floor = (n_s * floors[1] + n_a * floors[2]) / max(1, n_s + n_a)
@@ -197,15 +191,14 @@ def run_dmsa(opts) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    bm.add_speed_args(ap, steps=10, repeats=3,
+    hr.add_speed_args(ap, steps=10, repeats=3,
                       steps_help="sampling steps per run (the first is skipped); default 10, so both phases run",
                       repeats_help="rounds of interleaved plain/DMSA runs (order reversed every other round); default 3")
     ap.add_argument("--appearance-start", type=float, default=0.4,
                     help="fraction of the schedule where the appearance phase starts; default 0.4 (FreeMix)")
     ap.add_argument("--mask", choices=("half", "full"), default="half",
                     help="reference masks: a centred box of half the area (default) or all ones")
-    ap.add_argument("--attention", choices=("pytorch", "default"), default="pytorch",
-                    help="ComfyUI attention: pytorch SDPA (as bench_mrsa) or ComfyUI's CPU default")
+    hr.add_attention_arg(ap)
     opts = ap.parse_args(argv)
     if opts.steps < 2:
         ap.error("--steps must be at least 2 (the first step is skipped)")
@@ -222,7 +215,7 @@ def main(argv=None) -> int:
             checks["dmsa_step_ratio_B1"] = {"value": row["ratio_vs_plain"], "target": row["target_max"],
                                             "direction": "<=", "met": row["meets_target"],
                                             "applies": representative and opts.mask == "half"}
-    bm.emit_summary(checks, t0, "the target is defined for --layout full --size 256 --mask half; checks with applies=false only "
+    hr.emit_summary(checks, t0, "the target is defined for --layout full --size 256 --mask half; checks with applies=false only "
                     "show that the benchmark works")
     return 0
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Speed benchmark of the pack's FreeCure foundation-aware self-attention (FASA) on the CPU.
 
-Reuses bench_mrsa.py's machinery (random-weight SD1.5 UNet built in memory, step timing through the
+Reuses the benchmarks' shared machinery in harness.py (random-weight SD1.5 UNet built in memory, step timing through the
 sampling callback, the UNet batch probe). Every ratio is computed from measurements taken in the
 same run. Output: one JSON object per line on stdout (progress goes to stderr). See bench/README.md
 for what each line means and the target.
@@ -50,20 +50,15 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-import bench_mrsa as bm  # noqa: E402  (also puts tests/ on sys.path and imports the pack importer)
-
-PACK_ROOT = bm.PACK_ROOT
-emit, log, median, rnd = bm.emit, bm.log, bm.median, bm.rnd
+import harness as hr  # bench/ is on sys.path when a benchmark runs
+from fasa_paper import COND, UNCOND, PaperFASA, install_paper_layout, token_hw
+from harness import emit, log, median, rnd, sdpa, time_calls, tracked_peak
 
 TARGET_STEP_RATIO = 1.8          # fasa ÷ plain, median step, B=1 (see bench/README.md)
 PRESET = "SD1.5 FreeCure (output 6-11)"
 WEIGHT = 1.5
 CTX = 768
-COND, UNCOND = 0, 1              # ComfyUI's cond_or_uncond labels
 VARIANTS = ("plain", "fasa", "fasa_strip", "paper_layout")
 
 
@@ -83,143 +78,7 @@ def attribute_mask(height_px: int, width_px: int, kind: str):
     return m
 
 
-def token_hw(n_tokens: int, height: int, width: int) -> tuple[int, int]:
-    """The (h, w) grid of a layer with ``n_tokens`` tokens in a UNet whose latent is height x width
-    (each downsampling halves, rounding up)."""
-    h, w = height, width
-    while h * w > n_tokens:
-        h, w = -(-h // 2), -(-w // 2)
-    if h * w != n_tokens:
-        raise ValueError(f"{n_tokens} tokens do not fit a {height}x{width} latent")
-    return h, w
-
-
-def row_runs(rows):
-    """Contiguous runs of sorted row indices as (start, stop) pairs."""
-    runs = []
-    for r in sorted(rows):
-        if runs and runs[-1][1] == r:
-            runs[-1][1] = r + 1
-        else:
-            runs.append([r, r + 1])
-    return [tuple(x) for x in runs]
-
-
-def sdpa(q, k, v, heads):
-    """Plain multi-head attention on ``[B, N, h*d]`` through ``scaled_dot_product_attention``."""
-    import torch.nn.functional as F  # noqa: PLC0415
-
-    b, n, c = q.shape
-    split = lambda x: x.view(x.shape[0], x.shape[1], heads, c // heads).transpose(1, 2)  # noqa: E731
-    return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, n, c)
-
-
-# =========================================================================== the paper's kernel
-
-def explicit_mrsa(q, k, v, k_ref, v_ref, ref_bias, heads):
-    """FreeCure's FASA kernel (FreeCustom's MRSA with one reference, docs/algorithms.md §0.3),
-    written the way the official code computes it: keys and values of the own rows and of the
-    reference concatenated along tokens, the full ``[B, h, N, 2N]`` logits by einsum, the bias
-    ``ref_bias`` (``w*m`` inside the mask, ``finfo.min`` outside) added to the reference block, an
-    explicit softmax and a second einsum with the values. ``q, k, v, k_ref, v_ref``: ``[B, N, h*d]``."""
-    import torch  # noqa: PLC0415
-
-    b, n, c = q.shape
-    d = c // heads
-    split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, d).permute(0, 2, 1, 3)  # noqa: E731
-    kk = torch.cat([k, k_ref], dim=1)
-    vv = torch.cat([v, v_ref], dim=1)
-    sim = torch.einsum("bhid,bhjd->bhij", split(q), split(kk)) * d ** -0.5
-    sim[..., n:] += ref_bias.to(sim.dtype)
-    attn = sim.softmax(dim=-1)
-    out = torch.einsum("bhij,bhjd->bhid", attn, split(vv))
-    return out.permute(0, 2, 1, 3).reshape(b, n, c)
-
-
-class PaperFASA:
-    """attn1 replace in FreeCure's layout: every chunk of ``cond_or_uncond`` is ``[personalised B,
-    foundation B]``; the personalised cond rows run ``explicit_mrsa`` against the foundation rows of
-    the same chunk, every other row ``attention(q, k, v, heads)``. The mask ``[H, W]`` (image space)
-    is nearest-resized to the layer's token grid at every call, as FreeCure does."""
-
-    def __init__(self, mask, weight: float, attention):
-        self.mask = mask.float()
-        self.weight = float(weight)
-        self.attention = attention
-        self.labels_seen = None
-
-    def ref_bias(self, n_tokens, latent_hw, device, dtype):
-        import torch  # noqa: PLC0415
-        import torch.nn.functional as F  # noqa: PLC0415
-
-        h, w = token_hw(n_tokens, *latent_hw)
-        m = F.interpolate(self.mask[None, None], size=(h, w), mode="nearest").flatten().to(device, dtype)
-        return torch.where(m != 0, self.weight * m, torch.full_like(m, torch.finfo(dtype).min))
-
-    def __call__(self, q, k, v, extra_options):
-        import torch  # noqa: PLC0415
-
-        heads = extra_options["n_heads"]
-        labels = list(extra_options.get("cond_or_uncond") or [])
-        rows = q.shape[0]
-        if not labels or rows % (2 * len(labels)):
-            return self.attention(q, k, v, heads)
-        self.labels_seen = labels
-        chunk = rows // len(labels)
-        half = chunk // 2
-        pers = [j * chunk for j, lab in enumerate(labels) if lab == COND]     # first row of each block
-        special = {s + i for s in pers for i in range(half)}
-        out = torch.empty_like(q)
-        for a, b in row_runs(i for i in range(rows) if i not in special):
-            out[a:b] = self.attention(q[a:b], k[a:b], v[a:b], heads)
-        if pers and self.weight != 0:
-            bias = self.ref_bias(q.shape[1], tuple(extra_options["original_shape"][-2:]), q.device, q.dtype)
-        for s in pers:
-            p, f = slice(s, s + half), slice(s + half, s + chunk)
-            out[p] = explicit_mrsa(q[p], k[p], v[p], k[f], v[f], bias, heads) if self.weight != 0 else \
-                self.attention(q[p], k[p], v[p], heads)
-        return out
-
-
-def paper_conditioning(foundation):
-    """APPLY_MODEL wrapper: the foundation rows (second half of every cond chunk) get the
-    foundation conditioning ``[1, T, D]``."""
-
-    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
-        labels = list(transformer_options.get("cond_or_uncond") or [])
-        if c_crossattn is not None and labels and x.shape[0] % (2 * len(labels)) == 0:
-            chunk = x.shape[0] // len(labels)
-            f = foundation.to(c_crossattn.device, c_crossattn.dtype)
-            if f.shape[1] != c_crossattn.shape[1]:
-                raise ValueError("the foundation conditioning must have the prompt's token count")
-            ctx = c_crossattn.clone()
-            for j, lab in enumerate(labels):
-                if lab == COND:
-                    ctx[j * chunk + chunk // 2:(j + 1) * chunk] = f
-            c_crossattn = ctx
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-
-    return wrapper
-
-
-def install_paper_layout(model, keys, mask, weight, attention, foundation):
-    from comfy.patcher_extension import WrappersMP  # noqa: PLC0415
-
-    m = model.clone()
-    replace = PaperFASA(mask, weight, attention)
-    for key in keys:
-        m.set_model_attn1_replace(replace, key[0], key[1], key[2])
-    m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "bench.paper_foundation", paper_conditioning(foundation))
-    return m, replace
-
-
 # =========================================================================== one layer in isolation
-
-def timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
 
 def layer_calls(N, C, heads, B, latent_hw, mask, plain_attention, labels=(UNCOND, COND), seed=0):
     """The attn1 calls of one FASA layer of N tokens x C channels for B images: ``plain_2B`` (what
@@ -229,7 +88,7 @@ def layer_calls(N, C, heads, B, latent_hw, mask, plain_attention, labels=(UNCOND
     Returns (calls, q, k, v, eo, technique)."""
     import torch  # noqa: PLC0415
 
-    bm.import_pack()
+    hr.import_pack()
     import personalize_pack.attention.patch as patch  # noqa: PLC0415
     from personalize_pack.attention.fasa import BRANCH_KEY, BranchLayout, FoundationAwareAttention  # noqa: PLC0415
     from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
@@ -254,48 +113,12 @@ def layer_calls(N, C, heads, B, latent_hw, mask, plain_attention, labels=(UNCOND
     return calls, (q, k, v), eo, tech
 
 
-def time_calls(calls: dict, repeats: int) -> dict:
-    """Medians and minima (seconds) of interleaved calls, order reversed every other round, after
-    two warm-up calls each."""
-    import torch  # noqa: PLC0415
-
-    names = list(calls)
-    times = {n: [] for n in names}
-    with torch.no_grad():
-        for n in names:
-            calls[n]()
-            calls[n]()
-        for i in range(repeats):
-            for n in (names if i % 2 == 0 else names[::-1]):
-                times[n].append(timed(calls[n]))
-    return {n: (median(x), min(x)) for n, x in times.items()}
-
-
-def tracked_peak(fn) -> dict:
-    """Peak of the live bytes one call allocates (torch profiler allocation events, in time order),
-    output included; the inputs are not counted."""
-    import torch  # noqa: PLC0415
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
-
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and "CPU" in str(e.device_type()))
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    del out
-    return {"peak_bytes": peak, "valid": bool(events),
-            "largest_allocations": sorted((n for _, n in events if n > 0), reverse=True)[:4]}
-
-
 # =========================================================================== kernel part
 
 def run_kernel(opts) -> dict:
     import torch  # noqa: PLC0415
 
-    bm.import_pack()
+    hr.import_pack()
     import personalize_pack.attention.patch as patch  # noqa: PLC0415
 
     heads, C, B = 8, 320, 1
@@ -410,28 +233,12 @@ def attn1_shapes(model, keys, hw, ctx):
 
 def run_floor(model, batches, hw, ctx, repeats) -> dict:
     """Plain UNet calls (``apply_model``, no sampler) of batch 4B over batch 2B, interleaved
-    (bench_mrsa.run_floor's approach): the floor of any layout that runs both branches every step."""
-    import torch  # noqa: PLC0415
-    import comfy.model_management as mm  # noqa: PLC0415
-
-    mm.load_models_gpu([model])
-
-    def call(n):
-        x = torch.randn(n, 4, *hw)
-        t = torch.full((n,), 5.0)
-        with torch.no_grad():
-            start = time.perf_counter()
-            model.model.apply_model(x, t, c_crossattn=ctx.expand(n, -1, -1), transformer_options={})
-            return time.perf_counter() - start
-
+    (harness.run_floor's approach): the floor of any layout that runs both branches every step."""
+    call = hr.unet_call(model, hw, ctx)
     call(2)
     out = {}
     for B in batches:
-        sizes = [2 * B, 4 * B]
-        times = {n: [] for n in sizes}
-        for i in range(repeats):
-            for n in (sizes if i % 2 == 0 else sizes[::-1]):
-                times[n].append(call(n))
+        times = hr.interleaved({n: (lambda n=n: call(n)) for n in (2 * B, 4 * B)}, repeats, self_timed=True)
         m2, m4 = median(times[2 * B]), median(times[4 * B])
         row = {"kind": "floor", "batch": B, "plain_call_batch": 2 * B, "fasa_call_batch": 4 * B,
                "plain_call_s": rnd(m2), "fasa_call_batch_s": rnd(m4), "floor_ratio": rnd(m4 / m2),
@@ -446,7 +253,7 @@ def run_floor(model, batches, hw, ctx, repeats) -> dict:
 def run_speed(opts) -> dict:
     import torch  # noqa: PLC0415
 
-    model, blocks, hw, build_s, load_s = bm.speed_setup(opts, "FASA benchmark", KERNEL_HINT)
+    model, blocks, hw, build_s, load_s = hr.speed_setup(opts, "FASA benchmark", KERNEL_HINT)
     import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
     from personalize_pack.attention.blocks import fasa_layer_keys  # noqa: PLC0415
 
@@ -479,10 +286,10 @@ def run_speed(opts) -> dict:
           "machine": platform.machine(), "loadavg": [rnd(x, 2) for x in os.getloadavg()],
           "build_s": rnd(build_s, 1), "load_s": rnd(load_s, 1)})
 
-    probe = bm.BatchProbe(dm)
+    probe = hr.BatchProbe(dm)
     # Warm-up (not recorded): the first sampling runs of a process are slower than the rest.
     for v in VARIANTS:
-        bm.sample_once(models[v], min(opts.batches) * latent_batch[v], hw, 2, cond, probe, seed=999)
+        hr.sample_once(models[v], min(opts.batches) * latent_batch[v], hw, 2, cond, probe, seed=999)
     log("warm-up done")
 
     rows, ratios_by_b = [], {}
@@ -492,7 +299,7 @@ def run_speed(opts) -> dict:
         calls_seen = {v: [] for v in VARIANTS}
         for r in range(opts.repeats):
             for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
-                steps, _ = bm.sample_once(models[v], B * latent_batch[v], hw, opts.steps, cond, probe, seed=1000 + r)
+                steps, _ = hr.sample_once(models[v], B * latent_batch[v], hw, opts.steps, cond, probe, seed=1000 + r)
                 calls_seen[v].append(list(probe.batches))
                 kept = steps[1:]
                 times[v].extend(kept)
@@ -594,12 +401,11 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Target: sampling step time, fasa / plain <= 1.8 at B=1 "
                                         "(--layout full --size 256). See bench/README.md.")
-    bm.add_speed_args(ap)
-    ap.add_argument("--batches", type=bm.int_list, default=[1], help="image batch sizes B; default 1")
+    hr.add_speed_args(ap)
+    ap.add_argument("--batches", type=hr.int_list, default=[1], help="image batch sizes B; default 1")
     ap.add_argument("--mask", choices=("box", "full"), default="box",
                     help="attribute mask: a centred box of a quarter of the image (default) or all ones")
-    ap.add_argument("--attention", choices=("pytorch", "default"), default="pytorch",
-                    help="ComfyUI attention: pytorch SDPA (as bench_mrsa) or ComfyUI's CPU default")
+    hr.add_attention_arg(ap)
     ap.add_argument("--only", choices=("speed", "kernel"), help="run one part only (kernel: torch alone)")
     ap.add_argument("--floor-repeats", type=int, default=4,
                     help="plain UNet calls of each batch (2B, 4B) for the floor; default 4")
@@ -627,7 +433,7 @@ def main(argv=None) -> int:
             checks["fasa_vs_plain_B1"] = {"value": row["target_value"], "target": TARGET_STEP_RATIO,
                                           "direction": "<=", "met": row["met"], "applies": representative}
     consistent = [row["layouts_consistent"] for row in out.get("ratios", [])]
-    bm.emit_summary(checks, t0, "the target is defined for --layout full --size 256 at B=1; checks with applies=false only "
+    hr.emit_summary(checks, t0, "the target is defined for --layout full --size 256 at B=1; checks with applies=false only "
                     "show that the benchmark works",
                     unet_layouts_consistent=all(consistent) if consistent else None,
                     loadavg=[rnd(x, 2) for x in os.getloadavg()])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Speed benchmark of the pack's multi-reference self-attention (MRSA) on a FLUX model, on the CPU.
 
-Reuses bench_mrsa.py's machinery (ComfyUI set-up, step timing through the sampling callback, the
+Reuses the benchmarks' shared machinery in harness.py (ComfyUI set-up, step timing through the sampling callback, the
 model-call batch probe, the output helpers). Every ratio is computed from measurements taken in the
 same run. Output: one JSON object per line on stdout (progress goes to stderr). See bench/README.md
 for what each line means and the target.
@@ -63,20 +63,11 @@ import tempfile
 import time
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-import bench_mrsa as bm  # noqa: E402  (also puts tests/ on sys.path and imports the pack importer)
+import harness as hr  # bench/ is on sys.path when a benchmark runs (harness puts tests/ there too)
+from flux_report import (POSITIONS, PRESETS, TARGET_PRESET, TARGET_STEP_RATIO, TOKENS, mode_cfg, mode_rows,
+                         patched_variants)
+from harness import ForeignLoad, csv_choice, emit, log, median, rnd
 
-PACK_ROOT = bm.PACK_ROOT
-emit, log, median, rnd = bm.emit, bm.log, bm.median, bm.rnd
-
-TARGET_STEP_RATIO = 1.8          # mrsa ÷ plain, median step, R=2, default preset (see bench/README.md)
-TARGET_PRESET = "single"         # the node's default FLUX preset
-PRESETS = {"single": "FLUX dev/schnell: single blocks",
-           "double": "FLUX dev/schnell: double blocks",
-           "all": "FLUX dev/schnell: all blocks"}
-POSITIONS = {"shifted": "shifted (side by side)", "aligned": "aligned"}
-TOKENS = {"whole": "whole image", "subject": "subject only (faster)"}     # the node's reference_tokens
 TEXT_WIDTH = 768                 # tests/tiny_flux.py: context_in_dim and vec_in_dim
 DEFAULTS = dict(heads=4, depth=4, single=8, size=512, text_tokens=77, refs=2)
 
@@ -119,13 +110,13 @@ def make_conditioning(opts, seed: int = 0):
 
 def make_flux_references(opts, hw, seed: int = 1):
     """R references with 16-channel latents at the target's latent size, the masks of
-    ``bench_mrsa.make_references`` (all ones or the centred half-area box), captions and pooled
+    ``harness.make_references`` (all ones or the centred half-area box), captions and pooled
     captions."""
     import torch  # noqa: PLC0415
     from personalize_pack.references.reference import Reference  # noqa: PLC0415
 
     g = torch.Generator().manual_seed(seed)
-    masks = [r.mask for r in bm.make_references(opts.refs, hw, opts.mask)]
+    masks = [r.mask for r in hr.make_references(opts.refs, hw, opts.mask)]
     return [Reference(latent=torch.randn(1, 16, *hw, generator=g), mask=m, weight=3.0,
                       caption=torch.randn(1, opts.text_tokens, TEXT_WIDTH, generator=g),
                       caption_pooled=torch.randn(1, TEXT_WIDTH, generator=g), name=f"ref{i}")
@@ -133,48 +124,6 @@ def make_flux_references(opts, hw, seed: int = 1):
 
 
 # =========================================================================== instrumentation
-
-class ForeignLoad:
-    """CPU time the *other* processes of the machine use, in cores: the machine's busy time
-    (``/proc/stat``) minus this process's own CPU time (``os.times``), per wall second. 0 on an idle
-    machine; 2 when other work keeps both cores of a 2-core machine busy. None where ``/proc/stat``
-    is missing."""
-
-    def __init__(self):
-        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self._t = self._read()
-
-    def _read(self):
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        busy = sum(fields[:8]) - fields[3] - fields[4]          # all but idle and iowait
-        own = os.times()
-        return time.perf_counter(), busy / self.hz, own.user + own.system
-
-    def start(self):
-        self._t = self._read()
-
-    def cores(self):
-        """Other processes' cores since ``start``."""
-        now = self._read()
-        if now is None or self._t is None or now[0] <= self._t[0]:
-            return None
-        return max(0.0, ((now[1] - self._t[1]) - (now[2] - self._t[2])) / (now[0] - self._t[0]))
-
-    def wait_quiet(self, limit_s: float, busy: float, window_s: float = 1.0) -> float | None:
-        """Wait (up to ``limit_s``) until the other processes use less than ``busy`` cores over a
-        ``window_s`` window; returns the last window's value."""
-        end = time.perf_counter() + limit_s
-        while True:
-            self.start()
-            time.sleep(window_s)
-            load = self.cores()
-            if load is None or load < busy or time.perf_counter() >= end:
-                return load
-
 
 class SectionClock:
     """Forward hooks (bench instrumentation): per model call its start time and the seconds from
@@ -264,8 +213,8 @@ def sample_flux(model, latent_batch: int, hw, steps: int, cfg: float, cond, prob
 def run_flux(opts) -> dict:
     import torch  # noqa: PLC0415
 
-    bm.setup_comfy(bm.comfyui_path(opts, "FLUX benchmark"), opts.attention)
-    bm.import_pack()
+    hr.setup_comfy(hr.comfyui_path(opts, "FLUX benchmark"), opts.attention)
+    hr.import_pack()
     import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
     from personalize_pack.attention.dit import REFERENCE_TOKENS, subject_tokens  # noqa: PLC0415
     from personalize_pack.nodes.attention import MultiReferenceAttentionNode  # noqa: PLC0415
@@ -313,7 +262,7 @@ def run_flux(opts) -> dict:
               "loadavg": [rnd(x, 2) for x in os.getloadavg()], "file_mib": rnd(file_mib, 1),
               "build_s": rnd(build_s, 1), "load_s": rnd(load_s, 1)})
 
-        probe = bm.BatchProbe(dm)
+        probe = hr.BatchProbe(dm)
         clock = SectionClock(dm)
         cond = make_conditioning(opts)
 
@@ -389,169 +338,7 @@ def run_flux(opts) -> dict:
     return {"flux": rows}
 
 
-def patched_variants(opts) -> list:
-    """``[(variant name, preset, tokens)]``: ``mrsa_<preset>`` with whole-image references, then
-    ``mrsa_<preset>_subject`` with subject-only references, as ``--tokens`` asks."""
-    return [(f"mrsa_{p}" if tok == "whole" else f"mrsa_{p}_{tok}", p, tok) for tok in opts.tokens
-            for p in opts.presets]
-
-
-def mode_cfg(mode: str, opts) -> float:
-    return 1.0 if mode == "cfg1" else float(opts.cfg)
-
-
-SECTIONS = ("total", "pre", "double", "single")
-CALL_SPLIT = ("record", "target")        # references-only calls; the calls with the target rows
-
-
-def section_medians(secs, names=SECTIONS) -> dict:
-    out = {}
-    for name in names:
-        vals = [s[name] for s in secs if s[name] is not None]
-        out[f"{name}_s"] = rnd(median(vals)) if vals else None
-    return out
-
-
-def mode_rows(mode, opts, times, per_round, batches, calls_per_step, sections, loads, redone, finals,
-              subj_tokens, n_image) -> list:
-    """The ``step``, ``floor``, ``overhead`` and ``subject`` lines of one CFG mode."""
-    R = opts.refs
-    n = 1 if mode == "cfg1" else 2
-    plain = (mode, "plain")
-    p_med, p_min = median(times[plain]), min(times[plain])
-    p_sec = section_medians(sections[plain])
-    rows = []
-
-    def step_row(key, variant, tokens=None):
-        # Whole image: one call per step of n target + R reference rows. Subject only: R
-        # references-only calls of batch 1 (each on its subject's tokens), then the target's call
-        # of batch n: R + 1 calls per step. BatchProbe records x's batch, which is 1 for a
-        # references call whatever tokens it keeps.
-        if tokens == "subject":
-            expected_batch, expected_calls, expected_records = sorted({1, n}), R + 1, R
-        else:
-            expected_batch, expected_calls, expected_records = (n if tokens is None else n + R), 1, 0
-        records = sorted({s["record_calls"] for s in sections[key]})
-        consistent = (sorted(batches[key]) == (expected_batch if tokens == "subject" else [expected_batch])
-                      and sorted(calls_per_step[key]) == [expected_calls] and records == [expected_records])
-        med = median(times[key])
-        row = {"kind": "step", "mode": mode, "cfg": mode_cfg(mode, opts), "variant": variant,
-               "refs": 0 if variant == "plain" else R, "model_batch": sorted(batches[key]),
-               "expected_model_batch": expected_batch, "calls_per_step": sorted(calls_per_step[key]),
-               "expected_calls_per_step": expected_calls, "layout_consistent": consistent,
-               "median_step_s": rnd(med), "min_step_s": rnd(min(times[key])),
-               "round_medians_s": [rnd(x) for x in per_round[key]],
-               "sections_median_s": section_medians(sections[key]),
-               "others_cores_runs": [rnd(x, 2) for x in loads[key]], "runs_redone": redone[key]}
-        if tokens is not None:
-            row.update(reference_tokens=TOKENS[tokens], mask=opts.mask)
-        if tokens == "subject":
-            row.update(record_calls_per_step=records, subject_image_tokens=subj_tokens, image_tokens=n_image,
-                       calls_median_s=section_medians(sections[key], CALL_SPLIT))
-        if variant != "plain":
-            # The patch must act: round 1's sample against plain's (same noise, prompt and CFG).
-            diff = float((finals[key] - finals[plain]).abs().max())
-            row.update(max_abs_diff_vs_plain=rnd(diff), changes_sample=diff > 1e-3)
-            whole = (mode, variant[:-len("_subject")])
-            if tokens == "subject" and whole in finals:
-                # Informational: with all-ones masks the two layouts do the same work (only the
-                # float summation order differs); with partial masks the references' features differ.
-                row.update(max_abs_diff_vs_whole=rnd(float((finals[key] - finals[whole]).abs().max())))
-            row.update(plain_median_step_s=rnd(p_med), ratio_vs_plain=rnd(med / p_med),
-                       round_ratios=[rnd(a / b) for a, b in zip(per_round[key], per_round[plain])],
-                       ratio_of_min_steps=rnd(min(times[key]) / p_min))
-        if variant == f"mrsa_{TARGET_PRESET}":
-            row.update(target_max=TARGET_STEP_RATIO, meets_target=med / p_med <= TARGET_STEP_RATIO)
-        row.update(steps_measured=len(times[key]), step_s=[rnd(x, 3) for x in times[key]])
-        return row
-
-    plain_row = step_row(plain, "plain")
-    rows.append(plain_row)
-    for name, _, tok in patched_variants(opts):
-        rows.append(step_row((mode, name), name, tok))
-
-    fkey = (mode, "floor")
-    f_med, f_min = median(times[fkey]), min(times[fkey])
-    f_sec = section_medians(sections[fkey])
-    floor_row = {"kind": "floor", "mode": mode, "plain_model_batch": n, "floor_model_batch": sorted(batches[fkey]),
-                 "expected_model_batch": n + R, "latent_batch": n + R, "cfg": 1.0,
-                 "layout_consistent": sorted(batches[fkey]) == [n + R],
-                 "plain_median_step_s": rnd(p_med), "floor_median_step_s": rnd(f_med),
-                 "floor_ratio": rnd(f_med / p_med),
-                 "round_ratios": [rnd(a / b) for a, b in zip(per_round[fkey], per_round[plain])],
-                 "ratio_of_min_steps": rnd(f_min / p_min), "sections_median_s": f_sec,
-                 "others_cores_runs": [rnd(x, 2) for x in loads[fkey]], "runs_redone": redone[fkey],
-                 "steps_measured": len(times[fkey]), "step_s": [rnd(x, 3) for x in times[fkey]]}
-    emit(plain_row)
-    for row in rows[1:]:
-        emit(row)
-    emit(floor_row)
-    rows.append(floor_row)
-
-    floor_ratio = f_med / p_med
-    for p in (opts.presets if "whole" in opts.tokens else []):
-        key = (mode, f"mrsa_{p}")
-        med = median(times[key])
-        ratio = med / p_med
-        m_sec = section_medians(sections[key])
-        over = {"kind": "overhead", "mode": mode, "preset": PRESETS[p], "refs": R,
-                "ratio_vs_plain": rnd(ratio), "floor_ratio": rnd(floor_ratio), "above_floor": rnd(ratio / floor_ratio),
-                "above_floor_min_steps": rnd((min(times[key]) / p_min) / (f_min / p_min)),
-                "extra_step_s": rnd(med - p_med), "extra_rows_step_s": rnd(f_med - p_med),
-                "attention_extra_step_s": rnd(med - f_med)}
-        # Section by section against the floor: the double and single sections of the patched
-        # model over those of the floor (same rows) show where the patch's own work is.
-        for name in ("double", "single"):
-            a, b = m_sec[f"{name}_s"], f_sec[f"{name}_s"]
-            over[f"{name}_section_vs_floor"] = rnd(a / b) if a and b else None
-            over[f"{name}_section_extra_s"] = rnd(a - b) if a is not None and b is not None else None
-        if p == "double":
-            # The reference rows skip the single blocks after the last patched block, so the
-            # right floor for this preset is the floor step with its single section at the plain
-            # model's rows: floor step - floor single section + plain single section.
-            if f_sec["single_s"] is not None and p_sec["single_s"] is not None:
-                est = f_med - f_sec["single_s"] + p_sec["single_s"]
-                over.update(rows_floor_est_ratio=rnd(est / p_med), above_rows_floor_est=rnd(med / est))
-        emit(over)
-        rows.append(over)
-
-    # Subject-only references against whole-image ones and where their step goes: the R
-    # references-only calls (batch 1, the subject's image tokens, stopped after the last patched
-    # block) and the target's call (batch n, plain's rows plus the attention over the bank).
-    p_call = p_sec["total_s"]
-    for p in (opts.presets if "subject" in opts.tokens else []):
-        key, wkey = (mode, f"mrsa_{p}_subject"), (mode, f"mrsa_{p}")
-        med = median(times[key])
-        calls = section_medians(sections[key], CALL_SPLIT)
-        line = {"kind": "subject", "mode": mode, "preset": PRESETS[p], "refs": R, "mask": opts.mask,
-                "subject_image_tokens": subj_tokens, "image_tokens": n_image,
-                "ratio_vs_plain": rnd(med / p_med),
-                "record_calls_step_s": calls["record_s"], "target_call_step_s": calls["target_s"],
-                "plain_call_step_s": p_call,
-                "target_call_vs_plain": rnd(calls["target_s"] / p_call) if calls["target_s"] and p_call else None,
-                "record_calls_vs_plain": rnd(calls["record_s"] / p_call) if calls["record_s"] and p_call else None}
-        if wkey in times:
-            w_med = median(times[wkey])
-            line.update(whole_ratio_vs_plain=rnd(w_med / p_med), subject_vs_whole=rnd(med / w_med),
-                        subject_vs_whole_min_steps=rnd(min(times[key]) / min(times[wkey])),
-                        round_ratios_vs_whole=[rnd(a / b) for a, b in zip(per_round[key], per_round[wkey])],
-                        saved_step_s=rnd(w_med - med))
-        emit(line)
-        rows.append(line)
-    return rows
-
-
 # =========================================================================== main
-
-def csv_choice(choices):
-    def parse(text: str) -> list[str]:
-        out = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in out if x not in choices]
-        if not out or bad:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {sorted(choices)}, got '{text}'")
-        return list(dict.fromkeys(out))
-    return parse
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -587,8 +374,7 @@ def main(argv=None) -> int:
                     help="sampling steps per run (the first is skipped); default 6")
     ap.add_argument("--repeats", type=int, default=4,
                     help="rounds of interleaved runs (order reversed every other round); default 4")
-    ap.add_argument("--attention", choices=("pytorch", "default"), default="pytorch",
-                    help="ComfyUI attention: pytorch SDPA (as bench_mrsa) or ComfyUI's CPU default")
+    hr.add_attention_arg(ap)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--busy", type=float, default=0.25,
                     help="other processes using this many CPU cores or more make the machine busy; default 0.25")
@@ -639,7 +425,7 @@ def main(argv=None) -> int:
             "not the issue's target and not counted in all_met: step time of subject-only references ÷ plain "
             "against the same bound; meaningful with --mask half (with all-ones masks subject only does the "
             "whole-image work in R + 1 calls)")
-    bm.emit_summary(checks, t0, "the target is defined for the default model, size, text length and R=2 with "
+    hr.emit_summary(checks, t0, "the target is defined for the default model, size, text length and R=2 with "
                     "all-ones masks; checks with applies=false only show that the benchmark works",
                     target_checks=(f"checks (step_ratio_<mode>_{TARGET_PRESET}): the issue's target, whole-image "
                                    f"references, {PRESETS[TARGET_PRESET]} preset, default configuration with "

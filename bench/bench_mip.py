@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Speed benchmark of the pack's MIP-Adapter (several image prompts merged per pixel) on the CPU.
 
-Reuses bench_mrsa.py's machinery (random-weight SD1.5 UNet built in memory, step timing through the
+Reuses the benchmarks' shared machinery in harness.py (random-weight SD1.5 UNet built in memory, step timing through the
 sampling callback, the UNet batch probe). Every ratio is computed from measurements taken in the
 same run. Output: one JSON object per line on stdout (progress goes to stderr). See bench/README.md
 for what each line means and the target.
@@ -44,21 +44,16 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-import bench_mrsa as bm  # noqa: E402  (also puts tests/ on sys.path and imports the pack importer)
-from tiny_adapters import adapter_layers  # noqa: E402  (random IP-Adapter/MIP layer weights, official layout)
-
-PACK_ROOT = bm.PACK_ROOT
-emit, log, median, rnd = bm.emit, bm.log, bm.median, bm.rnd
+import harness as hr  # bench/ is on sys.path when a benchmark runs (harness puts tests/ there too)
+from harness import emit, log, median, rnd, timed
+from ip_adapter_baseline import COND, UNCOND, IPAdapterAttn2, install_ip_adapter, ip_adapter_kv
+from tiny_adapters import adapter_layers  # random IP-Adapter/MIP layer weights, official layout
 
 TARGET_MIP_RATIO = 1.15          # mip (R=2) ÷ ip_adapter, median step (see bench/README.md)
 TARGET_REFS = 2
 CTX = 768                        # SD1.5 text / image-prompt token width
 SCALE = 0.75
-COND, UNCOND = 0, 1              # ComfyUI's cond_or_uncond labels
 
 
 # =========================================================================== inputs
@@ -90,73 +85,12 @@ def make_layers(widths: dict, seed: int = 3) -> dict:
             for n, key in enumerate(keys)}
 
 
-def torch_attention(q, k, v, heads):
-    """Plain multi-head attention on ``[B, N, h*d]`` through ``scaled_dot_product_attention``."""
-    import torch.nn.functional as F  # noqa: PLC0415
-
-    b, n, c = q.shape
-    split = lambda x: x.view(x.shape[0], x.shape[1], heads, c // heads).transpose(1, 2)  # noqa: E731
-    return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, n, c)
-
-
-class IPAdapterAttn2:
-    """The baseline: IP-Adapter's decoupled cross-attention with one image prompt on one block,
-    ``Attn(q, k, v) + Attn(q, K_ip, V_ip)``, as an attn2 replace. ``kv[label] = (K_ip, V_ip)``
-    ``[n_tok, C]`` (scale folded into V_ip); the per-batch K_ip/V_ip (cond rows get the cond
-    tokens, uncond rows the uncond ones, by ``cond_or_uncond``) are built once per layout and kept
-    on the device."""
-
-    def __init__(self, kv: dict, attention):
-        self.kv = kv
-        self.attention = attention
-        self._cache = {}
-
-    def ip_kv(self, labels, rows: int, device, dtype):
-        ck = (tuple(labels), rows, str(device), dtype)
-        hit = self._cache.get(ck)
-        if hit is None:
-            import torch  # noqa: PLC0415
-            chunk = rows // len(labels)
-            hit = tuple(torch.cat([self.kv[lab][i].unsqueeze(0).expand(chunk, -1, -1) for lab in labels])
-                        .to(device, dtype).contiguous() for i in (0, 1))
-            self._cache[ck] = hit
-        return hit
-
-    def __call__(self, q, k, v, extra_options):
-        heads = extra_options["n_heads"]
-        labels = list(extra_options.get("cond_or_uncond") or [COND])
-        out = self.attention(q, k, v, heads)
-        if q.shape[0] % len(labels):
-            return out
-        ip_k, ip_v = self.ip_kv(labels, q.shape[0], q.device, q.dtype)
-        return out + self.attention(q, ip_k, ip_v, heads)
-
-
-def ip_adapter_kv(prompt, layers: dict, scale: float) -> dict:
-    """``{key: {label: (K_ip, V_ip)}}``: one object's tokens projected by each layer's adapter weights."""
-    import torch  # noqa: PLC0415
-
-    out = {}
-    with torch.no_grad():
-        for key, (wk, wv, _) in layers.items():
-            out[key] = {lab: (toks.float() @ wk.float().T, (toks.float() @ wv.float().T) * scale)
-                        for lab, toks in ((COND, prompt.tokens), (UNCOND, prompt.uncond_tokens))}
-    return out
-
-
-def install_ip_adapter(model, kv: dict, attention):
-    m = model.clone()
-    for key, per_label in kv.items():
-        m.set_model_attn2_replace(IPAdapterAttn2(per_label, attention), key[0], key[1], key[2])
-    return m
-
-
 # =========================================================================== speed
 
 def run_speed(opts) -> dict:
     import torch  # noqa: PLC0415
 
-    model, blocks, hw, build_s, load_s = bm.speed_setup(opts, "MIP benchmark", KERNEL_HINT)
+    model, blocks, hw, build_s, load_s = hr.speed_setup(opts, "MIP benchmark", KERNEL_HINT)
     import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
     from personalize_pack.attention.install import install_technique  # noqa: PLC0415
     from personalize_pack.attention.mip import MultiImagePromptAttention  # noqa: PLC0415
@@ -193,13 +127,13 @@ def run_speed(opts) -> dict:
           "machine": platform.machine(), "loadavg": [rnd(x, 2) for x in os.getloadavg()],
           "build_s": rnd(build_s, 1), "load_s": rnd(load_s, 1)})
 
-    probe = bm.BatchProbe(dm)
+    probe = hr.BatchProbe(dm)
     g = torch.Generator().manual_seed(0)
     cond = ([[torch.randn(1, 77, CTX, generator=g), {}]], [[torch.randn(1, 77, CTX, generator=g), {}]])
 
     # Warm-up (not recorded): the first sampling runs of a process are slower than the rest.
     for v in (("plain", 0), ("ip_adapter", 1), ("mip", max(opts.refs))):
-        bm.sample_once(models[v], min(opts.batches), hw, 2, cond, probe, seed=999)
+        hr.sample_once(models[v], min(opts.batches), hw, 2, cond, probe, seed=999)
     log("warm-up done")
 
     rows = []
@@ -210,7 +144,7 @@ def run_speed(opts) -> dict:
         unet_batches = {v: set() for v in variants}
         for r in range(opts.repeats):
             for v in (variants if r % 2 == 0 else variants[::-1]):
-                steps, batches = bm.sample_once(models[v], B, hw, opts.steps, cond, probe, seed=1000 + r)
+                steps, batches = hr.sample_once(models[v], B, hw, opts.steps, cond, probe, seed=1000 + r)
                 kept = steps[1:]
                 times[v].extend(kept)
                 per_round[v].append(median(kept))
@@ -268,19 +202,13 @@ KERNEL_HINT = " (or run --only kernel, which needs torch alone)"
 
 # =========================================================================== kernel
 
-def timed(fn, *args):
-    t = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t
-
-
 def run_kernel(opts) -> dict:
     """One attn2 call of a 320-wide layer at ``--kernel-tokens`` tokens, cond + uncond rows."""
     import math  # noqa: PLC0415
 
     import torch  # noqa: PLC0415
 
-    bm.import_pack()
+    hr.import_pack()
     import personalize_pack.attention.patch as patch  # noqa: PLC0415
     from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
     from personalize_pack.attention.mip import (MultiImagePromptAttention, merge_weights,  # noqa: PLC0415
@@ -316,9 +244,9 @@ def run_kernel(opts) -> dict:
                     "original_shape": [2, 4, side, side]}
 
         attn = patch.PersonalizeAttention("attn2")
-        base = IPAdapterAttn2(ip_adapter_kv(prompts[0], layers, SCALE)[key], torch_attention)
+        base = IPAdapterAttn2(ip_adapter_kv(prompts[0], layers, SCALE)[key], hr.sdpa)
         base_eo = {"cond_or_uncond": labels, "n_heads": heads}
-        calls = {"text_only": lambda: torch_attention(q, k, v, heads),
+        calls = {"text_only": lambda: hr.sdpa(q, k, v, heads),
                  "ip_adapter": lambda: base(q, k, v, base_eo)}
         techs = {}
         for R in refs:
@@ -371,7 +299,7 @@ def run_kernel(opts) -> dict:
         # on that label's row), timed over the same number of repeats.
         for R in refs:
             tech = techs[R]
-            text = torch_attention(q, k, v, heads)
+            text = hr.sdpa(q, k, v, heads)
             per = {lab: dict(kv=tech.device_kv(key, lab, q.device, q.dtype)) for lab in labels}
             for j, lab in enumerate(labels):
                 per[lab]["ent"] = tech.entity_keys(key, lab, q.device, q.dtype)
@@ -391,7 +319,7 @@ def run_kernel(opts) -> dict:
                     merged_attention(q[j:j + 1], ks, vs, heads, per[lab]["wt"])
 
             parts = {
-                "text_attention": lambda: torch_attention(q, k, v, heads),
+                "text_attention": lambda: hr.sdpa(q, k, v, heads),
                 "entity_keys": lambda: [tech.entity_keys(key, lab, q.device, q.dtype) for lab in labels],
                 "word_maps": lambda: [word_maps(q[j:j + 1], per[lab]["ent"], heads) for j, lab in enumerate(labels)],
                 "merge_weights": lambda: [merge_weights(per[lab]["maps"], [None] * R) for lab in labels],
@@ -437,15 +365,14 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Target: sampling step time, mip R=2 / ip_adapter <= 1.15 "
                                         "(--layout full --size 256). See bench/README.md.")
-    bm.add_speed_args(ap)
-    ap.add_argument("--refs", type=bm.int_list, default=[1, 2, 3],
+    hr.add_speed_args(ap)
+    ap.add_argument("--refs", type=hr.int_list, default=[1, 2, 3],
                     help="MIP object counts R; default 1,2,3 (the target is at R=2, R=1 is for information)")
-    ap.add_argument("--batches", type=bm.int_list, default=[1], help="image batch sizes B; default 1")
+    ap.add_argument("--batches", type=hr.int_list, default=[1], help="image batch sizes B; default 1")
     ap.add_argument("--tokens", type=int, default=16,
                     help="image-prompt tokens per object: 16 (plus adapters, default) or 4 (base adapters)")
     ap.add_argument("--entity-tokens", type=int, default=1, help="entity word tokens L per object; default 1")
-    ap.add_argument("--attention", choices=("pytorch", "default"), default="pytorch",
-                    help="ComfyUI attention: pytorch SDPA (as bench_mrsa) or ComfyUI's CPU default")
+    hr.add_attention_arg(ap)
     ap.add_argument("--only", choices=("speed", "kernel"), help="run one part only (kernel: torch alone)")
     ap.add_argument("--kernel-tokens", type=int, default=4096, help="image tokens of the kernel call; default 4096")
     ap.add_argument("--kernel-repeats", type=int, default=40,
@@ -473,7 +400,7 @@ def main(argv=None) -> int:
                 "value": row["target_value"], "target": TARGET_MIP_RATIO, "direction": "<=", "met": row["met"],
                 "applies": representative}
     consistent = [row["batches_consistent"] for row in out.get("speed", []) if row["kind"] == "ratios"]
-    bm.emit_summary(checks, t0, "the target is defined for --layout full --size 256; checks with applies=false only show "
+    hr.emit_summary(checks, t0, "the target is defined for --layout full --size 256; checks with applies=false only show "
                     "that the benchmark works",
                     unet_batches_consistent=all(consistent) if consistent else None,
                     loadavg=[rnd(x, 2) for x in os.getloadavg()])

@@ -43,223 +43,38 @@ import math
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PACK_ROOT / "tests"))   # the pack importer and the random-weight rules the tests use
-from conftest import import_pack  # noqa: E402
-from tiny_models import random_state  # noqa: E402
+import harness as hr  # bench/ is on sys.path when a benchmark runs
+from harness import emit, log, median, rnd
 
 # Targets (see bench/README.md).
 TARGET_STEP_RATIO = {1: 1.75, 4: 1.40}          # ours ÷ plain at R=2
 TARGET_SPEEDUP = {1: 1.25, 4: 2.2}              # FreeCustom layout ÷ ours at R=2
 TARGET_MEMORY_RATIO = 2.0                       # MRSA call ÷ plain call, peak memory
 
-UNET_BASE = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_heads=8,
-                 num_head_channels=-1, use_spatial_transformer=True, legacy=False, context_dim=768,
-                 use_linear_in_transformer=False, adm_in_channels=None, transformer_depth_middle=1,
-                 num_res_blocks=[2, 2, 2, 2],
-                 # input blocks 1,2 | 4,5 | 7,8 | (10,11 none); pop(0) order
-                 transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-                 # openaimodel pops from the END for output block 0, 1, ...: blocks 0-2 have none
-                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0])
-LAYOUTS = {
-    "full": dict(channel_mult=[1, 2, 4, 4]),     # the real SD1.5 UNet: 859.5M parameters
-    "small": dict(channel_mult=[1, 1, 1, 1]),    # 320 channels at every level; same block ids
-}
-SD15_ATTENTION_BLOCKS = ([("input", i) for i in (1, 2, 4, 5, 7, 8)] + [("middle", 0)]
-                         + [("output", i) for i in range(3, 12)])
 PRESET = "SD1.5 FreeCustom (output 6-11)"
-
-
-def emit(obj: dict) -> None:
-    print(json.dumps(obj), flush=True)
-
-
-def emit_summary(checks: dict, t0: float, note: str, **extra) -> None:
-    """The closing ``summary`` line: every check, whether all that apply are met, ``note`` when some
-    do not apply (a smoke-test size), ``extra`` fields, and the wall time since ``t0``."""
-    applying = [c["met"] for c in checks.values() if c["applies"]]
-    emit({"kind": "summary", "checks": checks, "all_met": all(applying) if applying else None, **extra,
-          "note": None if all(c["applies"] for c in checks.values()) else note,
-          "wall_s": rnd(time.perf_counter() - t0, 1)})
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def rnd(x, n=4):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), n)
 
 
 # =========================================================================== speed
 
-def comfyui_path(opts, what: str, hint: str = "") -> Path:
-    """The ComfyUI folder: ``--comfyui``, ``$COMFYUI_PATH``, or the tree the pack is installed in."""
-    given = opts.comfyui or os.environ.get("COMFYUI_PATH")
-    if not given and PACK_ROOT.parent.name == "custom_nodes":     # the pack installed in ComfyUI
-        given = str(PACK_ROOT.parents[1])
-    if not given:
-        raise SystemExit(f"{what}: set COMFYUI_PATH or pass --comfyui /path/to/ComfyUI{hint}")
-    return Path(given).expanduser().resolve()
-
-
-def add_speed_args(ap, steps: int = 6, repeats: int = 2, steps_help: str | None = None,
-                   repeats_help: str | None = None) -> None:
-    """The options the speed benchmarks of DMSA, MIP and FASA share: --comfyui, --size, --layout,
-    --steps, --repeats."""
-    ap.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH)")
-    ap.add_argument("--size", type=int, default=256, help="image size in px (latent = size/8); default 256")
-    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="full",
-                    help="full: the real SD1.5 UNet (860M); small: 320 channels at every level, same blocks")
-    ap.add_argument("--steps", type=int, default=steps,
-                    help=steps_help or f"sampling steps per run (the first is skipped); default {steps}")
-    ap.add_argument("--repeats", type=int, default=repeats,
-                    help=repeats_help or f"rounds of interleaved runs (order reversed every other round); default "
-                                         f"{repeats}")
-
-
-def setup_comfy(root: Path, attention: str):
-    if not (root / "comfy").is_dir():
-        raise SystemExit(f"--comfyui / COMFYUI_PATH: {root} is not a ComfyUI folder (no comfy/ inside)")
-    sys.path.insert(0, str(root))
-    from comfy.cli_args import args  # noqa: PLC0415
-    args.cpu = True                  # before comfy.model_management is imported
-    args.disable_api_nodes = True
-    if attention == "pytorch":
-        args.use_pytorch_cross_attention = True
-    import comfy.model_management  # noqa: F401, PLC0415
-    import comfy.sample  # noqa: F401, PLC0415
-    import comfy.sd  # noqa: F401, PLC0415
-
-
-def build_unet_state_dict(layout: str, seed: int = 0) -> dict:
-    """Every key of the UNet with explicit random values (ComfyUI never initialises weights), the
-    same rules as tests/tiny_models.py and docs/comfyui-host.md §5: weights N(0, 1/fan_in),
-    norm weights 1, biases 0, embeddings N(0, 0.02); stored fp16 like the generated checkpoints."""
-    import torch  # noqa: PLC0415
-    import comfy.ops  # noqa: PLC0415
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: PLC0415
-
-    cfg = dict(UNET_BASE, **LAYOUTS[layout])
-    unet = UNetModel(**cfg, device="meta", operations=comfy.ops.disable_weight_init)
-    return random_state(unet, "", torch.Generator().manual_seed(seed))
-
-
-def load_sd15_unet(layout: str):
-    """Build the random SD1.5-shaped UNet, load it into ComfyUI as fp32 and check its attention
-    blocks. Returns ``(model, blocks, build_s, load_s)``."""
-    import torch  # noqa: PLC0415
-    import comfy.sd  # noqa: PLC0415
-    from personalize_pack.attention.blocks import discover_attention_blocks  # noqa: PLC0415
-
-    t = time.perf_counter()
-    sd = build_unet_state_dict(layout)
-    build_s = time.perf_counter() - t
-    t = time.perf_counter()
-    model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.float32})
-    del sd
-    gc.collect()
-    if model is None:
-        raise SystemExit("ComfyUI did not detect the generated UNet")
-    load_s = time.perf_counter() - t
-    blocks = discover_attention_blocks(model.model.diffusion_model)
-    if sorted(blocks) != sorted(SD15_ATTENTION_BLOCKS):
-        raise SystemExit(f"attention blocks {sorted(blocks)} are not SD1.5's {sorted(SD15_ATTENTION_BLOCKS)}")
-    return model, blocks, build_s, load_s
-
-
-def speed_setup(opts, what: str, hint: str = ""):
-    """What every speed benchmark starts with: ComfyUI on the CPU (``opts.comfyui``,
-    ``opts.attention``), the pack imported, the SD1.5-shaped UNet of ``opts.layout`` loaded, the
-    latent size of ``opts.size``. Returns ``(model, blocks, hw, build_s, load_s)``."""
-    setup_comfy(comfyui_path(opts, what, hint), opts.attention)
-    import_pack()
-    if opts.size % 8:
-        raise SystemExit("--size must be a multiple of 8")
-    model, blocks, build_s, load_s = load_sd15_unet(opts.layout)
-    return model, blocks, (opts.size // 8, opts.size // 8), build_s, load_s
-
-
-class BatchProbe:
-    """Forward pre-hook on the UNet: the batch size of every UNet call (bench instrumentation)."""
-
-    def __init__(self, diffusion_model):
-        self.batches: list[int] = []
-        diffusion_model.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args):
-        if args:
-            self.batches.append(int(args[0].shape[0]))
-
-
-def sample_once(model, batch, hw, steps, cond, probe, seed):
-    """One ``comfy.sample.sample`` run; returns (step seconds, UNet call batch sizes)."""
-    import torch  # noqa: PLC0415
-    import comfy.sample  # noqa: PLC0415
-
-    latent = torch.zeros(batch, 4, *hw)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    stamps = []
-    probe.batches.clear()
-    t0 = time.perf_counter()
-    out = comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", cond[0], cond[1], latent,
-                              callback=lambda i, x0, x, total: stamps.append(time.perf_counter()),
-                              disable_pbar=True, seed=seed)
-    if len(stamps) != steps:
-        raise RuntimeError(f"expected {steps} callbacks, got {len(stamps)}")
-    if not torch.isfinite(out).all():
-        raise RuntimeError("sampling produced non-finite values")
-    marks = [t0] + stamps
-    return [b - a for a, b in zip(marks, marks[1:])], sorted(set(probe.batches))
-
-
-def make_references(R, hw, mask_kind, seed=1):
-    import torch  # noqa: PLC0415
-    from personalize_pack.references.reference import Reference  # noqa: PLC0415
-
-    g = torch.Generator().manual_seed(seed)
-    h, w = hw
-    refs = []
-    for i in range(R):
-        mask = torch.ones(h * 8, w * 8)
-        if mask_kind == "half":      # a centred box covering half of the area
-            mask.zero_()
-            s = round(h * 8 / math.sqrt(2)), round(w * 8 / math.sqrt(2))
-            top, left = (h * 8 - s[0]) // 2, (w * 8 - s[1]) // 2
-            mask[top:top + s[0], left:left + s[1]] = 1
-        refs.append(Reference(latent=torch.randn(1, 4, h, w, generator=g), mask=mask, weight=3.0,
-                              name=f"ref{i}"))
-    return refs
-
-
 def run_speed(opts) -> dict:
     import torch  # noqa: PLC0415
 
-    setup_comfy(comfyui_path(opts, "speed benchmark", " (or run --only memory, which needs torch alone)"),
-                opts.attention)
+    hr.setup_comfy(hr.comfyui_path(opts, "speed benchmark", " (or run --only memory, which needs torch alone)"),
+                  opts.attention)
     import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
-    import comfy.model_management  # noqa: PLC0415
-    import_pack()
+    hr.import_pack()
     from personalize_pack.attention.blocks import resolve_layers  # noqa: PLC0415
     from personalize_pack.attention.install import install_technique  # noqa: PLC0415
     from personalize_pack.attention.mrsa import MultiReferenceAttention  # noqa: PLC0415
     from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
 
-    if opts.size % 8:
-        raise SystemExit("--size must be a multiple of 8")
-    hw = (opts.size // 8, opts.size // 8)
-
-    model, blocks, build_s, load_s = load_sd15_unet(opts.layout)
+    hw = hr.latent_hw(opts.size)
+    model, blocks, build_s, load_s = hr.load_sd15_unet(opts.layout)
     dm = model.model.diffusion_model
     keys = resolve_layers(PRESET, "", blocks)
     params = sum(p.numel() for p in dm.parameters())
@@ -272,19 +87,19 @@ def run_speed(opts) -> dict:
           "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
           "machine": platform.machine(), "build_s": rnd(build_s, 1), "load_s": rnd(load_s, 1)})
 
-    probe = BatchProbe(dm)
+    probe = hr.BatchProbe(dm)
     g = torch.Generator().manual_seed(0)
     cond = ([[torch.randn(1, 77, 768, generator=g), {}]], [[torch.randn(1, 77, 768, generator=g), {}]])
     if opts.only == "floor":
-        return {"floor": run_floor(model, opts, hw, cond, comfy.model_management)}
+        return {"floor": hr.run_floor(model, opts, hw, cond)}
     sigmas = SigmaRange.from_percents(model.model.model_sampling, 0.0, 1.0)
-    patched = {R: install_technique(model, MultiReferenceAttention(make_references(R, hw, opts.mask), keys,
+    patched = {R: install_technique(model, MultiReferenceAttention(hr.make_references(R, hw, opts.mask), keys,
                                                                    sigmas, 1.0, 0))
                for R in opts.refs}
 
     # Warm-up (not recorded): the first sampling runs of a process are slower than the rest.
     for m in (model, patched[max(opts.refs)]):
-        sample_once(m, min(opts.batches), hw, 2, cond, probe, seed=999)
+        hr.sample_once(m, min(opts.batches), hw, 2, cond, probe, seed=999)
     log("warm-up done")
 
     results = []
@@ -299,7 +114,7 @@ def run_speed(opts) -> dict:
                 name, R = v
                 m = patched[R] if name == "ours" else model
                 n = B * (1 + R) if name == "freecustom_lb" else B
-                steps, batches = sample_once(m, n, hw, opts.steps, cond, probe, seed=1000 + rnd_i)
+                steps, batches = hr.sample_once(m, n, hw, opts.steps, cond, probe, seed=1000 + rnd_i)
                 kept = steps[1:]
                 times[v].extend(kept)
                 per_round[v].append(median(kept))
@@ -342,42 +157,6 @@ def run_speed(opts) -> dict:
     return {"speed": results}
 
 
-def run_floor(model, opts, hw, cond, mm) -> list:
-    """The floor of any pass that recomputes the references every step: a plain UNet call of batch
-    2B+R over one of batch 2B, timed directly (median of interleaved calls). The sampling ratio
-    of ours over this floor is the overhead the patch itself adds."""
-    import torch  # noqa: PLC0415
-
-    mm.load_models_gpu([model])
-    base = model.model
-    ctx = cond[0][0][0]
-
-    def call(n):
-        x = torch.randn(n, 4, *hw)
-        t = torch.full((n,), 5.0)
-        with torch.no_grad():
-            start = time.perf_counter()
-            base.apply_model(x, t, c_crossattn=ctx.expand(n, -1, -1), transformer_options={})
-            return time.perf_counter() - start
-
-    call(2)
-    rows = []
-    for B in opts.batches:
-        sizes = [2 * B] + [2 * B + R for R in opts.refs]
-        times = {n: [] for n in sizes}
-        for i in range(max(3, opts.repeats)):
-            for n in (sizes if i % 2 == 0 else sizes[::-1]):
-                times[n].append(call(n))
-        for R in opts.refs:
-            ratio = median(times[2 * B + R]) / median(times[2 * B])
-            row = {"kind": "floor", "batch": B, "refs": R, "plain_call_batch": 2 * B, "ours_call_batch": 2 * B + R,
-                   "plain_call_s": rnd(median(times[2 * B])), "ours_call_batch_s": rnd(median(times[2 * B + R])),
-                   "floor_ratio": rnd(ratio)}
-            emit(row)
-            rows.append(row)
-    return rows
-
-
 # =========================================================================== memory
 
 def rss_bytes() -> int:
@@ -414,7 +193,7 @@ def memory_child(case: str, method: str, tokens: int, R: int, heads: int, channe
     import torch  # noqa: PLC0415
     import torch.nn.functional as F  # noqa: PLC0415
 
-    import_pack()
+    hr.import_pack()
     import personalize_pack.attention.patch as patch  # noqa: PLC0415
     from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
     from personalize_pack.attention.mrsa import MultiReferenceAttention  # noqa: PLC0415
@@ -477,12 +256,8 @@ def memory_child(case: str, method: str, tokens: int, R: int, heads: int, channe
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             o = call(q, k, v, eo)
         out["call_s"] = time.perf_counter() - t
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]" and "CPU" in str(e.device_type()))
-        live = peak = 0
-        for _, nbytes in events:
-            live += nbytes
-            peak = max(peak, live)
+        events = hr.allocation_events(prof)
+        peak, live = hr.live_peak(events)
         out.update(workspace_bytes=peak, peak_bytes=inputs_bytes + peak, live_after_bytes=live,
                    allocations=sum(1 for _, n in events if n > 0), valid=bool(events),
                    largest_allocations=sorted((n for _, n in events if n > 0), reverse=True)[:8])
@@ -539,29 +314,15 @@ def run_memory(opts) -> dict:
 
 # =========================================================================== main
 
-def int_list(text: str) -> list[int]:
-    out = [int(x) for x in text.split(",") if x.strip()]
-    if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like '1,2,3', got '{text}'")
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--comfyui", help="ComfyUI folder (default: $COMFYUI_PATH)")
-    ap.add_argument("--size", type=int, default=256, help="image size in px (latent = size/8); default 256")
-    ap.add_argument("--layout", choices=sorted(LAYOUTS), default="full",
-                    help="full: the real SD1.5 UNet (860M); small: 320 channels at every level, same blocks")
-    ap.add_argument("--steps", type=int, default=6, help="sampling steps per run (the first is skipped); default 6")
-    ap.add_argument("--refs", type=int_list, default=[1, 2, 3], help="reference counts; default 1,2,3")
-    ap.add_argument("--batches", type=int_list, default=[1, 4], help="image batch sizes; default 1,4")
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="rounds of interleaved runs (order reversed every other round); default 2")
+    hr.add_speed_args(ap)
+    ap.add_argument("--refs", type=hr.int_list, default=[1, 2, 3], help="reference counts; default 1,2,3")
+    ap.add_argument("--batches", type=hr.int_list, default=[1, 4], help="image batch sizes; default 1,4")
     ap.add_argument("--mask", choices=("full", "half"), default="full",
                     help="reference masks in the speed runs: full (worst case) or a centred half-area box")
-    ap.add_argument("--attention", choices=("pytorch", "default"), default="pytorch",
-                    help="ComfyUI attention: pytorch SDPA (as the anchors) or ComfyUI's CPU default")
+    hr.add_attention_arg(ap, like="the anchors")
     ap.add_argument("--only", choices=("speed", "floor", "memory"),
                     help="run one part only (floor: plain UNet calls of batch 2B+R over 2B)")
     ap.add_argument("--mem-tokens", type=int, default=4096, help="tokens of the memory call; default 4096")
@@ -598,7 +359,7 @@ def main(argv=None) -> int:
     representative = opts.layout == "full" and opts.size == 256
     for name, c in checks.items():
         c.setdefault("applies", representative)
-    emit_summary(checks, t0, "targets are defined for --layout full --size 256 (speed) and 4096 tokens, R=3 "
+    hr.emit_summary(checks, t0, "targets are defined for --layout full --size 256 (speed) and 4096 tokens, R=3 "
                  "(memory); checks with applies=false only show that the benchmark works",
                  speed_targets_apply=representative if "speed" in out else None)
     return 0

@@ -26,7 +26,6 @@ One JSON object per line on stdout; progress on stderr. See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -37,21 +36,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
+from harness import PACK_ROOT, emit, import_pack, log  # bench/ is on sys.path when a benchmark runs
+
 INPUTS = PACK_ROOT / "workflows" / "inputs"
 PHOTOS = ("personalize_cat_04", "personalize_dog6_02")
-sys.path.insert(0, str(PACK_ROOT / "tests"))
-from conftest import import_pack  # noqa: E402  (the pack under a valid module name, as the tests do)
 
 PARTS = ("composer", "noise", "dc")
-
-
-def emit(obj: dict) -> None:
-    print(json.dumps(obj), flush=True)
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 def load_subjects(make_subject):

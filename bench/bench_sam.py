@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -31,24 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
+from harness import PACK_ROOT, import_pack, log, timed_runs  # bench/ is on sys.path when a benchmark runs
+
 IMAGE = PACK_ROOT / "workflows" / "inputs" / "personalize_dog6_02.jpg"
-sys.path.insert(0, str(PACK_ROOT / "tests"))
-from conftest import import_pack  # noqa: E402  (the pack under a valid module name, as the tests do)
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def timed(fn, repeats):
-    fn()                                   # warm-up
-    runs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t)
-    return statistics.median(runs), runs
 
 
 def main(argv=None) -> int:
@@ -78,7 +62,6 @@ def main(argv=None) -> int:
             sys.path.insert(0, str(Path(a.comfyui).resolve()))
             from comfy.cli_args import args
             args.cpu = True
-            sys.path.insert(0, str(PACK_ROOT / "tools"))
             import asyncio
 
             import run_workflow as rw
@@ -96,7 +79,7 @@ def main(argv=None) -> int:
             common = dict(negative_points="", units="pixels", threshold=0.0, grid=8, min_confidence=0.88)
             for label, kw in (("box", dict(mode="box", points="", box="80,0,420,512", multimask="auto")),
                               ("point, best of 3", dict(mode="points", points="245,300", box="", multimask="auto"))):
-                med, runs = timed(lambda kw=kw: node.execute(sam, image, **kw, **common), a.repeats)
+                med, runs = timed_runs(lambda kw=kw: node.execute(sam, image, **kw, **common), a.repeats)
                 log(f"SAM Mask node, {label}: {med:.2f} s per image")
                 print(json.dumps({**base, "what": f"SAM Mask node, {label}", "seconds_per_image": round(med, 3),
                                   "runs": [round(r, 3) for r in runs]}))
@@ -111,17 +94,17 @@ def main(argv=None) -> int:
                               "seconds": round(time.perf_counter() - t, 3)}))
             for label, prompts in (("box", S.make_prompts("box", box="80,0,420,512", height=512, width=512)),
                                    ("point, best of 3", S.make_prompts("points", "245,300", height=512, width=512))):
-                med, runs = timed(lambda p=prompts: S.segment_image(sam, image[0], p), a.repeats)
+                med, runs = timed_runs(lambda p=prompts: S.segment_image(sam, image[0], p), a.repeats)
                 log(f"segment_image, {label}: {med:.2f} s per image")
                 print(json.dumps({**base, "what": f"segment_image, {label}", "seconds_per_image": round(med, 3),
                                   "runs": [round(r, 3) for r in runs]}))
 
-        med, runs = timed(lambda: S.encode_image(sam, image[0]), a.repeats)
+        med, runs = timed_runs(lambda: S.encode_image(sam, image[0]), a.repeats)
         log(f"encoder alone: {med:.2f} s per image")
         print(json.dumps({**base, "what": "encoder alone (pre-processing + ViT-B)", "seconds_per_image": round(med, 3),
                           "runs": [round(r, 3) for r in runs]}))
         largest = S.make_prompts("largest object")
-        med, runs = timed(lambda: S.segment_image(sam, image[0], largest, grid=8, min_iou=-1e9, min_stability=0.0,
+        med, runs = timed_runs(lambda: S.segment_image(sam, image[0], largest, grid=8, min_iou=-1e9, min_stability=0.0,
                                                   max_borders=4), a.repeats)
         log(f"largest object (8x8 grid): {med:.2f} s per image")
         print(json.dumps({**base, "what": "largest object, 8x8 grid (library, filters off)",

@@ -43,27 +43,14 @@ from pathlib import Path
 
 import torch
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PACK_ROOT / "tests"))
-from conftest import import_pack  # noqa: E402  (the pack under a valid module name, as the tests do)
+from harness import (PACK_ROOT, comfyui_path, emit, emit_summary, import_pack, log,  # bench/ is on sys.path
+                     rnd, setup_comfy)
 
 PARTS = ("overhead", "lora")
 TARGET_STEP_RATIO = 1.10
 # toy sizes per device: a step of roughly 10-50 ms, few parameters per FLOP (like a LoRA)
 SIZES = {"cpu": dict(features=256, hidden=1024, outputs=256, batch=512, samples=2048),
          "cuda": dict(features=1024, hidden=4096, outputs=1024, batch=16384, samples=32768)}
-
-
-def emit(obj: dict) -> None:
-    print(json.dumps(obj), flush=True)
-
-
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def rnd(x, n=4):
-    return None if x is None else round(float(x), n)
 
 
 # =========================================================================== overhead
@@ -171,7 +158,6 @@ def lora_job_folder(opts, root: Path) -> tuple[Path, dict]:
     import numpy as np
     from PIL import Image
 
-    from bench_mrsa import comfyui_path, setup_comfy
     setup_comfy(comfyui_path(opts, "--only lora"), "pytorch")
     import comfy.sd
     from personalize_pack.training.dataset import dataset_from_inputs
@@ -261,7 +247,6 @@ def main(argv=None) -> int:
         ap.add_argument(f"--{k}", type=int, default=0, help=f"toy size (default per device: cpu {SIZES['cpu'][k]}, "
                                                            f"cuda {SIZES['cuda'][k]})")
     opts = ap.parse_args(argv)
-    sys.path.insert(0, str(PACK_ROOT / "bench"))
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if opts.steps <= opts.warmup:
@@ -279,7 +264,6 @@ def main(argv=None) -> int:
         s = bench_lora(opts)
         checks["lora_step_ratio"] = {"value": s["ratio"], "target": TARGET_STEP_RATIO, "direction": "<=",
                                      "met": s["meets_target"], "applies": True}
-    from bench_mrsa import emit_summary
     emit_summary(checks, t0, "the overhead target is defined for a bare step of 10-50 ms (--features/--hidden/"
                              "--batch set it); checks with applies=false only show that the benchmark works")
     return 0

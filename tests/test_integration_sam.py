@@ -218,12 +218,13 @@ def test_sam_masks_drive_both_techniques(sams_dir, sd15):
 # --- the shipped FreeMix workflow -----------------------------------------------------------------
 
 def test_freemix_workflow_is_reproduced_by_the_generator(sams_dir, tmp_path):
-    mw = _load_tool("personalize_make_workflows", "make_workflows.py")
+    rw = _load_tool("personalize_run_workflow", "run_workflow.py")   # puts tools/ on sys.path
+    from workflows import recipes, thumbnails
     import nodes
     types = sorted({n["type"] for n in json.loads(WORKFLOW.read_text())["nodes"]} - {"Note"})
-    schemas = mw.rw.live_schemas(types)
-    assert mw.freemix_workflow(schemas, nodes.NODE_CLASS_MAPPINGS) == json.loads(WORKFLOW.read_text())
-    mw.thumbnail_freemix(tmp_path / "card.jpg")
+    schemas = rw.live_schemas(types)
+    assert recipes.freemix_workflow(schemas, nodes.NODE_CLASS_MAPPINGS) == json.loads(WORKFLOW.read_text())
+    thumbnails.thumbnail_freemix(tmp_path / "card.jpg")
     assert (tmp_path / "card.jpg").read_bytes() == WORKFLOW.with_suffix(".jpg").read_bytes()
 
 

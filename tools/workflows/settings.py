@@ -1,0 +1,152 @@
+"""The settings of each shipped example workflow (the papers' cases, models, sampler settings) and the
+Read-me notes, which are markdown files in ``notes/`` named after the workflow (``<stem>.md``, and
+``<stem>.<part>.md`` for a workflow's further notes).
+
+A note file is read as prose: paragraphs are separated by a blank line, the lines of one paragraph are
+joined with a space, and the first paragraph's ``# `` (the note's title as a heading) is dropped; the note
+node shows the paragraphs separated by a blank line.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = PACK_ROOT / "workflows"
+INPUTS = WORKFLOWS / "inputs"
+NOTES = Path(__file__).resolve().parent / "notes"
+
+
+def read_note(name: str) -> str:
+    """The text of ``notes/<name>.md`` as a Note node shows it."""
+    paragraphs = (NOTES / f"{name}.md").read_text(encoding="utf-8").strip("\n").split("\n\n")
+    paragraphs[0] = paragraphs[0].removeprefix("# ")
+    return "\n\n".join(" ".join(p.split("\n")) for p in paragraphs)
+
+
+# FreeCustom's cat_and_dog case (shared/data/cases.json), with FreeCustom's negative prompt, mask weight,
+# layers and sampler settings.
+FREECUSTOM = dict(
+    stem="personalize_freecustom_multi_reference",
+    checkpoint="v1-5-pruned-emaonly.safetensors",
+    prompt="a cat and a dog sitting together on a sofa",
+    negative="lowres, bad anatomy, text, error, cropped, worst quality, low quality, normal quality, "
+             "jpeg artifacts, blurry",
+    refs=[("cat", "personalize_cat_04.jpg", "personalize_cat_04_mask.jpg", "a cat"),
+          ("dog", "personalize_dog6_02.jpg", "personalize_dog6_02_mask.jpg", "a dog")],
+    seed=42, steps=50, cfg=7.5, sampler="ddim", scheduler="ddim_uniform", size=512,
+)
+
+# The same cat + dog references and prompt as the SD1.5 FreeCustom example, on FLUX.1 dev with the settings of
+# ComfyUI's own FLUX dev example: the split files (diffusion model, CLIP-L + T5-XXL, ae), FluxGuidance 3.5,
+# cfg 1 (FLUX dev is guidance-distilled), euler / simple, 20 steps, 1024x1024. MRSA on the single blocks with
+# the references side by side (the node's FLUX defaults); the mask weight as FreeCustom's.
+FREECUSTOM_FLUX = dict(
+    stem="personalize_freecustom_flux",
+    unet="flux1-dev.safetensors",
+    clip_l="clip_l.safetensors",
+    t5="t5xxl_fp16.safetensors",
+    vae="ae.safetensors",
+    prompt=FREECUSTOM["prompt"],
+    negative="",
+    refs=FREECUSTOM["refs"],
+    layers="FLUX dev/schnell: single blocks",
+    positions="shifted (side by side)",
+    guidance=3.5, seed=42, steps=20, cfg=1.0, sampler="euler", scheduler="simple", size=1024,
+)
+
+# FreeMix's dog-with-cat-appearance setting: structure from the dog, appearance from the cat, FreeMix's
+# seed (500) and sampler (DDIM 50 steps, cfg 7.5), FreeCustom's negative prompt; the subject masks come
+# from SAM Mask nodes (box / points + box prompts fitted to the two shipped 512x512 photos).
+FREEMIX = dict(
+    stem="personalize_freemix_structure_appearance",
+    checkpoint="v1-5-pruned-emaonly.safetensors",
+    sam="sam_vit_b_01ec64.pth",
+    prompt="a photo of a dog in the grass",
+    blend_word="dog",
+    negative=FREECUSTOM["negative"],
+    # (role, subject, image, caption, SAM mode, points, box); pixels of the 512x512 images
+    refs=[("structure", "dog", "personalize_dog6_02.jpg", "a dog", "box", "", "80,0,420,512"),
+          ("appearance", "cat", "personalize_cat_04.jpg", "a cat", "points + box", "225,300", "88,28,412,512")],
+    seed=500, steps=50, cfg=7.5, sampler="ddim", scheduler="ddim_uniform", size=512,
+)
+
+# MIP-Adapter's three demo pairs (shared/data/cases.json) with the official inference settings: SDXL base,
+# model_sdxl.bin with its ViT-bigG image encoder, scale 0.75, 30 steps, cfg 5.0 (the SDXL pipeline default
+# the official code falls back to), seed 420, 1024x1024, the official negative prompt.
+MIP = dict(
+    stem="personalize_mip_adapter_multi_object",
+    checkpoint="sd_xl_base_1.0.safetensors",
+    adapter="model_sdxl.bin",
+    clip_vision="CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors",
+    negative="monochrome, lowres, bad anatomy, worst quality, low quality",
+    pairs=[("A wide shot of cat wearing jacket with boston city in background.",
+            [("cat", "personalize_mip_1_cat.jpg"), ("jacket", "personalize_mip_1_jacket.jpg")]),
+           ("A pet cat playing with dice on a sidewalk.",
+            [("cat", "personalize_mip_2_cat.jpg"), ("dice", "personalize_mip_2_dice.jpg")]),
+           ("Dog in front of barn in snowy ice.",
+            [("barn", "personalize_mip_3_barn.jpg"), ("dog", "personalize_mip_3_dog.jpg")])],
+    seed=420, steps=30, cfg=5.0, sampler="euler", scheduler="normal", size=1024, scale=0.75,
+)
+
+# FreeCure's two passes with ComfyUI's own PhotoMaker nodes (FreeCure's PhotoMaker settings: SDXL, DDIM 50
+# steps, CFG 5, mask weight 1.5, its SDXL blocks); the attributes are ones MediaPipe can mask offline.
+FREECURE = dict(
+    stem="personalize_freecure_photomaker",
+    checkpoint="sd_xl_base_1.0.safetensors",
+    photomaker="photomaker-v1.bin",
+    id_image="personalize_astronaut.jpg",
+    prompt="a photo of a woman photomaker with bright green eyes and red lipstick, portrait",
+    foundation="a photo of a woman with bright green eyes and red lipstick, portrait",
+    negative="nsfw, lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
+             "cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, blurry",
+    seed=20, steps=50, cfg=5.0, sampler="ddim", scheduler="ddim_uniform", size=1024, weight=1.5,
+)
+
+# MuDI with the same cat + dog: the subjects composed on a white canvas as Seg-Mix does, sampled with core's
+# SamplerCustomAdvanced from mean-shifted noise (the node's default gamma), scored with Detect-and-Compare
+# (OWLv2 + DreamSim, MuDI's demo threshold 0.4). SDXL at 1024x1024 as MuDI; 30 steps, cfg 5 and euler are
+# ordinary SDXL settings (MuDI's inference notebooks are not readable). The prompt is cases.json's cat_and_dog.
+MUDI = dict(
+    stem="personalize_mudi_compose_and_score",
+    checkpoint="sd_xl_base_1.0.safetensors",
+    lora="mudi_segmix_lora_cat_dog.safetensors",
+    prompt="a cat and a dog sitting together on a sofa",
+    negative="monochrome, lowres, bad anatomy, worst quality, low quality",
+    refs=[("cat", "personalize_cat_04.jpg", "personalize_cat_04_mask.jpg"),
+          ("dog", "personalize_dog6_02.jpg", "personalize_dog6_02_mask.jpg")],
+    compose_seed=20, seed=42, steps=30, cfg=5.0, sampler="euler", scheduler="normal", size=1024, threshold=0.4,
+)
+
+# MuDI's Seg-Mix LoRA trained on the same cat + dog, then used through core's Load LoRA. The training settings
+# are MuDI's (train_segmix_lora_sdxl.py: rank 32, lr 1e-4, Seg-Mix 0.3 at 0.75-1.0 scale, DCO beta 1000, 1024,
+# batch 1, seed 42) except the steps: MuDI trains 2010, the example ships a short run. The phrases are MuDI's
+# style (a rare word + the class). Sampling as the compose-and-score example: SDXL, euler, 30 steps, cfg 5.
+MUDI_TRAIN = dict(
+    stem="personalize_mudi_train_segmix_lora",
+    checkpoint="sd_xl_base_1.0.safetensors",
+    output_name="mudi_cat_dog",
+    subjects=[("cat", "olis cat", "personalize_cat_04.jpg", "personalize_cat_04_mask.jpg"),
+              ("dog", "hta dog", "personalize_dog6_02.jpg", "personalize_dog6_02_mask.jpg")],
+    captions="a photo of {}",
+    train=dict(steps=300, rank=32, learning_rate=1e-4, segmix_prob=0.3, scale_min=0.75, scale_max=1.0, loss="dco",
+               dco_beta=1000.0, resolution=1024, batch_size=1, gradient_checkpointing=True, seed=42,
+               validation_prompt="a photo of olis cat and hta dog, simple background", validate_every=100,
+               checkpoint_every=100, gpus=1),
+    mudi_steps=2010,
+    prompt="a photo of olis cat and hta dog sitting together on a sofa",
+    negative="monochrome, lowres, bad anatomy, worst quality, low quality",
+    seed=42, steps=30, cfg=5.0, sampler="euler", scheduler="normal", size=1024,
+)
+
+
+ALL = (FREECUSTOM, FREEMIX, MIP, FREECURE, MUDI, MUDI_TRAIN, FREECUSTOM_FLUX)
+
+
+def fall_back_samplers(sampler_names, schedulers) -> None:
+    """Use euler / normal in the settings whose sampler or scheduler this ComfyUI lacks (DDIM is missing in
+    some versions)."""
+    for c in ALL:
+        if c["sampler"] not in sampler_names:
+            c["sampler"] = "euler"
+        if c["scheduler"] not in schedulers:
+            c["scheduler"] = "normal"
