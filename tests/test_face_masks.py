@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import PACK_ROOT
+from pack_paths import PACK_ROOT
 from personalize_pack.references import face_masks as fm
 
 INPUTS = PACK_ROOT / "workflows" / "inputs"

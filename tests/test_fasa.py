@@ -11,7 +11,7 @@ from personalize_pack.attention.kernels import mrsa_attention, sdpa_attention, s
 from personalize_pack.attention.layers import SigmaRange
 from personalize_pack.attention.patch import STATE_KEY, PersonalizeAttention, PersonalizeState
 
-from test_kernels import reference_mrsa, run_ours, to_bnc
+from attention_reference import reference_mrsa, run_ours, to_bnc
 
 HEADS, DIM = 2, 4
 KEY = ("output", 6, 0)

@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import PACK_ROOT, TINY_SD15, comfyui_root
+from pack_paths import PACK_ROOT, comfyui_root
+from tiny_models import TINY_SD15
 
 WORKFLOW = PACK_ROOT / "workflows" / "personalize_freecustom_multi_reference.json"
 
