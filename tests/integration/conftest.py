@@ -13,6 +13,7 @@ from pack_paths import NO_COMFYUI, comfyui_root
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.hookimpl(tryfirst=True)           # before ``-m`` selects by marker
 def pytest_collection_modifyitems(config, items):
     # a conftest's collection hook sees the whole session's items: mark only the ones below this folder
     skip = pytest.mark.skip(reason=NO_COMFYUI) if comfyui_root() is None else None
