@@ -276,6 +276,29 @@ def test_no_module_over_the_size_limit(pack):
     assert not bad, f"modules over {MAX_LINES} lines:\n" + "\n".join(bad)
 
 
+def test_shared_test_code_is_in_helper_modules():
+    """conftest.py holds fixtures and set-up, test files hold tests: nothing imports either (shared
+    test code goes in a helper module beside them, ARCHITECTURE.md)."""
+    bad = conftest_or_test_imports(PACK_ROOT)
+    assert not bad, "imports of conftest or of a test module:\n" + "\n".join(bad)
+
+
+def conftest_or_test_imports(root: Path) -> list[str]:
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(p.startswith(".") or p == "__pycache__" for p in rel.parts[:-1]):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                last = name.split(".")[-1]
+                if last == "conftest" or last.startswith("test_"):
+                    bad.append(f"{rel}:{node.lineno} imports {name}")
+    return bad
+
+
 # ------------------------------------------------------------------------- the checker, planted faults
 
 def plant(tmp_path, files: dict[str, str]) -> Path:
@@ -316,6 +339,11 @@ def test_checker_finds_planted_faults(tmp_path):
     assert comfy_at_module_level(imports) == ["training.loop:1 imports comfy at module level"]
     assert oversized(modules) == [f"{Path('attention/big.py')} ({MAX_LINES + 1} lines)"]
     assert unplaced_packages(modules) == ["world"]
+    assert conftest_or_test_imports(root) == []
+    plant(root, {"tests/test_y.py": "from test_x import helper\n",
+                 "tests/integration/test_z.py": "def f():\n    from conftest import PACK_ROOT\n"})
+    assert conftest_or_test_imports(root) == [f"{Path('tests/integration/test_z.py')}:2 imports conftest",
+                                         f"{Path('tests/test_y.py')}:1 imports test_x"]
     edges = {(i.src, i.dst) for i in imports if i.internal}
     assert {(ROOT, "nodes.ui"), ("tools.run", "tools.pack_import"), ("tools.run", "nodes.ui"),
             ("attention.a", "files.atomic")} <= edges
