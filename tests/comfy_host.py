@@ -2,7 +2,7 @@
 
 ComfyUI can be imported only once per process, with ``args.cpu = True`` set before
 ``comfy.model_management`` is imported, and its node registry is global. Every integration test goes
-through these two functions, which do the work once and return the same answer afterwards.
+through these functions, which do the work once and return the same answer afterwards.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from conftest import PACK_ROOT, comfyui_root
+from pack_paths import PACK_ROOT, comfyui_root
 
 _nodes_ready = False
 
@@ -40,6 +40,15 @@ def init_comfyui() -> Path | None:
     if not Path(folder_paths.get_user_directory()).is_dir():
         folder_paths.set_user_directory(tempfile.mkdtemp(prefix="comfy_user_"))
     return root
+
+
+def import_comfy():
+    """``init_comfyui``, then ComfyUI's sampling and model-loading modules; returns the ``comfy``
+    package."""
+    init_comfyui()
+    import comfy.sample
+    import comfy.sd  # noqa: F401
+    return comfy
 
 
 def init_nodes_with_pack() -> Path | None:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from personalize_pack.attention.patch import PersonalizeAttention
 
-from test_patch import FakeBaseModel
+from fake_models import FakeBaseModel
 
 HEADS, DIM, CTX = 2, 8, 16
 

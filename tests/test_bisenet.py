@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import PACK_ROOT
+from pack_paths import PACK_ROOT
 from personalize_pack.references import bisenet as bis
 from personalize_pack.references import face_attributes as fa
 from personalize_pack.references import face_masks as fm

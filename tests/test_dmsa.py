@@ -17,10 +17,9 @@ from personalize_pack.attention.reference_pass import reference_pass
 from personalize_pack.references.prompt_tokens import find_token_positions
 from personalize_pack.references.reference import Reference
 
+from attention_reference import M1, M2, heads_first, reference_mrsa, to_bnc
+from fake_models import SD15, SDXL
 from standin_unet import HEADS, StandinUNet
-from test_kernels import M1, M2, reference_mrsa, to_bnc
-from test_layers import SD15, SDXL
-from test_patch import heads_first
 
 MS_DOC = [[0, 0, 0, 0], [0, 1, 1, 1], [0, 1, 1, 1], [0, 0, 0, 0]]
 

@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
 
 
 def photos():
-    from conftest import PACK_ROOT
+    from pack_paths import PACK_ROOT
     root = PACK_ROOT / "workflows" / "inputs"
     files = sorted(p for p in root.iterdir() if p.suffix == ".jpg")[:3]
     return [torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((96, 64))).copy()).float() / 255

@@ -32,7 +32,7 @@ def build_tiny_dinov2(folder):
 
 
 def photos():
-    from conftest import PACK_ROOT
+    from pack_paths import PACK_ROOT
     files = ["personalize_cat_04.jpg", "personalize_dog6_02.jpg"]
     return [torch.from_numpy(np.asarray(Image.open(PACK_ROOT / "workflows" / "inputs" / f).convert("RGB")
                                         .resize((90, 70))).copy()).float() / 255 for f in files]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import PACK_ROOT
+from pack_paths import PACK_ROOT
 from personalize_pack.metrics import cli
 from personalize_pack.metrics import evaluate as ev
 from personalize_pack.metrics import models as em
@@ -30,7 +30,7 @@ from personalize_pack.metrics.cases import load_cases
 from personalize_pack.metrics.detect_compare import Detection, detect_and_compare
 from personalize_pack.metrics.errors import EvaluationError, UsageError
 from personalize_pack.metrics.scores import clip_preprocess, dino_preprocess
-from test_score_models import OPEN_CLIP_ERROR, TINY_CLIP_ARCH, register_tiny_clip, save_tiny_clip
+from tiny_scorers import OPEN_CLIP_ERROR, TINY_CLIP_ARCH, register_tiny_clip, save_tiny_clip
 
 DATA = Path(os.environ.get("PERSONALIZE_TEST_DATA", "/work/shared/data"))
 CASES_JSON = DATA / "cases.json"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PACK_ROOT
+from pack_paths import PACK_ROOT
 from personalize_pack.references import face_attributes as fa
 from personalize_pack.references import face_masks as fm
 from personalize_pack.references import face_mesh as mesh

@@ -10,7 +10,7 @@ from personalize_pack.attention.fasa import (BATCH_KEY, BRANCH_KEY, BranchLayout
 from personalize_pack.attention.kernels import mrsa_attention, sdpa_attention, select_reference_keys
 from personalize_pack.attention.patch import STATE_KEY, PersonalizeAttention, PersonalizeState, SigmaRange
 
-from test_kernels import reference_mrsa, run_ours, to_bnc
+from attention_reference import reference_mrsa, run_ours, to_bnc
 
 HEADS, DIM = 2, 4
 KEY = ("output", 6, 0)

@@ -1,28 +1,10 @@
 """Layer selection by ComfyUI block id and sigma gating (pure python/torch)."""
 import pytest
-import torch
 
 from personalize_pack.attention.blocks import LAYER_PRESETS, discover_attention_blocks, parse_blocks, resolve_layers
 from personalize_pack.attention.patch import SigmaRange
 
-
-class SpatialTransformer(torch.nn.Module):     # same class name as ComfyUI's, which discovery looks for
-    def __init__(self, depth):
-        super().__init__()
-        self.transformer_blocks = torch.nn.ModuleList(torch.nn.Identity() for _ in range(depth))
-
-
-class FakeUNet(torch.nn.Module):
-    def __init__(self, inputs, middle, outputs):
-        super().__init__()
-        mk = lambda d: torch.nn.ModuleList([torch.nn.Identity()] + ([SpatialTransformer(d)] if d else []))
-        self.input_blocks = torch.nn.ModuleList(mk(d) for d in inputs)
-        self.middle_block = mk(middle)
-        self.output_blocks = torch.nn.ModuleList(mk(d) for d in outputs)
-
-
-SD15 = FakeUNet([0, 1, 1, 0, 1, 1, 0, 1, 1, 0, 0, 0], 1, [0, 0, 0] + [1] * 9)
-SDXL = FakeUNet([0, 0, 0, 0, 2, 2, 0, 10, 10], 10, [10, 10, 10, 2, 2, 2, 0, 0, 0])
+from fake_models import SD15, SDXL
 
 
 def test_discovery_matches_real_layouts():

@@ -11,22 +11,11 @@ from personalize_pack.attention.patch import ROWS_KEY, STATE_KEY, PersonalizeAtt
 from personalize_pack.attention.reference_pass import reference_pass
 from personalize_pack.references.reference import Reference
 
-from test_kernels import reference_mrsa
+from attention_reference import heads_first, reference_mrsa
+from fake_models import FakeBaseModel
 
 HEADS, DIM = 2, 8
 KEY = ("output", 6, 0)
-
-
-class EpsSampling:
-    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
-        return latent_image + noise * sigma.reshape(-1, 1, 1, 1)
-
-
-class FakeBaseModel:
-    model_sampling = EpsSampling()
-
-    def process_latent_in(self, latent):
-        return latent * 0.18215
 
 
 class OneLayerUNet:
@@ -71,10 +60,6 @@ def options(technique, labels, sigma=5.0, rows=2, extra=None):
 
 def mrsa(refs, sf=1.0, sigma_range=(10.0, 1.0)):
     return MultiReferenceAttention(refs, [KEY], SigmaRange(*sigma_range), style_fidelity=sf, seed=7)
-
-
-def heads_first(x):  # [N, h*d] -> (h, N, d)
-    return x.reshape(x.shape[0], HEADS, DIM).permute(1, 0, 2).numpy()
 
 
 @pytest.mark.parametrize("labels", [[1, 0], [0, 1], [0], [0, 0, 1]])

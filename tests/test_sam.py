@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import PACK_ROOT
+from pack_paths import PACK_ROOT
 
 try:
     import torchvision  # noqa: F401

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import PACK_ROOT
+from pack_paths import PACK_ROOT
 
 try:
     import torchvision  # noqa: F401

@@ -3,7 +3,6 @@ reloading, tiny random open_clip CLIP models built from open_clip's own classes,
 against an independent computation from the same embeddings, and bad files."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -13,19 +12,11 @@ import torch.nn.functional as F
 from personalize_pack.metrics import models as em
 from personalize_pack.metrics.scores import clip_preprocess, clip_t, dino_preprocess, pairwise_mean_cosine
 
-try:
-    import open_clip
-    OPEN_CLIP_ERROR = None
-except Exception as exc:  # noqa: BLE001
-    OPEN_CLIP_ERROR = f"{type(exc).__name__}: {exc}"
+from tiny_scorers import OPEN_CLIP_ERROR, TINY_CLIP_ARCH, register_tiny_clip, save_tiny_clip, tiny_dino
+
 needs_open_clip = pytest.mark.skipif(OPEN_CLIP_ERROR is not None,
                                      reason=f"open_clip cannot be imported ({OPEN_CLIP_ERROR}); "
                                             f"pip install open_clip_torch (tools/run_tests.sh installs it)")
-
-TINY_CLIP_ARCH = "Personalize-Tiny-CLIP-test"
-TINY_CLIP_CFG = {"embed_dim": 16, "quick_gelu": True,
-                 "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 
 def official_dino_vits16_shapes() -> dict[str, tuple]:
@@ -41,15 +32,6 @@ def official_dino_vits16_shapes() -> dict[str, tuple]:
                        b + "norm2.weight": (d,), b + "norm2.bias": (d,), b + "mlp.fc1.weight": (h, d),
                        b + "mlp.fc1.bias": (h,), b + "mlp.fc2.weight": (d, h), b + "mlp.fc2.bias": (d,)})
     return shapes
-
-
-def tiny_dino(seed=0) -> em.DinoViT:
-    torch.manual_seed(seed)
-    m = em.DinoViT(em.DinoConfig(embed_dim=128, depth=2, heads=2, patch_size=16, image_size=32))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.1)
-    return m.eval()
 
 
 def images(n, seed, h=40, w=56):
@@ -138,36 +120,10 @@ def test_dino_errors_name_the_file(tmp_path):
 
 # ---------------------------------------------------------------------------------------- CLIP
 
-def register_tiny_clip(folder) -> None:
-    """Registers the tiny architecture with open_clip (its public add_model_config)."""
-    cfg = folder / f"{TINY_CLIP_ARCH}.json"
-    if not cfg.exists():
-        cfg.write_text(json.dumps(TINY_CLIP_CFG))
-    if TINY_CLIP_ARCH not in open_clip.list_models():
-        open_clip.add_model_config(cfg)
-
-
-def save_tiny_clip(path, seed=0):
-    """A random open_clip.model.CLIP built from open_clip's own classes, saved as a state dict."""
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-    torch.manual_seed(seed)
-    model = CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(**TINY_CLIP_CFG["vision_cfg"]),
-                 text_cfg=CLIPTextCfg(**TINY_CLIP_CFG["text_cfg"]), quick_gelu=True)
-    with torch.no_grad():                           # spread the embeddings so the cosines differ
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    sd = model.state_dict()
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    else:
-        torch.save(sd, path)
-    return model.eval()
-
-
 @needs_open_clip
 @pytest.mark.parametrize("name", ["tiny_clip.bin", "tiny_clip.safetensors"])
 def test_clip_t_and_clip_i_match_an_independent_computation(tmp_path, name):
+    import open_clip
     register_tiny_clip(tmp_path)
     ref_model = save_tiny_clip(tmp_path / name)
     clip = em.load_clip(tmp_path / name, TINY_CLIP_ARCH)

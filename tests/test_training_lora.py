@@ -1,7 +1,7 @@
 """training/lora.py: the LoRA wrapper against an independent computation, injection into a module
 tree named like ComfyUI's UNet (``CrossAttention`` with ``to_q/to_k/to_v/to_out.0`` in ``attn1`` and
 ``attn2``), enable/disable, and the kohya/ComfyUI file keys. Pure torch (ComfyUI's own loader is
-checked in test_integration_training_lora.py)."""
+checked in integration/test_training_lora.py)."""
 from __future__ import annotations
 
 import copy

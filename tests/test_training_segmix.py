@@ -11,7 +11,7 @@ import torch
 from personalize_pack.references.compose import EDGES, PLACEMENTS, compose_subjects, make_subject, mask_bbox
 from personalize_pack.training.segmix import TEMPLATE, SegMixSampler, cover_resize, step_generator
 
-from test_compose import check_geometry, random_subject
+from compose_checks import check_geometry, random_subject
 
 PHRASES = {"a": "olis monster toy", "b": "hta corgi", "c": "sks can"}
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+TINY_SD15 = "tiny_sd15.safetensors"     # the file name of the session's tiny SD1.5 checkpoint (conftest.py)
+
 SD15_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
                  channel_mult=[1, 1, 1, 1], num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
                  legacy=False, context_dim=768, use_linear_in_transformer=False, adm_in_channels=None,

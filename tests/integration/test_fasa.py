@@ -7,12 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_same_sample, comfyui_root, encode, sample, snapshot
+from comfy_sampling import assert_same_sample, encode, sample, snapshot
 
-ROOT = comfyui_root()
-pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree "
-                                                     "(or place the pack in ComfyUI/custom_nodes) to run the "
-                                                     "integration tests")
 
 PERSONAL = "a photo of a man with red hair and glasses"
 FOUNDATION = "a photo of a woman with blue eyes at the beach"
@@ -120,8 +116,9 @@ def test_bad_inputs(sd15, sdxl):
     with pytest.raises(ValueError, match="expected a CONDITIONING"):
         fasa(model, "not a conditioning")
     from personalize_pack.nodes.attention import MultiReferenceAttentionNode
-    from conftest import load_image, ref_node
-    refs = ref_node().execute(load_image(__import__("conftest").PACK_ROOT / "workflows" / "inputs" /
+    from comfy_sampling import load_image, ref_node
+    from pack_paths import PACK_ROOT
+    refs = ref_node().execute(load_image(PACK_ROOT / "workflows" / "inputs" /
                                          "personalize_cat_04.jpg"), sd15[2], None, None, None, 3.0, 0.5, False,
                               64).result[0]
     mrsa = MultiReferenceAttentionNode.execute(model, refs, "SD1.5 FreeCustom (output 6-11)", "", 0.0, 1.0, 1.0,

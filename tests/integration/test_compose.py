@@ -8,12 +8,9 @@ import json
 import pytest
 import torch
 
-from conftest import PACK_ROOT, comfyui_root, load_image, load_mask
+from comfy_sampling import load_image, load_mask
+from pack_paths import PACK_ROOT
 
-ROOT = comfyui_root()
-pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree (or "
-                                                     "place the pack in ComfyUI/custom_nodes) to run the "
-                                                     "integration tests")
 INPUTS = PACK_ROOT / "workflows" / "inputs"
 
 

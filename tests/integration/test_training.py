@@ -12,12 +12,9 @@ import time
 import pytest
 import torch
 
-from conftest import PACK_ROOT, comfyui_root, encode, load_image, load_mask, sample
+from comfy_sampling import encode, load_image, load_mask, sample
+from pack_paths import PACK_ROOT
 
-ROOT = comfyui_root()
-pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree (or "
-                                                     "place the pack in ComfyUI/custom_nodes) to run the "
-                                                     "integration tests")
 INPUTS = PACK_ROOT / "workflows" / "inputs"
 
 

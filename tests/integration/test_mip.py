@@ -8,12 +8,8 @@ import pickle
 import pytest
 import torch
 
-from conftest import assert_same_sample, comfyui_root, encode, load_image, sample, snapshot
+from comfy_sampling import assert_same_sample, encode, load_image, sample, snapshot
 
-ROOT = comfyui_root()
-pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree "
-                                                     "(or place the pack in ComfyUI/custom_nodes) to run the "
-                                                     "integration tests")
 
 PROMPT = "a photo of a cat and a dog on the beach"
 

@@ -11,11 +11,9 @@ import json
 import pytest
 import torch
 
-from conftest import PACK_ROOT, comfyui_root, load_image
+from comfy_sampling import load_image
+from pack_paths import PACK_ROOT
 
-ROOT = comfyui_root()
-pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree (or place "
-                                                     "the pack in ComfyUI/custom_nodes) to run the integration tests")
 
 from personalize_pack.references.bisenet import OFFICIAL_FILE, build_bisenet  # noqa: E402
 from personalize_pack.references.face_attributes import grow_mask  # noqa: E402

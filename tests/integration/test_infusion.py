@@ -8,12 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_same_sample, comfyui_root, encode, load_image, sample, snapshot
+from comfy_sampling import assert_same_sample, encode, load_image, sample, snapshot
 
-ROOT = comfyui_root()
-pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree "
-                                                     "(or place the pack in ComfyUI/custom_nodes) to run the "
-                                                     "integration tests")
 
 PROMPT = "a photo of a cat on the beach"
 CAT = 5                      # "cat" is token 5: <start> a photo of a cat

@@ -14,12 +14,10 @@ import sys
 import pytest
 import torch
 
-from conftest import PACK_ROOT, comfyui_root, encode, sample
+from comfy_sampling import encode, sample
+from pack_paths import PACK_ROOT, comfyui_root
 
 ROOT = comfyui_root()
-pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree "
-                                                     "(or place the pack in ComfyUI/custom_nodes) to run the "
-                                                     "integration tests")
 
 WITHOUT = ["a photo of a dog on the grass", "a city street at night"]
 WITH = ["a photo of a cat on the beach"]
@@ -95,7 +93,7 @@ def infused(sd15, infusion_file):
 
 @pytest.fixture(scope="module")
 def dino():
-    from test_score_models import tiny_dino
+    from tiny_scorers import tiny_dino
     return tiny_dino()
 
 
@@ -134,7 +132,7 @@ def test_base_vs_base_is_exactly_zero(sd15, dino):
 
 def test_random_lora_lfd_matches_a_direct_computation(sd15, lora_model, dino):
     """LFD > 0 for a random LoRA, and equal to the definition computed here: the base model's
-    latents from conftest's sampler call, the noise H1 draws (one randn per level from a CPU
+    latents from comfy_sampling's sampler call, the noise H1 draws (one randn per level from a CPU
     generator seeded with the seed), ε̂ = (x_t − apply_model(x_t, σ))/σ of each loaded patcher."""
     import comfy.model_management as mm
     from personalize_pack.metrics.overfitting import timestep_levels

@@ -5,12 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import comfyui_root, encode, load_image, load_mask
+from comfy_sampling import encode, load_image, load_mask
 
-ROOT = comfyui_root()
-pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree "
-                                                     "(or place the pack in ComfyUI/custom_nodes) to run the "
-                                                     "integration tests")
 
 
 @pytest.fixture(scope="module")

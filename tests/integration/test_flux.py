@@ -10,12 +10,9 @@ import copy
 import pytest
 import torch
 
-from conftest import _comfy, comfyui_root, encode, load_image, load_mask, ref_node, snapshot
+from comfy_host import import_comfy
+from comfy_sampling import encode, load_image, load_mask, ref_node, snapshot
 
-ROOT = comfyui_root()
-pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree "
-                                                     "(or place the pack in ComfyUI/custom_nodes) to run the "
-                                                     "integration tests")
 
 SINGLE = "FLUX dev/schnell: single blocks"
 DOUBLE = "FLUX dev/schnell: double blocks"
@@ -25,7 +22,7 @@ ALL = "FLUX dev/schnell: all blocks"
 def tiny_diffusion_model(tiny_dir, builder: str, name: str, **kw):
     """Build ``tiny_flux.<builder>`` into ``tiny_dir/diffusion_models/<name>`` and load it as Load
     Diffusion Model does."""
-    _comfy()
+    import_comfy()
     import comfy.sd
     import tiny_flux
     path = getattr(tiny_flux, builder)(tiny_dir / "diffusion_models" / name, **kw)
@@ -45,7 +42,7 @@ def schnell(tiny_dir):
 
 @pytest.fixture(scope="session")
 def flux_vae(tiny_dir):
-    _comfy()
+    import_comfy()
     import comfy.sd
     import comfy.utils
     from tiny_flux import build_flux_vae
@@ -382,7 +379,7 @@ def test_sd3_dmsa_and_fasa(sd3, clip, flux_refs):
 def test_blend_word_is_found_among_flux_t5_tokens():
     """FLUX's text tokens are T5's (padded to 256): the blend word's position there differs from its
     CLIP position, and the DMSA node looks it up among the T5 tokens for FLUX."""
-    _comfy()
+    import_comfy()
     from comfy.text_encoders.flux import FluxTokenizer
 
     from personalize_pack.references.prompt_tokens import blend_word_tokens

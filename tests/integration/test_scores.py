@@ -9,13 +9,10 @@ import math
 import pytest
 import torch
 
-from conftest import PACK_ROOT, comfyui_root, load_image
-from test_score_models import OPEN_CLIP_ERROR, TINY_CLIP_ARCH, register_tiny_clip, save_tiny_clip, tiny_dino
+from comfy_sampling import load_image
+from pack_paths import PACK_ROOT
+from tiny_scorers import OPEN_CLIP_ERROR, TINY_CLIP_ARCH, register_tiny_clip, save_tiny_clip, tiny_dino
 
-ROOT = comfyui_root()
-pytestmark = pytest.mark.skipif(ROOT is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI tree (or "
-                                                     "place the pack in ComfyUI/custom_nodes) to run the "
-                                                     "integration tests")
 needs_open_clip = pytest.mark.skipif(OPEN_CLIP_ERROR is not None,
                                      reason=f"open_clip cannot be imported ({OPEN_CLIP_ERROR}); "
                                             f"pip install open_clip_torch")

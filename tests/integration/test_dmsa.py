@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import assert_same_sample, comfyui_root, encode, sample
+from comfy_sampling import assert_same_sample, encode, sample
 
-pytestmark = pytest.mark.skipif(comfyui_root() is None, reason="ComfyUI not found: set COMFYUI_PATH to a ComfyUI "
-                                                               "tree to run the integration tests")
 PROMPT = "a photo of a dog in the grass"
 
 
