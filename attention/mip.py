@@ -26,7 +26,7 @@ import torch
 
 from ..references.masks import resize_plane, token_grid
 from .kernels import merge_heads, sdpa_attention, split_heads
-from .layers import transformer_blocks
+from .blocks import transformer_blocks
 from .patch import BRANCH_KEY, COND, UNCOND, Technique, row_runs
 
 
