@@ -4,15 +4,13 @@ from __future__ import annotations
 
 
 import folder_paths
-import torch
 from comfy_api.latest import io
 
 from ..attention.install import install_technique
 from ..attention.ip_adapter import load_adapter
 from ..attention.mip import EncodedPrompt, MultiImagePromptAttention, adapter_layers
 from ..attention.patch import SigmaRange
-from ..references.image_prompt import CROPS, encode_image_prompts, make_image_prompt
-from ..references.prompt_tokens import find_token_positions, prompt_token_ids, word_token_ids
+from ..references.image_prompt import CROPS, encode_entities, encode_image_prompts, make_image_prompt
 from .model_files import missing_file_message, register_folder
 
 # cubiq's IPAdapter pack keeps its files in models/ipadapter; users already have them there.
@@ -101,28 +99,6 @@ class MIPAdapterReference(io.ComfyNode):
         prev = tuple(image_prompts or ())
         new = make_image_prompt(image, entity, weight, mask, crop, name=f"reference {len(prev) + 1} ({entity.strip()})")
         return io.NodeOutput(prev + (new,))
-
-
-def encode_entities(clip, prompt: str, prompts, context_dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per object: the entity word's embedding tokens ``1..L`` (after the start token) for the
-    positive side and the empty prompt's tokens ``1..L`` for the negative side (§3.2)."""
-    if not (prompt or "").strip():
-        raise ValueError("prompt: empty; give the positive prompt, exactly as in your CLIP Text Encode")
-    prompt_ids = prompt_token_ids(clip, prompt)
-    empty = clip.encode_from_tokens(clip.tokenize(""))
-    if empty.shape[-1] != context_dim:
-        raise ValueError(f"clip: its conditioning is {empty.shape[-1]} wide but the adapter was trained for "
-                         f"{context_dim}; use the CLIP of the checkpoint the adapter belongs to")
-    out = []
-    for p in prompts:
-        word_ids = word_token_ids(clip, p.entity)
-        find_token_positions(prompt_ids, word_ids, word=f"entity '{p.entity}' of {p.name}")
-        n = len(word_ids)
-        if n > empty.shape[1] - 2:
-            raise ValueError(f"entity '{p.entity}': {n} tokens is too long; use the one or two words naming it")
-        cond = clip.encode_from_tokens(clip.tokenize(p.entity))
-        out.append((cond[0, 1:1 + n].float().cpu(), empty[0, 1:1 + n].float().cpu()))
-    return out
 
 
 class MIPAdapterApply(io.ComfyNode):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .masks import as_mask_batch, fit_box, resize_plane
+from .prompt_tokens import find_token_positions, prompt_token_ids, word_token_ids
 from .reference import check_image
 
 CROPS = ("center", "pad")
@@ -103,3 +104,25 @@ def encode_image_prompts(adapter, clip_vision, prompts) -> tuple[list, torch.Ten
             size = int(getattr(clip_vision, "image_size", 224))
             uncond = adapter.project(feats(mean_colour_image(mean, size)).float().cpu())[0]
     return tokens, uncond
+
+
+def encode_entities(clip, prompt: str, prompts, context_dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per object: the entity word's embedding tokens ``1..L`` (after the start token) for the
+    positive side and the empty prompt's tokens ``1..L`` for the negative side (§3.2)."""
+    if not (prompt or "").strip():
+        raise ValueError("prompt: empty; give the positive prompt, exactly as in your CLIP Text Encode")
+    prompt_ids = prompt_token_ids(clip, prompt)
+    empty = clip.encode_from_tokens(clip.tokenize(""))
+    if empty.shape[-1] != context_dim:
+        raise ValueError(f"clip: its conditioning is {empty.shape[-1]} wide but the adapter was trained for "
+                         f"{context_dim}; use the CLIP of the checkpoint the adapter belongs to")
+    out = []
+    for p in prompts:
+        word_ids = word_token_ids(clip, p.entity)
+        find_token_positions(prompt_ids, word_ids, word=f"entity '{p.entity}' of {p.name}")
+        n = len(word_ids)
+        if n > empty.shape[1] - 2:
+            raise ValueError(f"entity '{p.entity}': {n} tokens is too long; use the one or two words naming it")
+        cond = clip.encode_from_tokens(clip.tokenize(p.entity))
+        out.append((cond[0, 1:1 + n].float().cpu(), empty[0, 1:1 + n].float().cpu()))
+    return out

@@ -248,16 +248,17 @@ def test_image_prompt_encoding_with_comfyui_clip_vision(adapter_dir, clip_vision
 
 
 def test_entity_embeddings_are_the_words_own_tokens(sd15, prompts):
+    from personalize_pack.references.image_prompt import encode_entities
     model, clip, _ = sd15
-    out = nodes().encode_entities(clip, PROMPT, prompts, 768)
+    out = encode_entities(clip, PROMPT, prompts, 768)
     for (cond, uncond), word in zip(out, ("cat", "dog")):
         full = clip.encode_from_tokens(clip.tokenize(word))
         empty = clip.encode_from_tokens(clip.tokenize(""))
         assert cond.shape == (1, 768)                           # 'cat' and 'dog' are one token each
         torch.testing.assert_close(cond, full[0, 1:2].float())
         torch.testing.assert_close(uncond, empty[0, 1:2].float())
-    two = nodes().encode_entities(clip, "a teddy bear on a sofa", reference(torch.rand(1, 32, 32, 3), "teddy bear"),
+    two = encode_entities(clip, "a teddy bear on a sofa", reference(torch.rand(1, 32, 32, 3), "teddy bear"),
                                   768)
     assert two[0][0].shape == (2, 768)
     with pytest.raises(ValueError, match="conditioning is 768 wide"):
-        nodes().encode_entities(clip, PROMPT, prompts, 2048)
+        encode_entities(clip, PROMPT, prompts, 2048)
