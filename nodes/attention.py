@@ -69,21 +69,21 @@ class MultiReferenceAttentionNode(io.ComfyNode):
                                        "is output blocks 6-11; use an SDXL preset for SDXL models, a FLUX preset "
                                        "(single blocks: the later half of the network) for FLUX, an SD3 preset "
                                        "for SD3/SD3.5."),
-                io.String.Input("custom_blocks", default="output:6-11",
+                io.String.Input("custom_blocks", advanced=True, default="output:6-11",
                                 tooltip="Used when layers is 'custom': blocks like 'output:6-11, middle:0, input:7' "
                                         "(UNet), 'double:0-18, single:0-37' (FLUX) or 'joint:12-23' (SD3)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule at which the references start acting."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule at which the references stop acting."),
-                io.Float.Input("style_fidelity", default=1.0, min=0.0, max=1.0, step=0.05,
+                io.Float.Input("style_fidelity", advanced=True, default=1.0, min=0.0, max=1.0, step=0.05,
                                tooltip="1: the negative (uncond) pass uses plain attention (FreeCustom's default). "
                                        "Below 1 it blends in MRSA over references run with the negative prompt."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                io.Int.Input("seed", advanced=True, default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the fresh noise the references are re-noised with at each step."),
-                io.Combo.Input("reference_positions", options=POSITIONS, default=SHIFTED, optional=True,
+                io.Combo.Input("reference_positions", advanced=True, options=POSITIONS, default=SHIFTED, optional=True,
                                tooltip=POSITIONS_TOOLTIP),
-                io.Combo.Input("reference_tokens", options=REFERENCE_TOKENS, default=WHOLE, optional=True,
+                io.Combo.Input("reference_tokens", advanced=True, options=REFERENCE_TOKENS, default=WHOLE, optional=True,
                                tooltip=TOKENS_TOOLTIP),
             ],
             outputs=[io.Model.Output()],
@@ -140,9 +140,9 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
                                        "the SDXL analogue, the FLUX analogue (structure in the single blocks, "
                                        "appearance in their last third, blend map from the double blocks) or the "
                                        "SD3 analogue (later half, last third, first half of the joint blocks)."),
-                io.Float.Input("structure_start", default=0.0, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("structure_start", advanced=True, default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule where the structure phase starts."),
-                io.Float.Input("structure_end", default=1.0, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("structure_end", advanced=True, default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule where the structure phase ends."),
                 io.Float.Input("appearance_start", default=0.4, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule where the appearance phase starts (FreeMix: step "
@@ -150,24 +150,24 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
                                        "structure phase."),
                 io.Float.Input("appearance_end", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule where the appearance phase ends."),
-                io.Boolean.Input("structure_phase", default=True, tooltip="Off: skip the structure phase."),
-                io.Boolean.Input("appearance_phase", default=True, tooltip="Off: skip the appearance phase."),
+                io.Boolean.Input("structure_phase", advanced=True, default=True, tooltip="Off: skip the structure phase."),
+                io.Boolean.Input("appearance_phase", advanced=True, default=True, tooltip="Off: skip the appearance phase."),
                 io.Float.Input("structure_weight", default=3.0, min=-20.0, max=20.0, step=0.1,
                                tooltip="Logit bias inside the structure reference's mask (FreeMix: 3.0)."),
-                io.Float.Input("mask_threshold", default=0.2, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("mask_threshold", advanced=True, default=0.2, min=0.0, max=1.0, step=0.01,
                                tooltip="The blend word's normalised cross-attention map above this is the "
                                        "subject region (FreeMix: 0.2)."),
-                io.Float.Input("spatial_norm_start", default=1.0, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("spatial_norm_start", advanced=True, default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule from which the structure phase standardises "
                                        "queries and structure keys per channel (the paper's spatial "
                                        "normalisation, removing residual appearance). 1.0 = off, FreeMix's "
                                        "default."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                io.Int.Input("seed", advanced=True, default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the fresh noise the references are re-noised with at each step."),
-                io.Combo.Input("reference_positions", options=POSITIONS, default=SHIFTED, optional=True,
+                io.Combo.Input("reference_positions", advanced=True, options=POSITIONS, default=SHIFTED, optional=True,
                                tooltip=POSITIONS_TOOLTIP + " Applies to the structure reference; appearance tokens "
                                                            "always take the position they are put at."),
-                io.Combo.Input("reference_tokens", options=REFERENCE_TOKENS, default=WHOLE, optional=True,
+                io.Combo.Input("reference_tokens", advanced=True, options=REFERENCE_TOKENS, default=WHOLE, optional=True,
                                tooltip=TOKENS_TOOLTIP),
             ],
             outputs=[io.Model.Output()],
@@ -234,13 +234,13 @@ class FoundationAwareAttentionNode(io.ComfyNode):
                                tooltip="Self-attention blocks FASA acts in: FreeCure's SDXL choice (transformer "
                                        "blocks 50-69), its SD1.x choice (output 6-11), the FLUX/SD3 analogue (the "
                                        "last 30% of the blocks; FLUX.1: single 20-37), all decoder blocks, or custom."),
-                io.String.Input("custom_blocks", default="output:6-11",
+                io.String.Input("custom_blocks", advanced=True, default="output:6-11",
                                 tooltip="Used when layers is 'custom': blocks like 'output:3-5, output:2'."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule at which FASA starts (FreeCure: all steps)."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule at which FASA stops."),
-                io.Float.Input("mask_threshold", default=0.5, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("mask_threshold", advanced=True, default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Mask values below this are outside the attributes."),
             ],
             outputs=[io.Model.Output()],

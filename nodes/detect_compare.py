@@ -10,6 +10,8 @@ import torch
 from comfy_api.latest import io
 
 from ..metrics import detect_compare as dc
+from ..metrics import owl
+from ..metrics.embedders import load_embedder
 from ..metrics.models import DREAMSIM_FOLDER, download_hint
 from .model_files import EVAL_FOLDER, find_subfolder, missing_file_message, register_folder, subfolders, torch_device
 from .types import check_images
@@ -19,11 +21,6 @@ register_folder(EVAL_FOLDER)
 DetectCompareModels = io.Custom("PERSONALIZE_DC_MODELS")
 DetectCompareSubjects = io.Custom("PERSONALIZE_DC_SUBJECTS")
 CATEGORY = "personalize/metrics"
-
-
-def _owl():
-    from ..metrics import owl
-    return owl
 
 
 @dataclass
@@ -39,14 +36,14 @@ class DCSubject:
 
 
 def _hint(kind: str) -> str:
-    return _owl().owl_hint() if kind == "detector" else download_hint("dreamsim")
+    return owl.owl_hint() if kind == "detector" else download_hint("dreamsim")
 
 
 class DetectCompareLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         found = subfolders(EVAL_FOLDER)
-        owl_folder = _owl().OWL_FOLDER
+        owl_folder = owl.OWL_FOLDER
         det = sorted(set(found) | {owl_folder})
         emb = sorted(set(found) | {DREAMSIM_FOLDER})
         return io.Schema(
@@ -61,8 +58,8 @@ class DetectCompareLoader(io.ComfyNode):
                 "variant)."),
             inputs=[
                 io.Combo.Input("detector", options=det, default=owl_folder,
-                               tooltip=f"A folder in models/personalize_eval holding {_owl().OWL_HUB_ID} "
-                                       f"({_owl().OWL_URL})."),
+                               tooltip=f"A folder in models/personalize_eval holding {owl.OWL_HUB_ID} "
+                                       f"({owl.OWL_URL})."),
                 io.Combo.Input("embedder", options=emb, default=DREAMSIM_FOLDER,
                                tooltip="A folder in models/personalize_eval holding DreamSim's ensemble "
                                        "(clip_vitb16_pretrain.pth.tar, open_clip_vitb16_pretrain.pth.tar, "
@@ -87,8 +84,7 @@ class DetectCompareLoader(io.ComfyNode):
             if paths[kind] is None:
                 raise FileNotFoundError(f"{kind}: " + missing_file_message(EVAL_FOLDER, name, _hint(kind),
                                                                              subfolder=True))
-        from ..metrics.embedders import load_embedder
-        return io.NodeOutput(DCModels(_owl().load_owlv2(paths["detector"]), load_embedder(paths["embedder"])))
+        return io.NodeOutput(DCModels(owl.load_owlv2(paths["detector"]), load_embedder(paths["embedder"])))
 
 
 def subjects_from_inputs(name: str, images, previous=None) -> tuple:

@@ -59,7 +59,7 @@ class FaceParsingLoader(io.ComfyNode):
                                tooltip=f"A BiSeNet face-parsing file in ComfyUI/models/face_parsing: the official "
                                        f"{OFFICIAL_FILE} (53 MB, from the README of {REPO_URL}), or a "
                                        f".safetensors copy with the same keys."),
-                io.Combo.Input("device", options=list(DEVICES), default="auto",
+                io.Combo.Input("device", advanced=True, options=list(DEVICES), default="auto",
                                tooltip="auto: ComfyUI's device (the GPU when there is one), loaded and unloaded by "
                                        "ComfyUI's model management; cpu: always parse on the CPU (about 0.2 s "
                                        "per image)."),
@@ -113,10 +113,10 @@ class FaceAttributeMask(io.ComfyNode):
                                        f"--no-deps mediapipe=={MEDIAPIPE_VERSION}, see the README); face features "
                                        "only. bisenet: the BiSeNet face parser FreeCure uses (connect Face Parsing "
                                        "Loader); also hair, hat, glasses, ears, neck and clothes."),
-                io.Combo.Input("faces", options=list(FACES), default="largest",
+                io.Combo.Input("faces", advanced=True, options=list(FACES), default="largest",
                                tooltip="largest: only the largest face's attributes (mediapipe); all: every face "
                                        "found. bisenet parses the whole image, so it always masks every face."),
-                io.Combo.Input("if_no_face", options=list(IF_NO_FACE), default="error",
+                io.Combo.Input("if_no_face", advanced=True, options=list(IF_NO_FACE), default="error",
                                tooltip="error: stop with an error naming the image without a face; empty mask: that "
                                        "image's mask is empty (a warning is logged)."),
                 io.Int.Input("grow", default=0, min=-256, max=256, step=1,

@@ -38,7 +38,7 @@ class SAMModelLoader(io.ComfyNode):
                 io.Combo.Input("model_name", options=files, default=default,
                                tooltip="A SAM checkpoint in ComfyUI/models/sams (official files: "
                                        + ", ".join(samfile.OFFICIAL_FILES) + "; ViT-B is the smallest and fastest)."),
-                io.Combo.Input("device", options=list(DEVICES), default="auto",
+                io.Combo.Input("device", advanced=True, options=list(DEVICES), default="auto",
                                tooltip="auto: ComfyUI's device (the GPU when there is one), loaded and unloaded by "
                                        "ComfyUI's model management; cpu: always run SAM on the CPU."),
             ],
@@ -98,20 +98,20 @@ class SAMMask(io.ComfyNode):
                 io.String.Input("box", default="",
                                 tooltip="A box around the subject 'x0,y0,x1,y1' (left, top, right, bottom; pixels "
                                         "or fractions). Used by the box modes; must lie inside the image."),
-                io.Combo.Input("units", options=list(samlib.UNITS), default="pixels",
+                io.Combo.Input("units", advanced=True, options=list(samlib.UNITS), default="pixels",
                                tooltip="pixels: coordinates in pixels of the input image (0..width, 0..height); "
                                        "fractions: 0..1 of the width and height (independent of the image size)."),
-                io.Combo.Input("multimask", options=list(samlib.MULTIMASK), default="auto",
+                io.Combo.Input("multimask", advanced=True, options=list(samlib.MULTIMASK), default="auto",
                                tooltip="best of 3: SAM predicts three masks (e.g. part / object / group) and the "
                                        "one with the highest predicted IoU is kept; single: SAM's single-mask "
                                        "output; auto: best of 3 for a single point, single otherwise (SAM's advice)."),
-                io.Float.Input("threshold", default=0.0, min=-20.0, max=20.0, step=0.1,
+                io.Float.Input("threshold", advanced=True, default=0.0, min=-20.0, max=20.0, step=0.1,
                                tooltip="Logit threshold of the mask (SAM: 0). Higher gives a tighter mask, lower a "
                                        "looser one."),
-                io.Int.Input("grid", default=8, min=2, max=32,
+                io.Int.Input("grid", advanced=True, default=8, min=2, max=32,
                              tooltip="largest object mode: points per side of the prompt grid (8 = 64 prompts; "
                                      "more finds smaller objects but takes longer)."),
-                io.Float.Input("min_confidence", default=samlib.LARGEST_MIN_IOU, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("min_confidence", advanced=True, default=samlib.LARGEST_MIN_IOU, min=0.0, max=1.0, step=0.01,
                                tooltip="largest object mode: minimum predicted IoU of a candidate mask "
                                        "(SAM's automatic mask generator: 0.88). Lower it when no object is found."),
             ],

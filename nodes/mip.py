@@ -82,7 +82,7 @@ class MIPAdapterReference(io.ComfyNode):
                                         "dog on the beach'. Its attention map decides where the object goes."),
                 io.Float.Input("weight", default=1.0, min=-1.0, max=5.0, step=0.05,
                                tooltip="Strength of this object's image prompt, on top of the adapter scale."),
-                io.Combo.Input("crop", options=list(CROPS), default="center",
+                io.Combo.Input("crop", advanced=True, options=list(CROPS), default="center",
                                tooltip="center: crop a non-square image to its centre square (like CLIP Vision "
                                        "Encode); pad: pad it to a square with white (MIP-Adapter's training crops)."),
                 io.Mask.Input("mask", optional=True,

@@ -86,20 +86,20 @@ class PersonalizeSubjectComposer(io.ComfyNode):
                                tooltip="random: anywhere on the canvas, overlaps limited by max_overlap; "
                                        "left to right: subject i inside the i-th of N equal columns, in the "
                                        "order the subjects are chained (never overlapping)."),
-                io.Float.Input("scale_min", default=0.75, min=0.05, max=1.0, step=0.01,
+                io.Float.Input("scale_min", advanced=True, default=0.75, min=0.05, max=1.0, step=0.01,
                                tooltip="Smallest scale, as a fraction of the largest one that fits a column "
                                        "(Seg-Mix: 0.75)."),
-                io.Float.Input("scale_max", default=1.0, min=0.05, max=1.0, step=0.01,
+                io.Float.Input("scale_max", advanced=True, default=1.0, min=0.05, max=1.0, step=0.01,
                                tooltip="Largest scale, as a fraction of the largest one that fits a column "
                                        "(Seg-Mix: 1.0). Equal to scale_min fixes the size."),
-                io.Float.Input("max_overlap", default=0.0, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("max_overlap", advanced=True, default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="random placement: the largest overlap of two subjects, as a fraction "
                                        "of the smaller one's pixels (0: never touching; 1: anything goes)."),
                 io.Combo.Input("background", options=list(BACKGROUNDS), default="white",
                                tooltip="Colour of every pixel no subject covers (Seg-Mix: white)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of the scales, positions and paste order."),
-                io.Int.Input("margin", default=32, min=0, max=1024, step=1,
+                io.Int.Input("margin", advanced=True, default=32, min=0, max=1024, step=1,
                              tooltip="Pixels kept free in each column and in the height when computing the "
                                      "largest scale (Seg-Mix: 32)."),
             ],

@@ -44,10 +44,10 @@ class OverfittingMetrics(io.ComfyNode):
                                         "DreamBooth-style LoRA). Both models generate from the same prompts and "
                                         "seeds. For an Apply Infusion model keep the concept word where it is in "
                                         "Apply Infusion's prompt (its patch acts at that token position)."),
-                io.Int.Input("levels", default=8, min=1, max=1000,
+                io.Int.Input("levels", advanced=True, default=8, min=1, max=1000,
                              tooltip="Noise levels for LFD: evenly spaced quantiles of the model's 1000 training "
                                      "timesteps (bin midpoints, from high noise to low)."),
-                io.Int.Input("samples", default=4, min=1, max=256,
+                io.Int.Input("samples", advanced=True, default=4, min=1, max=256,
                              tooltip="Samples per prompt (latents for LFD, images per model for W2)."),
                 io.Int.Input("steps", default=20, min=1, max=1000,
                              tooltip="Sampling steps of the generated latents and images (euler, normal)."),

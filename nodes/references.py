@@ -58,9 +58,9 @@ class ReferenceEncode(io.ComfyNode):
                                        "0 removes the reference."),
                 io.Float.Input("mask_threshold", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Mask values below this are outside the subject (0: every non-zero value counts)."),
-                io.Boolean.Input("soft_mask", default=False,
+                io.Boolean.Input("soft_mask", advanced=True, default=False,
                                  tooltip="Keep soft mask values as per-token weights instead of making the mask binary."),
-                io.Int.Input("resolution", default=512, min=0, max=4096, step=8,
+                io.Int.Input("resolution", advanced=True, default=512, min=0, max=4096, step=8,
                              tooltip="Longer side in pixels the reference is encoded at (0 keeps its size). "
                                      "Use your target size, e.g. 512 for SD1.5, 1024 for SDXL."),
             ],

@@ -43,7 +43,7 @@ class EvalModelLoader(io.ComfyNode):
                 io.Combo.Input("model_name", options=files, default=default,
                                tooltip=f"A file in ComfyUI/models/personalize_eval: {evalmodels.CLIP_FILE} from "
                                        f"{evalmodels.CLIP_REPO} (CLIP), or {evalmodels.DINO_FILE} (DINO)."),
-                io.String.Input("clip_architecture", default=evalmodels.CLIP_ARCH,
+                io.String.Input("clip_architecture", advanced=True, default=evalmodels.CLIP_ARCH,
                                 tooltip="CLIP only: the open_clip architecture name of the file. OpenAI's weights "
                                         "need the -quickgelu names (ViT-B-32-quickgelu for the papers' ViT-B/32)."),
             ],

@@ -54,7 +54,7 @@ if __name__ == "__main__":                                      # bootstrap: the
 import numpy as np
 import torch
 
-from ..files.atomic import finish_atomic, remove_stale_temp_files
+from ..files.atomic import finish_atomic, remove_stale_temp_files, temp_path
 from .checkpoint import (VOLATILE_KEYS, CheckpointError, checkpoint_payload, config_hash, load_checkpoint,
                          remove_checkpoint, rng_state, set_rng_state)
 from .comfy_model import InfusionJob, LoRAJob
@@ -290,7 +290,7 @@ class _Run:
                 self._submit_checkpoint(self.total)
             output = self.output
             output.parent.mkdir(parents=True, exist_ok=True)
-            tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+            tmp = temp_path(output)
             try:
                 self.job.save_final(tmp)                        # while the last checkpoint is written
                 self.writer.wait()
