@@ -268,7 +268,7 @@ class JointAttention:
 def install_dit_blocks(model, spec: DiTSpec) -> None:
     """Register a ``PersonalizeBlock`` on every block of ``model`` (a clone), wrapping any replace
     another pack had put there."""
-    from comfy.ldm.modules import attention  # noqa: PLC0415
+    from comfy.ldm.modules import attention
 
     if not hasattr(attention, "wrap_attn"):
         raise ValueError("model: the pack's FLUX path needs ComfyUI's attention override "

@@ -268,7 +268,7 @@ def foundation_branch(executor, x, t, c_concat=None, c_crossattn=None, control=N
     # The foundation rows without the identity patches (recording their keys/values), then the
     # personalised rows with everything.
     bank: dict = {}
-    sub = lambda value, rows: _rows(value, rows, n)  # noqa: E731
+    sub = lambda value, rows: _rows(value, rows, n)
     rec = strip_foreign_attention(opts)
     rec[BRANCH_KEY] = BranchLayout("record", labels, batch, sigma, bank)
     if isinstance(rec.get("sigmas"), torch.Tensor):
@@ -289,7 +289,7 @@ def foundation_branch(executor, x, t, c_concat=None, c_crossattn=None, control=N
 def install_fasa(model, technique: FoundationAwareAttention):
     """Clone ``model`` with FASA: the technique (``install.install_technique``), the batch-doubling
     sampler wrapper and the branch wrapper. The input MODEL is not touched."""
-    from comfy.patcher_extension import WrappersMP  # noqa: PLC0415
+    from comfy.patcher_extension import WrappersMP
 
     m = install_technique(model, technique)
     if not m.get_wrappers(WrappersMP.OUTER_SAMPLE, OUTER_KEY):

@@ -27,7 +27,7 @@ def _check_exclusive(state: PersonalizeState) -> None:
 def install_technique(model, technique):
     """Clone ``model`` and register ``technique``: state, the reference-pass wrapper (once) and
     the shared replace object on each of its blocks. The input MODEL is not touched."""
-    from comfy.patcher_extension import WrappersMP  # noqa: PLC0415
+    from comfy.patcher_extension import WrappersMP
 
     m = model.clone()
     opts = dict(m.model_options.get("transformer_options", {}))

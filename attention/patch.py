@@ -239,7 +239,7 @@ def default_attention(q, k, v, extra_options):
     global _comfy_attention
     if _comfy_attention is None:
         try:
-            from comfy.ldm.modules.attention import optimized_attention  # noqa: PLC0415
+            from comfy.ldm.modules.attention import optimized_attention
             _comfy_attention = optimized_attention
         except ImportError:
             _comfy_attention = False

@@ -45,10 +45,10 @@ def build_dmsa(model, blocks, hw, opts):
     """The technique exactly as nodes/attention.py's DisentangleMixingAttentionNode builds it
     (node defaults: structure 0..1, appearance opts.appearance_start..1, weight 3.0, threshold 0.2,
     no spatial normalisation, seed 0), the blend word given by its token position."""
-    from personalize_pack.attention.blocks import DMSA_PRESETS  # noqa: PLC0415
-    from personalize_pack.attention.dmsa import DisentangleMixingAttention  # noqa: PLC0415
-    from personalize_pack.attention.install import install_technique  # noqa: PLC0415
-    from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
+    from personalize_pack.attention.blocks import DMSA_PRESETS
+    from personalize_pack.attention.dmsa import DisentangleMixingAttention
+    from personalize_pack.attention.install import install_technique
+    from personalize_pack.attention.patch import SigmaRange
 
     s_ref, a_ref = hr.make_references(2, hw, opts.mask)
     s_ref = type(s_ref)(latent=s_ref.latent, mask=s_ref.mask, weight=s_ref.weight, name="structure")
@@ -66,7 +66,7 @@ def build_dmsa(model, blocks, hw, opts):
 def step_phases(model, tech, steps) -> tuple[list[str], list[float]]:
     """The phase of every step of an euler/normal run of ``steps`` steps, from the sigma its model
     call is made at: "appearance" when the appearance range covers it, else "structure"."""
-    import comfy.samplers  # noqa: PLC0415
+    import comfy.samplers
 
     sigmas = [float(s) for s in comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"),
                                                                 "normal", steps)]
@@ -74,15 +74,15 @@ def step_phases(model, tech, steps) -> tuple[list[str], list[float]]:
 
 
 def run_dmsa(opts) -> dict:
-    import torch  # noqa: PLC0415
+    import torch
 
     model, blocks, hw, build_s, load_s = hr.speed_setup(opts, "DMSA benchmark")
-    import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
+    import comfy.ldm.modules.attention as comfy_attention
     dm = model.model.diffusion_model
     patched, tech, (s_keys, a_keys, m_keys) = build_dmsa(model, blocks, hw, opts)
     phases, sigmas = step_phases(model, tech, opts.steps)
     counted = phases[1:]
-    fmt = lambda ks: [f"{n}:{i}.{j}" for n, i, j in sorted(ks)]  # noqa: E731
+    fmt = lambda ks: [f"{n}:{i}.{j}" for n, i, j in sorted(ks)]
     emit({"kind": "setup", "part": "dmsa", "layout": opts.layout, "unet_params": sum(p.numel() for p in dm.parameters()),
           "model_type": type(model.model).__name__, "model_config": type(model.model.model_config).__name__,
           "dtype": str(next(dm.parameters()).dtype), "attention": comfy_attention.optimized_attention.__name__,

@@ -67,7 +67,7 @@ VARIANTS = ("plain", "fasa", "fasa_strip", "paper_layout")
 def attribute_mask(height_px: int, width_px: int, kind: str):
     """``[1, H, W]``: a centred box covering a quarter of the image (``box``: half of each side;
     FreeCure's attribute masks are small regions such as hair or eyes) or all ones (``full``)."""
-    import torch  # noqa: PLC0415
+    import torch
 
     m = torch.ones(1, height_px, width_px)
     if kind == "box":
@@ -86,12 +86,12 @@ def layer_calls(N, C, heads, B, latent_hw, mask, plain_attention, labels=(UNCOND
     PersonalizeAttention + FoundationAwareAttention in a joint BranchLayout) and ``paper`` (the
     explicit-softmax kernel). Rows: every chunk of ``labels`` is [personalised B, foundation B].
     Returns (calls, q, k, v, eo, technique)."""
-    import torch  # noqa: PLC0415
+    import torch
 
     hr.import_pack()
-    import personalize_pack.attention.patch as patch  # noqa: PLC0415
-    from personalize_pack.attention.fasa import BRANCH_KEY, BranchLayout, FoundationAwareAttention  # noqa: PLC0415
-    from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
+    import personalize_pack.attention.patch as patch
+    from personalize_pack.attention.fasa import BRANCH_KEY, BranchLayout, FoundationAwareAttention
+    from personalize_pack.attention.patch import SigmaRange
 
     labels = list(labels)
     rows = 2 * B * len(labels)
@@ -116,10 +116,10 @@ def layer_calls(N, C, heads, B, latent_hw, mask, plain_attention, labels=(UNCOND
 # =========================================================================== kernel part
 
 def run_kernel(opts) -> dict:
-    import torch  # noqa: PLC0415
+    import torch
 
     hr.import_pack()
-    import personalize_pack.attention.patch as patch  # noqa: PLC0415
+    import personalize_pack.attention.patch as patch
 
     heads, C, B = 8, 320, 1
     N = opts.kernel_tokens
@@ -199,7 +199,7 @@ KERNEL_HINT = " (or run --only kernel, which needs torch alone)"
 def build_fasa(model, mask, foundation, strip: bool):
     """The model exactly as the Foundation-Aware Attention node patches it (node defaults, weight
     1.5, the SD1.5 FreeCure preset, the whole schedule)."""
-    from personalize_pack.nodes.attention import FOUNDATION_MODES, FoundationAwareAttentionNode  # noqa: PLC0415
+    from personalize_pack.nodes.attention import FOUNDATION_MODES, FoundationAwareAttentionNode
 
     return FoundationAwareAttentionNode.execute(model, mask, FOUNDATION_MODES[1 if strip else 0],
                                                 [[foundation, {}]], WEIGHT, PRESET, "output:6-11", 0.0, 1.0,
@@ -208,9 +208,9 @@ def build_fasa(model, mask, foundation, strip: bool):
 
 def attn1_shapes(model, keys, hw, ctx):
     """``{key: (tokens, channels, heads)}`` of the attn1 layers ``keys``, from one plain UNet call."""
-    import torch  # noqa: PLC0415
-    import comfy.model_management as mm  # noqa: PLC0415
-    from personalize_pack.attention.blocks import transformer_blocks  # noqa: PLC0415
+    import torch
+    import comfy.model_management as mm
+    from personalize_pack.attention.blocks import transformer_blocks
 
     mm.load_models_gpu([model])
     blocks = transformer_blocks(model.model.diffusion_model)
@@ -251,11 +251,11 @@ def run_floor(model, batches, hw, ctx, repeats) -> dict:
 
 
 def run_speed(opts) -> dict:
-    import torch  # noqa: PLC0415
+    import torch
 
     model, blocks, hw, build_s, load_s = hr.speed_setup(opts, "FASA benchmark", KERNEL_HINT)
-    import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
-    from personalize_pack.attention.blocks import fasa_layer_keys  # noqa: PLC0415
+    import comfy.ldm.modules.attention as comfy_attention
+    from personalize_pack.attention.blocks import fasa_layer_keys
 
     dm = model.model.diffusion_model
     keys = fasa_layer_keys(PRESET, "", blocks)

@@ -77,10 +77,10 @@ DEFAULTS = dict(heads=4, depth=4, single=8, size=512, text_tokens=77, refs=2)
 def load_flux(opts, folder: Path):
     """Build the random FLUX model into ``folder``, load it as fp32 and check that the pack sees
     it as FLUX with the asked block counts. Returns ``(model, spec, build_s, load_s, file_mib)``."""
-    import torch  # noqa: PLC0415
-    import comfy.sd  # noqa: PLC0415
-    from tiny_flux import build_flux  # noqa: PLC0415
-    from personalize_pack.attention.blocks import model_family  # noqa: PLC0415
+    import torch
+    import comfy.sd
+    from tiny_flux import build_flux
+    from personalize_pack.attention.blocks import model_family
 
     path = folder / "bench_flux.safetensors"
     t = time.perf_counter()
@@ -98,7 +98,7 @@ def load_flux(opts, folder: Path):
 
 def make_conditioning(opts, seed: int = 0):
     """Random prompt and negative prompt: ``[1, T, 768]`` with a pooled output and guidance 3.5."""
-    import torch  # noqa: PLC0415
+    import torch
 
     g = torch.Generator().manual_seed(seed)
 
@@ -112,8 +112,8 @@ def make_flux_references(opts, hw, seed: int = 1):
     """R references with 16-channel latents at the target's latent size, the masks of
     ``harness.make_references`` (all ones or the centred half-area box), captions and pooled
     captions."""
-    import torch  # noqa: PLC0415
-    from personalize_pack.references.reference import Reference  # noqa: PLC0415
+    import torch
+    from personalize_pack.references.reference import Reference
 
     g = torch.Generator().manual_seed(seed)
     masks = [r.mask for r in hr.make_references(opts.refs, hw, opts.mask)]
@@ -174,8 +174,8 @@ def sample_flux(model, latent_batch: int, hw, steps: int, cfg: float, cond, prob
     """One ``comfy.sample.sample`` run (euler, simple). Returns ``(step seconds, model-call batch
     sizes in call order, per-step section seconds, other processes' cores during the run, the
     sampled latent)``: a step's sections are the sums over the model calls that started within it."""
-    import torch  # noqa: PLC0415
-    import comfy.sample  # noqa: PLC0415
+    import torch
+    import comfy.sample
 
     latent = torch.zeros(latent_batch, 16, *hw)
     noise = comfy.sample.prepare_noise(latent, seed)
@@ -211,13 +211,13 @@ def sample_flux(model, latent_batch: int, hw, steps: int, cfg: float, cond, prob
 # =========================================================================== the benchmark
 
 def run_flux(opts) -> dict:
-    import torch  # noqa: PLC0415
+    import torch
 
     hr.setup_comfy(hr.comfyui_path(opts, "FLUX benchmark"), opts.attention)
     hr.import_pack()
-    import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
-    from personalize_pack.attention.dit import REFERENCE_TOKENS, subject_tokens  # noqa: PLC0415
-    from personalize_pack.nodes.attention import MultiReferenceAttentionNode  # noqa: PLC0415
+    import comfy.ldm.modules.attention as comfy_attention
+    from personalize_pack.attention.dit import REFERENCE_TOKENS, subject_tokens
+    from personalize_pack.nodes.attention import MultiReferenceAttentionNode
 
     if set(TOKENS.values()) != set(REFERENCE_TOKENS):
         raise SystemExit(f"the node's reference_tokens options are {REFERENCE_TOKENS}; this benchmark knows "

@@ -62,8 +62,8 @@ def make_prompts(R: int, n_tokens: int, entity_tokens: int, seed: int = 2) -> li
     """R objects as the MIP-Adapter Apply node hands them to the technique: image-prompt tokens
     ``[n_tok, 768]`` per object (random, LayerNorm-sized), the empty image's tokens (shared), the
     entity embedding ``[L, 768]`` and the empty prompt's tokens ``1..L`` (shared); no masks, weight 1."""
-    import torch  # noqa: PLC0415
-    from personalize_pack.attention.mip import EncodedPrompt  # noqa: PLC0415
+    import torch
+    from personalize_pack.attention.mip import EncodedPrompt
 
     g = torch.Generator().manual_seed(seed)
     uncond = torch.randn(n_tokens, CTX, generator=g)
@@ -76,7 +76,7 @@ def make_prompts(R: int, n_tokens: int, entity_tokens: int, seed: int = 2) -> li
 def make_layers(widths: dict, seed: int = 3) -> dict:
     """``{key: (to_k_ip [C, 768], to_v_ip [C, 768], gate [C])}`` for the keys of ``widths`` (in
     IP-Adapter order), from tests/tiny_adapters.py's MIP-Adapter layout (gate ``text_to_weight``)."""
-    import torch  # noqa: PLC0415
+    import torch
 
     keys = list(widths)
     sd = adapter_layers(torch.Generator().manual_seed(seed), [widths[k] for k in keys], CTX, gate=True)
@@ -88,14 +88,14 @@ def make_layers(widths: dict, seed: int = 3) -> dict:
 # =========================================================================== speed
 
 def run_speed(opts) -> dict:
-    import torch  # noqa: PLC0415
+    import torch
 
     model, blocks, hw, build_s, load_s = hr.speed_setup(opts, "MIP benchmark", KERNEL_HINT)
-    import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
-    from personalize_pack.attention.install import install_technique  # noqa: PLC0415
-    from personalize_pack.attention.mip import MultiImagePromptAttention  # noqa: PLC0415
-    from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
-    from personalize_pack.attention.mip import UNetKeyProjection, cross_attention_layers  # noqa: PLC0415
+    import comfy.ldm.modules.attention as comfy_attention
+    from personalize_pack.attention.install import install_technique
+    from personalize_pack.attention.mip import MultiImagePromptAttention
+    from personalize_pack.attention.patch import SigmaRange
+    from personalize_pack.attention.mip import UNetKeyProjection, cross_attention_layers
 
     dm = model.model.diffusion_model
     attn2 = cross_attention_layers(model)                     # IP-Adapter order
@@ -204,14 +204,14 @@ KERNEL_HINT = " (or run --only kernel, which needs torch alone)"
 
 def run_kernel(opts) -> dict:
     """One attn2 call of a 320-wide layer at ``--kernel-tokens`` tokens, cond + uncond rows."""
-    import math  # noqa: PLC0415
+    import math
 
-    import torch  # noqa: PLC0415
+    import torch
 
     hr.import_pack()
-    import personalize_pack.attention.patch as patch  # noqa: PLC0415
-    from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
-    from personalize_pack.attention.mip import (MultiImagePromptAttention, merge_weights,  # noqa: PLC0415
+    import personalize_pack.attention.patch as patch
+    from personalize_pack.attention.patch import SigmaRange
+    from personalize_pack.attention.mip import (MultiImagePromptAttention, merge_weights,
                                                 merged_attention, text_gate, word_maps)
 
     heads, C, n_text = 8, 320, 77
@@ -234,7 +234,7 @@ def run_kernel(opts) -> dict:
         layers = make_layers({key: C})
         refs = sorted(set(opts.refs) | {1})
         prompts = make_prompts(max(refs), opts.tokens, opts.entity_tokens)
-        key_projection = lambda _key, tokens: to_k(tokens)    # noqa: E731
+        key_projection = lambda _key, tokens: to_k(tokens)
         always = SigmaRange(1e9, 0.0)
 
         def eo_for(tech):

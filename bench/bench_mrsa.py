@@ -62,16 +62,16 @@ PRESET = "SD1.5 FreeCustom (output 6-11)"
 # =========================================================================== speed
 
 def run_speed(opts) -> dict:
-    import torch  # noqa: PLC0415
+    import torch
 
     hr.setup_comfy(hr.comfyui_path(opts, "speed benchmark", " (or run --only memory, which needs torch alone)"),
                   opts.attention)
-    import comfy.ldm.modules.attention as comfy_attention  # noqa: PLC0415
+    import comfy.ldm.modules.attention as comfy_attention
     hr.import_pack()
-    from personalize_pack.attention.blocks import resolve_layers  # noqa: PLC0415
-    from personalize_pack.attention.install import install_technique  # noqa: PLC0415
-    from personalize_pack.attention.mrsa import MultiReferenceAttention  # noqa: PLC0415
-    from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
+    from personalize_pack.attention.blocks import resolve_layers
+    from personalize_pack.attention.install import install_technique
+    from personalize_pack.attention.mrsa import MultiReferenceAttention
+    from personalize_pack.attention.patch import SigmaRange
 
     hw = hr.latent_hw(opts.size)
     model, blocks, build_s, load_s = hr.load_sd15_unet(opts.layout)
@@ -190,14 +190,14 @@ def reset_peak_rss() -> bool:
 
 def memory_child(case: str, method: str, tokens: int, R: int, heads: int, channels: int) -> dict:
     """One attn1 call in a fresh process; prints one JSON object."""
-    import torch  # noqa: PLC0415
-    import torch.nn.functional as F  # noqa: PLC0415
+    import torch
+    import torch.nn.functional as F
 
     hr.import_pack()
-    import personalize_pack.attention.patch as patch  # noqa: PLC0415
-    from personalize_pack.attention.patch import SigmaRange  # noqa: PLC0415
-    from personalize_pack.attention.mrsa import MultiReferenceAttention  # noqa: PLC0415
-    from personalize_pack.references.reference import Reference  # noqa: PLC0415
+    import personalize_pack.attention.patch as patch
+    from personalize_pack.attention.patch import SigmaRange
+    from personalize_pack.attention.mrsa import MultiReferenceAttention
+    from personalize_pack.references.reference import Reference
 
     patch._comfy_attention = False       # the base attention is plain SDPA, as in the comparison
     side = math.isqrt(tokens)
@@ -222,7 +222,7 @@ def memory_child(case: str, method: str, tokens: int, R: int, heads: int, channe
         if case == "mrsa":
             return attn(q, k, v, eo)
         b, n, c = q.shape
-        split = lambda x: x.view(b, n, heads, c // heads).transpose(1, 2)  # noqa: E731
+        split = lambda x: x.view(b, n, heads, c // heads).transpose(1, 2)
         return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, n, c)
 
     def inputs(n, seed=0):
@@ -250,7 +250,7 @@ def memory_child(case: str, method: str, tokens: int, R: int, heads: int, channe
         out.update(peak_bytes=max1 - rss0, valid=reset or max1 > max0, peak_reset=reset, rss_before=rss0,
                    peak_rss_before=max0, peak_rss_after=max1)
     else:
-        from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+        from torch.profiler import ProfilerActivity, profile
         q, k, v = inputs(tokens)
         t = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -284,7 +284,7 @@ def run_memory(opts) -> dict:
             res[(method, case)] = json.loads(lines[-1])
             log(f"memory {method} {case}: peak {res[(method, case)]['peak_bytes'] / 2**20:.1f} MiB, "
                 f"call {res[(method, case)]['call_s']:.2f} s")
-    mib = lambda b: rnd(b / 2**20, 2)  # noqa: E731
+    mib = lambda b: rnd(b / 2**20, 2)
     logits_mrsa = 1 * heads * tokens * tokens * (1 + R) * 4     # the target row's N x N(1+R) fp32 logits
     logits_plain = (1 + R) * heads * tokens * tokens * 4        # plain attention over all 1+R rows
     rows = []

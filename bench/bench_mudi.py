@@ -63,7 +63,7 @@ def bench_composer(opts) -> None:
     for placement in ("random", "left to right"):
         for n in (2, 3, 4, 5):
             subjects = [photos[i % len(photos)] for i in range(n)]
-            run = lambda seed: compose_subjects(subjects, opts.size, opts.size, placement, 0.75, 1.0, 0.0,  # noqa: E731
+            run = lambda seed: compose_subjects(subjects, opts.size, opts.size, placement, 0.75, 1.0, 0.0,
                                                 "white", seed, 32)
             run(10_000)                                         # warm-up
             times = []
@@ -89,7 +89,7 @@ def bench_noise(opts) -> None:
 
     photos = load_subjects(make_subject)
     h = w = opts.size // 8
-    plain = lambda lat, seed: torch.randn(lat["samples"].shape, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    plain = lambda lat, seed: torch.randn(lat["samples"].shape, generator=torch.Generator().manual_seed(seed))
     lat = {"samples": torch.zeros(1, 4, h, w)}
     z = torch.randn(1, 4, h, w)
     for n in (2, 3, 4, 5):
@@ -107,7 +107,7 @@ def bench_noise(opts) -> None:
             t = time.perf_counter()
             plain(lat, seed)
             base_t.append(time.perf_counter() - t)
-        med = lambda xs: round(1000 * statistics.median(xs), 3)  # noqa: E731
+        med = lambda xs: round(1000 * statistics.median(xs), 3)
         emit({"part": "noise", "subjects": n, "size": opts.size, "latent": [4, h, w], "shift_ms": med(shift_t),
               "generate_ms": med(gen_t), "plain_noise_ms": med(base_t),
               "generate_vs_plain": round(statistics.median(gen_t) / statistics.median(base_t), 3),
@@ -152,7 +152,7 @@ def bench_dc(opts) -> None:
     dev = torch.device(opts.device)
     detector, embedder = load_owlv2(owl_dir).to(dev), load_dreamsim(ds_dir).to(dev)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    load = lambda p, s: torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((s, s))).astype("float32") / 255)  # noqa: E731
+    load = lambda p, s: torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((s, s))).astype("float32") / 255)
     refs_imgs = [[load(INPUTS / f"{stem}.jpg", 512)] * 3 for stem in PHOTOS]
     t = time.perf_counter()
     refs = [embedder.embed(r) for r in refs_imgs]
@@ -177,7 +177,7 @@ def bench_dc(opts) -> None:
         t3 = time.perf_counter()
         det_t.append(t1 - t0), emb_t.append(t2 - t1), math_t.append(t3 - t2), total_t.append(t3 - t0)
     det_t, emb_t, math_t, total_t = (x[1:] for x in (det_t, emb_t, math_t, total_t))       # first run: warm-up
-    med = lambda xs: round(1000 * statistics.median(xs), 2)  # noqa: E731
+    med = lambda xs: round(1000 * statistics.median(xs), 2)
     emit({"part": "dc", "models": opts.dc_models, "device": str(dev), "size": opts.size, "subjects": 2, "references": 6,
           "boxes_at_0.4": len(dets), "boxes_embedded": len(crops), "score": round(result.score, 4), "detect_ms": med(det_t), "embed_boxes_ms": med(emb_t),
           "arithmetic_ms": med(math_t), "per_image_ms": med(total_t), "references_once_ms": round(1000 * ref_s, 1),

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             S = sys.modules[type(sam).__module__.rsplit(".", 1)[0] + ".sam"]   # the references/sam.py ComfyUI loaded
         else:
             import_pack()
-            from personalize_pack.references import sam as S  # noqa: N812
+            from personalize_pack.references import sam as S
             from personalize_pack.references.sam_checkpoint import load_sam
             t = time.perf_counter()
             sam = load_sam(path)

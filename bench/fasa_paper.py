@@ -35,11 +35,11 @@ def explicit_mrsa(q, k, v, k_ref, v_ref, ref_bias, heads):
     reference concatenated along tokens, the full ``[B, h, N, 2N]`` logits by einsum, the bias
     ``ref_bias`` (``w*m`` inside the mask, ``finfo.min`` outside) added to the reference block, an
     explicit softmax and a second einsum with the values. ``q, k, v, k_ref, v_ref``: ``[B, N, h*d]``."""
-    import torch  # noqa: PLC0415
+    import torch
 
     b, n, c = q.shape
     d = c // heads
-    split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, d).permute(0, 2, 1, 3)  # noqa: E731
+    split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, d).permute(0, 2, 1, 3)
     kk = torch.cat([k, k_ref], dim=1)
     vv = torch.cat([v, v_ref], dim=1)
     sim = torch.einsum("bhid,bhjd->bhij", split(q), split(kk)) * d ** -0.5
@@ -62,15 +62,15 @@ class PaperFASA:
         self.labels_seen = None
 
     def ref_bias(self, n_tokens, latent_hw, device, dtype):
-        import torch  # noqa: PLC0415
-        import torch.nn.functional as F  # noqa: PLC0415
+        import torch
+        import torch.nn.functional as F
 
         h, w = token_hw(n_tokens, *latent_hw)
         m = F.interpolate(self.mask[None, None], size=(h, w), mode="nearest").flatten().to(device, dtype)
         return torch.where(m != 0, self.weight * m, torch.full_like(m, torch.finfo(dtype).min))
 
     def __call__(self, q, k, v, extra_options):
-        import torch  # noqa: PLC0415
+        import torch
 
         heads = extra_options["n_heads"]
         labels = list(extra_options.get("cond_or_uncond") or [])
@@ -116,7 +116,7 @@ def paper_conditioning(foundation):
 
 
 def install_paper_layout(model, keys, mask, weight, attention, foundation):
-    from comfy.patcher_extension import WrappersMP  # noqa: PLC0415
+    from comfy.patcher_extension import WrappersMP
 
     m = model.clone()
     replace = PaperFASA(mask, weight, attention)

@@ -21,7 +21,7 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 for _folder in ("tools", "tests"):   # the pack importer; the random-weight rules and tiny models of the tests
     if str(PACK_ROOT / _folder) not in sys.path:
         sys.path.insert(0, str(PACK_ROOT / _folder))
-from pack_import import import_pack  # noqa: E402, F401  (the pack under a valid module name, as the tests do)
+from pack_import import import_pack
 
 UNET_BASE = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_heads=8,
                  num_head_channels=-1, use_spatial_transformer=True, legacy=False, context_dim=768,
@@ -123,25 +123,25 @@ def setup_comfy(root: Path, attention: str):
     if not (root / "comfy").is_dir():
         raise SystemExit(f"--comfyui / COMFYUI_PATH: {root} is not a ComfyUI folder (no comfy/ inside)")
     sys.path.insert(0, str(root))
-    from comfy.cli_args import args  # noqa: PLC0415
+    from comfy.cli_args import args
     args.cpu = True                  # before comfy.model_management is imported
     args.disable_api_nodes = True
     if attention == "pytorch":
         args.use_pytorch_cross_attention = True
-    import comfy.model_management  # noqa: F401, PLC0415
-    import comfy.sample  # noqa: F401, PLC0415
-    import comfy.sd  # noqa: F401, PLC0415
+    import comfy.model_management
+    import comfy.sample
+    import comfy.sd  # noqa: F401
 
 
 def build_unet_state_dict(layout: str, seed: int = 0) -> dict:
     """Every key of the UNet with explicit random values (ComfyUI never initialises weights), the
     same rules as tests/tiny_models.py and docs/comfyui-host.md §5: weights N(0, 1/fan_in),
     norm weights 1, biases 0, embeddings N(0, 0.02); stored fp16 like the generated checkpoints."""
-    import torch  # noqa: PLC0415
-    from tiny_models import random_state  # noqa: PLC0415
+    import torch
+    from tiny_models import random_state
 
-    import comfy.ops  # noqa: PLC0415
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: PLC0415
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     cfg = dict(UNET_BASE, **LAYOUTS[layout])
     unet = UNetModel(**cfg, device="meta", operations=comfy.ops.disable_weight_init)
@@ -151,9 +151,9 @@ def build_unet_state_dict(layout: str, seed: int = 0) -> dict:
 def load_sd15_unet(layout: str):
     """Build the random SD1.5-shaped UNet, load it into ComfyUI as fp32 and check its attention
     blocks. Returns ``(model, blocks, build_s, load_s)``."""
-    import torch  # noqa: PLC0415
-    import comfy.sd  # noqa: PLC0415
-    from personalize_pack.attention.blocks import discover_attention_blocks  # noqa: PLC0415
+    import torch
+    import comfy.sd
+    from personalize_pack.attention.blocks import discover_attention_blocks
 
     t = time.perf_counter()
     sd = build_unet_state_dict(layout)
@@ -204,8 +204,8 @@ class BatchProbe:
 
 def sample_once(model, batch, hw, steps, cond, probe, seed):
     """One ``comfy.sample.sample`` run; returns (step seconds, UNet call batch sizes)."""
-    import torch  # noqa: PLC0415
-    import comfy.sample  # noqa: PLC0415
+    import torch
+    import comfy.sample
 
     latent = torch.zeros(batch, 4, *hw)
     noise = comfy.sample.prepare_noise(latent, seed)
@@ -226,8 +226,8 @@ def sample_once(model, batch, hw, steps, cond, probe, seed):
 def make_references(R, hw, mask_kind, seed=1):
     """R references with random 4-channel latents of size ``hw``, weight 3; masks all ones (``full``) or
     a centred box covering half of the area (``half``)."""
-    import torch  # noqa: PLC0415
-    from personalize_pack.references.reference import Reference  # noqa: PLC0415
+    import torch
+    from personalize_pack.references.reference import Reference
 
     g = torch.Generator().manual_seed(seed)
     h, w = hw
@@ -246,10 +246,10 @@ def make_references(R, hw, mask_kind, seed=1):
 
 def sdpa(q, k, v, heads):
     """Plain multi-head attention on ``[B, N, h*d]`` through ``scaled_dot_product_attention``."""
-    import torch.nn.functional as F  # noqa: PLC0415
+    import torch.nn.functional as F
 
     b, n, c = q.shape
-    split = lambda x: x.view(x.shape[0], x.shape[1], heads, c // heads).transpose(1, 2)  # noqa: E731
+    split = lambda x: x.view(x.shape[0], x.shape[1], heads, c // heads).transpose(1, 2)
     return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, n, c)
 
 
@@ -285,7 +285,7 @@ def interleaved(calls: dict, rounds: int, warmup: int = 0, self_timed: bool = Fa
 def time_calls(calls: dict, repeats: int) -> dict:
     """Medians and minima (seconds) of interleaved calls, order reversed every other round, after
     two warm-up calls each."""
-    import torch  # noqa: PLC0415
+    import torch
 
     with torch.no_grad():
         times = interleaved(calls, repeats, warmup=2)
@@ -295,8 +295,8 @@ def time_calls(calls: dict, repeats: int) -> dict:
 def unet_call(model, hw, ctx):
     """``call(n)``: one plain UNet call (``apply_model``, no sampler) of batch ``n`` at latent size ``hw``
     with the text ``ctx`` ``[1, T, D]``, the model loaded first; returns the call's seconds."""
-    import torch  # noqa: PLC0415
-    import comfy.model_management as mm  # noqa: PLC0415
+    import torch
+    import comfy.model_management as mm
 
     mm.load_models_gpu([model])
 
@@ -351,8 +351,8 @@ def live_peak(events) -> tuple[int, int]:
 def tracked_peak(fn) -> dict:
     """Peak of the live bytes one call allocates (torch profiler allocation events, in time order),
     output included; the inputs are not counted."""
-    import torch  # noqa: PLC0415
-    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+    import torch
+    from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()

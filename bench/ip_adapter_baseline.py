@@ -21,7 +21,7 @@ class IPAdapterAttn2:
         ck = (tuple(labels), rows, str(device), dtype)
         hit = self._cache.get(ck)
         if hit is None:
-            import torch  # noqa: PLC0415
+            import torch
             chunk = rows // len(labels)
             hit = tuple(torch.cat([self.kv[lab][i].unsqueeze(0).expand(chunk, -1, -1) for lab in labels])
                         .to(device, dtype).contiguous() for i in (0, 1))
@@ -40,7 +40,7 @@ class IPAdapterAttn2:
 
 def ip_adapter_kv(prompt, layers: dict, scale: float) -> dict:
     """``{key: {label: (K_ip, V_ip)}}``: one object's tokens projected by each layer's adapter weights."""
-    import torch  # noqa: PLC0415
+    import torch
 
     out = {}
     with torch.no_grad():

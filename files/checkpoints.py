@@ -74,7 +74,7 @@ def read_checkpoint(path, error=ValueError, redo: str = "", missing_prefix: str 
         try:
             from safetensors.torch import load_file
             return load_file(path)
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        except Exception as exc:
             raise error(f"{name} is a damaged or incomplete safetensors file (a truncated download?): {exc}.{tail}") \
                 from None
     is_zip = head.startswith(b"PK\x03\x04")
@@ -170,5 +170,5 @@ def _scan_pickles(f, found: list) -> None:
                     found.append(f"{strings[-2]}.{strings[-1]}")
                 elif isinstance(arg, str):
                     strings.append(arg)
-        except Exception:  # noqa: BLE001 - the end of the pickles, or garbage
+        except Exception:
             return

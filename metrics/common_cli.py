@@ -118,7 +118,7 @@ def run_cli(parser, run_fn, argv, usage_errors: tuple, errors: tuple) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - one clear line; --debug shows the traceback
+    except Exception as exc:
         if getattr(a, "debug", False):
             raise
         msg = str(exc).strip().splitlines()

@@ -342,7 +342,7 @@ def evaluate(cases: list, images_dir, scorers: Scorers, threshold: float = DEFAU
                 refs["dnc"] = [cache.sim_refs(s) for s in case.subjects]
         except EvaluationError:
             raise
-        except Exception as exc:  # noqa: BLE001 - give the case; the message is the model's
+        except Exception as exc:
             raise EvaluationError(f"case {case.name}: embedding the references failed: "
                                   f"{type(exc).__name__}: {exc}") from exc
         finally:
@@ -366,7 +366,7 @@ def evaluate(cases: list, images_dir, scorers: Scorers, threshold: float = DEFAU
                     result, detections = score_image(image, queries, refs["dnc"], scorers.detector, embedder,
                                                      case_threshold)
                     row.dnc, row.boxes = float(result.score), len(detections)
-            except Exception as exc:  # noqa: BLE001 - name the image; the message is the model's
+            except Exception as exc:
                 raise EvaluationError(f"{rel} (case {case.name}): {type(exc).__name__}: {exc}") from exc
             rows.append(row)
             progress.advance(case.name)

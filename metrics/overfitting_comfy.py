@@ -106,7 +106,7 @@ def check_eps_parameterisation(model, name: str = "base_model") -> None:
     s, n, x = torch.tensor([0.5]), torch.full((1, 1, 1, 1), 3.0), torch.full((1, 1, 1, 1), 2.0)
     try:
         got = float(ms.noise_scaling(s, n.clone(), x.clone()).reshape(-1)[0])
-    except Exception:  # noqa: BLE001 - an unusual model_sampling: say what is supported
+    except Exception:
         got = math.nan
     if not math.isclose(got, 3.5, rel_tol=1e-6):
         d = describe_model(model)

@@ -50,7 +50,7 @@ def import_solutions():
                               + mediapipe_install_hint()) from None
         raise ImportError(f"mediapipe is installed but one of its dependencies is missing ({exc}); "
                           + mediapipe_install_hint()) from exc
-    except Exception as exc:  # noqa: BLE001 - e.g. a protobuf or numpy it was not built for
+    except Exception as exc:
         raise ImportError(f"mediapipe is installed but could not be imported ({type(exc).__name__}: {exc}); "
                           + mediapipe_install_hint()) from exc
     version = getattr(mp, "__version__", "?")
@@ -58,7 +58,7 @@ def import_solutions():
         for name in ("face_detection", "face_mesh", "face_mesh_connections"):
             importlib.import_module(f"mediapipe.python.solutions.{name}")
         from mediapipe.python import solutions
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ImportError(f"mediapipe {version} has no legacy solutions (mp.solutions.face_mesh; releases after "
                           f"{MEDIAPIPE_VERSION} ship neither them nor their models): {type(exc).__name__}: {exc}. "
                           + mediapipe_install_hint()) from None
@@ -69,7 +69,7 @@ def _protobuf_version() -> str:
     try:
         import google.protobuf
         return google.protobuf.__version__
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "not installed"
 
 
@@ -87,7 +87,7 @@ class FaceLandmarker:
             self.detector = sol.face_detection.FaceDetection(model_selection=1, min_detection_confidence=confidence)
             self.mesh = sol.face_mesh.FaceMesh(static_image_mode=True, refine_landmarks=True, max_num_faces=2,
                                                min_detection_confidence=0.3)
-        except Exception as exc:  # noqa: BLE001 - graph set-up fails like this with a protobuf it does not support
+        except Exception as exc:
             self.close()
             raise RuntimeError(f"mediapipe could not start ({type(exc).__name__}: "
                                f"{(str(exc).splitlines() or [''])[0][:160]}). mediapipe "

@@ -70,7 +70,7 @@ class MeanShiftedNoise:
     def plain(self, input_latent: dict) -> torch.Tensor:
         if self.base_noise is not None:
             return self.base_noise(input_latent, self.seed)
-        import comfy.sample  # noqa: PLC0415  (the same noise as core's RandomNoise)
+        import comfy.sample
         latent = input_latent["samples"]
         return comfy.sample.prepare_noise(latent, self.seed, input_latent.get("batch_index"))
 

@@ -47,7 +47,7 @@ def import_comfy():
     package."""
     init_comfyui()
     import comfy.sample
-    import comfy.sd  # noqa: F401
+    import comfy.sd
     return comfy
 
 

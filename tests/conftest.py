@@ -14,7 +14,7 @@ from pack_paths import PACK_ROOT
 from tiny_models import TINY_SD15, build_sd15, build_sdxl_unet
 
 sys.path.insert(0, str(PACK_ROOT / "tools"))
-from pack_import import import_pack  # noqa: E402
+from pack_import import import_pack
 
 import_pack()
 

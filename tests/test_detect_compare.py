@@ -13,7 +13,7 @@ C2 = torch.tensor([[0, 1, 0, 0], [0, 0.9, 0.3, 0], [0.1, 0.8, 0, 0.2]], dtype=to
 
 def numpy_dc(boxes, refs):
     """The demo's computation written plainly: cosines, means, count gate, greedy rows, ord=2 norm."""
-    cos = lambda a, b: float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+    cos = lambda a, b: float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
     n = len(refs)
     G = np.array([[np.mean([cos(a, b) for a in refs[i] for b in refs[j]]) for j in range(n)] for i in range(n)])
     if len(boxes) != n:

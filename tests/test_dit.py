@@ -322,7 +322,7 @@ def test_block_replace_wraps_another_packs_replace():
     args = _block_args(3)
     args["transformer_options"] = {STATE_KEY: PersonalizeState((tech,)), LATENT_KEY: HW,
                                    ROWS_KEY: RowLayout("joint", [0], 1, HW, 1.0, {(refs[0], 0): 0})}
-    block = lambda a: {"img": a["img"], "txt": a["txt"]}  # noqa: E731
+    block = lambda a: {"img": a["img"], "txt": a["txt"]}
     out = PersonalizeBlock((DOUBLE, 0), SPEC, foreign)(args, {"original_block": block})
     assert isinstance(got[0], JointAttention) and out["img"] is args["img"]
 

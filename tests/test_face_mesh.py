@@ -22,12 +22,12 @@ NO_FACE = ("personalize_mip_2_dice.jpg", "personalize_cat_04.jpg")     # dice pi
 try:
     mesh.import_solutions()
     MEDIAPIPE_ERROR = None
-except Exception as exc:  # noqa: BLE001 - any import failure
+except Exception as exc:
     MEDIAPIPE_ERROR = f"{type(exc).__name__}: {str(exc).split(';')[0][:160]}"
 try:
     from skimage import data as skdata
     SKIMAGE_ERROR = None
-except Exception as exc:  # noqa: BLE001
+except Exception as exc:
     SKIMAGE_ERROR = f"{type(exc).__name__}: {exc}"
 
 MEDIAPIPE_SKIP = pytest.mark.skipif(

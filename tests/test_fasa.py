@@ -61,7 +61,7 @@ def call(tech, q, k, v, layout, labels, hw=(4, 4)):
 
 
 def expected(q, k, v, r, f, mask_tokens, weight):
-    h = lambda x: x.reshape(x.shape[0], HEADS, DIM).permute(1, 0, 2).numpy()  # noqa: E731
+    h = lambda x: x.reshape(x.shape[0], HEADS, DIM).permute(1, 0, 2).numpy()
     out, _ = reference_mrsa(h(q[r]), h(k[r]), h(v[r]), [h(k[f])], [h(v[f])], [mask_tokens], [weight])
     return torch.from_numpy(out)
 
@@ -182,7 +182,7 @@ def test_foundation_branch_strip_runs_the_foundation_rows_first_without_foreign_
     tech = technique(strip=True)
     ex = Recorder()
     x = torch.randn(4, 4, 4, 4)
-    foreign = lambda q, k, v, eo: q  # noqa: E731
+    foreign = lambda q, k, v, eo: q
     ours = PersonalizeAttention("attn2", foreign)
     opts = {STATE_KEY: PersonalizeState().with_technique(tech), BATCH_KEY: 1, "cond_or_uncond": [1, 0],
             "sigmas": torch.full((4,), 5.0),

@@ -385,8 +385,8 @@ def test_lfd_same_noise_reaches_both_models_base_first_and_documented_noise():
 
 def test_lfd_deterministic_for_a_seed():
     x0 = _x0(dtype=torch.float32)
-    base = lambda x, s, p: torch.tanh(x)                         # noqa: E731
-    custom = lambda x, s, p: torch.tanh(1.2 * x)                 # noqa: E731
+    base = lambda x, s, p: torch.tanh(x)
+    custom = lambda x, s, p: torch.tanh(1.2 * x)
     a = latent_fisher_divergence(base, custom, x0, [0, 0, 1], [4.0, 1.0], seed=5)
     b = latent_fisher_divergence(base, custom, x0, [0, 0, 1], [4.0, 1.0], seed=5)
     c = latent_fisher_divergence(base, custom, x0, [0, 0, 1], [4.0, 1.0], seed=6)

@@ -14,12 +14,12 @@ from PIL import Image
 
 pytest.importorskip("transformers", reason="the OWLv2 detector needs transformers (pip install transformers)")
 
-from personalize_pack.metrics.detect_compare import Detection  # noqa: E402
-from personalize_pack.metrics.models import EvalModelError  # noqa: E402
-from personalize_pack.metrics.owl import OWL_FOLDER, OwlDetector, image_to_pil, load_owlv2  # noqa: E402
-from tiny_owl import IMAGE_SIZE, PATCH, build_tiny_owlv2  # noqa: E402
+from personalize_pack.metrics.detect_compare import Detection
+from personalize_pack.metrics.models import EvalModelError
+from personalize_pack.metrics.owl import OWL_FOLDER, OwlDetector, image_to_pil, load_owlv2
+from tiny_owl import IMAGE_SIZE, PATCH, build_tiny_owlv2
 
-from pack_paths import PACK_ROOT  # noqa: E402
+from pack_paths import PACK_ROOT
 
 PHOTO = PACK_ROOT / "workflows" / "inputs" / "personalize_dog6_02.jpg"   # DreamBench dog6, shipped
 QUERIES = ["dog", "monster toy"]

@@ -17,13 +17,13 @@ try:
     import torchvision  # noqa: F401
     import segment_anything  # noqa: F401
     from segment_anything.utils.transforms import ResizeLongestSide
-except Exception as exc:  # noqa: BLE001 - any import failure (missing, or torchvision built for another torch)
+except Exception as exc:
     pytest.skip(f"segment_anything / torchvision cannot be imported ({type(exc).__name__}: {exc}); "
                 f"pip install segment-anything torchvision", allow_module_level=True)
 
-from personalize_pack.references import sam as S  # noqa: E402
-from personalize_pack.references import sam_checkpoint as SC  # noqa: E402
-from tiny_sam import save_tiny_sam  # noqa: E402
+from personalize_pack.references import sam as S
+from personalize_pack.references import sam_checkpoint as SC
+from tiny_sam import save_tiny_sam
 
 DOG = PACK_ROOT / "workflows" / "inputs" / "personalize_dog6_02.jpg"
 

@@ -15,12 +15,12 @@ try:
     import segment_anything  # noqa: F401
     from segment_anything import sam_model_registry
     from segment_anything.utils.transforms import ResizeLongestSide
-except Exception as exc:  # noqa: BLE001 - any import failure (missing, or torchvision built for another torch)
+except Exception as exc:
     pytest.skip(f"segment_anything / torchvision cannot be imported ({type(exc).__name__}: {exc}); "
                 f"pip install segment-anything torchvision", allow_module_level=True)
 
-from personalize_pack.references import sam_checkpoint as SC  # noqa: E402
-from tiny_sam import build_tiny_sam, save_tiny_sam  # noqa: E402
+from personalize_pack.references import sam_checkpoint as SC
+from tiny_sam import build_tiny_sam, save_tiny_sam
 
 DOG = PACK_ROOT / "workflows" / "inputs" / "personalize_dog6_02.jpg"
 

@@ -68,7 +68,7 @@ def reference_run(tmp_path_factory):
     def go(name):
         try:
             results[name] = run_job(jobs_[name], on_event=events[name].append)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=go, args=(name,)) for name in jobs_]

@@ -13,7 +13,7 @@ from personalize_pack.metrics import models as em
 try:
     import open_clip
     OPEN_CLIP_ERROR = None
-except Exception as exc:  # noqa: BLE001
+except Exception as exc:
     OPEN_CLIP_ERROR = f"{type(exc).__name__}: {exc}"
 
 TINY_CLIP_ARCH = "Personalize-Tiny-CLIP-test"

@@ -17,7 +17,7 @@ if str(TOOLS) not in sys.path:          # tools/ is not a package: its modules i
     sys.path.insert(0, str(TOOLS))
 
 # The FreeCustom example's node types as hand-written schemas (no ComfyUI needed)
-FLOAT = lambda default: ("FLOAT", {"default": default, "min": 0.0, "max": 100.0})  # noqa: E731
+FLOAT = lambda default: ("FLOAT", {"default": default, "min": 0.0, "max": 100.0})
 SCHEMAS = {
     "CheckpointLoaderSimple": {"required": {"ckpt_name": (["v1-5-pruned-emaonly.safetensors"], {})}},
     "CLIPTextEncode": {"required": {"text": ("STRING", {"multiline": True}), "clip": ("CLIP", {})}},

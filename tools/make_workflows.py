@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run_workflow as rw  # noqa: E402
-from workflows import recipes, thumbnails  # noqa: E402
-from workflows import settings as st  # noqa: E402
+import run_workflow as rw
+from workflows import recipes, thumbnails
+from workflows import settings as st
 
 # (source image, source mask, shipped image, shipped mask) relative to the shared data folder
 INPUT_SOURCES = [

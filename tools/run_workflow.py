@@ -28,7 +28,7 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:    # tools/ is not a package: its modules import by path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ui_to_api import WorkflowError, ordered_inputs, ui_to_api  # noqa: E402
+from ui_to_api import WorkflowError, ordered_inputs, ui_to_api
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_INPUTS = PACK_ROOT / "workflows" / "inputs"

@@ -295,7 +295,7 @@ def load_checkpoint(state_dir, device: str | torch.device = "cpu") -> Checkpoint
         with safe_open(str(st_path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # noqa: BLE001  (a damaged file: say which)
+    except Exception as exc:
         raise CheckpointError(f"cannot read the checkpoint {st_path}: {exc}. Delete it (or train with "
                               f"resume: false) to start over") from exc
     if meta.get("format") != FORMAT or "index" not in meta:

@@ -50,7 +50,7 @@ def init_comfy(comfyui_path: str | None, device: torch.device) -> None:
     if "comfy.model_management" not in sys.modules:
         args.cpu = device.type == "cpu"
         args.use_pytorch_cross_attention = True
-    import comfy.model_management  # noqa: F401
+    import comfy.model_management
     import comfy.sd  # noqa: F401
     _COMFY_READY = True
 

@@ -59,7 +59,7 @@ class Distributed:
         if self.active:
             try:
                 dist.destroy_process_group()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
             self.active = False
 

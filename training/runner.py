@@ -116,7 +116,7 @@ def _read_stderr(stream, tail: collections.deque, on_log) -> None:
         if on_log is not None:
             try:
                 on_log(line)
-            except Exception:  # noqa: BLE001  (a logging callback must not stop the reader)
+            except Exception:
                 pass
 
 

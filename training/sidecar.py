@@ -314,7 +314,7 @@ class _Run:
         if self.job is not None:
             try:
                 self.job.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 traceback.print_exc(file=sys.stderr)
         if self.lock is not None:
             self.lock.release()
@@ -339,7 +339,7 @@ def train(job_dir, emit=None, handle_signals: bool = True) -> int:
         return 0
     except Cancelled:
         return EXIT_CANCELLED
-    except Exception as exc:  # noqa: BLE001  (every failure becomes an error event)
+    except Exception as exc:
         traceback.print_exc(file=sys.stderr)
         emit({"event": "error", "message": _message(exc)})
         return EXIT_ERROR

@@ -60,7 +60,7 @@ class CheckpointWriter:
             path = write_checkpoint(self.state_dir, payload)
             with self._lock:
                 self._done.append((payload.step, path))
-        except BaseException as exc:  # noqa: BLE001  (handed to the loop)
+        except BaseException as exc:
             self._error = exc
 
     def submit(self, payload) -> None:

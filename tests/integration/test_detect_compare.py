@@ -92,7 +92,7 @@ def test_score_equals_the_metric_computed_directly(env):
             continue
         from personalize_pack.metrics.detect_compare import crop_boxes
         boxes = models.embedder.embed(crop_boxes(img, [d.box for d in dets])).double().numpy()
-        cos = lambda a, b: a @ b.T / np.linalg.norm(a, axis=1)[:, None] / np.linalg.norm(b, axis=1)[None]  # noqa: E731
+        cos = lambda a, b: a @ b.T / np.linalg.norm(a, axis=1)[:, None] / np.linalg.norm(b, axis=1)[None]
         g = np.array([[cos(refs[i], refs[j]).mean() for j in range(2)] for i in range(2)])
         a = np.stack([cos(boxes, refs[i]).mean(1) for i in range(2)], 1)
         first = int(np.argmax(a[:, 0]))

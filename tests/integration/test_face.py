@@ -15,16 +15,16 @@ from comfy_sampling import load_image
 from pack_paths import PACK_ROOT
 
 
-from personalize_pack.references.bisenet import OFFICIAL_FILE, build_bisenet  # noqa: E402
-from personalize_pack.references.face_attributes import grow_mask  # noqa: E402
-from personalize_pack.references.face_masks import face_attribute_masks  # noqa: E402
-from personalize_pack.references.face_mesh import import_solutions  # noqa: E402
+from personalize_pack.references.bisenet import OFFICIAL_FILE, build_bisenet
+from personalize_pack.references.face_attributes import grow_mask
+from personalize_pack.references.face_masks import face_attribute_masks
+from personalize_pack.references.face_mesh import import_solutions
 
 try:
     import_solutions()
     from skimage import data as skdata
     MP_ERROR = None
-except Exception as exc:  # noqa: BLE001
+except Exception as exc:
     MP_ERROR = f"{type(exc).__name__}: {str(exc).split(';')[0][:160]}"
 needs_mediapipe = pytest.mark.skipif(MP_ERROR is not None, reason=f"mediapipe or scikit-image cannot be imported "
                                                                   f"({MP_ERROR}); see tools/run_tests.sh")

@@ -22,7 +22,7 @@ ROOT = comfyui_root()
 try:
     import segment_anything  # noqa: F401
     SAM_ERROR = None
-except Exception as exc:  # noqa: BLE001
+except Exception as exc:
     SAM_ERROR = f"{type(exc).__name__}: {exc}"
 
 pytestmark = [

@@ -13,7 +13,7 @@ def _card(title: str):
 
     card = Image.new("RGB", (400, 300), (30, 32, 38))
     d = ImageDraw.Draw(card)
-    font = lambda s: ImageFont.load_default(size=s)  # noqa: E731
+    font = lambda s: ImageFont.load_default(size=s)
     d.text((12, 9), title, fill=(240, 240, 240), font=font(18))
     d.text((12, 32), "Personalize node pack - illustrative card", fill=(150, 155, 165), font=font(11))
     return card, d, font
