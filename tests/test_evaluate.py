@@ -9,11 +9,9 @@ import csv
 import dataclasses
 import functools
 import importlib.util
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -31,24 +29,10 @@ from personalize_pack.metrics.detect_compare import Detection, detect_and_compar
 from personalize_pack.metrics.errors import EvaluationError, UsageError
 from personalize_pack.metrics.scores import clip_preprocess, dino_preprocess
 from tiny_scorers import OPEN_CLIP_ERROR, TINY_CLIP_ARCH, register_tiny_clip, save_tiny_clip
+from benchmark_cases import ALL_NAMES, CASES_JSON, DATA, by_name
 
-DATA = Path(os.environ.get("PERSONALIZE_TEST_DATA", "/work/shared/data"))
-CASES_JSON = DATA / "cases.json"
-needs_data = pytest.mark.skipif(not CASES_JSON.is_file(),
-                                reason=f"{CASES_JSON} is not here (set PERSONALIZE_TEST_DATA to the shared data folder)")
 needs_open_clip = pytest.mark.skipif(OPEN_CLIP_ERROR is not None,
                                      reason=f"open_clip cannot be imported ({OPEN_CLIP_ERROR}); pip install open_clip_torch")
-
-DREAMBENCH_NAMES = ["dreambench_dog6", "dreambench_dog2", "dreambench_cat", "dreambench_cat2",
-                    "dreambench_monster_toy", "dreambench_robot_toy", "dreambench_teapot", "dreambench_can",
-                    "dreambench_red_cartoon"]
-ALL_NAMES = DREAMBENCH_NAMES + ["cat_and_dog", "dog_and_teapot", "two_cats_and_dog", "detect_and_compare_demo",
-                                "mip_combination_1", "mip_combination_2", "mip_combination_3",
-                                "mudi_dog6_dog2", "mudi_can_monster_toy", "mudi_monster_toy_robot_toy"]
-
-
-def by_name(cases):
-    return {c.name: c for c in cases}
 
 
 @functools.lru_cache(maxsize=None)
