@@ -37,10 +37,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..attention.infusion import concept_position, cross_attention_widths
 from ..files.atomic import atomic_save_safetensors, atomic_write_text
+from ..files.checkpoints import read_checkpoint
 
 REQUIRED_KEYS = ("kind", "output", "state_dir", "steps", "seed")
 DEFAULTS = {"checkpoint_every": 100, "validate_every": 0, "device": "cpu", "comfyui_path": None, "resume": True,
@@ -211,9 +211,10 @@ def load_config(job_dir: Path) -> dict:
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file of the job folder, through the pack's one safe reader."""
     if not path.is_file():
         raise FileNotFoundError(f"the job folder lacks {path.name} ({path})")
-    return load_file(str(path))
+    return read_checkpoint(path, error=ConfigError, redo="Queue the training node again to rewrite the job folder.")
 
 
 def read_data(job_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
