@@ -106,6 +106,15 @@ def transformer_blocks(diffusion_model) -> dict[tuple[str, int, int], object]:
             for j, tb in enumerate(_spatial_transformers(block))}
 
 
+def cross_attention_modules(diffusion_model) -> dict[tuple[str, int, int], object]:
+    """``{key: attn2 module}`` of a ComfyUI UNet in ``transformer_blocks`` order: the blocks whose
+    cross-attention has a key projection (empty for a model without UNet cross-attention)."""
+    if diffusion_model is None:
+        return {}
+    out = {k: getattr(tb, "attn2", None) for k, tb in transformer_blocks(diffusion_model).items()}
+    return {k: a for k, a in out.items() if a is not None and getattr(a, "to_k", None) is not None}
+
+
 def expand_blocks(blocks, available: dict[tuple[str, int], int], what: str = "layers"
                   ) -> tuple[tuple[str, int, int], ...]:
     """Every ``(block, id, index)`` transformer key of ``blocks`` (2-tuples) in a model whose

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..references.prompt_tokens import concept_token_index, token_ids
-from .blocks import transformer_blocks
+from .blocks import cross_attention_modules
 from .install import install_technique
 from .patch import BRANCH_KEY, COND, Technique, row_runs
 
@@ -142,10 +142,7 @@ def cross_attention_widths(model) -> tuple[dict, str]:
     """``({layer key: attn2 inner width}, family)`` of an SD1.x/SD2.x UNet; a clear error naming
     the model otherwise."""
     config = model_config_name(model)
-    dm = getattr(getattr(model, "model", None), "diffusion_model", None)
-    blocks = transformer_blocks(dm) if dm is not None else {}
-    layers = {k: getattr(tb, "attn2", None) for k, tb in blocks.items()}
-    layers = {k: a for k, a in layers.items() if a is not None and getattr(a, "to_k", None) is not None}
+    layers = cross_attention_modules(getattr(getattr(model, "model", None), "diffusion_model", None))
     if not layers:
         raise ValueError(f"model: Infusion supports SD1.x and SD2.x UNet models; this is a {config} model without "
                          f"UNet cross-attention layers")

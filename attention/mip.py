@@ -26,7 +26,7 @@ import torch
 
 from ..references.masks import resize_plane, token_grid
 from .kernels import merge_heads, sdpa_attention, split_heads
-from .blocks import transformer_blocks
+from .blocks import cross_attention_modules
 from .patch import BRANCH_KEY, COND, UNCOND, Technique, row_runs
 
 
@@ -255,9 +255,7 @@ class MultiImagePromptAttention(Technique):
 
 def cross_attention_layers(model) -> dict:
     """``{key: attn2 module}`` of the model's UNet in IP-Adapter's layer order."""
-    dm = model.model.diffusion_model
-    out = {k: getattr(tb, "attn2", None) for k, tb in transformer_blocks(dm).items()}
-    out = {k: a for k, a in out.items() if a is not None and getattr(a, "to_k", None) is not None}
+    out = cross_attention_modules(model.model.diffusion_model)
     if not out:
         raise ValueError(f"model: no UNet cross-attention layers found in {type(model.model).__name__}; "
                          f"MIP-Adapter needs an SD1.x/SD2.x/SDXL-style UNet model")
