@@ -66,3 +66,21 @@ def references(sd15, data_dir):
     r = enc.execute(load_image(data_dir / "personalize_dog6_02.jpg"), vae, load_mask(data_dir / "personalize_dog6_02_mask.jpg"),
                     encode(clip, "a dog"), r, 3.0, 0.5, False, 64).result[0]
     return r
+
+
+# ---------------------------------------------------------------------------- the tiny SAM
+# For the SAM unit tests (they skip without segment_anything before these are requested).
+
+@pytest.fixture(scope="session")
+def tiny_sam_path(tmp_path_factory):
+    """A tiny randomly initialised SAM checkpoint (tests/tiny_sam.py), written once per session."""
+    from tiny_sam import save_tiny_sam
+    return save_tiny_sam(tmp_path_factory.mktemp("sams") / "tiny_sam.pth")
+
+
+@pytest.fixture(scope="session")
+def tiny_sam(tiny_sam_path):
+    """The tiny SAM loaded by the pack's own loader."""
+    from personalize_pack.references.sam_checkpoint import load_sam
+    return load_sam(tiny_sam_path)
+

@@ -12,30 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from pack_paths import PACK_ROOT
+from tiny_sam import require_segment_anything
 
-try:
-    import torchvision  # noqa: F401
-    import segment_anything  # noqa: F401
-    from segment_anything.utils.transforms import ResizeLongestSide
-except Exception as exc:
-    pytest.skip(f"segment_anything / torchvision cannot be imported ({type(exc).__name__}: {exc}); "
-                f"pip install segment-anything torchvision", allow_module_level=True)
+require_segment_anything()
+
+from segment_anything.utils.transforms import ResizeLongestSide
 
 from personalize_pack.references import sam as S
 from personalize_pack.references import sam_checkpoint as SC
-from tiny_sam import save_tiny_sam
 
 DOG = PACK_ROOT / "workflows" / "inputs" / "personalize_dog6_02.jpg"
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return save_tiny_sam(tmp_path_factory.mktemp("sams") / "tiny_sam.pth")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_path):
-    return SC.load_sam(tiny_path)
 
 
 def load_rgb(path):
@@ -76,12 +62,12 @@ def test_preprocess_constant_image_is_exact():
             torch.testing.assert_close(x[b, c, :h, :w], torch.full((h, w), want), atol=1e-4, rtol=0)
 
 
-def test_preprocess_matches_segment_anythings_own_normalise_and_pad(tiny):
+def test_preprocess_matches_segment_anythings_own_normalise_and_pad(tiny_sam):
     img = load_rgb(DOG)[None]
     x, (h, w) = S.preprocess(img, 64)
     resized = F.interpolate(img.permute(0, 3, 1, 2) * 255, size=(h, w), mode="bilinear", align_corners=False,
                             antialias=True)
-    torch.testing.assert_close(x[0], tiny.net.preprocess(resized[0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x[0], tiny_sam.net.preprocess(resized[0]), atol=1e-5, rtol=0)
 
 
 # --- prompts ----------------------------------------------------------------------------------
@@ -188,11 +174,11 @@ def test_postprocess_geometry_is_exact(H, W, img_size, low):
     assert not (out[0, 0] > 0).any()
 
 
-def test_postprocess_matches_segment_anythings_own(tiny):
+def test_postprocess_matches_segment_anythings_own(tiny_sam):
     torch.manual_seed(0)
     low = torch.randn(2, 3, 16, 16)
     ours = S.postprocess_masks(low, (64, 43), (300, 200), 64)
-    theirs = tiny.net.postprocess_masks(low, (64, 43), (300, 200))
+    theirs = tiny_sam.net.postprocess_masks(low, (64, 43), (300, 200))
     torch.testing.assert_close(ours, theirs)
 
 
@@ -240,23 +226,23 @@ def test_grid_points():
 
 # --- end to end with the tiny SAM -------------------------------------------------------------
 
-def test_end_to_end_masks_on_a_shipped_image(tiny):
+def test_end_to_end_masks_on_a_shipped_image(tiny_sam):
     img = load_rgb(DOG)
     H, W = img.shape[:2]
     for mode, kw in (("points", dict(points="250,300")), ("box", dict(box="78,0,420,512")),
                      ("points + box", dict(points="250,300", negative_points="20,20", box="78,0,420,512"))):
-        m = S.segment_image(tiny, img, S.make_prompts(mode, height=H, width=W, **kw))
+        m = S.segment_image(tiny_sam, img, S.make_prompts(mode, height=H, width=W, **kw))
         assert m.shape == (H, W) and m.dtype == torch.float32
         assert set(m.unique().tolist()) <= {0.0, 1.0}
     # the same as segment_anything's own end-to-end Sam.forward on the same resized image and prompts
     prompts = S.make_prompts("points + box", "250,300", "20,20", "78,0,420,512", H, W)
-    ours = S.segment_image(tiny, img, prompts, multimask="single")
+    ours = S.segment_image(tiny_sam, img, prompts, multimask="single")
     h, w = S.preprocess_shape(H, W, 64)
     resized = F.interpolate(img.permute(2, 0, 1)[None] * 255, size=(h, w), mode="bilinear", align_corners=False,
                             antialias=True)[0]
     t = ResizeLongestSide(64)
     with torch.no_grad():
-        theirs = tiny.net([{"image": resized, "original_size": (H, W),
+        theirs = tiny_sam.net([{"image": resized, "original_size": (H, W),
                             "point_coords": t.apply_coords_torch(torch.tensor([[[250.0, 300.0], [20.0, 20.0]]]), (H, W)),
                             "point_labels": torch.tensor([[1, 0]]),
                             "boxes": t.apply_boxes_torch(torch.tensor([[78.0, 0.0, 420.0, 512.0]]), (H, W))}],
@@ -264,30 +250,30 @@ def test_end_to_end_masks_on_a_shipped_image(tiny):
     assert torch.equal(ours.bool(), theirs)
 
 
-def test_best_of_three_takes_the_highest_predicted_iou(tiny):
+def test_best_of_three_takes_the_highest_predicted_iou(tiny_sam):
     img = load_rgb(DOG)
     H, W = img.shape[:2]
     prompts = S.make_prompts("points", "250,300", "", "", H, W)
-    emb, size = S.encode_image(tiny, img)
-    low, iou = S.decode(tiny, emb, S.transform_coords(torch.tensor([[[250.0, 300.0]]]), (H, W), 64),
+    emb, size = S.encode_image(tiny_sam, img)
+    low, iou = S.decode(tiny_sam, emb, S.transform_coords(torch.tensor([[[250.0, 300.0]]]), (H, W), 64),
                         torch.tensor([[1]]), None, True)
     k = int(iou[0].argmax())
     want = S.postprocess_masks(low[:, k:k + 1], size, (H, W), 64)[0, 0] > 0
-    assert torch.equal(S.segment_image(tiny, img, prompts, multimask="best of 3").bool(), want)
+    assert torch.equal(S.segment_image(tiny_sam, img, prompts, multimask="best of 3").bool(), want)
     # threshold: a higher logit threshold never grows the mask
-    loose = S.segment_image(tiny, img, prompts, threshold=-1.0)
-    tight = S.segment_image(tiny, img, prompts, threshold=1.0)
+    loose = S.segment_image(tiny_sam, img, prompts, threshold=-1.0)
+    tight = S.segment_image(tiny_sam, img, prompts, threshold=1.0)
     assert bool((tight <= loose).all())
 
 
-def test_largest_object_mode(tiny):
+def test_largest_object_mode(tiny_sam):
     img = load_rgb(DOG)[::4, ::4].contiguous()        # 128 px
     prompts = S.make_prompts("largest object")
     # a random SAM has no confident object: a clear error
     with pytest.raises(ValueError, match="mode 'largest object': SAM found no confident object"):
-        S.segment_image(tiny, img, prompts, grid=4)
+        S.segment_image(tiny_sam, img, prompts, grid=4)
     calls = []
-    m = S.segment_image(tiny, img, prompts, grid=4, min_iou=-1e9, min_stability=0.0, chunk=5,
+    m = S.segment_image(tiny_sam, img, prompts, grid=4, min_iou=-1e9, min_stability=0.0, chunk=5,
                         check_interrupt=lambda: calls.append(1), max_borders=4)
     assert m.shape == (128, 128) and set(m.unique().tolist()) <= {0.0, 1.0} and m.sum() > 0
     assert len(calls) == math.ceil(16 / 5)

@@ -9,30 +9,16 @@ import pytest
 import torch
 
 from pack_paths import PACK_ROOT
+from tiny_sam import build_tiny_sam, require_segment_anything
 
-try:
-    import torchvision  # noqa: F401
-    import segment_anything  # noqa: F401
-    from segment_anything import sam_model_registry
-    from segment_anything.utils.transforms import ResizeLongestSide
-except Exception as exc:
-    pytest.skip(f"segment_anything / torchvision cannot be imported ({type(exc).__name__}: {exc}); "
-                f"pip install segment-anything torchvision", allow_module_level=True)
+require_segment_anything()
+
+from segment_anything import sam_model_registry
+from segment_anything.utils.transforms import ResizeLongestSide
 
 from personalize_pack.references import sam_checkpoint as SC
-from tiny_sam import build_tiny_sam, save_tiny_sam
 
 DOG = PACK_ROOT / "workflows" / "inputs" / "personalize_dog6_02.jpg"
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return save_tiny_sam(tmp_path_factory.mktemp("sams") / "tiny_sam.pth")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_path):
-    return SC.load_sam(tiny_path)
 
 
 # --- checkpoints: detection, loading, bad files -----------------------------------------------
@@ -59,16 +45,16 @@ def test_a_few_keys_are_not_a_sam():
         SC.detect_config(sd, "partial.pth")
 
 
-def test_tiny_checkpoint_loads_exactly(tiny_path, tiny):
-    cfg = tiny.config
+def test_tiny_checkpoint_loads_exactly(tiny_sam_path, tiny_sam):
+    cfg = tiny_sam.config
     assert cfg.variant == "custom" and "custom SAM (embed 32, depth 2" in cfg.label
     assert (cfg.img_size, cfg.patch_size, cfg.global_attn_indexes, cfg.window_size, cfg.decoder_depth) == (64, 16, (1,), 2, 1)
     ref = build_tiny_sam()
-    got = tiny.net.state_dict()
+    got = tiny_sam.net.state_dict()
     for k, v in ref.state_dict().items():
         assert torch.equal(got[k], v), k
-    assert torch.equal(tiny.net.pixel_mean.flatten(), torch.tensor(SC.PIXEL_MEAN))
-    assert not any(t.is_meta for t in [*tiny.net.parameters(), *tiny.net.buffers()])
+    assert torch.equal(tiny_sam.net.pixel_mean.flatten(), torch.tensor(SC.PIXEL_MEAN))
+    assert not any(t.is_meta for t in [*tiny_sam.net.parameters(), *tiny_sam.net.buffers()])
 
 
 def test_safetensors_and_nested_checkpoints(tmp_path):
@@ -89,8 +75,8 @@ def test_half_precision_checkpoint_runs_in_float32(tmp_path):
     assert all(p.dtype == torch.float32 for p in m.net.parameters())
 
 
-def test_truncated_and_empty_files(tiny_path, tmp_path):
-    data = tiny_path.read_bytes()
+def test_truncated_and_empty_files(tiny_sam_path, tmp_path):
+    data = tiny_sam_path.read_bytes()
     for cut in (len(data) // 2, len(data) - 30, 100):
         bad = tmp_path / f"cut{cut}.pth"
         bad.write_bytes(data[:cut])

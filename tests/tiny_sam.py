@@ -47,3 +47,15 @@ def save_tiny_sam(path, seed: int = 0, **overrides) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(build_tiny_sam(seed, **overrides).state_dict(), path)
     return path
+
+
+def require_segment_anything() -> None:
+    """Skip the calling test module, saying what to install, when segment_anything or torchvision
+    cannot be imported (call it at module level, before importing from them)."""
+    import pytest
+    try:
+        import segment_anything  # noqa: F401
+        import torchvision  # noqa: F401
+    except Exception as exc:
+        pytest.skip(f"segment_anything / torchvision cannot be imported ({type(exc).__name__}: {exc}); "
+                    f"pip install segment-anything torchvision", allow_module_level=True)
