@@ -1,0 +1,75 @@
+"""The effect of each inference technique in the pack's world (docs/world.md): the world model
+(world/weights, built into a ComfyUI checkpoint) sampled with and without each technique over the same
+seeds, the images read by the world's scorer. One JSON line per effect:
+``{"technique", "metric", "with", "without", "n", "p", ...}`` (means over seeds, their standard
+deviations, a paired sign-flip test), then a summary line whose checks say whether each claim holds.
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/effects.py               # every effect, 16 seeds
+    COMFYUI_PATH=/path/to/ComfyUI python bench/effects.py --only dmsa   # one experiment
+
+Experiments: mrsa (fidelity, distractor leak, weight 0), mrsa_two (two subjects), dmsa, composer.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from harness import comfyui_path, csv_choice, emit, emit_summary, import_pack, log, setup_comfy
+
+EXPERIMENTS = ("mrsa", "mrsa_two", "dmsa", "composer")
+
+# (technique, metric) -> (what the paper claims, test on the line); p < 0.05 where a difference is claimed
+CLAIMS = {
+    ("mrsa", "reference_fidelity"): ("MRSA raises reference fidelity", lambda e: e["with"] > e["without"] and e["p"] < 0.05),
+    ("mrsa", "reference_embedding"): ("MRSA raises the embedding match", lambda e: e["with"] > e["without"] and e["p"] < 0.05),
+    ("mrsa", "distractor_leak"): ("the mask keeps the distractor out (masked leaks less than whole-image)",
+                                  lambda e: e["with"] < e["without"]),
+    ("mrsa", "weight_zero_max_diff"): ("weight 0 samples like no MRSA", lambda e: e["with"] <= 1e-3),
+    ("mrsa", "two_subjects_own_appearance"): ("two references: both subjects in their own appearance",
+                                              lambda e: e["with"] > e["without"] and e["p"] < 0.05),
+    ("dmsa", "structure_and_appearance_vs_mrsa"): ("DMSA mixes structure and appearance more often than MRSA",
+                                                   lambda e: e["with"] > e["without"]),
+    ("dmsa", "structure_and_appearance_vs_prompt"): ("DMSA mixes structure and appearance more often than the prompt",
+                                                     lambda e: e["with"] > e["without"] and e["p"] < 0.05),
+    ("composer", "placement"): ("mean-shifted noise places the subjects", lambda e: e["with"] > e["without"] and e["p"] < 0.05),
+    ("composer", "gamma_zero_max_diff"): ("gamma 0 is RandomNoise", lambda e: e["with"] == 0.0),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", type=csv_choice(EXPERIMENTS), default=list(EXPERIMENTS),
+                    help="comma-separated experiments to run (default: all)")
+    ap.add_argument("--seeds", type=int, default=16, help="seeds per experiment (default 16)")
+    ap.add_argument("--comfyui", default=None)
+    ap.add_argument("--checkpoint", default=None,
+                    help="the built world checkpoint (default: built into ComfyUI's models/checkpoints)")
+    opts = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    root = comfyui_path(opts, "bench/effects.py")
+    setup_comfy(root, "pytorch")
+    import_pack()
+    from personalize_pack.world import checkpoint, effects
+    from personalize_pack.world.runtime import World
+    path = Path(opts.checkpoint) if opts.checkpoint else root / "models" / "checkpoints" / checkpoint.CHECKPOINT_NAME
+    if not path.is_file():
+        log(f"building the world checkpoint at {path}")
+        checkpoint.build(path)
+    world = World.load(path)
+    checks = {}
+    for name in opts.only:
+        log(f"{name}: {opts.seeds} seeds")
+        for eff in effects.EXPERIMENTS[name](world, opts.seeds):
+            line = eff.line()
+            emit(line)
+            claim = CLAIMS.get((line["technique"], line["metric"]))
+            if claim is not None:
+                checks[f"{line['technique']}.{line['metric']}"] = {"claim": claim[0], "applies": True,
+                                                                    "met": bool(claim[1](line))}
+    emit_summary(checks, t0, "", seeds=opts.seeds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""The world's command line: train its parts from a seed, build the ComfyUI checkpoint, run the demo.
+
+    python tools/world.py train vae   --out world/weights      # about 12 min on 2 cores
+    python tools/world.py train unet  --out world/weights
+    python tools/world.py train scorer --out world/weights
+    python tools/world.py build --comfyui /path/to/ComfyUI      # writes models/checkpoints/personalize_world.safetensors
+
+Training needs a ComfyUI tree (the model classes are ComfyUI's own); see world/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pack_import import import_pack  # noqa: E402
+
+pack = import_pack()
+from personalize_pack.world import host  # noqa: E402
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "world" / "weights"
+
+
+def save(sd: dict, path: Path, meta: dict, dtype=None) -> None:
+    import torch
+    from personalize_pack.files.atomic import atomic_save_safetensors
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    atomic_save_safetensors(path, sd, metadata={k: json.dumps(v) if not isinstance(v, str) else v
+                                                 for k, v in meta.items()})
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    del torch
+
+
+def train(opts) -> None:
+    root = host.comfyui_root(opts.comfyui, "tools/world.py train")
+    host.setup_comfy(root)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if opts.part == "vae":
+        import torch
+        from personalize_pack.world import vae
+        sd, hist = vae.train(seed=opts.seed, steps=opts.steps or 1500)
+        meta = {"seed": opts.seed, "steps": len(hist), "final_reconstruction": sum(hist[-100:]) / 100,
+                "minutes": round((time.time() - t0) / 60, 1)}
+        save(sd, out / "world_vae.safetensors", meta, torch.float16)
+    elif opts.part == "unet":
+        import torch
+        from personalize_pack.world import checkpoint, train as world_train
+        work = Path(opts.work)
+        work.mkdir(parents=True, exist_ok=True)
+        vae_sd = checkpoint.read_part(checkpoint.VAE_FILE, out)
+        captions, z = world_train.caption_embeddings(opts.seed, work / f"captions_seed{opts.seed}.pt")
+        lat_file = work / f"latents_seed{opts.seed}_{opts.scenes}.pt"
+        if lat_file.is_file():
+            latents, idx = torch.load(lat_file, weights_only=True)
+        else:
+            latents, idx = world_train.scene_latents(opts.seed, opts.scenes, vae_sd)
+            torch.save((latents, idx), lat_file)
+        print(f"{len(latents)} scenes, {len(captions)} captions, latent std {float(latents.std()):.3f}")
+        sd, hist = world_train.train_unet(latents, idx, z, seed=opts.seed, steps=opts.steps or 3500,
+                                          checkpoint=work / "unet_training.pt")
+        meta = {"seed": opts.seed, "steps": len(hist), "scenes": opts.scenes, "captions": len(captions),
+                "final_loss": sum(hist[-200:]) / 200, "minutes": round((time.time() - t0) / 60, 1)}
+        save(sd, out / checkpoint.UNET_FILE, meta, torch.float16)
+    elif opts.part == "scorer":
+        import torch
+        from personalize_pack.world import checkpoint, scorer, train_scorer, vae
+        tae = vae.load_state(checkpoint.read_part(checkpoint.VAE_FILE, out))
+        reader = train_scorer.train(opts.seed, tae)
+        held = train_scorer.scene_images(opts.seed + 1, 300, tae)
+        acc = train_scorer.validate(scorer.Scorer(reader), held)
+        print("scorer validation (300 fresh scenes, rendered and through the VAE):", json.dumps(acc))
+        meta = {"seed": opts.seed, "validation": acc, "minutes": round((time.time() - t0) / 60, 1)}
+        save(reader.state_dict(), out / checkpoint.SCORER_FILE, meta, torch.float16)
+    else:
+        raise SystemExit(f"unknown part {opts.part!r}")
+
+
+def build(opts) -> None:
+    root = host.comfyui_root(opts.comfyui, "tools/world.py build")
+    host.setup_comfy(root)
+    from personalize_pack.world import checkpoint
+    path = Path(opts.output) if opts.output else root / "models" / "checkpoints" / checkpoint.CHECKPOINT_NAME
+    checkpoint.build(path, Path(opts.weights), overwrite=True)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB)")
+    if opts.check:
+        checkpoint.check_loadable(path)
+        print("ComfyUI loads it as an SD1.5 checkpoint")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train one part of the world from a seed")
+    t.add_argument("part", choices=["vae", "scorer", "unet"])
+    t.add_argument("--out", default=str(WEIGHTS))
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--comfyui", default=None)
+    t.add_argument("--work", default="world_work", help="folder for caches and the resumable training state")
+    t.add_argument("--scenes", type=int, default=16000, help="training scenes for the UNet")
+    b = sub.add_parser("build", help="write the world checkpoint into ComfyUI's models/checkpoints")
+    b.add_argument("--comfyui", default=None)
+    b.add_argument("--weights", default=str(WEIGHTS))
+    b.add_argument("--output", default=None, help="another path for the checkpoint file")
+    b.add_argument("--check", action="store_true", help="load it with ComfyUI's checkpoint loader afterwards")
+    opts = ap.parse_args(argv)
+    if opts.cmd == "train":
+        train(opts)
+    elif opts.cmd == "build":
+        build(opts)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

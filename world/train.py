@@ -1,0 +1,102 @@
+"""Training the world's UNet from a seed: the caption pool encoded once by the seeded CLIP-L, a fixed
+set of scenes encoded once by the world's VAE, then noise-prediction training of the 64-channel
+network with an exponential moving average of its weights (the EMA is what ships)."""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data, text, unet, vae
+
+
+def caption_embeddings(seed: int, cache: Path | None, log=print) -> tuple[list, torch.Tensor]:
+    """The pool's captions (index 0 is the empty caption, for classifier-free guidance) and their
+    conditioning [P, 77, 768] (fp16); cached in ``cache`` when given."""
+    captions = [""] + [data.plan_caption(p) for p in data.caption_pool(seed)]
+    if cache is not None and cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        if saved["captions"] == captions:
+            return captions, saved["z"]
+    z = text.encode_captions(text.load_clip(), captions, log=log).half()
+    if cache is not None:
+        torch.save({"captions": captions, "z": z}, cache)
+    return captions, z
+
+
+def scene_latents(seed: int, n: int, vae_sd: dict, log=print) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` training scenes drawn from the pool (scene i from its own generator), their latents
+    [n, 4, 16, 16] and caption indices [n] (into ``caption_embeddings``)."""
+    pool = data.caption_pool(seed)
+    tae = vae.load_state(vae_sd)
+    latents, idx = [], []
+    batch = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        k = data.pick_plan(rng, pool)
+        img, _ = data.render(data.realise(pool[k], rng))
+        batch.append(img)
+        idx.append(k + 1)
+        if len(batch) == 64 or i == n - 1:
+            latents.append(vae.encode(tae, vae.images_tensor(batch)))
+            batch = []
+            if len(latents) % 25 == 0:
+                log(f"scenes {i + 1}/{n}")
+    return torch.cat(latents), torch.tensor(idx)
+
+
+def train_unet(latents: torch.Tensor, caption_idx: torch.Tensor, z: torch.Tensor, seed: int = 0,
+               steps: int = 3500, batch: int = 32, lr: float = 5e-4, warmup: int = 200, ema_decay: float = 0.999,
+               drop: float = 0.1, checkpoint: Path | None = None, log=print) -> tuple[dict, list]:
+    """Returns (EMA state dict of the small network, loss history). ``checkpoint``: a file written
+    every 250 steps and resumed from when present."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = unet.build_small(seed)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
+    acp = unet.alphas_cumprod()
+    history: list = []
+    start = 0
+    if checkpoint is not None and checkpoint.is_file():
+        st = torch.load(checkpoint, weights_only=False)
+        net.load_state_dict(st["net"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"])
+        history, start = st["history"], st["step"]
+        log(f"resumed at step {start}")
+
+    def lr_at(s):
+        if s < warmup:
+            return lr * (s + 1) / warmup
+        return lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (s - warmup) / max(1, steps - warmup))))
+
+    t0 = time.time()
+    for step in range(start, steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        pick = torch.randint(0, len(latents), (batch,), generator=gen)
+        cap = caption_idx[pick].clone()
+        cap[torch.rand(batch, generator=gen) < drop] = 0
+        loss = unet.diffusion_loss(net, latents[pick], z[cap].float(), gen, acp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = 0.0 if step < warmup else ema_decay
+            for pe, pn in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(pn, 1 - d)
+        history.append(float(loss.detach()))
+        if step % 50 == 0 or step == steps - 1:
+            log(f"unet step {step} loss {np.mean(history[-50:]):.4f} lr {lr_at(step):.2e} ({time.time() - t0:.0f} s)")
+        if checkpoint is not None and ((step + 1) % 250 == 0 or step == steps - 1):
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                        "gen": gen.get_state(), "history": history, "step": step + 1}, tmp)
+            tmp.replace(checkpoint)
+    return {k: v.detach().clone() for k, v in ema.state_dict().items()}, history
