@@ -1,4 +1,4 @@
-"""The effect of each inference technique in the pack's world (docs/world.md): the world model
+"""The effect of each inference technique in the pack's world (world/README.md): the world model
 (world/weights, built into a ComfyUI checkpoint) sampled with and without each technique over the same
 seeds, the images read by the world's scorer. One JSON line per effect:
 ``{"technique", "metric", "with", "without", "n", "p", ...}`` (means over seeds, their standard

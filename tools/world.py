@@ -43,10 +43,17 @@ def train(opts) -> None:
     if opts.part == "vae":
         import torch
         from personalize_pack.world import vae
-        sd, hist = vae.train(seed=opts.seed, steps=opts.steps or 1500)
-        meta = {"seed": opts.seed, "steps": len(hist), "final_reconstruction": sum(hist[-100:]) / 100,
-                "minutes": round((time.time() - t0) / 60, 1)}
-        save(sd, out / "world_vae.safetensors", meta, torch.float16)
+        from personalize_pack.world import checkpoint
+        sd, meta = None, {"seed": opts.seed}
+        first = 1 if opts.resume else 0         # --resume: phase 2 from the phase-1 file already in --out
+        if opts.resume:
+            sd = checkpoint.read_part(checkpoint.VAE_FILE, out)
+        for phase, cfg in enumerate(vae.PHASES[first:], start=first):
+            sd, hist = vae.train(seed=opts.seed, init=sd, phase=phase, **cfg)
+            meta[f"phase{phase + 1}"] = dict(cfg, final_reconstruction=sum(hist[-100:]) / 100)
+            save(sd, out / checkpoint.VAE_FILE, meta, torch.float16)
+        meta["minutes"] = round((time.time() - t0) / 60, 1)
+        save(sd, out / checkpoint.VAE_FILE, meta, torch.float16)
     elif opts.part == "unet":
         import torch
         from personalize_pack.world import checkpoint, train as world_train
@@ -61,19 +68,23 @@ def train(opts) -> None:
             latents, idx = world_train.scene_latents(opts.seed, opts.scenes, vae_sd)
             torch.save((latents, idx), lat_file)
         print(f"{len(latents)} scenes, {len(captions)} captions, latent std {float(latents.std()):.3f}")
-        sd, hist = world_train.train_unet(latents, idx, z, seed=opts.seed, steps=opts.steps or 3500,
-                                          checkpoint=work / "unet_training.pt")
-        meta = {"seed": opts.seed, "steps": len(hist), "scenes": opts.scenes, "captions": len(captions),
+        net, ema, hist = world_train.train_unet(latents, idx, z, seed=opts.seed, steps=opts.steps or 1800,
+                                                checkpoint=work / "unet_training.pt")
+        sd = ema if opts.export == "ema" else net
+        meta = {"seed": opts.seed, "steps": len(hist), "weights": opts.export, "scenes": opts.scenes, "captions": len(captions),
                 "final_loss": sum(hist[-200:]) / 200, "minutes": round((time.time() - t0) / 60, 1)}
         save(sd, out / checkpoint.UNET_FILE, meta, torch.float16)
     elif opts.part == "scorer":
         import torch
         from personalize_pack.world import checkpoint, scorer, train_scorer, vae
         tae = vae.load_state(checkpoint.read_part(checkpoint.VAE_FILE, out))
-        reader = train_scorer.train(opts.seed, tae)
-        held = train_scorer.scene_images(opts.seed + 1, 300, tae)
-        acc = train_scorer.validate(scorer.Scorer(reader), held)
-        print("scorer validation (300 fresh scenes, rendered and through the VAE):", json.dumps(acc))
+        work = Path(opts.work)
+        work.mkdir(parents=True, exist_ok=True)
+        reader = train_scorer.train(opts.seed, tae, cache=work / f"scorer_windows_seed{opts.seed}.pt")
+        rendered, through = train_scorer.scene_images(opts.seed + 1, 300, tae)
+        acc = {"rendered": train_scorer.validate(scorer.Scorer(reader), rendered),
+               "through_vae": train_scorer.validate(scorer.Scorer(reader), through)}
+        print("scorer validation (300 fresh scenes):", json.dumps(acc))
         meta = {"seed": opts.seed, "validation": acc, "minutes": round((time.time() - t0) / 60, 1)}
         save(reader.state_dict(), out / checkpoint.SCORER_FILE, meta, torch.float16)
     else:
@@ -92,6 +103,22 @@ def build(opts) -> None:
         print("ComfyUI loads it as an SD1.5 checkpoint")
 
 
+def quality(opts) -> None:
+    root = host.comfyui_root(opts.comfyui, "tools/world.py quality")
+    host.setup_comfy(root)
+    from personalize_pack.world import checkpoint
+    from personalize_pack.world import quality as q
+    from personalize_pack.world.runtime import World
+    path = Path(opts.checkpoint) if opts.checkpoint else root / "models" / "checkpoints" / checkpoint.CHECKPOINT_NAME
+    if not path.is_file() or opts.rebuild:
+        checkpoint.build(path, Path(opts.weights), overwrite=True)
+    world = World.load(path, Path(opts.weights))
+    results = {"held-out combinations": q.measure(world, q.prompts(True), opts.seeds),
+               "trained combinations": q.measure(world, q.prompts(False, 24), opts.seeds, first_seed=50_000)}
+    print(q.table(results))
+    print(json.dumps(results))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -100,6 +127,9 @@ def main(argv=None) -> int:
     t.add_argument("--out", default=str(WEIGHTS))
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--resume", action="store_true", help="vae: run only phase 2, from the phase-1 file in --out")
+    t.add_argument("--export", choices=["net", "ema"], default="net",
+                   help="unet: ship the network's final weights (default) or their moving average")
     t.add_argument("--comfyui", default=None)
     t.add_argument("--work", default="world_work", help="folder for caches and the resumable training state")
     t.add_argument("--scenes", type=int, default=16000, help="training scenes for the UNet")
@@ -108,8 +138,16 @@ def main(argv=None) -> int:
     b.add_argument("--weights", default=str(WEIGHTS))
     b.add_argument("--output", default=None, help="another path for the checkpoint file")
     b.add_argument("--check", action="store_true", help="load it with ComfyUI's checkpoint loader afterwards")
+    q = sub.add_parser("quality", help="the quality bar: prompted shape and colour present, held-out prompts")
+    q.add_argument("--comfyui", default=None)
+    q.add_argument("--weights", default=str(WEIGHTS))
+    q.add_argument("--checkpoint", default=None, help="the built checkpoint (default: in ComfyUI's models)")
+    q.add_argument("--rebuild", action="store_true", help="build the checkpoint again from --weights")
+    q.add_argument("--seeds", type=int, default=4, help="samples per prompt")
     opts = ap.parse_args(argv)
-    if opts.cmd == "train":
+    if opts.cmd == "quality":
+        quality(opts)
+    elif opts.cmd == "train":
         train(opts)
     elif opts.cmd == "build":
         build(opts)

@@ -58,7 +58,8 @@ class World:
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Images float [B, 128, 128, 3] in [0, 1] (VAEDecode)."""
-        return self.vae.decode(latents).float().clamp(0, 1).cpu().numpy()
+        with torch.no_grad():
+            return self.vae.decode(latents).detach().float().clamp(0, 1).cpu().numpy()
 
     def images(self, prompt: str, seeds: list, model=None, noise=None) -> np.ndarray:
         return self.decode(self.sample(prompt, seeds, model, noise))

@@ -50,9 +50,12 @@ def scene_latents(seed: int, n: int, vae_sd: dict, log=print) -> tuple[torch.Ten
 
 def train_unet(latents: torch.Tensor, caption_idx: torch.Tensor, z: torch.Tensor, seed: int = 0,
                steps: int = 3500, batch: int = 32, lr: float = 5e-4, warmup: int = 200, ema_decay: float = 0.999,
-               drop: float = 0.1, checkpoint: Path | None = None, log=print) -> tuple[dict, list]:
-    """Returns (EMA state dict of the small network, loss history). ``checkpoint``: a file written
-    every 250 steps and resumed from when present."""
+               drop: float = 0.1, checkpoint: Path | None = None, log=print) -> tuple[dict, dict, list]:
+    """Returns (the network's state dict, its EMA's, the loss history). ``checkpoint``: a file written
+    every 250 steps and resumed from when present (a longer ``steps`` than the saved run's extends it:
+    the cosine schedule is recomputed for the new length). The EMA starts after the warm-up with
+    ``min(ema_decay, (1 + n) / (10 + n))`` after n EMA steps; a checkpoint without an EMA start (written
+    before this rule) restarts the EMA from the network at the resumed step."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = unet.build_small(seed)
@@ -60,7 +63,7 @@ def train_unet(latents: torch.Tensor, caption_idx: torch.Tensor, z: torch.Tensor
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     acp = unet.alphas_cumprod()
     history: list = []
-    start = 0
+    start, ema_start = 0, warmup
     if checkpoint is not None and checkpoint.is_file():
         st = torch.load(checkpoint, weights_only=False)
         net.load_state_dict(st["net"])
@@ -68,7 +71,11 @@ def train_unet(latents: torch.Tensor, caption_idx: torch.Tensor, z: torch.Tensor
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"])
         history, start = st["history"], st["step"]
-        log(f"resumed at step {start}")
+        ema_start = st.get("ema_start")
+        if ema_start is None:
+            ema.load_state_dict(net.state_dict())
+            ema_start = start
+        log(f"resumed at step {start} (EMA from step {ema_start})")
 
     def lr_at(s):
         if s < warmup:
@@ -88,7 +95,8 @@ def train_unet(latents: torch.Tensor, caption_idx: torch.Tensor, z: torch.Tensor
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
-            d = 0.0 if step < warmup else ema_decay
+            n_ema = step - ema_start
+            d = 0.0 if n_ema < 0 else min(ema_decay, (1 + n_ema) / (10 + n_ema))
             for pe, pn in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(pn, 1 - d)
         history.append(float(loss.detach()))
@@ -97,6 +105,7 @@ def train_unet(latents: torch.Tensor, caption_idx: torch.Tensor, z: torch.Tensor
         if checkpoint is not None and ((step + 1) % 250 == 0 or step == steps - 1):
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "gen": gen.get_state(), "history": history, "step": step + 1}, tmp)
+                        "gen": gen.get_state(), "history": history, "step": step + 1, "ema_start": ema_start}, tmp)
             tmp.replace(checkpoint)
-    return {k: v.detach().clone() for k, v in ema.state_dict().items()}, history
+    return ({k: v.detach().clone() for k, v in net.state_dict().items()},
+            {k: v.detach().clone() for k, v in ema.state_dict().items()}, history)

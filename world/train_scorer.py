@@ -15,27 +15,28 @@ from . import data, scorer, vae
 HEADS = ("shape", "colour", "pattern")
 
 
-def scene_images(seed: int, n: int, tae, log=print) -> list:
+def scene_images(seed: int, n: int, tae, log=print) -> tuple[list, list]:
     """(image float [H, W, 3], scene, truth masks) for n scenes (held-out combinations included), each
-    scene twice: rendered, and through the VAE with latent noise of 0, 0.15 or 0.3."""
-    out = []
+    scene twice: rendered (first list), and through the VAE with latent noise of 0, 0.1 or 0.2
+    (second list)."""
+    out, through = [], []
     batch: list = []
     for i in range(n):
         rng = np.random.default_rng([seed, 7, i])
         scene = data.sample_scene(rng, allow_held_out=True)
         img, masks = data.render(scene)
         out.append((data.to_float(img), scene, masks))
-        batch.append((img, scene, masks, float(rng.choice([0.0, 0.15, 0.3]))))
+        batch.append((img, scene, masks, float(rng.choice([0.0, 0.1, 0.2]))))
         if len(batch) == 32 or i == n - 1:
             x = vae.images_tensor([b[0] for b in batch])
             z = vae.encode(tae, x)
             z = z + torch.tensor([b[3] for b in batch]).view(-1, 1, 1, 1) * torch.randn(z.shape, generator=torch.Generator().manual_seed(seed * 100003 + i))
             rec = vae.decode(tae, z).permute(0, 2, 3, 1).numpy()
-            out.extend((r, b[1], b[2]) for r, b in zip(rec, batch))
+            through.extend((r, b[1], b[2]) for r, b in zip(rec, batch))
             batch = []
         if (i + 1) % 500 == 0:
             log(f"scorer scenes {i + 1}/{n}")
-    return out
+    return out, through
 
 
 def labelled_windows(items: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,10 +53,18 @@ def labelled_windows(items: list) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.tensor(ys)
 
 
-def train(seed: int, tae, scenes: int = 2500, epochs: int = 5, batch: int = 64, lr: float = 2e-3, log=print):
+def train(seed: int, tae, scenes: int = 2500, epochs: int = 20, batch: int = 64, lr: float = 2e-3, cache=None,
+          log=print):
+    """``cache``: a file keeping the labelled windows (they take most of the time to make)."""
     torch.manual_seed(seed)
     t0 = time.time()
-    x, y = labelled_windows(scene_images(seed, scenes, tae, log))
+    if cache is not None and cache.is_file():
+        x, y = torch.load(cache, weights_only=True)
+    else:
+        rendered, through = scene_images(seed, scenes, tae, log)
+        x, y = labelled_windows(rendered + through)
+        if cache is not None:
+            torch.save((x, y), cache)
     log(f"scorer: {len(x)} object windows ({time.time() - t0:.0f} s)")
     reader = scorer.Reader()
     opt = torch.optim.AdamW(reader.parameters(), lr=lr, weight_decay=1e-4)
