@@ -4,6 +4,7 @@
     python tools/world.py train unet  --out world/weights
     python tools/world.py train scorer --out world/weights
     python tools/world.py build --comfyui /path/to/ComfyUI      # writes models/checkpoints/personalize_world.safetensors
+    python tools/world.py demo --comfyui /path/to/ComfyUI --out world_demo   # MRSA on and off, scored
 
 Training needs a ComfyUI tree (the model classes are ComfyUI's own); see world/README.md.
 """
@@ -16,10 +17,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pack_import import import_pack  # noqa: E402
+from pack_import import import_pack
 
 pack = import_pack()
-from personalize_pack.world import host  # noqa: E402
+from personalize_pack.world import host
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "world" / "weights"
 
@@ -92,6 +93,19 @@ def build(opts) -> None:
         print("ComfyUI loads it as an SD1.5 checkpoint")
 
 
+def demo(opts) -> int:
+    from ui_to_api import WorkflowError
+    from world_demo import run_demo, table
+    try:
+        report = run_demo(opts.comfyui, Path(opts.weights), Path(opts.out), opts.models, opts.seed, opts.rebuild,
+                          opts.cpu, log=lambda msg: print(msg, flush=True))
+    except (WorkflowError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(table(report))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -108,11 +122,22 @@ def main(argv=None) -> int:
     b.add_argument("--weights", default=str(WEIGHTS))
     b.add_argument("--output", default=None, help="another path for the checkpoint file")
     b.add_argument("--check", action="store_true", help="load it with ComfyUI's checkpoint loader afterwards")
+    d = sub.add_parser("demo", help="run the shipped world MRSA workflow with and without MRSA and score both")
+    d.add_argument("--comfyui", default=None, help="ComfyUI tree (default: $COMFYUI_PATH)")
+    d.add_argument("--weights", default=str(WEIGHTS), help="folder of the world's weights (default: world/weights)")
+    d.add_argument("--out", default="world_demo", help="folder for the two images and the scores (default: world_demo)")
+    d.add_argument("--models", default=None, help="models folder holding checkpoints/ (default: ComfyUI's models/); "
+                                                  "the world checkpoint is built there when missing")
+    d.add_argument("--seed", type=int, default=None, help="sampler seed for both runs (default: the workflow's)")
+    d.add_argument("--rebuild", action="store_true", help="rebuild the checkpoint from --weights even if it exists")
+    d.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
     opts = ap.parse_args(argv)
     if opts.cmd == "train":
         train(opts)
     elif opts.cmd == "build":
         build(opts)
+    elif opts.cmd == "demo":
+        return demo(opts)
     return 0
 
 
