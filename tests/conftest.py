@@ -10,7 +10,7 @@ import pytest
 
 from comfy_host import import_comfy
 from comfy_sampling import encode, load_image, load_mask, ref_node
-from pack_paths import PACK_ROOT
+from pack_paths import PACK_ROOT, no_world_weights, world_weights
 from tiny_models import TINY_SD15, build_sd15, build_sdxl_unet
 
 sys.path.insert(0, str(PACK_ROOT / "tools"))
@@ -33,6 +33,21 @@ def tiny_sd15_path(tiny_dir):
     """A complete tiny SD1.5 checkpoint in ``tiny_dir/checkpoints`` (a ComfyUI models layout)."""
     import_comfy()
     return build_sd15(tiny_dir / "checkpoints" / TINY_SD15)
+
+
+@pytest.fixture(scope="session")
+def world_models_dir(tmp_path_factory):
+    """A models folder whose checkpoints/ holds the world checkpoint, built once per session by
+    ``world.checkpoint.build`` from the world's weights (``pack_paths.world_weights``); skips, saying
+    why, when they are absent."""
+    reason = no_world_weights()
+    if reason:
+        pytest.skip(reason)
+    import_comfy()
+    from personalize_pack.world import checkpoint
+    models = tmp_path_factory.mktemp("world_models")
+    checkpoint.build(models / "checkpoints" / checkpoint.CHECKPOINT_NAME, world_weights())
+    return models
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from workflow_helpers import SHIPPED_INPUTS, WORKFLOWS, assert_ui_format, input_link, node_by_title, node_by_type, origin
 
@@ -174,3 +175,154 @@ def test_flux_workflow_is_ui_format(flux_workflow):
     assert any("flux1-dev.safetensors" in t and "t5xxl_fp16.safetensors" in t and "ae.safetensors" in t
                and "single blocks" in t and "side by side" in t for t in notes)
     assert any("ignored" in t and "cfg 1" in t and "cfg above 1" in t for t in notes)
+
+
+# --- the world's examples: the same techniques on the pack's own model, no download -------------------------
+
+WORLD = "World model (no download)"
+WORLD_CHECKPOINT = "personalize_world.safetensors"
+WORLD_STEMS = ["personalize_world_freecustom_multi_reference", "personalize_world_freemix_structure_appearance",
+               "personalize_world_mudi_compose"]
+WORLD_SUBJECTS = {"circle": ("teal", "checkered", "circle"), "square": ("orange", "striped", "square"),
+                  "star": ("green", "plain", "star"), "diamond": ("purple", "checkered", "diamond")}
+
+
+def _world(stem):
+    return json.loads((WORKFLOWS / f"{stem}.json").read_text(encoding="utf-8"))
+
+
+def _world_file(subject, mask=False):
+    return "personalize_world_" + "_".join(WORLD_SUBJECTS[subject]) + ("_mask" if mask else "") + ".png"
+
+
+def _image_and_mask(wf, node, image_input="image", mask_input="mask"):
+    """The file names behind a node's image input and its mask input (Load Image > Image To Mask, red)."""
+    img, _ = origin(wf, node, image_input)
+    to_mask, _ = origin(wf, node, mask_input)
+    assert to_mask["type"] == "ImageToMask" and to_mask["widgets_values"] == ["red"]
+    return img["widgets_values"][0], origin(wf, to_mask, "image")[0]["widgets_values"][0]
+
+
+def test_world_stems_are_every_shipped_world_workflow():
+    assert sorted(p.stem for p in WORKFLOWS.glob("personalize_world_*.json")) == WORLD_STEMS
+
+
+@pytest.mark.parametrize("stem", WORLD_STEMS)
+def test_world_workflow_is_marked_and_uses_the_worlds_settings(stem):
+    """UI format, the world checkpoint in a loader titled as the world's, a Read-me note that says so and
+    how to build the file, the world's sampler defaults (euler / normal, 20 steps, cfg 5, no negative,
+    128x128), Reference Encode at 128 with mask weight 3, and only shipped world inputs."""
+    wf = _world(stem)
+    assert_ui_format(wf, WORKFLOWS / f"{stem}.json")
+    assert all(n["mode"] == 0 for n in wf["nodes"])
+    ckpt = node_by_type(wf, "CheckpointLoaderSimple")
+    assert ckpt["widgets_values"] == [WORLD_CHECKPOINT] and WORLD in ckpt["title"]
+    notes = [n for n in wf["nodes"] if n["type"] == "Note"]
+    assert len(notes) == 1 and notes[0]["title"].startswith(f"Read me: {WORLD}")
+    text = notes[0]["widgets_values"][0]
+    assert text.startswith(WORLD) and "tools/world.py build" in text and WORLD_CHECKPOINT in text
+
+    assert node_by_title(wf, "Prompt")["widgets_values"] != [""]
+    negative = [n for n in wf["nodes"] if n.get("title", "").startswith("Negative prompt")]
+    assert len(negative) == 1 and negative[0]["widgets_values"] == [""]
+    assert node_by_type(wf, "EmptyLatentImage")["widgets_values"] == [128, 128, 1]
+    samplers = [n for n in wf["nodes"] if n["type"] == "KSampler"]
+    if samplers:
+        assert samplers[0]["widgets_values"] == [42, "fixed", 20, 5.0, "euler", "normal", 1.0]
+    else:
+        assert node_by_type(wf, "CFGGuider")["widgets_values"] == [5.0]
+        assert node_by_type(wf, "KSamplerSelect")["widgets_values"] == ["euler"]
+        assert node_by_type(wf, "BasicScheduler")["widgets_values"] == ["normal", 20, 1.0]
+    for enc in (n for n in wf["nodes"] if n["type"] == "PersonalizeReferenceEncode"):
+        assert enc["widgets_values"] == [3.0, 0.5, False, 128]
+        assert input_link(wf, enc, "vae") == (ckpt["id"], 2)
+    loaded = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LoadImage"}
+    assert loaded and all(name.startswith("personalize_world_") and name.endswith(".png") for name in loaded)
+    assert loaded <= {p.name for p in SHIPPED_INPUTS.iterdir()}
+    assert (WORKFLOWS / f"{stem}.jpg").is_file()
+
+
+def test_world_mrsa_workflow():
+    """Two chained references (a subject each, masked, captioned with its full description) and a prompt
+    that names only the shapes, so colour and pattern can only come from the references."""
+    wf = _world("personalize_world_freecustom_multi_reference")
+    ckpt = node_by_type(wf, "CheckpointLoaderSimple")
+    assert node_by_title(wf, "Prompt")["widgets_values"] == ["a circle and a square"]
+    mra = node_by_type(wf, "PersonalizeMultiReferenceAttention")
+    assert mra["widgets_values"][:6] == ["SD1.5 FreeCustom (output 6-11)", "output:6-11", 0.0, 1.0, 1.0, 0]
+    assert input_link(wf, mra, "model") == (ckpt["id"], 0)
+    ks = node_by_type(wf, "KSampler")
+    assert input_link(wf, ks, "model") == (mra["id"], 0)
+    circle, square = (node_by_title(wf, f"Reference Encode: {s}") for s in ("circle", "square"))
+    assert input_link(wf, mra, "references") == (square["id"], 0)
+    assert input_link(wf, square, "references") == (circle["id"], 0)
+    for enc, subject, caption in ((circle, "circle", "a teal checkered circle"),
+                                  (square, "square", "an orange striped square")):
+        assert _image_and_mask(wf, enc) == (_world_file(subject), _world_file(subject, mask=True))
+        assert origin(wf, enc, "caption")[0]["widgets_values"] == [caption]
+    assert node_by_type(wf, "SaveImage")["widgets_values"] == ["personalize_world_freecustom"]
+
+
+def test_world_dmsa_workflow():
+    """Structure from the green star, appearance from the purple checkered diamond, masks from files (no
+    SAM), prompt "a star" with the blend word "star"."""
+    wf = _world("personalize_world_freemix_structure_appearance")
+    assert not any(n["type"].startswith("PersonalizeSAM") for n in wf["nodes"])
+    assert node_by_title(wf, "Prompt")["widgets_values"] == ["a star"]
+    dmsa = node_by_type(wf, "PersonalizeDisentangleMixingAttention")
+    assert dmsa["widgets_values"][:3] == ["a star", "star", "SD1.5 FreeMix"]
+    ckpt = node_by_type(wf, "CheckpointLoaderSimple")
+    assert input_link(wf, dmsa, "model") == (ckpt["id"], 0) and input_link(wf, dmsa, "clip") == (ckpt["id"], 1)
+    assert input_link(wf, node_by_type(wf, "KSampler"), "model") == (dmsa["id"], 0)
+    for role, subject in (("structure", "star"), ("appearance", "diamond")):
+        enc, _ = origin(wf, dmsa, role)
+        assert enc["title"] == f"Reference Encode: {role} ({subject})"
+        assert _image_and_mask(wf, enc) == (_world_file(subject), _world_file(subject, mask=True))
+        caption = "a {} {} {}".format(*WORLD_SUBJECTS[subject])
+        assert origin(wf, enc, "caption")[0]["widgets_values"] == [caption]
+
+
+def test_world_mudi_workflow():
+    """Two subjects composed on a 128x128 canvas (8 px margin), mean-shifted noise into
+    SamplerCustomAdvanced, a prompt naming both subjects fully; no LoRA and no Detect-and-Compare (their
+    models are downloads)."""
+    wf = _world("personalize_world_mudi_compose")
+    types = {n["type"] for n in wf["nodes"]}
+    assert "LoraLoader" not in types and not any(t.startswith("PersonalizeDetectCompare") for t in types)
+    assert [g["title"][:2] for g in wf["groups"]] == ["1.", "2."]
+    assert node_by_title(wf, "Prompt")["widgets_values"] == ["a teal checkered circle and an orange striped square"]
+    comp = node_by_type(wf, "PersonalizeSubjectComposer")
+    assert comp["widgets_values"] == [128, 128, "random", 0.75, 1.0, 0.0, "white", 20, 8]
+    ckpt = node_by_type(wf, "CheckpointLoaderSimple")
+    noise = node_by_type(wf, "PersonalizeMeanShiftedNoise")
+    assert noise["widgets_values"] == [1.0, 42, "fixed"]
+    for cls in ("PersonalizeMeanShiftedNoise", "CFGGuider", "BasicScheduler"):
+        assert input_link(wf, node_by_type(wf, cls), "model") == (ckpt["id"], 0)
+    assert input_link(wf, noise, "masks") == (comp["id"], 1)
+    assert input_link(wf, node_by_type(wf, "SamplerCustomAdvanced"), "noise") == (noise["id"], 0)
+    circle, square = (node_by_title(wf, f"Subject (MuDI): {s}") for s in ("circle", "square"))
+    assert input_link(wf, square, "subjects") == (circle["id"], 0)
+    for subj, subject in ((circle, "circle"), (square, "square")):
+        assert subj["widgets_values"] == [subject]
+        assert _image_and_mask(wf, subj) == (_world_file(subject), _world_file(subject, mask=True))
+
+
+def test_world_inputs_are_the_scene_generators_drawings():
+    """Each shipped world input is what tools/workflows/world_inputs.py draws with world/data.py (so
+    tools/make_workflows.py reproduces it): the subject alone on a pale background, its mask exactly
+    where its colour is."""
+    from PIL import Image
+    from workflows.world_inputs import render_subject
+
+    from personalize_pack.world import data
+    for subject, (colour, pattern, shape) in WORLD_SUBJECTS.items():
+        image, mask = render_subject(subject)
+        with Image.open(SHIPPED_INPUTS / _world_file(subject)) as im:
+            assert im.mode == "RGB" and im.size == (128, 128)
+            assert np.array_equal(np.asarray(im), image)
+        with Image.open(SHIPPED_INPUTS / _world_file(subject, mask=True)) as im:
+            assert im.mode == "L"
+            assert np.array_equal(np.asarray(im) > 127, mask)
+        base = np.array(data.COLOURS[colour], np.uint8)
+        assert (image[mask] == base).all(axis=-1).any() and not (image[~mask] == base).all(axis=-1).any()
+        assert 34 ** 2 / 4 < mask.sum() < 50 ** 2                        # one object of the world's size

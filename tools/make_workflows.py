@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Generate the shipped example workflows (UI format) from the live node schemas, their thumbnails
-and, optionally, the example input images.
+and the example input images: the world's always (drawn by world/data.py, deterministic), the photos
+when a shared data folder is given.
 
     COMFYUI_PATH=/path/to/ComfyUI python tools/make_workflows.py [--inputs-from SHARED_DATA_DIR]
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run_workflow as rw
 from workflows import recipes, thumbnails
 from workflows import settings as st
+from workflows.world_inputs import write_world_inputs
 
 # (source image, source mask, shipped image, shipped mask) relative to the shared data folder
 INPUT_SOURCES = [
@@ -69,6 +71,8 @@ def main() -> int:
     a = parser.parse_args()
     if a.inputs_from:
         prepare_inputs(a.inputs_from)
+    for path in write_world_inputs():
+        print(f"wrote {path}")
 
     rw.import_comfyui(rw.find_comfyui(a.comfyui))
     asyncio.run(rw.ensure_nodes())
@@ -94,9 +98,12 @@ def main() -> int:
                            (st.FREECURE, recipes.freecure_workflow, thumbnails.thumbnail_freecure),
                            (st.MUDI, recipes.mudi_workflow, thumbnails.thumbnail_mudi),
                            (st.MUDI_TRAIN, recipes.mudi_train_workflow, thumbnails.thumbnail_mudi_train),
-                           (st.FREECUSTOM_FLUX, recipes.freecustom_flux_workflow, thumbnails.thumbnail_flux)):
+                           (st.FREECUSTOM_FLUX, recipes.freecustom_flux_workflow, thumbnails.thumbnail_flux),
+                           (st.WORLD_FREECUSTOM, recipes.freecustom_workflow, thumbnails.thumbnail_world_freecustom),
+                           (st.WORLD_FREEMIX, recipes.freemix_workflow, thumbnails.thumbnail_world_freemix),
+                           (st.WORLD_MUDI, recipes.mudi_workflow, thumbnails.thumbnail_world_mudi)):
         out = st.WORKFLOWS / f"{c['stem']}.json"
-        out.write_text(json.dumps(build(schemas, classes), indent=2) + "\n", encoding="utf-8")
+        out.write_text(json.dumps(build(schemas, classes, c), indent=2) + "\n", encoding="utf-8")
         card(st.WORKFLOWS / f"{c['stem']}.jpg")
         print(f"wrote {out} and its thumbnail")
     return 0

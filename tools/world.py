@@ -4,6 +4,7 @@
     python tools/world.py train unet  --out world/weights
     python tools/world.py train scorer --out world/weights
     python tools/world.py build --comfyui /path/to/ComfyUI      # writes models/checkpoints/personalize_world.safetensors
+    python tools/world.py demo --comfyui /path/to/ComfyUI --out world_demo   # MRSA on and off, scored
 
 Training needs a ComfyUI tree (the model classes are ComfyUI's own); see world/README.md.
 """
@@ -16,10 +17,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pack_import import import_pack  # noqa: E402
+from pack_import import import_pack
 
 pack = import_pack()
-from personalize_pack.world import host  # noqa: E402
+from personalize_pack.world import host
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "world" / "weights"
 
@@ -119,6 +120,19 @@ def quality(opts) -> None:
     print(json.dumps(results))
 
 
+def demo(opts) -> int:
+    from ui_to_api import WorkflowError
+    from world_demo import run_demo, table
+    try:
+        report = run_demo(opts.comfyui, Path(opts.weights), Path(opts.out), opts.models, opts.seed, opts.rebuild,
+                          opts.cpu, log=lambda msg: print(msg, flush=True))
+    except (WorkflowError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(table(report))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -144,6 +158,15 @@ def main(argv=None) -> int:
     q.add_argument("--checkpoint", default=None, help="the built checkpoint (default: in ComfyUI's models)")
     q.add_argument("--rebuild", action="store_true", help="build the checkpoint again from --weights")
     q.add_argument("--seeds", type=int, default=4, help="samples per prompt")
+    d = sub.add_parser("demo", help="run the shipped world MRSA workflow with and without MRSA and score both")
+    d.add_argument("--comfyui", default=None, help="ComfyUI tree (default: $COMFYUI_PATH)")
+    d.add_argument("--weights", default=str(WEIGHTS), help="folder of the world's weights (default: world/weights)")
+    d.add_argument("--out", default="world_demo", help="folder for the two images and the scores (default: world_demo)")
+    d.add_argument("--models", default=None, help="models folder holding checkpoints/ (default: ComfyUI's models/); "
+                                                  "the world checkpoint is built there when missing")
+    d.add_argument("--seed", type=int, default=None, help="sampler seed for both runs (default: the workflow's)")
+    d.add_argument("--rebuild", action="store_true", help="rebuild the checkpoint from --weights even if it exists")
+    d.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA is available")
     opts = ap.parse_args(argv)
     if opts.cmd == "quality":
         quality(opts)
@@ -151,6 +174,8 @@ def main(argv=None) -> int:
         train(opts)
     elif opts.cmd == "build":
         build(opts)
+    elif opts.cmd == "demo":
+        return demo(opts)
     return 0
 
 

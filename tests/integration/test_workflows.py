@@ -35,6 +35,10 @@ DC_NODES = ("PersonalizeDetectCompareLoader", "PersonalizeDetectCompareSubject",
 FLUX_SINGLE = "FLUX dev/schnell: single blocks"
 TINY_FLUX, TINY_FLUX_VAE = "tiny_flux_workflow.safetensors", "tiny_flux_workflow_ae.safetensors"
 SAM_FILE = "sam_vit_b_01ec64.pth"      # the name the FreeMix example uses; holds the tiny SAM here
+WORLD_CIRCLE_SQUARE = [f"personalize_world_{s}{m}.png" for s in ("teal_checkered_circle", "orange_striped_square")
+                       for m in ("", "_mask")]
+WORLD_STAR_DIAMOND = [f"personalize_world_{s}{m}.png" for s in ("green_plain_star", "purple_checkered_diamond")
+                      for m in ("", "_mask")]
 
 
 @dataclass
@@ -370,6 +374,14 @@ def _check_flux(run, images):
     assert (diff > 0).mean() > 0.05, (diff.max(), diff.mean())
 
 
+def _prepare_world(run):
+    """The world examples run as shipped (128 px, 20 steps) on the world checkpoint that
+    ``world.checkpoint.build`` makes from the world's weights (the ``world_models_dir`` fixture skips,
+    saying why, without them), in place of the tiny random models."""
+    run.models_dir = run.request.getfixturevalue("world_models_dir")
+    run.state["temp_dir"] = run.request.getfixturevalue("temp_dir")      # MuDI's collage preview
+
+
 SD15_64 = {"CheckpointLoaderSimple.ckpt_name": TINY_SD15, "EmptyLatentImage.width": 64,
            "EmptyLatentImage.height": 64, "KSampler.steps": 2}
 MUDI_OVERRIDES = {"CheckpointLoaderSimple.ckpt_name": TINY_SD15,
@@ -410,6 +422,12 @@ CASES = {
          "EmptySD3LatentImage.width": 64, "EmptySD3LatentImage.height": 64,
          "PersonalizeReferenceEncode.resolution": 64, "KSampler.steps": 2},
         CAT_DOG, ["personalize_freecustom_flux"], 64, prepare=_prepare_flux, check=_check_flux),
+    "personalize_world_freecustom_multi_reference": Case(
+        {}, WORLD_CIRCLE_SQUARE, ["personalize_world_freecustom"], 128, prepare=_prepare_world),
+    "personalize_world_freemix_structure_appearance": Case(
+        {}, WORLD_STAR_DIAMOND, ["personalize_world_freemix"], 128, prepare=_prepare_world),
+    "personalize_world_mudi_compose": Case(
+        {}, WORLD_CIRCLE_SQUARE, ["personalize_world_mudi"], 128, prepare=_prepare_world),
 }
 SHIPPED = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
@@ -573,3 +591,23 @@ def test_flux_workflow_is_reproduced_by_the_generator(tiny_models_dir, tmp_path)
     assert recipes.freecustom_flux_workflow(schemas, nodes.NODE_CLASS_MAPPINGS) == shipped
     thumbnails.thumbnail_flux(tmp_path / "card.jpg")
     assert (tmp_path / "card.jpg").read_bytes() == flux.with_suffix(".jpg").read_bytes()
+
+
+@pytest.mark.parametrize("stem", ["personalize_world_freecustom_multi_reference",
+                                  "personalize_world_freemix_structure_appearance", "personalize_world_mudi_compose"])
+def test_world_workflows_are_reproduced_by_the_generator(stem, tiny_models_dir, tmp_path):
+    """The shipped world JSON and thumbnail are what tools/make_workflows.py writes with the live schemas, from the
+    settings passed to the shared recipes."""
+    import nodes
+    from workflows import recipes, thumbnails
+    from workflows import settings as st
+    settings, build, card = {
+        st.WORLD_FREECUSTOM["stem"]: (st.WORLD_FREECUSTOM, recipes.freecustom_workflow,
+                                      thumbnails.thumbnail_world_freecustom),
+        st.WORLD_FREEMIX["stem"]: (st.WORLD_FREEMIX, recipes.freemix_workflow, thumbnails.thumbnail_world_freemix),
+        st.WORLD_MUDI["stem"]: (st.WORLD_MUDI, recipes.mudi_workflow, thumbnails.thumbnail_world_mudi)}[stem]
+    shipped = json.loads((WORKFLOWS / f"{stem}.json").read_text(encoding="utf-8"))
+    schemas = rw.live_schemas(sorted({n["type"] for n in shipped["nodes"]} - {"Note"}))
+    assert build(schemas, nodes.NODE_CLASS_MAPPINGS, settings) == shipped
+    card(tmp_path / "card.jpg")
+    assert (tmp_path / "card.jpg").read_bytes() == (WORKFLOWS / f"{stem}.jpg").read_bytes()

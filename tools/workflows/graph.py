@@ -88,11 +88,14 @@ class Graph:
 
 
 def checkpoint_and_prompts(g, c, note: str, note_height: int, note_title: str):
-    """Load Checkpoint, the read-me note and the two prompts: (checkpoint, positive, negative)."""
-    ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), "Load Checkpoint (SD1.5)", ckpt_name=c["checkpoint"])
+    """Load Checkpoint, the read-me note and the two prompts: (checkpoint, positive, negative); ``c`` may
+    retitle the checkpoint and the negative prompt (``checkpoint_title``, ``negative_title``)."""
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), c.get("checkpoint_title", "Load Checkpoint (SD1.5)"),
+                  ckpt_name=c["checkpoint"])
     g.note(note, (0, 140), (320, note_height), title=note_title)
     pos = g.node("CLIPTextEncode", (380, 0), (400, 160), "Prompt", text=c["prompt"])
-    neg = g.node("CLIPTextEncode", (380, 200), (400, 160), "Negative prompt (FreeCustom)", text=c["negative"])
+    neg = g.node("CLIPTextEncode", (380, 200), (400, 160), c.get("negative_title", "Negative prompt (FreeCustom)"),
+                 text=c["negative"])
     g.link(ckpt, 1, pos, "clip")
     g.link(ckpt, 1, neg, "clip")
     return ckpt, pos, neg

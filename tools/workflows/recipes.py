@@ -6,11 +6,15 @@ from .graph import Graph, checkpoint_and_prompts, decode_and_save, reference_cha
 from .settings import FREECURE, FREECUSTOM, FREECUSTOM_FLUX, FREEMIX, MIP, MUDI, MUDI_TRAIN, read_note
 
 
-def freecustom_workflow(schemas: dict, classes: dict) -> dict:
-    c = FREECUSTOM
+def _note_title(c: dict, default: str) -> str:
+    return f"Read me: {c['title']}" if "title" in c else default
+
+
+def freecustom_workflow(schemas: dict, classes: dict, c: dict = FREECUSTOM) -> dict:
+    """MRSA with the references of ``c`` (FREECUSTOM, or the world's WORLD_FREECUSTOM)."""
     g = Graph(schemas, classes)
     ckpt, pos, neg = checkpoint_and_prompts(g, c, read_note(c["stem"]), 620,
-                                          "Read me: FreeCustom multi-reference")
+                                          _note_title(c, "Read me: FreeCustom multi-reference"))
 
     refs = reference_chain(g, c, (ckpt, 1), (ckpt, 2), 420)
     mra = g.node("PersonalizeMultiReferenceAttention", (1440, 420), (340, 250), None,
@@ -18,13 +22,13 @@ def freecustom_workflow(schemas: dict, classes: dict) -> dict:
                  end_percent=1.0, style_fidelity=1.0, seed=0)
     g.link(ckpt, 0, mra, "model")
     g.link(refs, 0, mra, "references")
-    sample_and_save(g, c, ckpt, mra, pos, neg, 1440, "KSampler (DDIM, as FreeCustom)", "personalize_freecustom")
+    sample_and_save(g, c, ckpt, mra, pos, neg, 1440, c.get("sampler_title", "KSampler (DDIM, as FreeCustom)"),
+                    c.get("prefix", "personalize_freecustom"))
     return g.to_json()
 
 
-def freecustom_flux_workflow(schemas: dict, classes: dict) -> dict:
+def freecustom_flux_workflow(schemas: dict, classes: dict, c: dict = FREECUSTOM_FLUX) -> dict:
     """The FreeCustom example on FLUX.1 dev: core's split FLUX loaders, FluxGuidance, cfg 1."""
-    c = FREECUSTOM_FLUX
     g = Graph(schemas, classes)
     unet = g.node("UNETLoader", (0, 0), (320, 82), "Load Diffusion Model (FLUX.1 dev)", unet_name=c["unet"],
                   weight_dtype="default")
@@ -59,26 +63,37 @@ def freecustom_flux_workflow(schemas: dict, classes: dict) -> dict:
     return g.to_json()
 
 
-def freemix_workflow(schemas: dict, classes: dict) -> dict:
-    c = FREEMIX
+def freemix_workflow(schemas: dict, classes: dict, c: dict = FREEMIX) -> dict:
+    """DMSA with the structure and appearance references of ``c``: FREEMIX cuts its subjects out with SAM (refs
+    ``(role, subject, image, caption, SAM mode, points, box)``), the world's WORLD_FREEMIX loads mask images
+    (refs ``(role, subject, image, caption, mask image)``)."""
     g = Graph(schemas, classes)
     ckpt, pos, neg = checkpoint_and_prompts(g, c, read_note(c["stem"]), 760,
-                                          "Read me: FreeMix structure + appearance")
-    sam = g.node("PersonalizeSAMModelLoader", (380, 400), (320, 82), "SAM Model Loader (ViT-B)", model_name=c["sam"],
-                 device="auto")
+                                          _note_title(c, "Read me: FreeMix structure + appearance"))
+    sam = None
+    if "sam" in c:
+        sam = g.node("PersonalizeSAMModelLoader", (380, 400), (320, 82), "SAM Model Loader (ViT-B)",
+                     model_name=c["sam"], device="auto")
 
     encoded = {}
-    for k, (role, subject, image, caption, mode, points, box) in enumerate(c["refs"]):
+    for k, (role, subject, image, caption, *masking) in enumerate(c["refs"]):
         y = 540 + k * 560
         img = g.node("LoadImage", (380, y), (300, 330), f"{role.capitalize()} reference: {subject}", image=image)
-        seg = g.node("PersonalizeSAMMask", (720, y), (320, 330), f"SAM mask: {subject} ({mode})", mode=mode,
-                     points=points, negative_points="", box=box, units="pixels", multimask="auto", threshold=0.0,
-                     grid=8, min_confidence=0.88)
+        if sam is not None:
+            mode, points, box = masking
+            seg = g.node("PersonalizeSAMMask", (720, y), (320, 330), f"SAM mask: {subject} ({mode})", mode=mode,
+                         points=points, negative_points="", box=box, units="pixels", multimask="auto", threshold=0.0,
+                         grid=8, min_confidence=0.88)
+            g.link(sam, 0, seg, "sam")
+            g.link(img, 0, seg, "image")
+        else:
+            msk = g.node("LoadImage", (720, y), (320, 330), f"{role.capitalize()} reference: {subject} mask",
+                         image=masking[0])
+            seg = g.node("ImageToMask", (1080, y + 300), (320, 60), f"{subject} mask (red channel)", channel="red")
+            g.link(msk, 0, seg, "image")
         cap = g.node("CLIPTextEncode", (720, y + 370), (320, 110), f"{role.capitalize()} caption", text=caption)
         enc = g.node("PersonalizeReferenceEncode", (1080, y), (320, 260), f"Reference Encode: {role} ({subject})",
                      weight=3.0, mask_threshold=0.5, soft_mask=False, resolution=c["size"])
-        g.link(sam, 0, seg, "sam")
-        g.link(img, 0, seg, "image")
         g.link(ckpt, 1, cap, "clip")
         g.link(img, 0, enc, "image")
         g.link(ckpt, 2, enc, "vae")
@@ -94,12 +109,12 @@ def freemix_workflow(schemas: dict, classes: dict) -> dict:
     g.link(encoded["structure"], 0, dmsa, "structure")
     g.link(encoded["appearance"], 0, dmsa, "appearance")
     g.link(ckpt, 1, dmsa, "clip")
-    sample_and_save(g, c, ckpt, dmsa, pos, neg, 1460, "KSampler (DDIM, as FreeMix)", "personalize_freemix")
+    sample_and_save(g, c, ckpt, dmsa, pos, neg, 1460, c.get("sampler_title", "KSampler (DDIM, as FreeMix)"),
+                    c.get("prefix", "personalize_freemix"))
     return g.to_json()
 
 
-def mip_workflow(schemas: dict, classes: dict) -> dict:
-    c = MIP
+def mip_workflow(schemas: dict, classes: dict, c: dict = MIP) -> dict:
     g = Graph(schemas, classes)
     ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), "Load Checkpoint (SDXL)", ckpt_name=c["checkpoint"])
     g.note(read_note(c["stem"]), (0, 140), (320, 900), title="Read me: MIP-Adapter multi-object")
@@ -143,8 +158,7 @@ def mip_workflow(schemas: dict, classes: dict) -> dict:
     return g.to_json()
 
 
-def freecure_workflow(schemas: dict, classes: dict) -> dict:
-    c = FREECURE
+def freecure_workflow(schemas: dict, classes: dict, c: dict = FREECURE) -> dict:
     g = Graph(schemas, classes)
     ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), "Load Checkpoint (SDXL)", ckpt_name=c["checkpoint"])
     g.note(read_note(c["stem"]), (0, 140), (320, 900), title="Read me: FreeCure with PhotoMaker")
@@ -198,18 +212,24 @@ def freecure_workflow(schemas: dict, classes: dict) -> dict:
     return g.to_json()
 
 
-def mudi_workflow(schemas: dict, classes: dict) -> dict:
-    c = MUDI
+def mudi_workflow(schemas: dict, classes: dict, c: dict = MUDI) -> dict:
+    """MuDI's composition, mean-shifted noise and sampling with the subjects of ``c``; with ``c["lora"]`` an optional
+    (bypassed) LoRA loader in front, with ``c["threshold"]`` the Detect-and-Compare score behind (MUDI has both, the
+    world's WORLD_MUDI neither)."""
     g = Graph(schemas, classes)
     # left: checkpoint, the optional LoRA (bypassed) and the notes
-    ckpt = g.node("CheckpointLoaderSimple", (0, 0), (340, 98), "Load Checkpoint (SDXL)", ckpt_name=c["checkpoint"])
-    lora = g.node("LoraLoader", (0, 150), (340, 130), "Load LoRA: your subjects' LoRA (bypassed)",
-                  lora_name=c["lora"], strength_model=1.0, strength_clip=1.0)
-    lora["mode"] = 4                                   # bypassed: MODEL and CLIP pass through unchanged
-    g.link(ckpt, 0, lora, "model")
-    g.link(ckpt, 1, lora, "clip")
-    g.note(read_note(c["stem"] + ".lora"), (0, 330), (340, 330), title="Read me: the subjects' LoRA (optional)")
-    g.note(read_note(c["stem"]), (0, 710), (340, 1000), title="Read me: MuDI compose and score")
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), (340, 98), c.get("checkpoint_title", "Load Checkpoint (SDXL)"),
+                  ckpt_name=c["checkpoint"])
+    model = ckpt
+    if "lora" in c:
+        model = g.node("LoraLoader", (0, 150), (340, 130), "Load LoRA: your subjects' LoRA (bypassed)",
+                       lora_name=c["lora"], strength_model=1.0, strength_clip=1.0)
+        model["mode"] = 4                              # bypassed: MODEL and CLIP pass through unchanged
+        g.link(ckpt, 0, model, "model")
+        g.link(ckpt, 1, model, "clip")
+        g.note(read_note(c["stem"] + ".lora"), (0, 330), (340, 330), title="Read me: the subjects' LoRA (optional)")
+    g.note(read_note(c["stem"]), (0, 710 if "lora" in c else 140), (340, 1000),
+           title=_note_title(c, "Read me: MuDI compose and score"))
 
     # 1. the subjects and their collage
     g.group("1. Subjects: photo + mask, composed (MuDI)", (380, -75, 1380, 1075))
@@ -228,15 +248,16 @@ def mudi_workflow(schemas: dict, classes: dict) -> dict:
         photos[name], subjects = img, subj
     comp = g.node("PersonalizeSubjectComposer", (1400, 0), (340, 330), None, width=c["size"], height=c["size"],
                   placement="random", scale_min=0.75, scale_max=1.0, max_overlap=0.0, background="white",
-                  seed=c["compose_seed"], margin=32)
+                  seed=c["compose_seed"], margin=c.get("margin", 32))
     g.link(subjects, 0, comp, "subjects")
     shown = g.node("PreviewImage", (1400, 380), (340, 400), "Composed subjects (preview)")
     g.link(comp, 0, shown, "images")
 
     # 2. mean-shifted noise and sampling with core nodes
-    g.group("2. Mean-shifted noise + sampling (SDXL, core nodes)", (1800, -75, 1380, 1075))
+    g.group(f"2. Mean-shifted noise + sampling ({c.get('model_name', 'SDXL')}, core nodes)", (1800, -75, 1380, 1075))
     pos = g.node("CLIPTextEncode", (1820, 0), (400, 150), "Prompt", text=c["prompt"])
-    neg = g.node("CLIPTextEncode", (1820, 200), (400, 150), "Negative prompt", text=c["negative"])
+    neg = g.node("CLIPTextEncode", (1820, 200), (400, 150), c.get("negative_title", "Negative prompt"),
+                 text=c["negative"])
     noise = g.node("PersonalizeMeanShiftedNoise", (1820, 400), (400, 200), None, noise_seed=c["seed"])
     latent = g.node("EmptyLatentImage", (1820, 650), (400, 110), "Empty Latent Image (the size: as the canvas)",
                     width=c["size"], height=c["size"], batch_size=1)
@@ -245,24 +266,29 @@ def mudi_workflow(schemas: dict, classes: dict) -> dict:
     sigmas = g.node("BasicScheduler", (2260, 260), (320, 110), None, scheduler=c["scheduler"], steps=c["steps"],
                     denoise=1.0)
     for clip_user in (pos, neg):
-        g.link(lora, 1, clip_user, "clip")
-    g.link(lora, 0, noise, "model")
+        g.link(model, 1, clip_user, "clip")
+    g.link(model, 0, noise, "model")
     g.link(comp, 0, noise, "image")
     g.link(ckpt, 2, noise, "vae")
     g.link(comp, 1, noise, "masks")
-    g.link(lora, 0, guider, "model")
+    g.link(model, 0, guider, "model")
     g.link(pos, 0, guider, "positive")
     g.link(neg, 0, guider, "negative")
-    g.link(lora, 0, sigmas, "model")
+    g.link(model, 0, sigmas, "model")
     run = g.node("SamplerCustomAdvanced", (2620, 0), (320, 130), None)
     g.link(noise, 0, run, "noise")
     g.link(guider, 0, run, "guider")
     g.link(sampler, 0, run, "sampler")
     g.link(sigmas, 0, run, "sigmas")
     g.link(latent, 0, run, "latent_image")
-    decode = decode_and_save(g, ckpt, run, (2620, 180), 100, (520, 560), "personalize_mudi")
+    decode = decode_and_save(g, ckpt, run, (2620, 180), 100, (520, 560), c.get("prefix", "personalize_mudi"))
+    if "threshold" in c:
+        _detect_and_compare(g, c, photos, decode)
+    return g.to_json()
 
-    # 3. the score
+
+def _detect_and_compare(g, c, photos: dict, decode) -> None:
+    """3. the score: Detect-and-Compare of the decoded image against each subject's photo."""
     g.group("3. Score: Detect-and-Compare (MuDI)", (3220, -75, 960, 1075))
     models = g.node("PersonalizeDetectCompareLoader", (3240, 0), (360, 82), None)
     chain = None
@@ -282,11 +308,9 @@ def mudi_workflow(schemas: dict, classes: dict) -> dict:
     g.link(score, 1, annotated, "images")
     report = g.node("PreviewAny", (3640, 770), (520, 200), "D&C report")
     g.link(score, 2, report, "source")
-    return g.to_json()
 
 
-def mudi_train_workflow(schemas: dict, classes: dict) -> dict:
-    c = MUDI_TRAIN
+def mudi_train_workflow(schemas: dict, classes: dict, c: dict = MUDI_TRAIN) -> dict:
     g = Graph(schemas, classes)
     ckpt = g.node("CheckpointLoaderSimple", (0, 0), (340, 98), "Load Checkpoint (SDXL)", ckpt_name=c["checkpoint"])
     g.note(read_note(c["stem"]), (0, 140), (340, 1160), title="Read me: MuDI Seg-Mix LoRA training")

@@ -139,7 +139,68 @@ MUDI_TRAIN = dict(
 )
 
 
-ALL = (FREECUSTOM, FREEMIX, MIP, FREECURE, MUDI, MUDI_TRAIN, FREECUSTOM_FLUX)
+# The world's examples (the package world/): the same techniques on the pack's own tiny model of coloured shapes, which
+# tools/world.py builds from the committed weights, so they run with no download. Their references are scenes of the
+# world drawn by world/data.py (tools/workflows/world_inputs.py), one subject each: (colour, pattern, shape). The
+# prompts name only what the reference must not supply (MRSA: the shapes; DMSA: the structure's shape), except
+# MuDI's, which names both subjects fully (its technique places subjects, it does not copy their look). The
+# sampler settings are the world's defaults (world/runtime.py): euler / normal, 20 steps, cfg 5, no negative.
+WORLD = "World model (no download)"
+WORLD_SUBJECTS = {"circle": ("teal", "checkered", "circle"), "square": ("orange", "striped", "square"),
+                  "star": ("green", "plain", "star"), "diamond": ("purple", "checkered", "diamond")}
+
+
+def world_files(subject: str) -> tuple[str, str]:
+    """The shipped image and mask of one of the world's subjects."""
+    stem = "personalize_world_" + "_".join(WORLD_SUBJECTS[subject])
+    return f"{stem}.png", f"{stem}_mask.png"
+
+
+def world_caption(subject: str) -> str:
+    """The subject's full description ("a teal checkered circle"), the reference's caption."""
+    colour, pattern, shape = WORLD_SUBJECTS[subject]
+    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {pattern} {shape}"
+
+
+_WORLD_SAMPLING = dict(checkpoint="personalize_world.safetensors", checkpoint_title=f"Load Checkpoint: {WORLD}",
+                       negative="", negative_title="Negative prompt (empty, as the world's default)",
+                       seed=42, steps=20, cfg=5.0, sampler="euler", scheduler="normal", size=128)
+
+WORLD_FREECUSTOM = dict(
+    _WORLD_SAMPLING,
+    stem="personalize_world_freecustom_multi_reference",
+    title=f"{WORLD}: FreeCustom MRSA",
+    prompt="a circle and a square",
+    refs=[(s, *world_files(s), world_caption(s)) for s in ("circle", "square")],
+    sampler_title="KSampler (the world's defaults: euler, 20 steps, cfg 5)",
+    prefix="personalize_world_freecustom",
+)
+
+WORLD_FREEMIX = dict(
+    _WORLD_SAMPLING,
+    stem="personalize_world_freemix_structure_appearance",
+    title=f"{WORLD}: FreeMix DMSA",
+    prompt="a star",
+    blend_word="star",
+    # (role, subject, image, caption, mask image): masks from files instead of SAM
+    refs=[("structure", "star", world_files("star")[0], world_caption("star"), world_files("star")[1]),
+          ("appearance", "diamond", world_files("diamond")[0], world_caption("diamond"), world_files("diamond")[1])],
+    sampler_title="KSampler (the world's defaults: euler, 20 steps, cfg 5)",
+    prefix="personalize_world_freemix",
+)
+
+WORLD_MUDI = dict(
+    _WORLD_SAMPLING,
+    stem="personalize_world_mudi_compose",
+    title=f"{WORLD}: MuDI compose",
+    prompt=f"{world_caption('circle')} and {world_caption('square')}",
+    refs=[(s, *world_files(s)) for s in ("circle", "square")],
+    compose_seed=20, margin=8, model_name="world model",
+    prefix="personalize_world_mudi",
+)
+
+WORLD_ALL = (WORLD_FREECUSTOM, WORLD_FREEMIX, WORLD_MUDI)
+ALL = (FREECUSTOM, FREEMIX, MIP, FREECURE, MUDI, MUDI_TRAIN, FREECUSTOM_FLUX, *WORLD_ALL)
 
 
 def fall_back_samplers(sampler_names, schedulers) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .settings import FREECURE, FREECUSTOM, FREECUSTOM_FLUX, FREEMIX, INPUTS, MIP, MUDI, MUDI_TRAIN
+from .settings import (FREECURE, FREECUSTOM, FREECUSTOM_FLUX, FREEMIX, INPUTS, MIP, MUDI, MUDI_TRAIN, WORLD_FREECUSTOM,
+                       WORLD_FREEMIX, WORLD_MUDI)
 
 
 def _card(title: str):
@@ -54,15 +55,16 @@ def thumbnail(path: Path) -> None:
     card.save(path, quality=90)
 
 
-def _masked_references(card, d, font, refs) -> None:
-    """The FreeCustom references as tiles: the subject tinted inside its mask, the rest darkened."""
+def _masked_references(card, d, font, refs, tint: float = 0.45) -> None:
+    """The FreeCustom references as tiles: the subject tinted inside its mask (by ``tint``: 0 shows its own
+    colours), the rest darkened."""
     from PIL import Image
 
     tints = [(255, 150, 60), (80, 170, 255)]
     for k, (subject, image, mask, caption) in enumerate(refs):
         im = Image.open(INPUTS / image).convert("RGB").resize((104, 104), Image.LANCZOS)
         m = Image.open(INPUTS / mask).convert("L").resize((104, 104), Image.BILINEAR)
-        tinted = Image.blend(im, Image.new("RGB", im.size, tints[k]), 0.45)
+        tinted = Image.blend(im, Image.new("RGB", im.size, tints[k]), tint)
         dark = Image.blend(im, Image.new("RGB", im.size, (0, 0, 0)), 0.7)
         x, y = 12, 54 + k * 122
         card.paste(Image.composite(tinted, dark, m.point(lambda v: 255 if v > 127 else 0)), (x, y))
@@ -162,18 +164,8 @@ def thumbnail_freecure(path: Path) -> None:
 def thumbnail_mudi(path: Path) -> None:
     """An honest illustrative card (no generated image): the two subjects cut out by their masks, as the
     Subject nodes see them, the nodes they go through and the prompt."""
-    from PIL import Image
-
     card, d, font = _card("MuDI: compose, sample, score")
-    tints = [(255, 150, 60), (80, 170, 255)]
-    for k, (name, image, mask) in enumerate(MUDI["refs"]):
-        im = Image.open(INPUTS / image).convert("RGB").resize((104, 104), Image.LANCZOS)
-        m = Image.open(INPUTS / mask).convert("L").resize((104, 104), Image.BILINEAR)
-        x, y = 12, 54 + k * 122
-        card.paste(Image.composite(im, Image.new("RGB", im.size, (255, 255, 255)),
-                                   m.point(lambda v: 255 if v > 127 else 0)), (x, y))
-        d.rectangle((x - 1, y - 1, x + 104, y + 104), outline=tints[k])
-        _reference_tile(d, font, k, tints[k], f"{name} (cut out)")
+    _cut_outs(card, d, font, [(image, mask, f"{name} (cut out)") for name, image, mask in MUDI["refs"]])
     _node_chain(d, font, [("Subject x2 > Composer", f"cut-outs on white, {MUDI['size']}x{MUDI['size']}"),
                           ("Mean-Shifted Noise", "start noise shifted to the collage"),
                           ("Sample > Detect-and-Compare", "SDXL 30 steps; OWLv2 + DreamSim")],
@@ -184,22 +176,72 @@ def thumbnail_mudi(path: Path) -> None:
 def thumbnail_mudi_train(path: Path) -> None:
     """An honest illustrative card (no generated image): the two subjects cut out by their masks with
     their phrases, the nodes they go through and the prompt."""
-    from PIL import Image
-
     c = MUDI_TRAIN
     card, d, font = _card("MuDI: train a Seg-Mix LoRA")
+    _cut_outs(card, d, font, [(image, mask, f'"{phrase}"') for name, phrase, image, mask in c["subjects"]])
+    t = c["train"]
+    _node_chain(d, font, [("Seg-Mix Dataset x2", "photo + mask + phrase, chained"),
+                          ("Train Seg-Mix LoRA", f"SDXL, {t['steps']} steps (MuDI: {c['mudi_steps']})"),
+                          ("Load LoRA > KSampler", "core nodes, the trained file")],
+                ['"a photo of olis cat and hta dog', ' sitting together on a sofa"'])
+    card.save(path, quality=90)
+
+
+def _cut_outs(card, d, font, items) -> None:
+    """Subject tiles: each (image, mask, caption) cut out by its mask onto white, as the Subject nodes see it."""
+    from PIL import Image
+
     tints = [(255, 150, 60), (80, 170, 255)]
-    for k, (name, phrase, image, mask) in enumerate(c["subjects"]):
+    for k, (image, mask, caption) in enumerate(items):
         im = Image.open(INPUTS / image).convert("RGB").resize((104, 104), Image.LANCZOS)
         m = Image.open(INPUTS / mask).convert("L").resize((104, 104), Image.BILINEAR)
         x, y = 12, 54 + k * 122
         card.paste(Image.composite(im, Image.new("RGB", im.size, (255, 255, 255)),
                                    m.point(lambda v: 255 if v > 127 else 0)), (x, y))
         d.rectangle((x - 1, y - 1, x + 104, y + 104), outline=tints[k])
-        _reference_tile(d, font, k, tints[k], f'"{phrase}"')
-    t = c["train"]
-    _node_chain(d, font, [("Seg-Mix Dataset x2", "photo + mask + phrase, chained"),
-                          ("Train Seg-Mix LoRA", f"SDXL, {t['steps']} steps (MuDI: {c['mudi_steps']})"),
-                          ("Load LoRA > KSampler", "core nodes, the trained file")],
-                ['"a photo of olis cat and hta dog', ' sitting together on a sofa"'])
+        _reference_tile(d, font, k, tints[k], caption)
+
+
+def _world_sampling(c: dict) -> str:
+    return f"world model, {c['steps']} steps, cfg {c['cfg']:g}"
+
+
+def thumbnail_world_freecustom(path: Path) -> None:
+    """An honest illustrative card (no generated image): the world's two references with their masks tinted,
+    the nodes they go through and the prompt that names only the shapes."""
+    c = WORLD_FREECUSTOM
+    card, d, font = _card("World: FreeCustom MRSA (no download)")
+    _masked_references(card, d, font, c["refs"], tint=0.0)
+    _node_chain(d, font, [("Reference Encode", "image + mask + caption, x2"),
+                          ("Multi-Reference Attention", "FreeCustom MRSA, output 6-11"),
+                          ("KSampler", _world_sampling(c))],
+                [f'"{c["prompt"]}"'])
+    card.save(path, quality=90)
+
+
+def thumbnail_world_freemix(path: Path) -> None:
+    """An honest illustrative card (no generated image): the world's structure and appearance references with
+    their masks tinted, the nodes they go through and the prompt."""
+    c = WORLD_FREEMIX
+    card, d, font = _card("World: FreeMix DMSA (no download)")
+    _masked_references(card, d, font, [(subject, image, mask, f"{role}: {subject}")
+                                       for role, subject, image, caption, mask in c["refs"]], tint=0.0)
+    _node_chain(d, font, [("Reference Encode", "structure + appearance"),
+                          ("Disentangle-Mixing Attention", f'FreeMix DMSA, blend word "{c["blend_word"]}"'),
+                          ("KSampler", _world_sampling(c))],
+                [f'"{c["prompt"]}"'])
+    card.save(path, quality=90)
+
+
+def thumbnail_world_mudi(path: Path) -> None:
+    """An honest illustrative card (no generated image): the world's two subjects cut out by their masks, the
+    nodes they go through and the prompt naming both."""
+    c = WORLD_MUDI
+    card, d, font = _card("World: MuDI compose (no download)")
+    _cut_outs(card, d, font, [(image, mask, f"{name} (cut out)") for name, image, mask in c["refs"]])
+    first, second = c["prompt"].split(" and ")
+    _node_chain(d, font, [("Subject x2 > Composer", f"cut-outs on white, {c['size']}x{c['size']}"),
+                          ("Mean-Shifted Noise", "start noise shifted to the collage"),
+                          ("SamplerCustomAdvanced", _world_sampling(c))],
+                [f'"{first} and', f' {second}"'])
     card.save(path, quality=90)
