@@ -25,7 +25,7 @@ CLAIMS = {
     ("mrsa", "reference_embedding"): ("MRSA raises the embedding match", lambda e: e["with"] > e["without"] and e["p"] < 0.05),
     ("mrsa", "distractor_leak"): ("the mask keeps the distractor out (masked leaks less than whole-image)",
                                   lambda e: e["with"] < e["without"]),
-    ("mrsa", "weight_zero_max_diff"): ("weight 0 samples like no MRSA", lambda e: e["with"] <= 1e-3),
+    ("mrsa", "weight_zero_max_diff"): ("a weight-0 reference changes nothing", lambda e: e["with"] <= 1e-3),
     ("mrsa", "two_subjects_own_appearance"): ("two references: both subjects in their own appearance",
                                               lambda e: e["with"] > e["without"] and e["p"] < 0.05),
     ("dmsa", "structure_and_appearance_vs_mrsa"): ("DMSA mixes structure and appearance more often than MRSA",
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--comfyui", default=None)
     ap.add_argument("--checkpoint", default=None,
                     help="the built world checkpoint (default: built into ComfyUI's models/checkpoints)")
+    ap.add_argument("--weights", default=None, help="folder of the world's weights (default: world/weights)")
     opts = ap.parse_args(argv)
     t0 = time.perf_counter()
     root = comfyui_path(opts, "bench/effects.py")
@@ -53,10 +54,11 @@ def main(argv=None) -> int:
     from personalize_pack.world import checkpoint, effects
     from personalize_pack.world.runtime import World
     path = Path(opts.checkpoint) if opts.checkpoint else root / "models" / "checkpoints" / checkpoint.CHECKPOINT_NAME
+    weights = Path(opts.weights) if opts.weights else checkpoint.WEIGHTS
     if not path.is_file():
         log(f"building the world checkpoint at {path}")
-        checkpoint.build(path)
-    world = World.load(path)
+        checkpoint.build(path, weights)
+    world = World.load(path, weights)
     checks = {}
     for name in opts.only:
         log(f"{name}: {opts.seeds} seeds")

@@ -30,5 +30,5 @@ def setup_comfy(root: Path) -> None:
         args.cpu = True
         args.use_pytorch_cross_attention = True
     args.disable_api_nodes = True
-    import comfy.model_management  # noqa: F401
+    import comfy.model_management
     import comfy.sd  # noqa: F401

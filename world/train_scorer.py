@@ -53,7 +53,7 @@ def labelled_windows(items: list) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.tensor(ys)
 
 
-def train(seed: int, tae, scenes: int = 2500, epochs: int = 20, batch: int = 64, lr: float = 2e-3, cache=None,
+def train(seed: int, tae, scenes: int = 2500, epochs: int = 12, batch: int = 64, lr: float = 2e-3, cache=None,
           log=print):
     """``cache``: a file keeping the labelled windows (they take most of the time to make)."""
     torch.manual_seed(seed)

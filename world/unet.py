@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 SD15_LAYOUT = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
                    channel_mult=[1, 1, 1, 1], num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
