@@ -58,12 +58,13 @@ def test_scores_and_table():
     plain = world_demo.score(StubReader([_found("circle", "red", "plain"), _found("star", "orange", "striped")]),
                              image, subs, refs)
     assert with_["per_subject"] == {"circle": 1.0, "square": 0.5} and with_["reference_fidelity"] == 0.75
-    assert with_["reference_embedding"] == 1.0 and with_["shapes_found"] == 2
+    assert with_["reference_embedding"] == 1.0 and with_["shapes_found"] == 2 and with_["subjects_present"] == 1
     assert plain["per_subject"] == {"circle": 0.0, "square": 0.0} and plain["shapes_found"] == 1
+    assert plain["subjects_present"] == 0
     assert plain["found"][1] == {"shape": "star", "colour": "orange", "pattern": "striped", "centre": [40.0, 60.0]}
     report = {"subjects": [{k: s[k] for k in ("shape", "colour", "pattern")} for s in subs],
               "conditions": {"plain": plain, "mrsa": with_}}
     lines = world_demo.table(report).splitlines()
     assert lines[0].startswith("| condition | circle (teal checkered) | square (orange striped) | reference fidelity")
-    assert lines[2] == "| plain (MRSA bypassed) | 0.00 | 0.00 | 0.00 | 0.50 | 1/2 |"      # the circle looks alike
-    assert lines[3] == "| with MRSA | 1.00 | 0.50 | 0.75 | 1.00 | 2/2 |"
+    assert lines[2] == "| plain (MRSA bypassed) | 0.00 | 0.00 | 0.00 | 0.50 | 1/2 | 0/2 |"      # the circle looks alike
+    assert lines[3] == "| with MRSA | 1.00 | 0.50 | 0.75 | 1.00 | 2/2 | 1/2 |"

@@ -4,9 +4,10 @@ checkpoint from the pack's weights when it is missing, run the shipped world MRS
 shipped and once with Multi-Reference Attention bypassed (its MODEL input passes through, as Ctrl+B does in the
 editor), and score both images with the world's scorer.
 
-Reference fidelity is ``world.measures.appearance_match``: on the object of each reference subject's shape,
-the share of the subject's colour and pattern it wears (0 when no object of that shape is found); the
-embedding match is the cosine of the scorer's embeddings of that object and of the reference subject.
+Reference fidelity is ``world.measures.appearance_match``: on the object of each reference subject's shape
+(the largest, when there are several), the share of the subject's colour and pattern it wears (0 when no
+object of that shape is found); the embedding match is the cosine of the scorer's embeddings of that object
+and of the reference subject; a subject is present when some object has its shape, colour and pattern.
 
 What lands in ``--out``: ``world_demo_plain.png`` and ``world_demo_mrsa.png`` (the two results, the workflow
 embedded), ``world_demo_scores.json``, the references in ``inputs/`` and ComfyUI's own output folders
@@ -78,10 +79,13 @@ def score(reader: scorer.Scorer, image, subs: list, embeddings: list) -> dict:
     per = {s["shape"]: measures.appearance_match(found, s["shape"], s["colour"], s["pattern"]) for s in subs}
     emb = [measures.embedding_match(found, s["shape"], e) for s, e in zip(subs, embeddings)]
     shapes = sum(measures.of_shape(found, s["shape"]) is not None for s in subs)
+    present = sum(any((f.shape, f.colour, f.pattern) == (s["shape"], s["colour"], s["pattern"]) for f in found)
+                  for s in subs)
     return {"reference_fidelity": round(sum(per.values()) / len(per), 4),
             "per_subject": per,
             "reference_embedding": round(sum(emb) / len(emb), 4),
             "shapes_found": shapes,
+            "subjects_present": present,
             "found": [{"shape": f.shape, "colour": f.colour, "pattern": f.pattern,
                        "centre": [round(f.cx, 1), round(f.cy, 1)]} for f in found]}
 
@@ -90,13 +94,13 @@ def table(report: dict) -> str:
     """The scores as a markdown table, one row per condition."""
     subs = report["subjects"]
     head = (["condition"] + [f"{s['shape']} ({s['colour']} {s['pattern']})" for s in subs]
-            + ["reference fidelity", "embedding match", "shapes found"])
+            + ["reference fidelity", "embedding match", "shapes found", "subjects present"])
     rows = []
     for key, label in CONDITIONS.items():
         c = report["conditions"][key]
         rows.append([label] + [f"{c['per_subject'][s['shape']]:.2f}" for s in subs]
                     + [f"{c['reference_fidelity']:.2f}", f"{c['reference_embedding']:.2f}",
-                       f"{c['shapes_found']}/{len(subs)}"])
+                       f"{c['shapes_found']}/{len(subs)}", f"{c['subjects_present']}/{len(subs)}"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -135,7 +139,8 @@ def run_demo(comfyui=None, weights: Path = checkpoint.WEIGHTS, out: Path = Path(
               "prompt": settings.WORLD_FREECUSTOM["prompt"],
               "metric": "reference fidelity: on the object of each reference subject's shape, the share of the "
                         "subject's colour and pattern it wears (world.measures.appearance_match), averaged over "
-                        "the subjects; embedding match: cosine of the world scorer's embeddings",
+                        "the subjects; embedding match: cosine of the world scorer's embeddings; subjects present: "
+                        "objects with a subject's shape, colour and pattern",
               "subjects": [{k: s[k] for k in ("shape", "colour", "pattern")} for s in subs], "conditions": {}}
     embeddings = None
     with tempfile.TemporaryDirectory(prefix="world_demo_") as tmp:
