@@ -24,7 +24,7 @@ def prompts(held_out: bool, limit: int | None = None) -> list:
 def measure(world: World, triples: list, seeds_per_prompt: int = 4, first_seed: int = 0) -> dict:
     rows = []
     for k, (c, p, s) in enumerate(triples):
-        seeds = [first_seed + 100 * k + j for j in range(seeds_per_prompt)]
+        seeds = [first_seed + k * seeds_per_prompt + j for j in range(seeds_per_prompt)]
         found = world.read(world.images(f"a {c} {p} {s}", seeds))
         for f in found:
             rows.append({"shape_colour": measures.shape_and_colour(f, c, s),
