@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from .init_weights import init_weights
+
 SD15_LAYOUT = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
                    channel_mult=[1, 1, 1, 1], num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
                    legacy=False, context_dim=768, use_linear_in_transformer=False, adm_in_channels=None,
@@ -75,16 +77,9 @@ def build_small(seed: int):
     the output convolution (so the untrained network is the identity on its skip paths)."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     unet = UNetModel(**SMALL_LAYOUT, operations=padded_ops())
-    gen = torch.Generator().manual_seed(seed)
+    init_weights(unet, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         for name, p in unet.named_parameters():
-            if p.dim() >= 2:
-                bound = 1.0 / math.sqrt(p[0].numel())
-                p.copy_(torch.rand(p.shape, generator=gen) * 2 * bound - bound)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.fill_(1.0)
             if name.startswith("out.2.") or ".out_layers.3." in name or ".proj_out." in name:
                 p.zero_()
     return unet

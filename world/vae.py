@@ -7,30 +7,16 @@ set then costs a sixth as much. The decoder is whole. ComfyUI needs nothing spec
 every TAESD key, the switched-off ones as zeros."""
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
 import torch
 
 from . import data
+from .init_weights import init_weights
 
 LATENT_SCALE = 0.18215          # SD1.x's latent factor: the model sees (encoder output / vae_scale) * this
 OFF_ENCODER_BLOCKS = (1, 3, 4, 5)   # indices in TAESD's Encoder sequence of the blocks switched off
-
-
-def init_weights(module: torch.nn.Module, gen: torch.Generator) -> None:
-    """ComfyUI's layers start uninitialised; give every convolution and linear layer PyTorch's default
-    scale (uniform in +-1/sqrt(fan_in)) from ``gen``, biases zero, norms one."""
-    for name, p in module.named_parameters():
-        with torch.no_grad():
-            if p.dim() >= 2:
-                bound = 1.0 / math.sqrt(p[0].numel())
-                p.copy_(torch.rand(p.shape, generator=gen) * 2 * bound - bound)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.fill_(1.0)
 
 
 def build_taesd(seed: int):
