@@ -154,3 +154,65 @@ def test_world_metrics_read_the_found_objects():
     region[2:6, 1:5] = True
     assert measures.placed(found, "square", region) and not measures.placed(found, "circle", region)
     assert measures.has_thing(found, appearance=("blue", "plain")) and not measures.has_thing(found, shape="star")
+
+
+def test_training_phases_schedule_the_learning_rate():
+    from personalize_pack.world import train
+    phases = (dict(steps=100, lr=1e-3, warmup=10, low_freq=0.0), dict(steps=50, lr=4e-4, warmup=5, low_freq=0.05))
+    assert train.lr_at(0, phases) == (pytest.approx(1e-4), 0)           # warm-up: (s + 1) / warmup
+    assert train.lr_at(10, phases) == (pytest.approx(1e-3), 0)          # cosine starts at the peak
+    assert train.lr_at(99, phases)[0] == pytest.approx(1e-3 * (0.1 + 0.45 * (1 + np.cos(np.pi * 89 / 90))))
+    assert train.lr_at(100, phases) == (pytest.approx(4e-4 / 5), 1)     # phase 2 warms up again from its own rate
+    assert train.lr_at(149, phases)[1] == 1
+    assert train.lr_at(149, phases)[0] == pytest.approx(4e-4 * (0.1 + 0.45 * (1 + np.cos(np.pi * 44 / 45))))
+    with pytest.raises(ValueError, match="past the last phase"):
+        train.lr_at(150, phases)
+    # the shipped recipe's first phase is the first world run: 1,800 steps, 5e-4, 200 warm-up, no extra term
+    assert train.PHASES[0] == dict(steps=1800, lr=5e-4, warmup=200, low_freq=0.0)
+
+
+def test_low_frequency_term_is_the_clean_latent_error_over_4x4_cells():
+    x0 = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    acp = unet.alphas_cumprod()
+    offset = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(1)) * 0.1
+
+    def fake(xt, t, context):                   # a "network" whose noise estimate is off by ``offset``
+        fake.t = t
+        fake.xt = xt
+        return fake.eps + offset
+
+    def run(low_freq):
+        gen = torch.Generator().manual_seed(7)
+        # draw what diffusion_loss draws, in its order, to know eps
+        t = torch.randint(0, len(acp), (3,), generator=gen)
+        fake.eps = torch.randn(x0.shape, generator=gen)
+        return unet.diffusion_loss(fake, x0, None, torch.Generator().manual_seed(7), acp, low_freq=low_freq), t
+
+    plain, t = run(0.0)
+    with_term, _ = run(0.5)
+    a = acp[t].view(3, 1, 1, 1)
+    snr = (a / (1 - a)).view(3)
+    expected_plain = ((snr.clamp(max=5.0) / snr) * offset.square().mean(dim=(1, 2, 3))).mean()
+    # the implied clean latent is off by -sqrt((1 - a) / a) * offset; averaged over 4x4 cells of 4x4 pixels
+    x0_err = -((1 - a) / a).sqrt() * offset
+    cells = x0_err.reshape(3, 4, 4, 4, 4, 4).mean(dim=(3, 5))
+    torch.testing.assert_close(plain, expected_plain)
+    torch.testing.assert_close(with_term - plain, 0.5 * cells.square().mean())
+    assert float(with_term - plain) > 0
+
+
+def test_a_world_checkpoint_older_than_its_parts_is_stale(tmp_path):
+    import os
+    from personalize_pack.world import checkpoint
+    parts = tmp_path / "weights"
+    parts.mkdir()
+    for name in (checkpoint.UNET_FILE, checkpoint.VAE_FILE):
+        (parts / name).write_bytes(b"x")
+    built = tmp_path / "personalize_world.safetensors"
+    built.write_bytes(b"y")
+    os.utime(parts / checkpoint.UNET_FILE, (1_000, 1_000))
+    os.utime(parts / checkpoint.VAE_FILE, (1_000, 1_000))
+    os.utime(built, (2_000, 2_000))
+    assert not checkpoint.stale(built, parts)
+    os.utime(parts / checkpoint.UNET_FILE, (3_000, 3_000))          # new UNet weights since the build
+    assert checkpoint.stale(built, parts)

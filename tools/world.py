@@ -69,10 +69,10 @@ def train(opts) -> None:
             latents, idx = world_train.scene_latents(opts.seed, opts.scenes, vae_sd)
             torch.save((latents, idx), lat_file)
         print(f"{len(latents)} scenes, {len(captions)} captions, latent std {float(latents.std()):.3f}")
-        net, ema, hist = world_train.train_unet(latents, idx, z, seed=opts.seed, steps=opts.steps or 1800,
+        net, ema, hist = world_train.train_unet(latents, idx, z, seed=opts.seed, stop=opts.steps,
                                                 checkpoint=work / "unet_training.pt")
         sd = ema if opts.export == "ema" else net
-        meta = {"seed": opts.seed, "steps": len(hist), "weights": opts.export, "scenes": opts.scenes, "captions": len(captions),
+        meta = {"seed": opts.seed, "steps": len(hist), "phases": list(world_train.PHASES), "weights": opts.export, "scenes": opts.scenes, "captions": len(captions),
                 "final_loss": sum(hist[-200:]) / 200, "minutes": round((time.time() - t0) / 60, 1)}
         save(sd, out / checkpoint.UNET_FILE, meta, torch.float16)
     elif opts.part == "scorer":
@@ -111,8 +111,7 @@ def quality(opts) -> None:
     from personalize_pack.world import quality as q
     from personalize_pack.world.runtime import World
     path = Path(opts.checkpoint) if opts.checkpoint else root / "models" / "checkpoints" / checkpoint.CHECKPOINT_NAME
-    if not path.is_file() or opts.rebuild:
-        checkpoint.build(path, Path(opts.weights), overwrite=True)
+    checkpoint.build(path, Path(opts.weights), overwrite=opts.rebuild)      # also rebuilt when older than the weights
     world = World.load(path, Path(opts.weights))
     results = {"held-out combinations": q.measure(world, q.prompts(True), opts.seeds),
                "trained combinations": q.measure(world, q.prompts(False, 24), opts.seeds, first_seed=50_000)}
@@ -140,7 +139,7 @@ def main(argv=None) -> int:
     t.add_argument("part", choices=["vae", "scorer", "unet"])
     t.add_argument("--out", default=str(WEIGHTS))
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--steps", type=int, default=None, help="unet: stop at this step (default: the end of the last phase)")
     t.add_argument("--resume", action="store_true", help="vae: run only phase 2, from the phase-1 file in --out")
     t.add_argument("--export", choices=["net", "ema"], default="net",
                    help="unet: ship the network's final weights (default) or their moving average")

@@ -35,15 +35,23 @@ def state_dict(folder: Path = WEIGHTS) -> dict:
 
 
 def build(path: Path, folder: Path = WEIGHTS, overwrite: bool = False) -> Path:
-    """Write the checkpoint to ``path`` (atomically); an existing file is kept unless ``overwrite``."""
+    """Write the checkpoint to ``path`` (atomically); an existing file is kept unless ``overwrite`` or
+    one of the parts in ``folder`` is newer than it (new weights pulled or trained since it was built)."""
     path = Path(path)
-    if path.exists() and not overwrite:
+    if path.exists() and not overwrite and not stale(path, folder):
         return path
     meta = {"modelspec.title": "Personalize world (tiny SD1.x-layout model of synthetic shapes)",
             "personalize.world": json.dumps({"unet": UNET_FILE, "vae": VAE_FILE, "clip_seed": text.CLIP_SEED})}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(path, state_dict(folder), metadata=meta)
     return path
+
+
+def stale(path: Path, folder: Path = WEIGHTS) -> bool:
+    """Whether a part of the world in ``folder`` was written after the checkpoint at ``path``."""
+    built = Path(path).stat().st_mtime
+    return any((Path(folder) / name).is_file() and (Path(folder) / name).stat().st_mtime > built
+               for name in (UNET_FILE, VAE_FILE))
 
 
 def check_loadable(path: Path):

@@ -48,22 +48,47 @@ def scene_latents(seed: int, n: int, vae_sd: dict, log=print) -> tuple[torch.Ten
     return torch.cat(latents), torch.tensor(idx)
 
 
+# The UNet's training, in phases run one after the other on the same optimiser: each phase has its own
+# learning rate (linear warm-up, then cosine to a tenth) and its weight on the low-frequency term of
+# ``unet.diffusion_loss``. Phase 1 is the first world run (its end, step 1,800, drew backgrounds in the
+# wrong colour); phase 2 adds the low-frequency term and trains on; phase 3 restarts the learning rate
+# (the prompt's colour was still the weakest attribute at the end of phase 2).
+PHASES = (dict(steps=1800, lr=5e-4, warmup=200, low_freq=0.0),
+          dict(steps=2800, lr=4e-4, warmup=50, low_freq=0.05),
+          dict(steps=1800, lr=3e-4, warmup=50, low_freq=0.05))
+
+
+def lr_at(step: int, phases=PHASES) -> tuple[float, int]:
+    """The learning rate at a global step and the phase it belongs to."""
+    first = 0
+    for k, ph in enumerate(phases):
+        if step < first + ph["steps"]:
+            s, n, w, lr = step - first, ph["steps"], ph["warmup"], ph["lr"]
+            if s < w:
+                return lr * (s + 1) / w, k
+            return lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (s - w) / max(1, n - w)))), k
+        first += ph["steps"]
+    raise ValueError(f"step {step} is past the last phase (the phases total {first} steps)")
+
+
 def train_unet(latents: torch.Tensor, caption_idx: torch.Tensor, z: torch.Tensor, seed: int = 0,
-               steps: int = 3500, batch: int = 32, lr: float = 5e-4, warmup: int = 200, ema_decay: float = 0.999,
-               drop: float = 0.1, checkpoint: Path | None = None, log=print) -> tuple[dict, dict, list]:
+               phases=PHASES, batch: int = 32, ema_decay: float = 0.999, drop: float = 0.1,
+               checkpoint: Path | None = None, stop: int | None = None, log=print) -> tuple[dict, dict, list]:
     """Returns (the network's state dict, its EMA's, the loss history). ``checkpoint``: a file written
-    every 250 steps and resumed from when present (a longer ``steps`` than the saved run's extends it:
-    the cosine schedule is recomputed for the new length). The EMA starts after the warm-up with
-    ``min(ema_decay, (1 + n) / (10 + n))`` after n EMA steps; a checkpoint without an EMA start (written
-    before this rule) restarts the EMA from the network at the resumed step."""
+    every 250 steps and resumed from when present; ``stop``: end at this global step (default: the end
+    of the last phase). The EMA starts after phase 1's warm-up with ``min(ema_decay, (1 + n) / (10 + n))``
+    after n EMA steps; a checkpoint without an EMA start (written before this rule) restarts the EMA
+    from the network at the resumed step."""
+    total = sum(ph["steps"] for ph in phases)
+    stop = total if stop is None else min(stop, total)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = unet.build_small(seed)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(net.parameters(), lr=phases[0]["lr"], weight_decay=0.01)
     acp = unet.alphas_cumprod()
     history: list = []
-    start, ema_start = 0, warmup
+    start, ema_start = 0, phases[0]["warmup"]
     if checkpoint is not None and checkpoint.is_file():
         st = torch.load(checkpoint, weights_only=False)
         net.load_state_dict(st["net"])
@@ -77,19 +102,15 @@ def train_unet(latents: torch.Tensor, caption_idx: torch.Tensor, z: torch.Tensor
             ema_start = start
         log(f"resumed at step {start} (EMA from step {ema_start})")
 
-    def lr_at(s):
-        if s < warmup:
-            return lr * (s + 1) / warmup
-        return lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (s - warmup) / max(1, steps - warmup))))
-
     t0 = time.time()
-    for step in range(start, steps):
+    for step in range(start, stop):
+        lr, k = lr_at(step, phases)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr
         pick = torch.randint(0, len(latents), (batch,), generator=gen)
         cap = caption_idx[pick].clone()
         cap[torch.rand(batch, generator=gen) < drop] = 0
-        loss = unet.diffusion_loss(net, latents[pick], z[cap].float(), gen, acp)
+        loss = unet.diffusion_loss(net, latents[pick], z[cap].float(), gen, acp, low_freq=phases[k]["low_freq"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -100,9 +121,9 @@ def train_unet(latents: torch.Tensor, caption_idx: torch.Tensor, z: torch.Tensor
             for pe, pn in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(pn, 1 - d)
         history.append(float(loss.detach()))
-        if step % 50 == 0 or step == steps - 1:
-            log(f"unet step {step} loss {np.mean(history[-50:]):.4f} lr {lr_at(step):.2e} ({time.time() - t0:.0f} s)")
-        if checkpoint is not None and ((step + 1) % 250 == 0 or step == steps - 1):
+        if step % 50 == 0 or step == stop - 1:
+            log(f"unet step {step} (phase {k + 1}) loss {np.mean(history[-50:]):.4f} lr {lr:.2e} ({time.time() - t0:.0f} s)")
+        if checkpoint is not None and ((step + 1) % 250 == 0 or step == stop - 1):
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                         "gen": gen.get_state(), "history": history, "step": step + 1, "ema_start": ema_start}, tmp)
