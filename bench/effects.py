@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     from personalize_pack.world.runtime import World
     path = Path(opts.checkpoint) if opts.checkpoint else root / "models" / "checkpoints" / checkpoint.CHECKPOINT_NAME
     weights = Path(opts.weights) if opts.weights else checkpoint.WEIGHTS
-    if not path.is_file() or checkpoint.stale(path, weights):
+    if checkpoint.needs_build(path, weights):
         log(f"building the world checkpoint at {path} from {weights}")
         checkpoint.build(path, weights, overwrite=True)
     world = World.load(path, weights)

@@ -213,6 +213,13 @@ def test_a_world_checkpoint_older_than_its_parts_is_stale(tmp_path):
     os.utime(parts / checkpoint.UNET_FILE, (1_000, 1_000))
     os.utime(parts / checkpoint.VAE_FILE, (1_000, 1_000))
     os.utime(built, (2_000, 2_000))
-    assert not checkpoint.stale(built, parts)
+    assert not checkpoint.stale(built, parts) and not checkpoint.needs_build(built, parts)
     os.utime(parts / checkpoint.UNET_FILE, (3_000, 3_000))          # new UNet weights since the build
-    assert checkpoint.stale(built, parts)
+    assert checkpoint.stale(built, parts) and checkpoint.needs_build(built, parts)
+    assert checkpoint.needs_build(tmp_path / "missing.safetensors", parts)
+
+
+def test_unet_training_refuses_a_stop_before_the_first_step():
+    from personalize_pack.world import train
+    with pytest.raises(ValueError, match="stop: expected a step of at least 1"):
+        train.train_unet(torch.zeros(1, 4, 16, 16), torch.zeros(1, dtype=torch.long), torch.zeros(1, 77, 768), stop=0)

@@ -125,7 +125,7 @@ def run_demo(comfyui=None, weights: Path = checkpoint.WEIGHTS, out: Path = Path(
     import_comfyui(root, cpu)
     models_dir = Path(models) if models else root / "models"
     ckpt = models_dir / "checkpoints" / checkpoint.CHECKPOINT_NAME
-    if rebuild or not ckpt.is_file() or checkpoint.stale(ckpt, weights):
+    if rebuild or checkpoint.needs_build(ckpt, weights):
         log(f"building the world checkpoint from {weights} at {ckpt}")
         checkpoint.build(ckpt, weights, overwrite=True)
     else:

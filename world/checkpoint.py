@@ -38,13 +38,18 @@ def build(path: Path, folder: Path = WEIGHTS, overwrite: bool = False) -> Path:
     """Write the checkpoint to ``path`` (atomically); an existing file is kept unless ``overwrite`` or
     one of the parts in ``folder`` is newer than it (new weights pulled or trained since it was built)."""
     path = Path(path)
-    if path.exists() and not overwrite and not stale(path, folder):
+    if not overwrite and not needs_build(path, folder):
         return path
     meta = {"modelspec.title": "Personalize world (tiny SD1.x-layout model of synthetic shapes)",
             "personalize.world": json.dumps({"unet": UNET_FILE, "vae": VAE_FILE, "clip_seed": text.CLIP_SEED})}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(path, state_dict(folder), metadata=meta)
     return path
+
+
+def needs_build(path: Path, folder: Path = WEIGHTS) -> bool:
+    """Whether the checkpoint at ``path`` is missing or older than the parts in ``folder``."""
+    return not Path(path).exists() or stale(path, folder)
 
 
 def stale(path: Path, folder: Path = WEIGHTS) -> bool:

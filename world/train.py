@@ -80,6 +80,8 @@ def train_unet(latents: torch.Tensor, caption_idx: torch.Tensor, z: torch.Tensor
     after n EMA steps; a checkpoint without an EMA start (written before this rule) restarts the EMA
     from the network at the resumed step."""
     total = sum(ph["steps"] for ph in phases)
+    if stop is not None and stop < 1:
+        raise ValueError(f"stop: expected a step of at least 1 (the phases total {total} steps), got {stop}")
     stop = total if stop is None else min(stop, total)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
