@@ -55,7 +55,8 @@ def scene_latents(seed: int, n: int, vae_sd: dict, log=print) -> tuple[torch.Ten
 # (the prompt's colour was still the weakest attribute at the end of phase 2).
 PHASES = (dict(steps=1800, lr=5e-4, warmup=200, low_freq=0.0),
           dict(steps=2800, lr=4e-4, warmup=50, low_freq=0.05),
-          dict(steps=1400, lr=3e-4, warmup=50, low_freq=0.05))
+          dict(steps=1400, lr=3e-4, warmup=50, low_freq=0.05),
+          dict(steps=2200, lr=2.5e-4, warmup=50, low_freq=0.05))
 
 
 def lr_at(step: int, phases=PHASES) -> tuple[float, int]:
