@@ -22,3 +22,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
             if skip is not None:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def world(tiny_dir):
+    """The world model (world/README.md) inside ComfyUI: the checkpoint built from the world's weights
+    (``pack_paths.world_weights``) into the session's models folder, loaded with ComfyUI's loader, with
+    the world's scorer. Skipped, saying why, when the weights are missing."""
+    from pack_paths import no_world_weights, world_weights
+    reason = no_world_weights()
+    if reason:
+        pytest.skip(reason)
+    from comfy_host import init_nodes_with_pack
+    init_nodes_with_pack()
+    from personalize_pack.world import checkpoint
+    from personalize_pack.world.runtime import World
+    folder = world_weights()
+    path = checkpoint.build(tiny_dir / "checkpoints" / checkpoint.CHECKPOINT_NAME, folder)
+    return World.load(path, folder)

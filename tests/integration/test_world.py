@@ -4,29 +4,13 @@ with the TAESD-format VAE, and the scorer reads the world's scenes. (The quality
 are measured by ``tools/world.py quality`` and ``bench/effects.py``; the quality bar is asserted here on
 the held-out prompts, the effects in ``test_world_effects.py``.)
 
-The tests that need the trained weights are skipped, saying so, when world/weights lacks them."""
+The tests that need the trained weights (the ``world`` fixture) are skipped, saying so, without them."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
-from comfy_host import import_comfy, init_nodes_with_pack
-from pack_paths import PACK_ROOT
-
-WEIGHTS = PACK_ROOT / "world" / "weights"
-PARTS = ("world_unet.safetensors", "world_vae.safetensors", "world_scorer.safetensors")
-needs_weights = pytest.mark.skipif(not all((WEIGHTS / p).is_file() for p in PARTS),
-                                   reason="the world's trained weights are not in world/weights")
-
-
-@pytest.fixture(scope="module")
-def world(tiny_dir):
-    init_nodes_with_pack()
-    from personalize_pack.world import checkpoint
-    from personalize_pack.world.runtime import World
-    path = checkpoint.build(tiny_dir / "checkpoints" / checkpoint.CHECKPOINT_NAME)
-    return World.load(path)
+from comfy_host import import_comfy
 
 
 def test_the_small_unet_in_sd15_width_computes_the_same():
@@ -48,7 +32,6 @@ def test_the_small_unet_in_sd15_width_computes_the_same():
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
-@needs_weights
 def test_the_checkpoint_loads_as_sd15_with_the_taesd_vae(world):
     import comfy.supported_models
     from comfy.taesd.taesd import TAESD
@@ -64,7 +47,6 @@ def test_the_checkpoint_loads_as_sd15_with_the_taesd_vae(world):
     torch.testing.assert_close(world.model.model.process_latent_in(z.float()), ours, atol=2e-2, rtol=2e-2)
 
 
-@needs_weights
 def test_the_scorer_reads_the_world(world):
     from personalize_pack.world import checkpoint, train_scorer, vae
     tae = vae.load_state(checkpoint.read_part(checkpoint.VAE_FILE))
@@ -74,7 +56,6 @@ def test_the_scorer_reads_the_world(world):
     assert acc["count"] >= 0.95 and acc["place_error_px"] < 3.0, acc
 
 
-@needs_weights
 def test_the_world_meets_its_quality_bar_on_held_out_prompts(world):
     """``tools/world.py quality --seeds 2``'s held-out row (world/README.md): two samples per prompt never
     seen in training, the default sampler settings; the prompted shape and colour both present in at least
