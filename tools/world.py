@@ -141,8 +141,9 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=None, help="unet: stop at this step (default: the end of the last phase)")
     t.add_argument("--resume", action="store_true", help="vae: run only phase 2, from the phase-1 file in --out")
-    t.add_argument("--export", choices=["net", "ema"], default="net",
-                   help="unet: ship the network's final weights (default) or their moving average")
+    t.add_argument("--export", choices=["net", "ema"], default="ema",
+                   help="unet: ship the weights' moving average (default, as the shipped file) or the "
+                        "network's final weights")
     t.add_argument("--comfyui", default=None)
     t.add_argument("--work", default="world_work", help="folder for caches and the resumable training state")
     t.add_argument("--scenes", type=int, default=16000, help="training scenes for the UNet")
