@@ -51,8 +51,9 @@ def scene_latents(seed: int, n: int, vae_sd: dict, log=print) -> tuple[torch.Ten
 # The UNet's training, in phases run one after the other on the same optimiser: each phase has its own
 # learning rate (linear warm-up, then cosine to a tenth) and its weight on the low-frequency term of
 # ``unet.diffusion_loss``. Phase 1 is the first world run (its end, step 1,800, drew backgrounds in the
-# wrong colour); phase 2 adds the low-frequency term and trains on; phase 3 restarts the learning rate
-# (the prompt's colour was still the weakest attribute at the end of phase 2).
+# wrong colour); phase 2 adds the low-frequency term and trains on; phases 3 and 4 restart the learning
+# rate lower (the prompt's colour was still the weakest attribute; held-out shape and colour went from
+# 77% at the end of phase 3 to 83% at the end of phase 4, world/README.md).
 PHASES = (dict(steps=1800, lr=5e-4, warmup=200, low_freq=0.0),
           dict(steps=2800, lr=4e-4, warmup=50, low_freq=0.05),
           dict(steps=1400, lr=3e-4, warmup=50, low_freq=0.05),
