@@ -96,22 +96,29 @@ def pad_to_square(image: torch.Tensor, fill: float = 1.0) -> torch.Tensor:
 
 
 def crop_boxes(image: torch.Tensor, boxes) -> list:
-    """The white-padded square crops ``[S, S, C]`` of ``boxes`` (x0, y0, x1, y1 in pixels, rounded and
-    clipped to the image) from ``image`` ``[H, W, C]``. A box that is empty after clipping (a detector
-    can return one outside the picture or of zero size) still counts as a detection: it becomes the
-    nearest 1-pixel crop, where MuDI's PIL code would fail on a zero-size image."""
+    """The white-padded square crops ``[S, S, C]`` of ``boxes`` (x0, y0, x1, y1 in pixels) from
+    ``image`` ``[H, W, C]``, cut as MuDI's ``crop_and_pad_image`` cuts them with PIL's ``Image.crop``:
+    the box rounded to whole pixels and kept whole, the part of it outside the picture black (a box
+    that runs past the edge keeps its size and its subject stays off-centre, as in MuDI's scores),
+    then centred on a white square. A box of zero size (where PIL's crop would give an empty image)
+    becomes one pixel. Coordinates more than an image size outside the picture are clamped there
+    (no detector gives them; it keeps a damaged box from asking for a huge crop)."""
     import math
 
-    h, w, _ = image.shape
+    h, w, c = image.shape
     out = []
     for box in boxes:
         if len(box) != 4 or not all(math.isfinite(float(v)) for v in box):
             raise ValueError(f"boxes: expected finite (x0, y0, x1, y1), got {tuple(box)}")
-        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
-        x0, x1 = min(max(0, x0), w - 1), min(max(1, x1), w)
-        y0, y1 = min(max(0, y0), h - 1), min(max(1, y1), h)
+        x0, y0, x1, y1 = (int(round(float(v))) for v in box)        # PIL rounds the box the same way
+        x0, x1 = (min(max(v, -w), 2 * w) for v in (x0, x1))
+        y0, y1 = (min(max(v, -h), 2 * h) for v in (y0, y1))
         x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
-        out.append(pad_to_square(image[y0:y1, x0:x1]))
+        crop = torch.zeros((y1 - y0, x1 - x0, c), dtype=image.dtype)
+        ix0, ix1, iy0, iy1 = max(x0, 0), min(x1, w), max(y0, 0), min(y1, h)
+        if ix1 > ix0 and iy1 > iy0:
+            crop[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = image[iy0:iy1, ix0:ix1]
+        out.append(pad_to_square(crop))
     return out
 
 

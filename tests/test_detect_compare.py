@@ -66,17 +66,36 @@ def test_spectral_not_frobenius():
     assert abs(r.score - (1 - float(diff.norm()))) > 1e-6
 
 
-def test_crops_are_white_padded_squares():
-    img = torch.rand(40, 60, 3)
-    crops = crop_boxes(img, [(10, 5, 30, 35), (0, 0, 60, 10), (-5, -5, 70, 50)])
-    assert [tuple(c.shape) for c in crops] == [(30, 30, 3), (60, 60, 3), (60, 60, 3)]
-    torch.testing.assert_close(crops[0][:, 5:25], img[5:35, 10:30])
-    assert torch.all(crops[0][:, :5] == 1.0) and torch.all(crops[1][:25] == 1.0)
+def mudi_crop(image_u8, box):
+    """MuDI's crop_and_pad_image, written with PIL as its code does (owl_dreamsim_utils.py):
+    ``Image.crop(box)``, then centred on a white square of the longer side."""
+    from PIL import Image
+    img = Image.fromarray(image_u8)
+    cropped = img.crop(tuple(box))
+    side = max(cropped.size)
+    padded = Image.new("RGB", (side, side), (255, 255, 255))
+    padded.paste(cropped, ((side - cropped.size[0]) // 2, (side - cropped.size[1]) // 2))
+    return torch.from_numpy(np.asarray(padded).copy())
+
+
+def test_crops_are_mudis_pil_crops():
+    g = torch.Generator().manual_seed(3)
+    u8 = (torch.rand(40, 60, 3, generator=g) * 255).round().to(torch.uint8)
+    img = u8.float() / 255
+    boxes = [(10, 5, 30, 35), (0, 0, 60, 10), (-5, -5, 70, 50), (12.4, 3.6, 40.5, 21.49), (50, -8, 75, 30),
+             (-20, 30, 10, 60), (70, -9, 90, -2)]
+    for box, crop in zip(boxes, crop_boxes(img, boxes)):
+        want = mudi_crop(u8.numpy(), box)
+        assert crop.shape == want.shape, box
+        assert torch.equal((crop * 255).round().to(torch.uint8), want), box
+    # kept whole: a box running past the left edge is black there and its content stays where it was
+    (edge,) = crop_boxes(img, [(-10, 0, 20, 30)])
+    assert edge.shape == (30, 30, 3) and torch.all(edge[:, :10] == 0) and torch.equal(edge[:, 10:], img[:30, :20])
     assert pad_to_square(torch.zeros(3, 3, 3)).shape == (3, 3, 3)
-    # empty boxes (zero width, or outside the image) become the nearest 1-pixel crop
-    zero, outside = crop_boxes(img, [(10, 10, 10, 20), (70, -9, 90, -2)])
+    # a zero-width box (PIL would give an empty image) becomes one pixel wide; far-out coordinates clamp
+    zero, far = crop_boxes(img, [(10, 10, 10, 20), (-1e9, 0, 5, 4)])
     assert zero.shape == (10, 10, 3) and torch.equal(zero[:, 4:5], img[10:20, 10:11])
-    assert outside.shape == (1, 1, 3) and torch.equal(outside[0, 0], img[0, 59])
+    assert far.shape == (65, 65, 3)
     with pytest.raises(ValueError, match="finite"):
         crop_boxes(img, [(0, 0, float("nan"), 5)])
 
