@@ -124,8 +124,8 @@ class TrainSegMixLoRA(io.ComfyNode):
                 "Trains MuDI's Seg-Mix LoRA of the dataset's subjects on the connected MODEL, in a separate "
                 "process (ComfyUI stays responsive; Cancel stops it cleanly). LoRA on every attention "
                 "projection; with probability segmix_prob a step trains on a collage of two segmented subjects "
-                "('a photo of a {A} and a {B}, simple background.') with the loss inside the subjects; DCO keeps "
-                "the model close to the original. The LoRA is saved to models/loras (core LoraLoader loads it); "
+                "('a photo of a {A} and a {B}, simple background.'), the loss over the whole image as MuDI's "
+                "recipe has it (soft_alpha 1.0); DCO keeps the model close to the original. The LoRA is saved to models/loras (core LoraLoader loads it); "
                 "checkpoints let a run started again with the same output name resume."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to train on (your checkpoint; MuDI uses SDXL)."),
@@ -152,7 +152,11 @@ class TrainSegMixLoRA(io.ComfyNode):
                 io.Float.Input("dco_beta", advanced=True, default=1000.0, min=0.0, max=1e6, step=10.0, tooltip="DCO's beta (1000)."),
                 io.Int.Input("resolution", default=1024, min=64, max=4096, step=64,
                              tooltip="Training image side in pixels (MuDI: 1024 on SDXL)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per step."),
+                io.Int.Input("batch_size", default=1, min=1, max=64,
+                             tooltip="Images per forward pass (MuDI: 1)."),
+                io.Int.Input("gradient_accumulation", advanced=True, default=2, min=1, max=256,
+                             tooltip="Forward passes whose gradients make one optimizer step: each step trains on "
+                                     "batch_size x gradient_accumulation images (MuDI: 1 x 2)."),
                 io.Boolean.Input("gradient_checkpointing", advanced=True, default=True,
                                  tooltip="Recompute the transformer blocks in the backward pass: much less memory, "
                                          "about 30 % slower."),
@@ -178,7 +182,7 @@ class TrainSegMixLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset, output_name="segmix_lora", steps=2010, rank=32, learning_rate=1e-4,
                 segmix_prob=0.3, scale_min=0.75, scale_max=1.0, loss="dco", dco_beta=1000.0, resolution=1024,
-                batch_size=1, gradient_checkpointing=True, seed=42, validation_prompt="", validate_every=0,
+                batch_size=1, gradient_accumulation=2, gradient_checkpointing=True, seed=42, validation_prompt="", validate_every=0,
                 checkpoint_every=100, gpus=1) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.sd
@@ -203,7 +207,7 @@ class TrainSegMixLoRA(io.ComfyNode):
             "learning_rate": float(learning_rate), "weight_decay": 1e-4, "max_grad_norm": 1.0,
             "segmix_prob": float(segmix_prob), "scale_min": float(scale_min), "scale_max": float(scale_max),
             "loss": loss, "dco_beta": float(dco_beta), "batch_size": int(batch_size),
-            "gradient_checkpointing": bool(gradient_checkpointing), "model_fingerprint": fingerprint,
+            "gradient_accumulation": int(gradient_accumulation), "gradient_checkpointing": bool(gradient_checkpointing), "model_fingerprint": fingerprint,
             "training_dtype": "bfloat16" if device == "cuda" and mm.should_use_bf16(mm.get_torch_device()) else "float32",
         })
         result = run_in_child(job_dir, int(steps), int(gpus))
@@ -251,7 +255,11 @@ class TrainInfusion(io.ComfyNode):
                 io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Optimizer steps (official: 500)."),
                 io.Float.Input("learning_rate", default=0.01, min=1e-6, max=1.0, step=1e-3,
                                tooltip="AdamW learning rate of the offsets (official: 0.01)."),
-                io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Images per step (official: 4)."),
+                io.Int.Input("batch_size", default=4, min=1, max=64,
+                             tooltip="Images per forward pass (official: 4)."),
+                io.Int.Input("gradient_accumulation", advanced=True, default=4, min=1, max=256,
+                             tooltip="Forward passes whose gradients make one optimizer step: each step trains on "
+                                     "batch_size x gradient_accumulation images (official: 4 x 4 = 16)."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
                              tooltip="Training image side in pixels (official: 512)."),
                 io.Combo.Input("offsets", advanced=True, options=["kv", "v"], default="kv",
@@ -273,7 +281,7 @@ class TrainInfusion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, images, concept_word, masks=None, output_name="infusion", steps=500,
-                learning_rate=0.01, batch_size=4, resolution=512, offsets="kv", seed=42, validation_prompt="",
+                learning_rate=0.01, batch_size=4, gradient_accumulation=4, resolution=512, offsets="kv", seed=42, validation_prompt="",
                 validate_every=0, checkpoint_every=100, gpus=1) -> io.NodeOutput:
         word, imgs, msks = infusion_data_from_inputs(images, masks, concept_word, resolution)
         if batch_size % gpus:
@@ -289,7 +297,7 @@ class TrainInfusion(io.ComfyNode):
             "seed": int(seed), "checkpoint_every": int(checkpoint_every), "validate_every": int(validate_every),
             "comfyui_path": comfyui_root(), "device": training_device(), "resolution": int(resolution),
             "concept_word": word, "learning_rate": float(learning_rate), "weight_decay": 0.01, "max_grad_norm": 0.0,
-            "batch_size": int(batch_size), "kv": offsets, "model_fingerprint": fingerprint,
+            "batch_size": int(batch_size), "gradient_accumulation": int(gradient_accumulation), "kv": offsets, "model_fingerprint": fingerprint,
         })
         result = run_in_child(job_dir, int(steps), int(gpus))
         losses = result.get("losses") or []

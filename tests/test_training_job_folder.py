@@ -18,7 +18,7 @@ from personalize_pack.training.dataset import (DatasetSubject, check_segmix_data
                                                infusion_data_from_inputs)
 from personalize_pack.training.report import loss_curve_image, preview_images, preview_picture
 from personalize_pack.training.runner import run_with_progress
-from personalize_pack.training.segmix import TEMPLATE
+from personalize_pack.training.segmix import TEMPLATE, cover_resize
 
 
 class StandInClip:
@@ -80,14 +80,37 @@ def test_infusion_data_is_resized_and_checked():
     word, imgs, masks = infusion_data_from_inputs(torch.rand(2, 24, 32, 3), None, " cat ", 16)
     assert word == "cat" and imgs.shape == (2, 16, 16, 3) and masks.shape == (2, 16, 16)
     assert torch.equal(masks, torch.ones(2, 16, 16))
-    _, _, one = infusion_data_from_inputs(torch.rand(2, 24, 32, 3), torch.zeros(1, 24, 32), "cat", 16)
-    assert one.shape == (2, 16, 16) and float(one.abs().max()) == 0
+    # each soft mask divided by its own maximum, as infusion/dataset.py's ``mask / mask.max()``
+    soft = torch.zeros(2, 24, 32)
+    soft[0, 4:20, 8:24] = 0.4
+    soft[0, 10:14, 14:18] = 0.5
+    soft[1] = torch.linspace(0.0, 0.25, 32)
+    _, _, norm = infusion_data_from_inputs(torch.rand(2, 24, 32, 3), soft, "cat", 24)
+    raw = torch.stack([cover_resize(soft[i, ..., None], 24)[..., 0] for i in range(2)])
+    assert torch.allclose(norm, raw / raw.flatten(1).amax(1)[:, None, None])
+    assert [float(norm[i].max()) for i in range(2)] == [1.0, 1.0] and float(norm[0, 5, 9]) == pytest.approx(0.8)
+    with pytest.raises(ValueError, match=r"masks: mask\(s\) \[1, 2\] are empty"):
+        infusion_data_from_inputs(torch.rand(2, 24, 32, 3), torch.zeros(1, 24, 32), "cat", 16)
     with pytest.raises(ValueError, match="concept_word"):
         infusion_data_from_inputs(torch.rand(1, 8, 8, 3), None, "  ", 16)
     with pytest.raises(ValueError, match="masks: 1 masks of 4x4 for 1 images of 8x8"):
         infusion_data_from_inputs(torch.rand(1, 8, 8, 3), torch.ones(1, 4, 4), "cat", 16)
     with pytest.raises(ValueError, match="images"):
         infusion_data_from_inputs(torch.rand(8, 8, 3), None, "cat", 16)
+
+
+# the official templates and the concept word's index in each (zwl666666/infusion, infusion/dataset.py)
+OFFICIAL_INFUSION_TEMPLATES = {"a photo of a {}": 4, "a good photo of a {}": 5, "the photo of a {}": 4,
+                               "a good photo of the {}": 5, "image of a {}": 3, "image of the {}": 3,
+                               "A photograph of {}": 3, "A {} shown in a photo ": 1, "A photo of {}": 3, "A {}": 1,
+                               "{}": 0}
+
+
+def test_infusion_templates_are_the_official_eleven():
+    assert jf.INFUSION_TEMPLATES == tuple(OFFICIAL_INFUSION_TEMPLATES)
+    # the official index is the word's place among the space-separated words
+    for t, idx in OFFICIAL_INFUSION_TEMPLATES.items():
+        assert t.format("cat").split().index("cat") == idx
 
 
 # ====================================================================================== job folder

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from personalize_pack.training.losses import dco_loss, mask_to_latent, masked_mse, soft_mask
+from personalize_pack.training.losses import dco_loss, dco_per_sample, mask_to_latent, masked_mse, soft_mask
 
 
 # ----------------------------------------------------------------------------- DCO
@@ -94,6 +94,37 @@ def test_masked_mse_matches_a_plain_computation():
     hard[:, 2:4, 1:3] = 1
     inside = ((pred - target) ** 2)[:, :, 2:4, 1:3].sum() / pred.numel()
     torch.testing.assert_close(masked_mse(pred, target, hard), inside)
+
+
+def test_dco_per_sample_is_mudis_batch_one_dco_averaged():
+    """Batch B equals B of MuDI's batch-1 steps averaged (its code: ``(mse(pred, target) * mask).mean()``
+    for the LoRA and the LoRA-off prediction, then ``-logsigmoid(-beta * diff)``), value and gradient;
+    and differs from DCO of the batch means when one sample improves while another worsens."""
+    g = torch.Generator().manual_seed(5)
+    target = torch.randn(3, 4, 8, 8, generator=g)
+    ref = target + 0.3 * torch.randn(3, 4, 8, 8, generator=g)
+    pred = (ref + 0.001 * torch.randn(3, 4, 8, 8, generator=g)).requires_grad_()
+    mask = (torch.rand(3, 8, 8, generator=g) > 0.3).float()
+    got = dco_per_sample(pred, ref, target, mask, beta=1000.0)
+    one = []
+    for b in range(3):
+        l = (F.mse_loss(pred[b:b + 1], target[b:b + 1], reduction="none") * mask[b:b + 1, None]).mean()
+        r = (F.mse_loss(ref[b:b + 1], target[b:b + 1], reduction="none") * mask[b:b + 1, None]).mean()
+        one.append(-F.logsigmoid(-1000.0 * (l - r)))
+    want = torch.stack(one).mean()
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    (ga,) = torch.autograd.grad(got, pred)
+    (gb,) = torch.autograd.grad(want, pred)
+    assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-9)
+    # sample 0 much better than its reference, sample 1 much worse: per sample the worse one is not
+    # hidden by the better one's gain (the batch-mean DCO sees a difference of zero and gives log 2)
+    t = torch.zeros(2, 1, 2, 2)
+    r = torch.full((2, 1, 2, 2), 0.1)
+    p = torch.stack([torch.zeros(1, 2, 2), torch.full((1, 2, 2), 0.1 * 2 ** 0.5)])
+    per = float(dco_per_sample(p, r, t, None, beta=100.0))
+    batch = float(dco_loss(masked_mse(p, t), masked_mse(r, t), 100.0))
+    assert batch == pytest.approx(math.log(2), abs=1e-6)
+    assert per == pytest.approx((math.log1p(math.exp(-1.0)) + math.log1p(math.exp(1.0))) / 2, rel=1e-5)
 
 
 def test_masked_mse_errors():

@@ -68,6 +68,19 @@ def test_segmix_probability_and_start_step():
     assert all(sampler(size=64, prob=1.0).sample(1, k).is_segmix for k in range(50))
 
 
+def test_slots_of_one_step_are_independent_and_seg_mix_starts_by_the_step():
+    """The samples of one optimizer step (batch items, accumulation micro-batches) are told apart by
+    ``slot``: slot 0 is the step's own stream, other slots draw independently; Seg-Mix switches on by the
+    optimizer step, whatever the slot (a slot number past segmix_start_step does not switch it on)."""
+    s = sampler(size=64, prob=0.3, start=100)
+    assert s.draw(3, 7).anchor == s.draw(3, 7, slot=0).anchor
+    assert torch.equal(s.sample(3, 7).image, s.sample(3, 7, slot=0).image)
+    anchors = Counter(s.draw(3, 7, slot=k).anchor for k in range(600))
+    assert len(anchors) == 6 and all(binomial_ok(v, 600, 1 / 6) for v in anchors.values())
+    assert not any(s.draw(3, 50, slot=k).sample.is_segmix for k in range(300))
+    assert binomial_ok(sum(s.draw(3, 100, slot=k).sample.is_segmix for k in range(600)), 600, 0.3)
+
+
 def pair_of(s, d):
     a = s.images[d.anchor[0]][d.anchor[1]][0]
     b = s.images[d.partner[0]][d.partner[1]][0]

@@ -401,12 +401,71 @@ class _LinearJob(jobs.Job):
     def parameters(self):
         return [self.w]
 
-    def loss(self, step):
+    def loss(self, step, micro=0):
         noise = torch.randn(3) * 0.01
         return ((self.w - self.target - noise) ** 2).mean()
 
     def save_final(self, path):
         atomic.atomic_save_safetensors(path, {"w": self.w})
+
+
+class _SplitRegressionJob(jobs.Job):
+    """A least-squares fit of 8 fixed rows, shared out over the step's micro-batches: with
+    ``gradient_accumulation`` a, micro-batch ``m`` sees rows ``m*8/a .. (m+1)*8/a`` of the step's 8."""
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        g = torch.Generator().manual_seed(11)
+        self.x, self.y = torch.randn(3, 8, 4, generator=g), torch.randn(3, 8, generator=g)
+        self.w = torch.zeros(4, requires_grad=True)
+        self.accum = int(ctx.config["gradient_accumulation"])
+
+    def parameters(self):
+        return [self.w]
+
+    def loss(self, step, micro=0):
+        n = 8 // self.accum
+        rows = slice(micro * n, (micro + 1) * n)
+        x, y = self.x[step % 3, rows], self.y[step % 3, rows]
+        return ((x @ self.w - y) ** 2).mean()
+
+    def save_final(self, path):
+        atomic.atomic_save_safetensors(path, {"w": self.w})
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_gradient_accumulation_steps_as_the_whole_batch_does(tmp_path, monkeypatch, accum):
+    """a micro-batches of 8/a rows take the optimizer step one batch of 8 takes: the gradient of the
+    mean loss (AdamW, clipping at 0.5 on), the same reported losses, each micro-batch drawn once."""
+    monkeypatch.setitem(sidecar.JOB_KINDS, "split", _SplitRegressionJob)
+    calls = {}
+
+    def run(name, a):
+        job_dir = make_job(tmp_path, name, kind="split", steps=6, learning_rate=0.05, max_grad_norm=0.5,
+                           gradient_accumulation=a)
+        events = []
+        real_loss = _SplitRegressionJob.loss
+        monkeypatch.setattr(_SplitRegressionJob, "loss",
+                            lambda self, step, micro=0: calls.setdefault(name, []).append((step, micro))
+                            or real_loss(self, step, micro))
+        assert sidecar.train(job_dir, emit=events.append, handle_signals=False) == 0
+        monkeypatch.setattr(_SplitRegressionJob, "loss", real_loss)
+        return load_file(config_of(job_dir)["output"])["w"], events[-1]["losses"]
+
+    w1, l1 = run("whole", 1)
+    wa, la = run("accumulated", accum)
+    assert torch.allclose(w1, wa, atol=1e-6) and float(w1.abs().max()) > 0.05
+    assert la == pytest.approx(l1, rel=1e-5)
+    assert calls["accumulated"] == [(i, m) for i in range(6) for m in range(accum)]
+    assert calls["whole"] == [(i, 0) for i in range(6)]
+
+
+def test_gradient_accumulation_must_be_a_positive_integer(tmp_path):
+    for bad in (0, -1, 1.5, True):
+        job_dir = make_job(tmp_path, f"bad{bad}", gradient_accumulation=bad)
+        events = []
+        assert sidecar.train(job_dir, emit=events.append, handle_signals=False) == 1
+        assert "gradient_accumulation must be an integer >= 1" in events[-1]["message"], events[-1]
 
 
 def test_registry_strings_and_base_class_defaults(tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ from .infusion import InfusionOffsets, save_offsets
 from .job_folder import load_diffusion_model, load_vae, read_data
 from .jobs import Job, JobContext
 from .lora import inject_lora, lora_parameters, lora_state_dict, set_lora_enabled
-from .losses import dco_loss, mask_to_latent, masked_mse, soft_mask
+from .losses import dco_per_sample, mask_to_latent, masked_mse, soft_mask
 from .segmix import SegMixSampler
 
 _COMFY_READY = False
@@ -179,12 +179,13 @@ class LoRAJob(ComfyJob):
     def parameters(self) -> list[torch.Tensor]:
         return self.params
 
-    def sample_latents(self, step: int):
-        """The global batch of step ``step``: latents, latent-size loss masks, caption indices."""
+    def sample_latents(self, step: int, micro: int = 0):
+        """The global batch of micro-batch ``micro`` of step ``step``: latents, latent-size loss masks,
+        caption indices. Seg-Mix switches on by the optimizer step (MuDI's ``global_step``)."""
         seed = int(self.config["seed"])
         xs, ms, caps = [], [], []
         for b in range(self.batch):
-            d = self.sampler.draw(seed, step * self.batch + b)
+            d = self.sampler.draw(seed, step, slot=micro * self.batch + b)
             s = d.sample
             if not s.is_segmix and d.anchor in self._plain_latents:
                 x = self._plain_latents[d.anchor]
@@ -198,25 +199,26 @@ class LoRAJob(ComfyJob):
             caps.append(self.caption_index[s.caption])
         return torch.cat(xs), torch.stack([m.reshape(1, *x.shape[-2:]) for m in ms]), caps
 
-    def loss(self, step: int) -> torch.Tensor:
-        """``fixed_batch`` (tests, the overfit check): every step sees step 0's images, noise and noise
+    def loss(self, step: int, micro: int = 0) -> torch.Tensor:
+        """The batch mean of the per-sample loss: the masked ε-MSE, or DCO taken on each sample's
+        own MSE against its own reference MSE (MuDI trains batch 1 x accumulation 2, so each DCO
+        term sees one sample; on a batch mean one sample's gain could hide another's loss).
+        ``fixed_batch`` (tests, the overfit check): every step sees step 0's images, noise and noise
         levels."""
         fixed = bool(self.config.get("fixed_batch"))
-        x0, mask, caps = self.sample_latents(0 if fixed else step)
-        g = torch.Generator().manual_seed(int(self.config["seed"])) if fixed else None
+        x0, mask, caps = self.sample_latents(0 if fixed else step, micro)
+        g = torch.Generator().manual_seed(int(self.config["seed"]) + micro) if fixed else None
         noise = torch.randn(x0.shape, dtype=torch.float32, generator=g).to(self.ctx.device)
         sigma = draw_sigmas(self.model.model_sampling, x0.shape[0], self.ctx.device, g)
         part = self.ctx.shard(x0.shape[0])
         x0, mask, noise, sigma, caps = x0[part], mask[part], noise[part], sigma[part], caps[part]
         conds = batch_conds([self.caption_conds(i) for i in caps])
         pred, target = denoising_prediction(self.model, x0, noise, sigma, conds)
-        l_lora = masked_mse(pred.float(), target.float(), mask)
         if self.loss_kind != "dco":
-            return l_lora
+            return masked_mse(pred.float(), target.float(), mask)
         with torch.no_grad(), set_lora_enabled(self.loras, False):
             ref, _ = denoising_prediction(self.model, x0, noise, sigma, conds)
-            l_ref = masked_mse(ref.float(), target.float(), mask)
-        return dco_loss(l_lora, l_ref, self.beta)
+        return dco_per_sample(pred.float(), ref.float(), target.float(), mask, self.beta)
 
     def save_final(self, path: Path) -> None:
         meta = {"personalize_kind": "segmix_lora", "rank": str(self.rank), "steps": str(self.config["steps"]),
@@ -287,7 +289,9 @@ class InfusionJob(ComfyJob):
     """Infusion (docs/algorithms.md §6.2): zero-initialised Δk, Δv of every cross-attention layer at the
     concept token, trained with the soft-masked ε-MSE (the mask multiplies prediction and target, as
     the official code does: ``mean((m·ε̂ − m·ε)²)``) over captions from templates with the concept
-    word; the UNet stays frozen."""
+    word; the UNet stays frozen. Data as ``infusion/dataset.py`` prepares it: the photo mirrored with
+    probability 0.5 (in pixels, then encoded), the soft mask divided by its maximum
+    (``training/dataset.py``), one of the 11 official caption templates (``job_folder.py``)."""
 
     REQUIRED_KEYS = ComfyJob.REQUIRED_KEYS + ("concept_word",)
 
@@ -306,24 +310,26 @@ class InfusionJob(ComfyJob):
     def parameters(self) -> list[torch.Tensor]:
         return list(self.offsets.parameters())
 
-    def latent(self, i: int) -> torch.Tensor:
-        if i not in self._latents:
-            self._latents[i] = self.encode(self.data[f"image.{i}"][None])
-        return self._latents[i]
+    def latent(self, i: int, flip: bool = False) -> torch.Tensor:
+        """The latent of photo ``i``, mirrored left-right in pixels before encoding when ``flip`` (the
+        official dataset flips the photo; a flipped latent is not the latent of the flipped photo)."""
+        if (i, flip) not in self._latents:
+            image = self.data[f"image.{i}"][None]
+            self._latents[(i, flip)] = self.encode(image.flip(2) if flip else image)
+        return self._latents[(i, flip)]
 
-    def loss(self, step: int) -> torch.Tensor:
+    def loss(self, step: int, micro: int = 0) -> torch.Tensor:
         fixed = bool(self.config.get("fixed_batch"))
-        g = torch.Generator().manual_seed(int(self.config["seed"])) if fixed else None
+        g = torch.Generator().manual_seed(int(self.config["seed"]) + micro) if fixed else None
         n = self.batch
         images = torch.randint(self.n_images, (n,), generator=g).tolist()
         captions = torch.randint(len(self.meta["captions"]), (n,), generator=g).tolist()
         flips = (torch.rand(n, generator=g) < 0.5).tolist()
-        x0 = torch.cat([self.latent(i) for i in images])
-        x0 = torch.stack([x.flip(-1) if f else x for x, f in zip(x0, flips)])
+        x0 = torch.cat([self.latent(i, f) for i, f in zip(images, flips)])
         masks = []
         for i, f in zip(images, flips):
-            m = mask_to_latent(self.data[f"mask.{i}"].to(self.ctx.device), x0.shape[-2], x0.shape[-1])[0]
-            masks.append(m.flip(-1) if f else m)
+            m = self.data[f"mask.{i}"].to(self.ctx.device)
+            masks.append(mask_to_latent(m.flip(-1) if f else m, x0.shape[-2], x0.shape[-1])[0])
         mask = torch.stack(masks)
         noise = torch.randn(x0.shape, dtype=torch.float32, generator=g).to(self.ctx.device)
         sigma = draw_sigmas(self.model.model_sampling, n, self.ctx.device, g)

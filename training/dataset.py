@@ -64,7 +64,8 @@ def check_segmix_dataset(dataset, segmix_prob: float) -> None:
 
 def infusion_data_from_inputs(images, masks, concept_word, resolution: int) -> tuple[str, torch.Tensor, torch.Tensor]:
     """``(word, photos [N, S, S, 3], soft masks [N, S, S])`` for Infusion: the photos and masks (none:
-    the whole image counts) resized to cover ``resolution`` pixels and centre-cropped."""
+    the whole image counts) resized to cover ``resolution`` pixels and centre-cropped, each mask
+    divided by its maximum as the official dataset does."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 1:
         raise ValueError("images: expected a ComfyUI IMAGE batch with at least one photo")
     word = str(concept_word or "").strip()
@@ -84,4 +85,11 @@ def infusion_data_from_inputs(images, masks, concept_word, resolution: int) -> t
     size = int(resolution)
     imgs = torch.stack([cover_resize(images[i, ..., :3].float(), size) for i in range(n)])
     msks = torch.stack([cover_resize(m[i, ..., None].float(), size)[..., 0] for i in range(n)])
-    return word, imgs, msks
+    # the official dataset divides each resized soft mask by its maximum (infusion/dataset.py:
+    # ``mask / mask.max()``), so a faint CLIPSeg mask still weighs its strongest pixel 1
+    peak = msks.flatten(1).amax(1)
+    empty = [i + 1 for i in range(n) if not float(peak[i]) > 0]
+    if empty:
+        raise ValueError(f"masks: mask(s) {empty} are empty (all zero) after resizing to {size} px; every photo "
+                         f"needs some of its concept inside its mask")
+    return word, imgs, msks / peak[:, None, None]

@@ -7,7 +7,8 @@ the training child reads it back (``read_*``, ``load_*``) and rebuilds ComfyUI's
   reads: ``kind``, ``output`` (the final file), ``state_dir`` (checkpoints of this output name),
   ``steps``, ``seed`` (required); ``checkpoint_every`` (100; 0 = only at the end), ``validate_every``
   (0 = no previews), ``device`` ("cpu" | "cuda"), ``resume`` (true; false deletes the old checkpoint
-  and starts over), ``max_grad_norm`` (1.0; 0 = no clipping), ``threads`` (torch CPU threads; unset =
+  and starts over), ``max_grad_norm`` (1.0; 0 = no clipping), ``gradient_accumulation`` (1: the
+  micro-batches of ``batch_size`` whose gradients make one optimizer step), ``threads`` (torch CPU threads; unset =
   torch's default), ``comfyui_path`` (for kinds that load ComfyUI). The rest belong to the job kind
   (its ``REQUIRED_KEYS``, checked by the loop).
 * ``model.safetensors``: the MODEL's diffusion model weights as the node's ModelPatcher had them
@@ -44,7 +45,7 @@ from ..files.checkpoints import read_checkpoint
 
 REQUIRED_KEYS = ("kind", "output", "state_dir", "steps", "seed")
 DEFAULTS = {"checkpoint_every": 100, "validate_every": 0, "device": "cpu", "comfyui_path": None, "resume": True,
-            "max_grad_norm": 1.0}
+            "max_grad_norm": 1.0, "gradient_accumulation": 1}
 
 CONFIG_FILE = "job.json"
 MODEL_FILE = "model.safetensors"
@@ -52,11 +53,12 @@ VAE_FILE = "vae.safetensors"
 DATA_FILE = "data.safetensors"
 DATA_META_FILE = "data.json"
 
-# Textual-Inversion-style caption templates with the concept's super-class word (Infusion trains on 11
-# such templates, docs/algorithms.md §6.2; the word is the ordinary class word, e.g. "cat").
-INFUSION_TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
-                      "a photo of a clean {}", "a close-up photo of a {}", "a bright photo of the {}",
-                      "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a photo of a nice {}")
+# Infusion's 11 caption templates with the concept's super-class word (``infusion/dataset.py``'s
+# PROMPT_TEMPLATE, docs/algorithms.md §6.2; the word is the ordinary class word, e.g. "cat"), in the
+# official order and spelling (the trailing space of one of them included: CLIP's tokenizer drops it).
+INFUSION_TEMPLATES = ("a photo of a {}", "a good photo of a {}", "the photo of a {}", "a good photo of the {}",
+                      "image of a {}", "image of the {}", "A photograph of {}", "A {} shown in a photo ",
+                      "A photo of {}", "A {}", "{}")
 
 
 # ====================================================================================== writer
@@ -196,7 +198,8 @@ def load_config(job_dir: Path) -> dict:
         raise ConfigError(f"job.json is missing required keys: {', '.join(missing)}")
     for k, v in DEFAULTS.items():
         config.setdefault(k, v)
-    for key, low in (("steps", 1), ("seed", 0), ("checkpoint_every", 0), ("validate_every", 0)):
+    for key, low in (("steps", 1), ("seed", 0), ("checkpoint_every", 0), ("validate_every", 0),
+                     ("gradient_accumulation", 1)):
         v = config[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ConfigError(f"job.json: {key} must be an integer >= {low}, not {v!r}")

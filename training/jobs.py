@@ -57,15 +57,16 @@ class Job:
         opt = job.make_optimizer(job.parameters())
         [job.load_state_tensors(t)]          # on resume (the optimizer and RNGs are restored by the loop)
         for i in range(start, total):        # i counts from 0; events number steps from 1
-            loss = job.loss(i)               # forward of THIS rank's share of step i's batch -> scalar tensor
+            for a in range(accumulation):    # config["gradient_accumulation"] micro-batches (default 1)
+                loss = job.loss(i, a)        # forward of THIS rank's share of micro-batch a of step i -> scalar
             ...                              # loop: backward, all_reduce, clip, opt.step(), loss.item()
             [job.preview(i + 1)]             # every validate_every steps, rank 0 only
         job.save_final(tmp_path)             # rank 0: write the result; the loop renames it to config["output"]
 
     Rules for a deterministic, resumable job:
 
-    * Draw the random things of step ``i`` (batch indices, noise, timesteps) from torch's global
-      generator (or ``random`` / NumPy) inside ``loss(i)``: the loop saves and restores those
+    * Draw the random things of micro-batch ``a`` of step ``i`` (batch indices, noise, timesteps)
+      from torch's global generator (or ``random`` / NumPy) inside ``loss(i, a)``: the loop saves and restores those
       states, so a resumed run repeats the uninterrupted one bit for bit. A private
       ``torch.Generator`` must go into ``state_tensors`` (``gen.get_state()``).
     * With several ranks every rank draws the same numbers (same seed): draw for the *global*
@@ -96,9 +97,10 @@ class Job:
         saved by position)."""
         raise NotImplementedError
 
-    def loss(self, step: int) -> torch.Tensor:
-        """Forward pass of step ``step`` (0-based) for this rank's share: a scalar tensor with a
-        graph to the trainable tensors. No ``backward`` here."""
+    def loss(self, step: int, micro: int = 0) -> torch.Tensor:
+        """Forward pass of micro-batch ``micro`` (0 .. ``gradient_accumulation`` - 1) of optimizer
+        step ``step`` (0-based) for this rank's share: a scalar tensor with a graph to the trainable
+        tensors. No ``backward`` here: the loop averages the micro-batches' gradients."""
         raise NotImplementedError
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -184,7 +186,7 @@ class ToyJob(Job):
     def parameters(self):
         return list(self.model.parameters())
 
-    def loss(self, step):
+    def loss(self, step, micro=0):
         if self.fail_at is not None and step == int(self.fail_at):
             raise RuntimeError(f"toy job: failing at step {step} as asked (fail_at_step)")
         if self.sleep:

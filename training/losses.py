@@ -4,7 +4,7 @@ shares. Pure torch.
 * ``L_lora = mean(M * (eps_pred - eps)^2)`` over every element (the mask broadcast over channels and
   not renormalised: MuDI's ``(F.mse_loss(pred, target, reduction="none") * mask).mean()``);
 * DCO: ``L = -log sigmoid(-beta * (L_lora - L_ref))`` with ``L_ref`` the same loss of the model with
-  the LoRA disabled (no gradient);
+  the LoRA disabled (no gradient), per sample and then averaged over the batch (``dco_per_sample``);
 * soft mask ``M * (1 - alpha) + alpha`` (``alpha = 1``: no masking, MuDI's README setting).
 """
 from __future__ import annotations
@@ -66,6 +66,17 @@ def dco_loss(l_lora: torch.Tensor, l_ref: torch.Tensor, beta: float = 1000.0) ->
     l_lora = torch.as_tensor(l_lora)
     l_ref = torch.as_tensor(l_ref, device=l_lora.device).detach()
     return -F.logsigmoid(-beta * (l_lora - l_ref.to(l_lora.dtype)))
+
+
+def dco_per_sample(pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+                   beta: float = 1000.0) -> torch.Tensor:
+    """The batch mean of DCO taken on each sample alone: ``mean_b dco(L_lora[b], L_ref[b])`` with
+    ``L[b]`` the masked MSE of sample ``b``. MuDI trains with batch 1 (and accumulates 2), where its
+    DCO of the batch means is exactly this; on a bigger batch, DCO of the batch means would let one
+    sample's gain hide another's loss."""
+    l_lora = masked_mse(pred, target, mask, reduction="none")
+    l_ref = masked_mse(ref_pred, target, mask, reduction="none")
+    return dco_loss(l_lora, l_ref, beta).mean()
 
 
 def soft_mask(mask: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -70,9 +70,11 @@ class SegMixDraw:
     composition: Composition | None = None
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """A CPU generator for one ``(seed, step)`` pair (statistically independent streams)."""
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(step)]).generate_state(2, np.uint32)
+def step_generator(seed: int, step: int, slot: int = 0) -> torch.Generator:
+    """A CPU generator for one ``(seed, step, slot)`` (statistically independent streams; ``slot`` 0
+    is the stream of ``(seed, step)`` alone)."""
+    key = [int(seed) & 0xFFFFFFFFFFFFFFFF, int(step)] + ([int(slot)] if int(slot) else [])
+    state = np.random.SeedSequence(key).generate_state(2, np.uint32)
     return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
 
 
@@ -147,10 +149,12 @@ class SegMixSampler:
     def caption(self, a: str, b: str) -> str:
         return self.template.format(self.phrases[a], self.phrases[b])
 
-    def draw(self, seed: int, step: int, index: int | None = None) -> SegMixDraw:
-        """The sample for ``(seed, step)`` with its bookkeeping. ``index`` picks the anchor from
+    def draw(self, seed: int, step: int, index: int | None = None, slot: int = 0) -> SegMixDraw:
+        """The sample for ``(seed, step)`` with its bookkeeping. ``step`` is the optimizer step (it
+        decides whether Seg-Mix is on yet); ``slot`` tells apart the samples of one step (the batch
+        items of each gradient-accumulation micro-batch). ``index`` picks the anchor from
         :attr:`items` (modulo their number); None draws it uniformly."""
-        g = step_generator(seed, step)
+        g = step_generator(seed, step, slot)
         if index is None:
             index = int(torch.randint(len(self.items), (), generator=g))
         ident, i = self.items[int(index) % len(self.items)]
@@ -176,6 +180,6 @@ class SegMixSampler:
         sample = SegMixSample(comp.image[0], mask, self.caption(ident, other), True)
         return SegMixDraw(sample, anchor=(ident, i), partner=(other, j), anchor_left=anchor_left, composition=comp)
 
-    def sample(self, seed: int, step: int, index: int | None = None) -> SegMixSample:
+    def sample(self, seed: int, step: int, index: int | None = None, slot: int = 0) -> SegMixSample:
         """``(image, mask, caption, is_segmix)`` for ``(seed, step)`` (see :meth:`draw`)."""
-        return self.draw(seed, step, index).sample
+        return self.draw(seed, step, index, slot).sample

@@ -180,6 +180,7 @@ class _Run:
         self.chash = config_hash(config, ignore=VOLATILE_KEYS | set(kind.VOLATILE_KEYS), extra=self.job.fingerprint())
         self.info = {"total": self.total, "world_size": procs.world_size, "kind": config["kind"]}
         self.max_norm = float(config.get("max_grad_norm") or 0)
+        self.accumulation = int(config["gradient_accumulation"])
 
     def resume(self) -> int:
         """The checkpoint of this output name, if resuming: the job's tensors, the optimizer, the RNGs
@@ -224,15 +225,25 @@ class _Run:
                 self.preview(k)
 
     def step(self, i: int) -> float:
-        """One optimizer step (0-based ``i``): forward, backward, gradient averaging across ranks,
-        clipping, update. Returns the loss (the mean over ranks); raises :class:`Cancelled` when
+        """One optimizer step (0-based ``i``): forward and backward of each of its
+        ``gradient_accumulation`` micro-batches (their gradients summed, each loss divided by their
+        number: the gradient of their mean), gradient averaging across ranks, clipping, update. Returns the loss (the mean over ranks); raises :class:`Cancelled` when
         asked to stop, and on a loss that is not finite."""
         procs, params = self.procs, self.params
         if self.flag.raised and not procs.enabled:
             raise Cancelled
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.job.loss(i)
-        loss.backward()
+        accumulation = self.accumulation
+        if accumulation == 1:
+            loss = self.job.loss(i, 0)
+            loss.backward()
+        else:                                                   # the mean of the micro-batches' losses
+            total = 0.0
+            for micro in range(accumulation):
+                part = self.job.loss(i, micro)
+                (part / accumulation).backward()
+                total = total + part.detach()
+            loss = total / accumulation
         stats = average_gradients(params, loss, self.flag.raised, procs.world_size) if procs.enabled else None
         if self.max_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.max_norm)

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from comfy_sampling import encode, load_image, load_mask, sample
 from pack_paths import PACK_ROOT
@@ -67,7 +68,6 @@ def test_lora_trains_in_the_child_and_core_loraloader_applies_it(env):
     # core's LoraLoader reads the file: every key maps, and sampling changes
     import nodes
     import comfy.lora
-    from safetensors.torch import load_file
     sd = load_file(str(loras / lora_name))
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     bases = {k.rsplit(".", 2)[0] if k.endswith(("lora_up.weight", "lora_down.weight")) else k.rsplit(".", 1)[0]
@@ -173,7 +173,7 @@ def test_infusion_trains_and_apply_infusion_uses_it(env):
     masks = torch.cat([load_mask(INPUTS / "personalize_cat_04_mask.jpg"), torch.ones(1, 64, 64)])
     name, curve, previews, report = node("PersonalizeTrainInfusion").execute(
         model, clip, vae, imgs, "cat", masks, "tiny_infusion", steps=4, learning_rate=0.05, batch_size=2,
-        resolution=64, offsets="kv", seed=1, validation_prompt="a photo of a cat", validate_every=2,
+        gradient_accumulation=2, resolution=64, offsets="kv", seed=1, validation_prompt="a photo of a cat", validate_every=2,
         checkpoint_every=2, gpus=1).result
     assert name == "tiny_infusion.safetensors" and os.path.isfile(os.path.join(patches, name))
     assert previews.shape[0] == 2 and "4 steps" in report
@@ -190,6 +190,15 @@ def test_infusion_trains_and_apply_infusion_uses_it(env):
     # the loss falls on a fixed batch
     job = job_folder("infusion_tiny_infusion")
     cfg = json.loads(open(os.path.join(job, "job.json")).read())
+    assert cfg["batch_size"] == 2 and cfg["gradient_accumulation"] == 2
+    # the captions are the official 11 templates, the concept token where the official word index puts it
+    # (infusion/dataset.py: 4, 5, 4, 5, 3, 3, 3, 1, 3, 1, 0; +1 for the start token), here found by CLIP's tokenizer
+    meta = json.loads(open(os.path.join(job, "data.json")).read())
+    assert meta["positions"] == [i + 1 for i in (4, 5, 4, 5, 3, 3, 3, 1, 3, 1, 0)], meta["positions"]
+    assert meta["captions"][7] == "A cat shown in a photo " and meta["captions"][10] == "cat"
+    # the soft masks reach the job folder divided by their maximum (the second photo's all-ones mask stays)
+    data = load_file(os.path.join(job, "data.safetensors"))
+    assert float(data["mask.0"].max()) == 1.0 and torch.equal(data["mask.1"], torch.ones(64, 64))
     cfg.update(steps=15, fixed_batch=True, learning_rate=0.1, resume=False, validate_every=0,
                output=os.path.join(patches, "tiny_infusion_fit.safetensors"))
     with open(os.path.join(job, "job.json"), "w") as fh:

@@ -119,7 +119,7 @@ MUDI = dict(
 
 # MuDI's Seg-Mix LoRA trained on the same cat + dog, then used through core's Load LoRA. The training settings
 # are MuDI's (train_segmix_lora_sdxl.py: rank 32, lr 1e-4, Seg-Mix 0.3 at 0.75-1.0 scale, DCO beta 1000, 1024,
-# batch 1, seed 42) except the steps: MuDI trains 2010, the example ships a short run. The phrases are MuDI's
+# batch 1 x accumulation 2, seed 42) except the steps: MuDI trains 2010, the example ships a short run. The phrases are MuDI's
 # style (a rare word + the class). Sampling as the compose-and-score example: SDXL, euler, 30 steps, cfg 5.
 MUDI_TRAIN = dict(
     stem="personalize_mudi_train_segmix_lora",
@@ -129,7 +129,8 @@ MUDI_TRAIN = dict(
               ("dog", "hta dog", "personalize_dog6_02.jpg", "personalize_dog6_02_mask.jpg")],
     captions="a photo of {}",
     train=dict(steps=300, rank=32, learning_rate=1e-4, segmix_prob=0.3, scale_min=0.75, scale_max=1.0, loss="dco",
-               dco_beta=1000.0, resolution=1024, batch_size=1, gradient_checkpointing=True, seed=42,
+               dco_beta=1000.0, resolution=1024, batch_size=1, gradient_accumulation=2,
+               gradient_checkpointing=True, seed=42,
                validation_prompt="a photo of olis cat and hta dog, simple background", validate_every=100,
                checkpoint_every=100, gpus=1),
     mudi_steps=2010,
