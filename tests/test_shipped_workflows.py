@@ -92,7 +92,7 @@ def test_mudi_train_workflow_is_ui_format(mudi_train_workflow):
 
     # 2. MuDI's settings except the steps; previews of the loss curve, the validation images and the report
     train = node_by_type(wf, "PersonalizeTrainSegMixLoRA")
-    assert train["widgets_values"] == ["mudi_cat_dog", 300, 32, 1e-4, 0.3, 0.75, 1.0, "dco", 1000.0, 1024, 1, True,
+    assert train["widgets_values"] == ["mudi_cat_dog", 300, 32, 1e-4, 0.3, 0.75, 1.0, "dco", 1000.0, 1024, 1, 2, True,
                                        42, "fixed", "a photo of olis cat and hta dog, simple background", 100, 100, 1]
     assert input_link(wf, train, "dataset") == (dog["id"], 0)
     for name, slot in (("model", 0), ("clip", 1), ("vae", 2)):
