@@ -1,13 +1,18 @@
-"""The effect of each inference technique in the pack's world (world/README.md): the world model
-(world/weights, built into a ComfyUI checkpoint) sampled with and without each technique over the same
-seeds, the images read by the world's scorer. One JSON line per effect:
+"""The effect of each technique in the pack's world (world/README.md): the world model (world/weights,
+built into a ComfyUI checkpoint) sampled with and without each technique over the same seeds, the images
+read by the world's scorer; the training techniques first train with the pack's Train nodes (their
+files and job folders go to --work, and a second run with the same settings reuses them). One JSON line per effect:
 ``{"technique", "metric", "with", "without", "n", "p", ...}`` (means over seeds, their standard
 deviations, a paired sign-flip test), then a summary line whose checks say whether each claim holds.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/effects.py               # every effect, 16 seeds
     COMFYUI_PATH=/path/to/ComfyUI python bench/effects.py --only dmsa   # one experiment
+    COMFYUI_PATH=/path/to/ComfyUI python bench/effects.py --only segmix --seeds 12
 
-Experiments: mrsa (fidelity, distractor leak, weight 0), mrsa_two (two subjects), dmsa, composer.
+Experiments: mrsa (fidelity, distractor leak, weight 0), mrsa_two (two subjects), dmsa, composer (about 22
+minutes together on 2 CPU cores); segmix (four Seg-Mix LoRA trainings of 300 steps, about 9 minutes each
+on 2 CPU cores, then the sampling); infusion (Train Infusion and a LoRA of the same photos, then sampling and
+the Overfitting Metrics node).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from pathlib import Path
 
 from harness import comfyui_path, csv_choice, emit, emit_summary, import_pack, log, setup_comfy
 
-EXPERIMENTS = ("mrsa", "mrsa_two", "dmsa", "composer")
+EXPERIMENTS = ("mrsa", "mrsa_two", "dmsa", "composer", "segmix", "infusion")
 
 # (technique, metric) -> (what the paper claims, test on the line); p < 0.05 where a difference is claimed
 CLAIMS = {
@@ -34,6 +39,18 @@ CLAIMS = {
                                                      lambda e: e["with"] > e["without"] and e["p"] < 0.05),
     ("composer", "placement"): ("mean-shifted noise places the subjects", lambda e: e["with"] > e["without"] and e["p"] < 0.05),
     ("composer", "gamma_zero_max_diff"): ("gamma 0 is RandomNoise", lambda e: e["with"] == 0.0),
+    ("segmix", "both_own_appearance"): ("Seg-Mix: both subjects, each in its own appearance, more often",
+                                        lambda e: e["with"] > e["without"] and e["p"] < 0.05),
+    ("segmix", "identity_mixing"): ("Seg-Mix mixes the subjects' identities less", lambda e: e["with"] < e["without"]),
+    ("segmix", "detect_compare"): ("Seg-Mix raises Detect-and-Compare", lambda e: e["with"] > e["without"] and e["p"] < 0.05),
+    ("segmix", "missing_with_init"): ("mean-shifted initialisation finds subjects that go missing",
+                                      lambda e: e["with"] < e["without"] and e["p"] < 0.05),
+    ("infusion", "concept_fidelity"): ("Infusion learns the concept (fidelity above the base model)",
+                                       lambda e: e["with"] > e["without"] and e["p"] < 0.05),
+    ("infusion", "lfd"): ("prompts without the concept change less with Infusion than with a LoRA (LFD)",
+                          lambda e: e["with"] < e["without"]),
+    ("infusion", "w2"): ("Infusion's concept images stray less from the class than a LoRA's (W2)",
+                         lambda e: e["with"] < e["without"]),
 }
 
 
@@ -46,12 +63,14 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None,
                     help="the built world checkpoint (default: built into ComfyUI's models/checkpoints)")
     ap.add_argument("--weights", default=None, help="folder of the world's weights (default: world/weights)")
+    ap.add_argument("--work", default=None, help="folder for the trained files and job folders of the training "
+                    "experiments (default: ComfyUI's output/personalize_world_effects)")
     opts = ap.parse_args(argv)
     t0 = time.perf_counter()
     root = comfyui_path(opts, "bench/effects.py")
     setup_comfy(root, "pytorch")
     import_pack()
-    from personalize_pack.world import checkpoint, effects
+    from personalize_pack.world import checkpoint, effects, training_effects
     from personalize_pack.world.runtime import World
     path = Path(opts.checkpoint) if opts.checkpoint else root / "models" / "checkpoints" / checkpoint.CHECKPOINT_NAME
     weights = Path(opts.weights) if opts.weights else checkpoint.WEIGHTS
@@ -59,10 +78,14 @@ def main(argv=None) -> int:
         log(f"building the world checkpoint at {path} from {weights}")
         checkpoint.build(path, weights, overwrite=True)
     world = World.load(path, weights)
+    experiments = {**effects.EXPERIMENTS, **training_effects.EXPERIMENTS}
+    work = Path(opts.work) if opts.work else root / "output" / "personalize_world_effects"
     checks = {}
     for name in opts.only:
         log(f"{name}: {opts.seeds} seeds")
-        for eff in effects.EXPERIMENTS[name](world, opts.seeds):
+        with training_effects.work_folders(work):
+            found = experiments[name](world, opts.seeds)
+        for eff in found:
             line = eff.line()
             emit(line)
             claim = CLAIMS.get((line["technique"], line["metric"]))

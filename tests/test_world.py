@@ -223,3 +223,23 @@ def test_unet_training_refuses_a_stop_before_the_first_step():
     from personalize_pack.world import train
     with pytest.raises(ValueError, match="stop: expected a step of at least 1"):
         train.train_unet(torch.zeros(1, 4, 16, 16), torch.zeros(1, dtype=torch.long), torch.zeros(1, 77, 768), stop=0)
+
+
+def test_training_effect_subjects_are_new_and_alike():
+    """The Seg-Mix experiment's subject pairs: one shape, two combinations the world model never saw
+    (held out), different in colour and in pattern; the renders show each alone, its mask its pixels."""
+    from personalize_pack.world import training_effects as te
+    for shape in ("square", "circle", "star"):
+        a, b = te.subject_pair(shape)
+        assert a[2] == b[2] == shape and data.held_out(*a) and data.held_out(*b)
+        assert a[0] != b[0] and a[1] != b[1] and "plain" not in (a[1], b[1])
+    assert data.held_out(*te.INFUSION_CONCEPT)
+    imgs, masks = te.subject_renders(("red", "striped", "square"), 3, np.random.default_rng(0))
+    assert imgs.shape == (3, data.SIZE, data.SIZE, 3) and masks.shape == (3, data.SIZE, data.SIZE)
+    for img, m in zip(imgs, masks):
+        inside = img[m > 0.5]
+        assert 34 ** 2 * 0.5 < int((m > 0.5).sum()) <= 50 ** 2       # one object of 34-50 px
+        red = np.array(data.COLOURS["red"]) / 255
+        # the object's pixels are red or its dark tone, the rest the background
+        assert torch.isclose(inside, torch.tensor(red, dtype=inside.dtype), atol=0.02).all(1).float().mean() > 0.3
+        assert not torch.isclose(img[m < 0.5], torch.tensor(red, dtype=img.dtype), atol=0.02).all(1).any()

@@ -1,9 +1,13 @@
 """Every test under ``tests/integration/`` runs the pack inside a real ComfyUI: it is marked
 ``integration`` and, when no ComfyUI tree is found (``COMFYUI_PATH``, or the pack sitting in
 ``ComfyUI/custom_nodes``), skipped with one reason for all. ``pytest -m "not integration"`` runs the
-unit tests alone."""
+unit tests alone.
+
+Tests marked ``slow`` train models in the world through the pack's Train nodes (tens of minutes on two
+CPU cores): they run only with ``PERSONALIZE_SLOW=1`` and are skipped, saying so, otherwise."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,11 +21,15 @@ HERE = Path(__file__).resolve().parent
 def pytest_collection_modifyitems(config, items):
     # a conftest's collection hook sees the whole session's items: mark only the ones below this folder
     skip = pytest.mark.skip(reason=NO_COMFYUI) if comfyui_root() is None else None
+    slow = None if os.environ.get("PERSONALIZE_SLOW") == "1" else pytest.mark.skip(
+        reason="trains models in the world for tens of minutes: set PERSONALIZE_SLOW=1 to run it")
     for item in items:
         if HERE in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.integration)
             if skip is not None:
                 item.add_marker(skip)
+            elif slow is not None and item.get_closest_marker("slow") is not None:
+                item.add_marker(slow)
 
 
 @pytest.fixture(scope="session")
