@@ -227,7 +227,8 @@ class _Run:
     def step(self, i: int) -> float:
         """One optimizer step (0-based ``i``): forward and backward of each of its
         ``gradient_accumulation`` micro-batches (their gradients summed, each loss divided by their
-        number: the gradient of their mean), gradient averaging across ranks, clipping, update. Returns the loss (the mean over ranks); raises :class:`Cancelled` when
+        number: the gradient of their mean), gradient averaging across ranks, clipping, update.
+        Returns the loss (the mean over ranks and micro-batches); raises :class:`Cancelled` when
         asked to stop, and on a loss that is not finite."""
         procs, params = self.procs, self.params
         if self.flag.raised and not procs.enabled:
