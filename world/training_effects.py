@@ -238,10 +238,9 @@ def infusion(world: World, n: int, recipe: InfusionRecipe = InfusionRecipe(), co
                                                     samples=2, steps=world.settings.steps, cfg=world.settings.cfg,
                                                     resolution=data.SIZE, seed=0).result[0])
     w2 = {}
-    neg = encode_prompts(world.clip, [""])[0]
+    neg, base_pos = encode_prompts(world.clip, ["", prompt])
     for key, model, text in (("infusion", infused, prompt), ("lora", lora, lora_prompt)):
         pos = encode_prompts(world.clip, [text])[0]
-        base_pos = encode_prompts(world.clip, [prompt])[0]
         with torch.no_grad():
             feats = [_concept_features(world, generate_images(m, world.vae, c, neg, 8, world.settings.steps,
                                                               world.settings.cfg, 0, data.SIZE), shape)
