@@ -16,13 +16,15 @@ How the branches share one sampling run in ComfyUI:
 * ``foundation_branch`` (``APPLY_MODEL`` wrapper) gives the foundation rows of every cond chunk the
   foundation conditioning, then either runs everything in one UNet call (``joint``: each chunk is
   ``[personalised B, foundation B]``) or, when the identity comes from another pack's attention
-  patches, runs the foundation rows first without those patches (``record``: their self-attention
+  patches or from a LoRA set on the conditioning as a ComfyUI hook, runs the foundation rows first
+  without those patches or with the hooks' weights taken off (``record``: their self-attention
   keys/values go to a bank) and then the personalised rows (``read``).
 * ``FoundationAwareAttention.attn1`` applies FASA on the personalised cond rows.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -79,16 +81,18 @@ class FoundationAwareAttention(Technique):
     foundation rows keep the personalised conditioning: the identity is switched off by
     ``strip_patches`` alone). ``masks``: ``[1 or B, H, W]`` attribute masks in the generated
     image's space (0..1). ``strip_patches``: the foundation branch runs without other packs'
-    cross-attention patches (where InstantID-style identity adapters live). It adds no reference
-    rows: the doubled batch goes through ComfyUI's own memory estimate.
+    cross-attention patches (where InstantID-style identity adapters live). ``strip_hooks``: the
+    foundation branch runs with the weights of the conditioning's hooks taken off (a DreamBooth-style
+    identity LoRA applied with ComfyUI's hook nodes, so the foundation is the model without it). It
+    adds no reference rows: the doubled batch goes through ComfyUI's own memory estimate.
     """
 
     name = "FreeCure FASA"
     exclusive = True          # owns the batch layout: does not combine with reference-row techniques
 
     def __init__(self, foundation, masks, weight: float, layer_keys, sigma_range, strip_patches: bool = False,
-                 mask_threshold: float = 0.5, dit=None):
-        if foundation is None and not strip_patches:
+                 mask_threshold: float = 0.5, dit=None, strip_hooks: bool = False):
+        if foundation is None and not strip_patches and not strip_hooks:
             raise ValueError("foundation: no foundation conditioning and strip_patches off, so the foundation "
                              "branch would equal the personalised one; connect the prompt without the identity")
         m = as_mask_batch(masks, "masks").clamp(0, 1)
@@ -98,6 +102,7 @@ class FoundationAwareAttention(Technique):
         self.attn1_keys = frozenset(layer_keys)
         self.sigmas = sigma_range
         self.strip_patches = bool(strip_patches)
+        self.strip_hooks = bool(strip_hooks)
         self.dit = dit              # blocks.DiTSpec on a DiT model (its layer keys are DiT blocks)
         self._selections: dict = {}
 
@@ -261,20 +266,21 @@ def foundation_branch(executor, x, t, c_concat=None, c_crossattn=None, control=N
                 ctx[j * chunk + batch:(j + 1) * chunk] = f
 
     opts = dict(transformer_options)
-    if not tech.strip_patches:
+    if not tech.strip_patches and not tech.strip_hooks:
         opts[BRANCH_KEY] = BranchLayout("joint", labels, batch, sigma)
         return executor(x, t, c_concat, ctx, control, opts, **kwargs)
 
-    # The foundation rows without the identity patches (recording their keys/values), then the
-    # personalised rows with everything.
+    # The foundation rows without the identity patches or hooks (recording their keys/values), then
+    # the personalised rows with everything.
     bank: dict = {}
     sub = lambda value, rows: _rows(value, rows, n)
-    rec = strip_foreign_attention(opts)
+    rec = strip_foreign_attention(opts) if tech.strip_patches else dict(opts)
     rec[BRANCH_KEY] = BranchLayout("record", labels, batch, sigma, bank)
     if isinstance(rec.get("sigmas"), torch.Tensor):
         rec["sigmas"] = sub(rec["sigmas"], found)
-    out_f = executor(x[found], t[found], sub(c_concat, found), sub(ctx, found), _control_rows(control, found, n), rec,
-                     **{k: sub(v, found) for k, v in kwargs.items()})
+    with (hooks_off(executor.class_obj, COND in labels) if tech.strip_hooks else nullcontext()):
+        out_f = executor(x[found], t[found], sub(c_concat, found), sub(ctx, found), _control_rows(control, found, n),
+                         rec, **{k: sub(v, found) for k, v in kwargs.items()})
     opts[BRANCH_KEY] = BranchLayout("read", labels, batch, sigma, bank)
     if isinstance(opts.get("sigmas"), torch.Tensor):
         opts["sigmas"] = sub(opts["sigmas"], pers)
@@ -284,6 +290,29 @@ def foundation_branch(executor, x, t, c_concat=None, c_crossattn=None, control=N
     out[pers] = out_p
     out[found] = out_f.to(out_p.dtype)
     return out
+
+
+@contextmanager
+def hooks_off(base_model, required: bool = True):
+    """While the block runs, the model has the weights of no ComfyUI hook (``ModelPatcher.apply_hooks``
+    with none, the way ComfyUI's sampler switches between conditionings with different hooks), then
+    the hooks it had again. ``required``: no hooks on the model is an error (the foundation would
+    equal the personalised branch)."""
+    patcher = getattr(base_model, "current_patcher", None)
+    hooks = getattr(patcher, "current_hooks", None)
+    if hooks is None:
+        if required:
+            raise ValueError("foundation_mode: the LoRA-hook mode takes the conditioning's hooks off for the "
+                             "foundation branch, but the prompt's conditioning carries none; set the identity LoRA "
+                             "on the conditioning with ComfyUI's Create Hook LoRA and Cond Set Props / Set CLIP "
+                             "Hooks nodes (a LoRA from Load LoRA is part of the model: use another mode)")
+        yield
+        return
+    patcher.apply_hooks(None)
+    try:
+        yield
+    finally:
+        patcher.apply_hooks(hooks)
 
 
 def install_fasa(model, technique: FoundationAwareAttention):

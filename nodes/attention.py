@@ -195,7 +195,8 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
         return io.NodeOutput(install_technique(model, tech))
 
 
-FOUNDATION_MODES = ["prompt without identity (PhotoMaker)", "model without identity patches (InstantID-style)"]
+FOUNDATION_MODES = ["prompt without identity (PhotoMaker)", "model without identity patches (InstantID-style)",
+                    "model without the LoRA hooks (identity LoRA)"]
 
 
 class FoundationAwareAttentionNode(io.ComfyNode):
@@ -222,11 +223,14 @@ class FoundationAwareAttentionNode(io.ComfyNode):
                                tooltip="How the identity is switched off in the foundation branch: PhotoMaker: the "
                                        "same model with the prompt without the identity embedding (connect it to "
                                        "'foundation'); InstantID-style: the branch runs without other packs' "
-                                       "cross-attention patches (where the identity adapter lives)."),
+                                       "cross-attention patches (where the identity adapter lives); identity LoRA: "
+                                       "the branch runs without the LoRA set on the prompt's conditioning as a hook "
+                                       "(Create Hook LoRA + Cond Set Props), i.e. on the base model."),
                 io.Conditioning.Input("foundation", optional=True,
                                       tooltip="The foundation branch's positive conditioning: CLIP Text Encode of "
                                               "your prompt (trigger word included) without PhotoMaker's identity. "
-                                              "Required for the PhotoMaker mode."),
+                                              "Required for the PhotoMaker mode; optional for the others (without "
+                                              "it the foundation branch reads your prompt)."),
                 io.Float.Input("weight", default=1.5, min=-10.0, max=10.0, step=0.1,
                                tooltip="Logit bias of the foundation tokens inside the masks (FreeCure: 1.5 for SDXL, "
                                        "0.5 for SD1.x). 0 switches FASA off."),
@@ -253,16 +257,17 @@ class FoundationAwareAttentionNode(io.ComfyNode):
         if foundation_mode not in FOUNDATION_MODES:
             raise ValueError(f"foundation_mode: unknown '{foundation_mode}'; choose one of {FOUNDATION_MODES}")
         strip = foundation_mode == FOUNDATION_MODES[1]
+        hooks = foundation_mode == FOUNDATION_MODES[2]
         cond = None
         if foundation is not None:
             cond = conditioning_tensor(foundation, "foundation", first_row=False)
-        elif not strip:
+        elif not strip and not hooks:
             raise ValueError("foundation: not connected; the PhotoMaker mode needs the prompt without the identity "
                              "(CLIP Text Encode of the same text) as the foundation conditioning")
         spec, keys = resolve(model.model.diffusion_model, FASA_BLOCKS, layers, custom_blocks)
         sigmas = SigmaRange.from_percents(model.model.model_sampling, start_percent, end_percent)
         tech = FoundationAwareAttention(cond, masks, weight, keys, sigmas, strip_patches=strip,
-                                        mask_threshold=mask_threshold, dit=spec)
+                                        mask_threshold=mask_threshold, dit=spec, strip_hooks=hooks)
         return io.NodeOutput(install_fasa(model, tech))
 
 

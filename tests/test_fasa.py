@@ -209,6 +209,56 @@ def test_foundation_branch_strip_runs_the_foundation_rows_first_without_foreign_
     assert s is not opts and opts["patches"]["attn2_patch"] == [foreign]
 
 
+class HookedPatcher:
+    """ComfyUI's ModelPatcher as far as hooks go: the hooks whose weights are on, and apply_hooks."""
+
+    def __init__(self, hooks):
+        self.current_hooks, self.applied = hooks, []
+
+    def apply_hooks(self, hooks, transformer_options=None, force_apply=False):
+        self.applied.append(hooks)
+        self.current_hooks = hooks
+
+
+class HookRecorder(Recorder):
+    def __init__(self, patcher):
+        super().__init__()
+        self.class_obj = type("BaseModel", (), {"current_patcher": patcher})()
+
+    def __call__(self, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        out = super().__call__(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        self.calls[-1]["hooks"] = self.class_obj.current_patcher.current_hooks
+        return out
+
+
+def test_foundation_branch_lora_hooks_mode_runs_the_foundation_rows_without_the_hooks():
+    masks = torch.ones(1, 32, 32)
+    tech = FoundationAwareAttention(None, masks, 1.5, [KEY], SigmaRange(10.0, 0.0), strip_hooks=True)
+    patcher = HookedPatcher("identity lora")
+    ex = HookRecorder(patcher)
+    x, ctx = torch.randn(4, 4, 4, 4), torch.randn(4, 5, 8)
+    foreign = lambda q, k, v, eo: q
+    opts = {STATE_KEY: PersonalizeState().with_technique(tech), BATCH_KEY: 1, "cond_or_uncond": [1, 0],
+            "patches_replace": {"attn2": {("input", 1, 0): foreign}}}
+    out = foundation_branch(ex, x, torch.full((4,), 5.0), None, ctx, None, opts)
+    torch.testing.assert_close(out, x * 2 + 1)
+    rec, read = ex.calls
+    assert (rec["hooks"], read["hooks"]) == (None, "identity lora")      # the base model, then the LoRA again
+    assert patcher.applied == [None, "identity lora"] and patcher.current_hooks == "identity lora"
+    assert rec["opts"][BRANCH_KEY].mode == "record" and read["opts"][BRANCH_KEY].mode == "read"
+    torch.testing.assert_close(rec["c"], ctx[[1, 3]])                      # no foundation prompt: the same prompt
+    assert rec["opts"]["patches_replace"]["attn2"][("input", 1, 0)] is foreign   # attention patches stay on
+
+    # no hooks on a cond chunk: the foundation would be the personalised model itself
+    with pytest.raises(ValueError, match="LoRA-hook mode.*carries none"):
+        foundation_branch(HookRecorder(HookedPatcher(None)), x, torch.full((4,), 5.0), None, ctx, None, opts)
+    # an uncond chunk without hooks (the LoRA set on the positive prompt only) runs as it is
+    alone = dict(opts, cond_or_uncond=[1])
+    ex = HookRecorder(HookedPatcher(None))
+    foundation_branch(ex, x[:2], torch.full((2,), 5.0), None, ctx[:2], None, alone)
+    assert [c["hooks"] for c in ex.calls] == [None, None] and ex.class_obj.current_patcher.applied == []
+
+
 class FakeGuider:
     def __init__(self, tech):
         self.model_options = {"transformer_options": {STATE_KEY: PersonalizeState().with_technique(tech)}}

@@ -100,6 +100,34 @@ def test_identity_patches_are_switched_off_only_in_the_foundation_branch(sd15):
     assert (on - out).abs().max() > 1e-3
 
 
+def test_lora_hook_mode_runs_the_foundation_branch_on_the_model_without_the_lora(sd15):
+    """A DreamBooth-style identity LoRA set on the conditioning as a ComfyUI hook: the personalised rows
+    carry it, the foundation rows run on the model without it (the base model)."""
+    import comfy.hooks
+    import comfy.lora
+    model, clip, vae = sd15
+    keys = comfy.lora.model_lora_keys_unet(model.model)
+    gen = torch.Generator().manual_seed(5)
+    sd = model.model.state_dict()
+    lora = {f"{name}.diff": torch.randn(sd[key].shape, generator=gen) * 0.2
+            for name, key in keys.items() if isinstance(key, str) and key.endswith(("attn2.to_v.weight", "ff.net.2.weight"))}
+    assert lora
+    hooks = comfy.hooks.create_hook_lora(lora, 1.0, 0.0)
+    pos, neg = encode(clip, PERSONAL), encode(clip, "blurry")
+    hpos, hneg = (comfy.hooks.set_hooks_for_conditioning(c, hooks) for c in (pos, neg))
+    personal = sample(model, hpos, hneg)
+    base = sample(model, pos, neg)
+    assert (personal - base).abs().max() > 1e-3                              # the LoRA does something
+    patched, seen = capture_full_batch(fasa(model, None, weight=0.0, mode=2))
+    out = sample(patched, hpos, hneg)
+    assert_same_sample(out, personal, vae)                                   # personalised: the LoRA on
+    assert_same_sample(seen["out"][1:], base)                                # foundation: the base model
+    on = sample(fasa(model, None, mode=2), hpos, hneg)
+    assert (on - out).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="LoRA-hook mode"):                  # no hooks on the prompt
+        sample(fasa(model, None, mode=2), pos, neg)
+
+
 # ---------------------------------------------------------------------------- bad input
 
 def test_bad_inputs(sd15, sdxl):
