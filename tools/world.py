@@ -3,6 +3,7 @@
     python tools/world.py train vae   --out world/weights      # about 12 min on 2 cores
     python tools/world.py train unet  --out world/weights
     python tools/world.py train scorer --out world/weights
+    python tools/world.py train ipadapter --out world/weights  # the IP-Adapter on the seeded ViT-L
     python tools/world.py build --comfyui /path/to/ComfyUI      # writes models/checkpoints/personalize_world.safetensors
     python tools/world.py demo --comfyui /path/to/ComfyUI --out world_demo   # MRSA on and off, scored
 
@@ -23,6 +24,7 @@ pack = import_pack()
 from personalize_pack.world import host
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "world" / "weights"
+DEFAULT_SCENES = 16000
 
 
 def save(sd: dict, path: Path, meta: dict, dtype=None) -> None:
@@ -88,6 +90,25 @@ def train(opts) -> None:
         print("scorer validation (300 fresh scenes):", json.dumps(acc))
         meta = {"seed": opts.seed, "validation": acc, "minutes": round((time.time() - t0) / 60, 1)}
         save(reader.state_dict(), out / checkpoint.SCORER_FILE, meta, torch.float16)
+    elif opts.part == "ipadapter":
+        import torch
+        from personalize_pack.world import ip_adapter
+        work = Path(opts.work)
+        work.mkdir(parents=True, exist_ok=True)
+        n = opts.scenes if opts.scenes != DEFAULT_SCENES else ip_adapter.SCENES
+        cache = work / f"ipadapter_set_seed{opts.seed}_{n}.pt"
+        if cache.is_file():
+            dataset = torch.load(cache, weights_only=False)
+        else:
+            dataset = ip_adapter.training_set(opts.seed, n, ip_adapter.load_vision(), out)
+            torch.save(dataset, cache)
+        steps = opts.steps or ip_adapter.STEPS
+        adapter, hist = ip_adapter.train(dataset, steps=steps, seed=opts.seed, folder=out)
+        meta = {"seed": opts.seed, "steps": steps, "scenes": n, "vision_seed": ip_adapter.VISION_SEED,
+                "final_loss": round(sum(hist[-100:]) / len(hist[-100:]), 4),
+                "minutes": round((time.time() - t0) / 60, 1)}
+        ip_adapter.save_small(adapter, out / ip_adapter.ADAPTER_FILE, meta)
+        print(f"wrote {out / ip_adapter.ADAPTER_FILE}: {meta}")
     else:
         raise SystemExit(f"unknown part {opts.part!r}")
 
@@ -136,17 +157,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train one part of the world from a seed")
-    t.add_argument("part", choices=["vae", "scorer", "unet"])
+    t.add_argument("part", choices=["vae", "scorer", "unet", "ipadapter"])
     t.add_argument("--out", default=str(WEIGHTS))
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--steps", type=int, default=None, help="unet: stop at this step (default: the end of the last phase)")
+    t.add_argument("--steps", type=int, default=None, help="unet: stop at this step (default: the end of the last "
+                   "phase); ipadapter: training steps (default: ip_adapter.STEPS)")
     t.add_argument("--resume", action="store_true", help="vae: run only phase 2, from the phase-1 file in --out")
     t.add_argument("--export", choices=["net", "ema"], default="ema",
                    help="unet: ship the weights' moving average (default, as the shipped file) or the "
                         "network's final weights")
     t.add_argument("--comfyui", default=None)
     t.add_argument("--work", default="world_work", help="folder for caches and the resumable training state")
-    t.add_argument("--scenes", type=int, default=16000, help="training scenes for the UNet")
+    t.add_argument("--scenes", type=int, default=DEFAULT_SCENES, help="training scenes for the UNet (the "
+                   "IP-Adapter: ip_adapter.SCENES unless given)")
     b = sub.add_parser("build", help="write the world checkpoint into ComfyUI's models/checkpoints")
     b.add_argument("--comfyui", default=None)
     b.add_argument("--weights", default=str(WEIGHTS))
