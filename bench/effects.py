@@ -12,7 +12,10 @@ deviations, a paired sign-flip test), then a summary line whose checks say wheth
 Experiments: mrsa (fidelity, distractor leak, weight 0), mrsa_two (two subjects), dmsa, composer (about 22
 minutes together on 2 CPU cores); segmix (four Seg-Mix LoRA trainings of 300 steps, about 9 minutes each
 on 2 CPU cores, then the sampling); infusion (Train Infusion and a LoRA of the same photos, then sampling and
-the Overfitting Metrics node).
+the Overfitting Metrics node); freecure (an overfit LoRA of 400 steps, about 12 minutes, set on the
+conditioning as a hook, then FASA with the base model as foundation: about 18 minutes at 12 seeds); mip
+(the world's IP-Adapter, built from world/weights, with one, two and three references: about 20 minutes at
+12 seeds, most of it the seeded ViT-L encoding the references).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from harness import comfyui_path, csv_choice, emit, emit_summary, import_pack, log, setup_comfy
 
-EXPERIMENTS = ("mrsa", "mrsa_two", "dmsa", "composer", "segmix", "infusion")
+EXPERIMENTS = ("mrsa", "mrsa_two", "dmsa", "composer", "segmix", "infusion", "freecure", "mip")
 
 # (technique, metric) -> (what the paper claims, test on the line); p < 0.05 where a difference is claimed
 CLAIMS = {
@@ -51,6 +54,26 @@ CLAIMS = {
                           lambda e: e["with"] < e["without"]),
     ("infusion", "w2"): ("Infusion's concept images stray less from the class than a LoRA's (W2)",
                          lambda e: e["with"] < e["without"]),
+    ("freecure", "asked_colour"): ("FASA gives the overfit model's prompt its colour back",
+                                   lambda e: e["with"] > e["without"] and e["p"] < 0.05),
+    ("freecure", "pattern_kept"): ("FASA keeps the subject's identity beyond the asked attribute (pattern no rarer)",
+                                   lambda e: e["with"] >= e["without"] - 0.1),
+    ("freecure", "asked_colour_w1.5"): ("FASA at SDXL's weight 1.5 gives the prompt its colour back",
+                                        lambda e: e["with"] > e["without"] and e["p"] < 0.05),
+    ("mip", "one_reference_colour"): ("the world's IP-Adapter carries a reference's colour",
+                                      lambda e: e["with"] > e["without"] and e["p"] < 0.05),
+    ("mip", "confusion_2"): ("MIP confuses two references' objects less than the plain merge",
+                             lambda e: e["with"] < e["without"] and e["p"] < 0.05),
+    ("mip", "confusion_3"): ("MIP confuses three references' objects less than the plain merge",
+                             lambda e: e["with"] < e["without"] and e["p"] < 0.05),
+    ("mip", "own_colour_2"): ("with MIP more of two references' objects wear their own colour",
+                              lambda e: e["with"] > e["without"] and e["p"] < 0.05),
+    ("mip", "own_colour_3"): ("with MIP more of three references' objects wear their own colour",
+                              lambda e: e["with"] > e["without"] and e["p"] < 0.05),
+    ("mip", "confusion_2_masks"): ("MIP with the references' regions as masks confuses two objects less",
+                                   lambda e: e["with"] < e["without"] and e["p"] < 0.05),
+    ("mip", "confusion_3_masks"): ("MIP with the references' regions as masks confuses three objects less",
+                                   lambda e: e["with"] < e["without"] and e["p"] < 0.05),
 }
 
 

@@ -46,14 +46,17 @@ class World:
         import comfy.sample
         return torch.cat([comfy.sample.prepare_noise(torch.zeros(1, *LATENT), int(s)) for s in seeds])
 
-    def sample(self, prompt: str, seeds: list, model=None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Latents [B, 4, 16, 16], one per seed (the seeds' noise unless ``noise`` is given)."""
+    def sample(self, prompt: str, seeds: list, model=None, noise: torch.Tensor | None = None, positive=None,
+               negative=None) -> torch.Tensor:
+        """Latents [B, 4, 16, 16], one per seed (the seeds' noise unless ``noise`` is given); ``positive``
+        and ``negative``: conditionings to use instead of the prompt's and the settings' negative."""
         import comfy.sample
         s = self.settings
         noise = self.noise(seeds) if noise is None else noise
         latent = torch.zeros(noise.shape[0], *LATENT)
         return comfy.sample.sample(model or self.model, noise, s.steps, s.cfg, s.sampler, s.scheduler,
-                                   self.cond(prompt), self.cond(s.negative), latent, disable_pbar=True,
+                                   self.cond(prompt) if positive is None else positive,
+                                   self.cond(s.negative) if negative is None else negative, latent, disable_pbar=True,
                                    seed=int(seeds[0]))
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
