@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     root = comfyui_path(opts, "bench/effects.py")
     setup_comfy(root, "pytorch")
     import_pack()
-    from personalize_pack.world import checkpoint, effects, training_effects
+    from personalize_pack.world import adapter_effects, checkpoint, effects, training_effects
     from personalize_pack.world.runtime import World
     path = Path(opts.checkpoint) if opts.checkpoint else root / "models" / "checkpoints" / checkpoint.CHECKPOINT_NAME
     weights = Path(opts.weights) if opts.weights else checkpoint.WEIGHTS
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         log(f"building the world checkpoint at {path} from {weights}")
         checkpoint.build(path, weights, overwrite=True)
     world = World.load(path, weights)
-    experiments = {**effects.EXPERIMENTS, **training_effects.EXPERIMENTS}
+    experiments = {**effects.EXPERIMENTS, **training_effects.EXPERIMENTS, **adapter_effects.EXPERIMENTS}
     work = Path(opts.work) if opts.work else root / "output" / "personalize_world_effects"
     checks = {}
     for name in opts.only:

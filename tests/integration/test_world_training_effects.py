@@ -1,5 +1,6 @@
-"""The training techniques' effects in the world (``world/training_effects.py``), trained again here through
-the pack's Train nodes and asserted at what ``bench/effects.py --only segmix|infusion`` reported
+"""The training techniques' and adapters' effects in the world (``world/training_effects.py``,
+``world/adapter_effects.py``), trained again here through
+the pack's Train nodes and asserted at what ``bench/effects.py --only segmix|infusion|freecure|mip`` reported
 (world/README.md, "Effects of the training techniques"). Marked ``slow``: each test trains for tens of
 minutes on two CPU cores and runs only with PERSONALIZE_SLOW=1 (and the world's weights)."""
 from __future__ import annotations
@@ -47,9 +48,9 @@ def test_mip_merges_by_region_with_the_worlds_ip_adapter(world, tmp_path):
     The bench: one reference carries its colour (0.58 vs 0.17 from the prompt alone); with three references
     MIP given each reference's region as a mask puts more objects in their own colour than the plain merge
     (0.42 vs 0.08, p 0.03); MIP by word maps only in direction (two: 0.21 vs 0.13, three: 0.19 vs 0.08)."""
-    from personalize_pack.world import training_effects as te
+    from personalize_pack.world import adapter_effects, training_effects as te
     with te.work_folders(tmp_path):
-        r = {e.metric: e for e in te.mip(world, 6)}
+        r = {e.metric: e for e in adapter_effects.mip(world, 6)}
     one = r["one_reference_colour"]
     assert np.mean(one.with_) - np.mean(one.without) >= 0.3, (one.with_, one.without)
     masked = r["own_colour_3_masks"]
@@ -62,9 +63,9 @@ def test_freecure_gives_an_overfit_lora_its_colour_back_at_sdxl_weight(world, tm
     mode (foundation: the base model), the first 6 of the bench's 12 seeds. The bench: the LoRA alone draws the
     asked colour in 0.17 (the base model 1.0); FASA at FreeCure's SDXL weight 1.5 gives it back in 0.67 (p 0.03,
     6 seeds better, none worse) and keeps the stripes (0.83 vs 0.92); at its SD1.x weight 0.5 only 0.25."""
-    from personalize_pack.world import training_effects as te
+    from personalize_pack.world import adapter_effects, training_effects as te
     with te.work_folders(tmp_path):
-        r = {e.metric: e for e in te.freecure(world, 6)}
+        r = {e.metric: e for e in adapter_effects.freecure(world, 6)}
     strong = r["asked_colour_w1.5"]
     assert strong.extra["base"] >= 0.8 and np.mean(strong.without) <= 0.34, (strong.extra, strong.without)
     assert np.mean(strong.with_) - np.mean(strong.without) >= 0.3, (strong.with_, strong.without)
