@@ -35,7 +35,7 @@ from torch import nn
 
 from ..attention.blocks import cross_attention_modules
 from ..attention.image_proj import ImageProjModel
-from ..attention.kernels import merge_heads, split_heads
+from ..attention.kernels import sdpa_attention
 from ..files.atomic import atomic_save_safetensors
 from . import checkpoint, data, text, unet, vae
 
@@ -171,8 +171,7 @@ class SmallAdapter(nn.Module):
     def _layer(self, n: int, heads: int, tokens: torch.Tensor):
         def attn2(q, k, v, extra_options):
             ik, iv = self.to_k_ip[n](tokens), self.to_v_ip[n](tokens)
-            text_out = _attention(q, k, v, heads)
-            return text_out + _attention(q, ik, iv, heads)
+            return sdpa_attention(q, k, v, heads) + sdpa_attention(q, ik, iv, heads)
         return attn2
 
     def comfy_state_dict(self, dtype=torch.float16) -> dict:
@@ -191,11 +190,6 @@ class SmallAdapter(nn.Module):
                 big[rows] = w
                 out[f"ip_adapter.{2 * n + 1}.{name}.weight"] = big.to(dtype)
         return out
-
-
-def _attention(q, k, v, heads: int) -> torch.Tensor:
-    qh, kh, vh = (split_heads(t, heads) for t in (q, k, v))
-    return merge_heads(torch.nn.functional.scaled_dot_product_attention(qh, kh, vh))
 
 
 def load_small(net, folder: Path = checkpoint.WEIGHTS) -> SmallAdapter:
