@@ -12,22 +12,17 @@ and returns ``(DiTSpec or None, keys)``, so a node never branches on the family 
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Callable
 
-from .kernels import Rope
+from .families import (DOUBLE, FAMILY_NAMES, SINGLE, SUPPORTED, DiTSpec, dit_spec,  # noqa: F401
+                       is_dit_key, model_family)
 
-DOUBLE, SINGLE = "double_block", "single_block"
 CUSTOM = "custom"
 ALL_DECODER = "all decoder blocks"
 NO_UNET = ("model: no UNet self-attention blocks found; this technique needs an SD1.x/SD2.x/SDXL-style UNet "
            "model")
-
-
-def is_dit_key(key) -> bool:
-    return isinstance(key, tuple) and len(key) == 2 and key[0] in (DOUBLE, SINGLE)
 
 
 # --------------------------------------------------------------------------- reading block lists
@@ -130,59 +125,6 @@ def expand_blocks(blocks, available: dict[tuple[str, int], int], what: str = "la
                          f"({miss}). Its attention blocks are: {have}. Pick the preset for your "
                          f"model family or a custom block list.")
     return tuple((n, i, j) for n, i in blocks for j in range(available[(n, i)]))
-
-
-# --------------------------------------------------------------------------- DiT family
-
-@dataclass(frozen=True)
-class DiTSpec:
-    """What the DiT path needs to know about a model: ``family`` ("flux", "sd3"), its double and
-    single block counts, patch size and RoPE (None for models with absolute positions)."""
-    family: str
-    double: int
-    single: int
-    patch: int
-    rope: Rope | None
-
-    def keys(self) -> tuple:
-        return tuple((DOUBLE, i) for i in range(self.double)) + tuple((SINGLE, i) for i in range(self.single))
-
-    def order(self, key) -> int:
-        """Position of a block in execution order (double blocks run before single blocks)."""
-        return key[1] if key[0] == DOUBLE else self.double + key[1]
-
-    def grid(self, latent_hw) -> tuple[int, int]:
-        h, w = latent_hw
-        return math.ceil(h / self.patch), math.ceil(w / self.patch)
-
-    def image_tokens(self, latent_hw) -> int:
-        gh, gw = self.grid(latent_hw)
-        return gh * gw
-
-
-SUPPORTED = ("SD1.x/SD2.x/SDXL UNets, FLUX (FLUX.1 dev, schnell and their fine-tunes) and SD3/SD3.5 "
-             "(MMDiT)")
-FAMILY_NAMES = {"flux": "FLUX", "sd3": "SD3"}
-
-
-def model_family(diffusion_model) -> DiTSpec | None:
-    """The ``DiTSpec`` of a ComfyUI diffusion model, None for a UNet; a clear error for any other
-    architecture (it may lack the hooks the DiT path relies on, or lay its tokens out differently)."""
-    if hasattr(diffusion_model, "input_blocks") and hasattr(diffusion_model, "output_blocks"):
-        return None
-    cls = type(diffusion_model)
-    params = getattr(diffusion_model, "params", None)
-    if (cls.__name__ == "Flux" and cls.__module__.startswith("comfy.ldm.flux") and params is not None
-            and hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks")):
-        rope = Rope(float(params.theta), tuple(int(a) for a in params.axes_dim))
-        return DiTSpec("flux", len(diffusion_model.double_blocks), len(diffusion_model.single_blocks),
-                       int(diffusion_model.patch_size), rope)
-    if (cls.__name__ == "OpenAISignatureMMDITWrapper" and hasattr(diffusion_model, "joint_blocks")
-            and cls.__module__.startswith("comfy.ldm.modules.diffusionmodules")):
-        # SD3/SD3.5: joint blocks only (ComfyUI calls them "double_block"), absolute positions
-        return DiTSpec("sd3", len(diffusion_model.joint_blocks), 0, int(diffusion_model.patch_size), None)
-    raise ValueError(f"model: {cls.__name__} ({cls.__module__}) is not supported yet by the pack's self-attention "
-                     f"techniques; they support {SUPPORTED}")
 
 
 def check_dit_keys(keys, spec: DiTSpec, what: str, preset: str) -> tuple:

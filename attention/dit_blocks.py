@@ -89,12 +89,14 @@ class PersonalizeBlock:
         if layout is None:
             layout = opts.get(BRANCH_KEY)
         techs = _active(state, self.key, layout, opts)
+        own = [t for t, _ in techs if t.overrides]
+        techs = [(t, kinds) for t, kinds in techs if not t.overrides]
         last = None
         if isinstance(layout, RowLayout) and layout.mode in ("joint", "record"):
             if layout.dit_last is None:
                 layout.dit_last = _last_block(state, self.spec, layout.sigma)
             last = layout.dit_last
-        if not techs:
+        if not techs and not own:
             if last is not None and self.spec.order(self.key) > last:
                 return self._targets_only(args, extra, layout)
             return self._call(args, extra)
@@ -105,8 +107,12 @@ class PersonalizeBlock:
             sl = opts.get("img_slice")
             txt_len = int(sl[0]) if sl else 0
         new = dict(opts)
-        new["optimized_attention_override"] = JointAttention(self.key, self.spec, techs, txt_len, layout,
-                                                             opts.get("optimized_attention_override"))
+        override = opts.get("optimized_attention_override")
+        for t in own:
+            override = t.override(override, txt_len)
+        if techs:
+            override = JointAttention(self.key, self.spec, techs, txt_len, layout, override)
+        new["optimized_attention_override"] = override
         out = self._call(dict(args, transformer_options=new), extra)
         if isinstance(layout, RowLayout) and layout.mode == "record" and layout.subset is not None \
                 and last is not None and self.spec.order(self.key) >= last:

@@ -24,6 +24,20 @@ def _check_exclusive(state: PersonalizeState) -> None:
                          f"{others} on the same MODEL; apply it to a model without them")
 
 
+def _check_overrides(state: PersonalizeState) -> None:
+    """A technique with its own joint-attention override (native reference control) is the only
+    one on a DiT's blocks: another would compute its image queries without the controls."""
+    own = [t for t in state.techniques if t.overrides]
+    others = [t for t in state.techniques if t.dit is not None and t not in own]
+    if len(own) > 1:
+        raise ValueError(f"model: it already carries a {own[0].name}; connect the model from before that node, "
+                         f"and give every reference its control in one chain")
+    if own and others:
+        names = ", ".join(sorted({t.name for t in others}))
+        raise ValueError(f"model: {own[0].name} and {names} both rewrite the joint attention of this model's blocks "
+                         f"and do not combine yet; apply one of them per MODEL")
+
+
 def install_technique(model, technique):
     """Clone ``model`` and register ``technique``: state, the reference-pass wrapper (once) and
     the shared replace object on each of its blocks. The input MODEL is not touched."""
@@ -34,6 +48,7 @@ def install_technique(model, technique):
     state = opts.get(STATE_KEY) or PersonalizeState(base_memory_factor=m.get_model_object("memory_usage_factor"))
     state = state.with_technique(technique)
     _check_exclusive(state)
+    _check_overrides(state)
     opts[STATE_KEY] = state
     m.model_options["transformer_options"] = opts
     # ComfyUI sizes its batches and frees memory from memory_usage_factor x batch; the reference rows

@@ -88,6 +88,9 @@ class Technique:
     * ``dit``: the model's ``blocks.DiTSpec`` when its keys are DiT blocks, None on a UNet.
     * ``exclusive``: it owns the batch layout (FreeCure's second branch) and combines with no
       technique that adds reference rows.
+    * ``overrides``: on a DiT it changes its blocks' joint attention through an attention override
+      of its own (``override(previous, txt_len)``, chained onto ``previous``) instead of the
+      shared ``JointAttention`` (native reference control).
 
     Methods: ``keys(kind)``; ``active(sigma)`` (whether it acts in a model call at that sigma);
     ``active_at(layout, extra_options)`` (the same inside one attention call; ``layout`` is None in
@@ -105,6 +108,7 @@ class Technique:
     sigmas: SigmaRange | None = None
     dit = None
     exclusive = False
+    overrides = False
 
     def keys(self, kind: str) -> frozenset:
         if kind == "attn1":
@@ -133,6 +137,9 @@ class Technique:
 
     def record_maps(self, q, k, extra_options, layout, key) -> None:
         return None
+
+    def override(self, previous, txt_len: int):
+        return previous
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,64 @@
+"""Tiny random-weight models of the families that take reference images natively, built from
+ComfyUI's own classes (docs/comfyui-host.md §5):
+
+* FLUX.2 (``Flux`` with ``image_model="flux2"``: global modulation, 4 RoPE axes of 32, patch 1,
+  128 latent channels), saved unprefixed so that Load Diffusion Model detects it as FLUX.2;
+* Qwen-Image (``QwenImageTransformer2DModel``). ComfyUI reads only its depth and input width from a
+  file (the rest are the 20B model's widths), so the tiny one is built in-process through the
+  ``QwenImage`` model config and wrapped in a ``ModelPatcher``, as the loader would.
+
+FLUX.1 Kontext is the FLUX.1 class with reference latents, so ``tiny_flux.build_flux`` serves it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tiny_models import random_state
+
+FLUX2_TEXT = 64          # text width of the tiny FLUX.2 (real: 7680 / 12288, Qwen3 / Mistral hidden states)
+QWEN_TEXT = 64           # text width of the tiny Qwen-Image (real: 3584)
+
+
+def flux2_params(heads: int = 2, depth: int = 1, single: int = 1) -> dict:
+    return dict(in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=FLUX2_TEXT, hidden_size=128 * heads,
+                mlp_ratio=3.0, num_heads=heads, depth=depth, depth_single_blocks=single, axes_dim=[32, 32, 32, 32],
+                theta=2000, patch_size=1, qkv_bias=False, guidance_embed=False, txt_ids_dims=[3],
+                global_modulation=True, mlp_silu_act=True, ops_bias=False, default_ref_method="index",
+                ref_index_scale=10.0)
+
+
+def build_flux2(path: Path, heads: int = 2, depth: int = 1, single: int = 1, seed: int = 11) -> Path:
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux
+    from safetensors.torch import save_file
+
+    model = Flux(image_model="flux2", device="meta", operations=comfy.ops.disable_weight_init,
+                 **flux2_params(heads, depth, single))
+    sd = random_state(model, "", torch.Generator().manual_seed(seed))
+    sd["final_layer.linear.weight"] = (sd["final_layer.linear.weight"].float() / 8).to(torch.float16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def qwen_config(heads: int = 2, depth: int = 2) -> dict:
+    return dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=depth,
+                attention_head_dim=32, num_attention_heads=heads, joint_attention_dim=QWEN_TEXT,
+                axes_dims_rope=(8, 12, 12))
+
+
+def build_qwen(heads: int = 2, depth: int = 2, seed: int = 12):
+    """A tiny Qwen-Image (Edit) as a ModelPatcher, on the CPU in float32."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.QwenImage(qwen_config(heads, depth))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    sd = random_state(model.diffusion_model, "", torch.Generator().manual_seed(seed))
+    sd["proj_out.weight"] = (sd["proj_out.weight"].float() / 8).to(torch.float16)
+    model.diffusion_model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
