@@ -144,7 +144,7 @@ def check_dit_keys(keys, spec: DiTSpec, what: str, preset: str) -> tuple:
 def prompt_encoders(spec: DiTSpec | None) -> tuple:
     """The tokenizers (``clip.tokenize`` keys, first found wins) whose tokens lay out the text of
     the model's conditioning: T5's on FLUX, CLIP-L's otherwise."""
-    return ("t5xxl", "l") if spec is not None and spec.family == "flux" else ("l",)
+    return ("t5xxl", "l") if spec is not None and spec.family in ("flux", "chroma") else ("l",)
 
 
 # --------------------------------------------------------------------------- one entry point
@@ -187,15 +187,24 @@ FLUX_DOUBLE = "FLUX dev/schnell: double blocks"
 FLUX_ALL = "FLUX dev/schnell: all blocks"
 SD3_LATE = "SD3/SD3.5: later half of the joint blocks"
 SD3_ALL = "SD3/SD3.5: all joint blocks"
-FAMILY_PRESETS = {"flux": [FLUX_SINGLE, FLUX_DOUBLE, FLUX_ALL], "sd3": [SD3_LATE, SD3_ALL]}
+FLUX2_SINGLE, FLUX2_DOUBLE, FLUX2_ALL = ("FLUX.2 dev/klein: single blocks", "FLUX.2 dev/klein: double blocks",
+                                         "FLUX.2 dev/klein: all blocks")
+CHROMA_SINGLE, CHROMA_DOUBLE, CHROMA_ALL = "Chroma: single blocks", "Chroma: double blocks", "Chroma: all blocks"
+QWEN_LATE, QWEN_ALL = "Qwen-Image: later half of the blocks", "Qwen-Image: all blocks"
+FAMILY_PRESETS = {"flux": [FLUX_SINGLE, FLUX_DOUBLE, FLUX_ALL], "sd3": [SD3_LATE, SD3_ALL],
+                  "flux2": [FLUX2_SINGLE, FLUX2_DOUBLE, FLUX2_ALL], "chroma": [CHROMA_SINGLE, CHROMA_DOUBLE, CHROMA_ALL],
+                  "qwen": [QWEN_LATE, QWEN_ALL]}
 DIT_PRESETS = [p for ps in FAMILY_PRESETS.values() for p in ps]
 # Each DiT preset as data: the block keys it takes from a model's DiTSpec.
+_SINGLES = lambda spec: tuple((SINGLE, i) for i in range(spec.single))
+_DOUBLES = lambda spec: tuple((DOUBLE, i) for i in range(spec.double))
+_LATER_HALF = lambda spec: tuple((DOUBLE, i) for i in range(spec.double // 2, spec.double))
+_EVERY = lambda spec: spec.keys()
 _DIT_PICKS: dict[str, Callable] = {
-    FLUX_SINGLE: lambda spec: tuple((SINGLE, i) for i in range(spec.single)),
-    FLUX_DOUBLE: lambda spec: tuple((DOUBLE, i) for i in range(spec.double)),
-    FLUX_ALL: lambda spec: spec.keys(),
-    SD3_ALL: lambda spec: spec.keys(),
-    SD3_LATE: lambda spec: tuple((DOUBLE, i) for i in range(spec.double // 2, spec.double)),
+    FLUX_SINGLE: _SINGLES, FLUX_DOUBLE: _DOUBLES, FLUX_ALL: _EVERY,
+    FLUX2_SINGLE: _SINGLES, FLUX2_DOUBLE: _DOUBLES, FLUX2_ALL: _EVERY,
+    CHROMA_SINGLE: _SINGLES, CHROMA_DOUBLE: _DOUBLES, CHROMA_ALL: _EVERY,
+    SD3_ALL: _EVERY, SD3_LATE: _LATER_HALF, QWEN_ALL: _EVERY, QWEN_LATE: _LATER_HALF,
 }
 
 
@@ -206,7 +215,7 @@ def resolve_layers(preset: str, custom: str, available: dict[tuple[str, int], in
     if not available:
         raise ValueError(NO_UNET)
     if preset in DIT_PRESETS:
-        family = "FLUX" if preset.startswith("FLUX") else "SD3"
+        family = next(FAMILY_NAMES[f] for f, ps in FAMILY_PRESETS.items() if preset in ps)
         raise ValueError(f"layers: preset '{preset}' is for {family} models, but this model is a UNet; choose one of "
                          f"{[p for p in PRESET_NAMES if p != CUSTOM]} or custom")
     if preset == CUSTOM:
@@ -222,9 +231,10 @@ def resolve_layers(preset: str, custom: str, available: dict[tuple[str, int], in
 
 def resolve_dit_blocks(preset: str, custom: str, spec: DiTSpec, custom_name: str = CUSTOM,
                        what: str = "layers") -> tuple:
-    """The block keys of a DiT preset (FLUX: every block of a kind the model has, FLUX.1 dev and
-    schnell have 19 double and 38 single blocks; SD3: the later half or all of its joint blocks) or of
-    a custom list (``parse_dit_blocks``, checked against the model)."""
+    """The block keys of a DiT preset (FLUX.1, FLUX.2, Chroma: every block of a kind the model has,
+    FLUX.1 dev and schnell and Chroma have 19 double and 38 single blocks, FLUX.2 dev 8 and 48, FLUX.2
+    klein 4B 5 and 20; SD3 and Qwen-Image, whose blocks are all double-stream: the later half or all
+    of them) or of a custom list (``parse_dit_blocks``, checked against the model)."""
     name = FAMILY_NAMES.get(spec.family, spec.family)
     if preset in DIT_PRESETS and preset not in FAMILY_PRESETS.get(spec.family, ()):
         raise ValueError(f"{what}: preset '{preset}' is not for this {name} model; choose one of "
@@ -273,13 +283,14 @@ def fasa_layer_keys(preset: str, custom: str, available: dict) -> tuple:
     if preset == CUSTOM:
         return expand_blocks(parse_blocks(custom), available, "custom_blocks")
     if preset == FLUX_FREECURE:
-        raise ValueError(f"layers: preset '{preset}' is for FLUX and SD3 models, but this model is a UNet; choose "
+        raise ValueError(f"layers: preset '{preset}' is for DiT models (FLUX, FLUX.2, Chroma, Qwen-Image, SD3), "
+                         f"but this model is a UNet; choose "
                          f"'{SDXL_FREECURE}' or '{SD15_FREECURE}'")
     raise ValueError(f"layers: unknown preset '{preset}'; choose one of {FASA_PRESETS}")
 
 
 def dit_fasa_keys(preset: str, custom: str, spec: DiTSpec) -> tuple:
-    """FASA's block keys on a DiT (FLUX, SD3). The FreeCure analogue (docs/algorithms.md §4.8; my
+    """FASA's block keys on a DiT (every DiT family). The FreeCure analogue (docs/algorithms.md §4.8; my
     choice, FreeCure ships no DiT code) takes the last 30% of the blocks in execution order, as
     FreeCure's SDXL layers are the last 20 of 70 transformer blocks: FLUX.1 dev/schnell single
     blocks 20-37, SD3.5 large joint blocks 26-37. ``custom`` reads blocks like ``single:20-37,
@@ -289,7 +300,7 @@ def dit_fasa_keys(preset: str, custom: str, spec: DiTSpec) -> tuple:
         return keys[int(0.7 * len(keys)):]
     if preset == CUSTOM:
         return resolve_dit_blocks(CUSTOM, custom, spec)
-    raise ValueError(f"layers: preset '{preset}' is for UNet models, but this is a {spec.family.upper()} model; "
+    raise ValueError(f"layers: preset '{preset}' is for UNet models, but this is a {FAMILY_NAMES[spec.family]} model; "
                      f"choose '{FLUX_FREECURE}' or 'custom' with blocks like 'single:20-37'")
 
 
@@ -343,7 +354,12 @@ DMSA_PRESETS: dict[str, DMSAPreset] = {
 }
 FLUX_DMSA = "FLUX dev/schnell FreeMix analogue"
 SD3_DMSA = "SD3/SD3.5 FreeMix analogue"
-DIT_DMSA = {"flux": FLUX_DMSA, "sd3": SD3_DMSA}
+CHROMA_DMSA = "Chroma FreeMix analogue"
+DIT_DMSA = {"flux": FLUX_DMSA, "sd3": SD3_DMSA, "chroma": CHROMA_DMSA}
+NO_BLEND_WORD = ("Disentangle-Mixing Attention does not reach {name} yet: it finds the blend word's region from the "
+                 "word's text tokens, and {name}'s text encoder (a chat template around the prompt{pad}) puts them "
+                 "where the pack cannot locate them. Use it on FLUX.1, Chroma, SD3 or an SD1.x/SDXL UNet; "
+                 "Multi-Reference and Foundation-Aware Attention do reach {name}")
 
 
 def dit_dmsa_keys(spec: DiTSpec) -> tuple[tuple, tuple, tuple]:
@@ -352,8 +368,8 @@ def dit_dmsa_keys(spec: DiTSpec) -> tuple[tuple, tuple, tuple]:
     single block (the later half of the network, as FreeMix's decoder blocks), the appearance phase
     in the last third of the single blocks (FreeMix: the last, highest-resolution decoder stage),
     the blend-word maps from the image-to-text attention of every double block (where text and
-    image streams are still separate). FLUX.1 dev/schnell: single 0-37, single 25-37, double 0-18.
-    SD3/SD3.5 (joint blocks only): structure in the later half, appearance in the last third, maps
+    image streams are still separate). FLUX.1 dev/schnell and Chroma: single 0-37, single 25-37,
+    double 0-18. SD3/SD3.5 (joint blocks only): structure in the later half, appearance in the last third, maps
     from the first half."""
     if spec.family == "sd3":
         n = spec.double
@@ -362,7 +378,7 @@ def dit_dmsa_keys(spec: DiTSpec) -> tuple[tuple, tuple, tuple]:
         return (tuple((DOUBLE, i) for i in range(n // 2, n)), tuple((DOUBLE, i) for i in range((2 * n) // 3, n)),
                 tuple((DOUBLE, i) for i in range(n // 2)))
     if spec.single < 1 or spec.double < 1:
-        raise ValueError(f"preset '{FLUX_DMSA}': needs double and single blocks; this model has {spec.double} "
+        raise ValueError(f"preset '{DIT_DMSA[spec.family]}': needs double and single blocks; this model has {spec.double} "
                          f"double and {spec.single} single blocks")
     structure = tuple((SINGLE, i) for i in range(spec.single))
     appearance = tuple((SINGLE, i) for i in range((2 * spec.single) // 3, spec.single))
@@ -382,9 +398,13 @@ def dmsa_unet_keys(preset: str, custom: str, available: dict) -> tuple[tuple, tu
 
 def dmsa_dit_keys(preset: str, custom: str, spec: DiTSpec) -> tuple[tuple, tuple, tuple]:
     """``(structure, appearance, map)`` keys of the DiT DMSA preset of the model's family."""
+    if spec.family not in DIT_DMSA:
+        name = FAMILY_NAMES.get(spec.family, spec.family)
+        raise ValueError("model: " + NO_BLEND_WORD.format(
+            name=name, pad=", padded at the front to 512 tokens" if spec.family == "flux2" else ""))
     if preset != DIT_DMSA[spec.family]:
         kind = "UNet" if preset in DMSA_PRESETS else "other"
-        raise ValueError(f"preset: '{preset}' is for {kind} models, but this is a {spec.family.upper()} "
+        raise ValueError(f"preset: '{preset}' is for {kind} models, but this is a {FAMILY_NAMES[spec.family]} "
                          f"model; choose '{DIT_DMSA[spec.family]}'")
     return dit_dmsa_keys(spec)
 

@@ -3,9 +3,10 @@
 arrive as arguments.
 
 * ``dit_spec`` reads the family and its block counts, patch size and RoPE from the model object:
-  FLUX (FLUX.1 dev/schnell/Kontext/Fill and FLUX.2 dev/klein share ComfyUI's ``Flux`` class and
-  block loop), SD3/SD3.5 (MMDiT), Qwen-Image (and Qwen-Image-Edit), Chroma.
-* ``model_family`` is the subset the self-attention techniques (MRSA, DMSA, FASA) reach.
+  FLUX.1 (dev/schnell/Kontext/Fill) and FLUX.2 (dev/klein) share ComfyUI's ``Flux`` class and block
+  loop (FLUX.2: global modulation, 4 RoPE axes, patch 1), SD3/SD3.5 (MMDiT), Qwen-Image (and
+  Qwen-Image-Edit; double-stream blocks only), Chroma (FLUX.1's blocks, no ``post_input`` patch).
+* ``model_family`` is the subset the self-attention techniques (MRSA, DMSA, FASA) reach: all of them.
 * ``native_reference_spec`` is the subset whose forward takes reference latents
   (``ReferenceLatent`` / ``TextEncodeQwenImageEditPlus``) and publishes their token counts.
 """
@@ -25,7 +26,7 @@ def is_dit_key(key) -> bool:
 
 @dataclass(frozen=True)
 class DiTSpec:
-    """What the DiT path needs to know about a model: ``family`` ("flux", "sd3", "qwen",
+    """What the DiT path needs to know about a model: ``family`` ("flux", "flux2", "sd3", "qwen",
     "chroma"), its double and single block counts, patch size and RoPE (None for models with
     absolute positions). Qwen-Image's transformer blocks are its double blocks."""
     family: str
@@ -49,12 +50,24 @@ class DiTSpec:
         gh, gw = self.grid(latent_hw)
         return gh * gw
 
+    @property
+    def min_text_tokens(self) -> int:
+        """The text length the model pads every prompt to, at the front (FLUX.2: 512, ComfyUI's
+        ``model_base.Flux2.extra_conds``); 0 where prompts keep their length."""
+        return 512 if self.family == "flux2" else 0
 
-SUPPORTED = ("SD1.x/SD2.x/SDXL UNets, FLUX (FLUX.1 dev, schnell and their fine-tunes) and SD3/SD3.5 "
-             "(MMDiT)")
-FAMILY_NAMES = {"flux": "FLUX", "sd3": "SD3", "qwen": "Qwen-Image", "chroma": "Chroma"}
-SELF_ATTENTION_FAMILIES = ("flux", "sd3")
-NATIVE_FAMILIES = ("flux", "qwen")
+    @property
+    def token_subsets(self) -> bool:
+        """Whether the model runs a ``post_input`` patch that may select image tokens (with RoPE ids,
+        so every kept token keeps its position): FLUX.1, FLUX.2, Qwen-Image."""
+        return self.family in ("flux", "flux2", "qwen")
+
+
+SUPPORTED = ("SD1.x/SD2.x/SDXL UNets, FLUX.1 (dev, schnell, Kontext and their fine-tunes), FLUX.2 (dev, klein), "
+             "Chroma, Qwen-Image and SD3/SD3.5 (MMDiT)")
+FAMILY_NAMES = {"flux": "FLUX", "flux2": "FLUX.2", "sd3": "SD3", "qwen": "Qwen-Image", "chroma": "Chroma"}
+SELF_ATTENTION_FAMILIES = ("flux", "flux2", "sd3", "chroma", "qwen")
+NATIVE_FAMILIES = ("flux", "flux2", "qwen")
 NATIVE_SUPPORTED = "FLUX.1 Kontext, FLUX.2 dev/klein (ReferenceLatent) and Qwen-Image-Edit (TextEncodeQwenImageEditPlus)"
 
 
@@ -78,6 +91,8 @@ def dit_spec(diffusion_model) -> DiTSpec | None:
     if params is not None and double is not None and single is not None:
         for family, name, module in (("flux", "Flux", "comfy.ldm.flux"), ("chroma", "Chroma", "comfy.ldm.chroma.")):
             if _comfy_class(diffusion_model, name, module):
+                if family == "flux" and getattr(params, "global_modulation", False):
+                    family = "flux2"
                 return DiTSpec(family, len(double), len(single), int(diffusion_model.patch_size),
                                _rope(params.theta, params.axes_dim))
     if _comfy_class(diffusion_model, "OpenAISignatureMMDITWrapper", "comfy.ldm.modules.diffusionmodules") \

@@ -253,6 +253,8 @@ def foundation_branch(executor, x, t, c_concat=None, c_crossattn=None, control=N
                              f"encode it with the same CLIP as the prompt")
         if f.shape[0] not in (1, batch):
             raise ValueError(f"foundation: {f.shape[0]} conditionings for {batch} images; give one")
+        if tech.dit is not None and f.shape[1] < tech.dit.min_text_tokens:     # FLUX.2 pads prompts at the front
+            f = torch.nn.functional.pad(f, (0, 0, tech.dit.min_text_tokens - f.shape[1], 0))
         if tech.dit is not None and f.shape[1] != ctx.shape[1]:
             raise ValueError(f"foundation: its conditioning has {f.shape[1]} text tokens but the prompt has "
                              f"{ctx.shape[1]}; in a DiT (FLUX, SD3) the text tokens join the image tokens' "

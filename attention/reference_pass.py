@@ -74,9 +74,10 @@ def _rows_of(value, n_target: int, src: list[int]):
     return None
 
 
-def _caption_rows(reqs, src, c_crossattn):
+def _caption_rows(reqs, src, c_crossattn, min_tokens: int = 0):
     """The text conditioning of every reference row ``[1, T_r, D]``: its caption for cond
-    references that have one, else the target row's conditioning it borrows."""
+    references that have one, else the target row's conditioning it borrows. A caption shorter than
+    ``min_tokens`` is padded at the front with zeros, as the model pads its prompts (FLUX.2)."""
     rows = []
     for r, s_row in zip(reqs, src):
         cap = r.reference.caption if r.label == COND else None
@@ -85,7 +86,10 @@ def _caption_rows(reqs, src, c_crossattn):
                 raise ValueError(f"reference '{r.reference.name}': caption conditioning has width "
                                  f"{cap.shape[-1]} but the model's text conditioning has "
                                  f"{c_crossattn.shape[-1]}; encode the caption with the same CLIP as the prompt")
-            rows.append(cap[:1].to(c_crossattn.device, c_crossattn.dtype))
+            cap = cap[:1].to(c_crossattn.device, c_crossattn.dtype)
+            if cap.shape[1] < min_tokens:
+                cap = torch.nn.functional.pad(cap, (0, 0, min_tokens - cap.shape[1], 0))
+            rows.append(cap)
         else:
             rows.append(c_crossattn[s_row:s_row + 1])
     return rows
@@ -161,7 +165,8 @@ def _references(model, reqs, labels, x, t, sigma, c_concat, c_crossattn, kwargs,
     # changes nothing, so conditionings of different lengths share a call at their common multiple.
     # In a DiT the text tokens are keys of the joint attention: lengths must match exactly, else
     # the references run in calls of their own length.
-    ctx_rows = _caption_rows(reqs, src, c_crossattn) if c_crossattn is not None else None
+    pad = dit.min_text_tokens if dit is not None else 0
+    ctx_rows = _caption_rows(reqs, src, c_crossattn, pad) if c_crossattn is not None else None
     ctx_ref = ctx_target = None
     groups = [list(range(len(reqs)))]
     if ctx_rows is not None:
@@ -175,7 +180,7 @@ def _references(model, reqs, labels, x, t, sigma, c_concat, c_crossattn, kwargs,
             groups = [[i for i, r in enumerate(ctx_rows) if r.shape[1] == n] for n in lengths]
             if lengths == [c_crossattn.shape[1]]:
                 ctx_ref = torch.cat(ctx_rows)
-    subject = [i for i, r in enumerate(reqs) if r.subject] if dit is not None and dit.rope is not None else []
+    subject = [i for i, r in enumerate(reqs) if r.subject] if dit is not None and dit.token_subsets else []
     if subject:         # each subject-only reference runs alone, on its own tokens
         groups = [g for g in ([i for i in g if i not in subject] for g in groups) if g] + [[i] for i in subject]
     kw_ref = {}
@@ -205,6 +210,11 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
     reqs = _requests(state, labels, sigma)
     if not reqs:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    if kwargs.get("ref_latents"):
+        raise ValueError("model: this model call carries the model's own reference images (ReferenceLatent / "
+                         "TextEncodeQwenImageEditPlus) as well as the pack's references, which cannot ride in the "
+                         "same call; use Native Reference Control for the model's own references, or remove them "
+                         "from the conditioning")
     refs = _references(executor.class_obj, reqs, labels, x, t, sigma, c_concat, c_crossattn, kwargs, dit)
     if (not refs.subject and not _foreign_attention(transformer_options)
             and (c_crossattn is None or refs.ctx is not None)):

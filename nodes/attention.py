@@ -29,13 +29,13 @@ def check_references(model, references, input_name="references"):
 
 LAYER_OPTIONS = list(MRSA_BLOCKS.options)
 FASA_PRESETS = list(FASA_BLOCKS.options)
-POSITIONS_TOOLTIP = ("FLUX only: where the reference tokens sit for the image's attention (RoPE). 'shifted': each "
+POSITIONS_TOOLTIP = ("RoPE models only (FLUX, FLUX.2, Chroma, Qwen-Image): where the reference tokens sit for the image's attention (RoPE). 'shifted': each "
                      "reference stands beside the image as in a wide picture, so the subject is matched by content "
                      "wherever it is (the default; closest to FreeCustom's UNet). 'aligned': the reference's grid "
                      "lies on the image's, so tokens prefer the reference at the same place (copies the layout).")
 
 
-TOKENS_TOOLTIP = ("FLUX only: 'whole image' runs every reference on all its tokens (as FreeCustom does). 'subject "
+TOKENS_TOOLTIP = ("FLUX, FLUX.2 and Qwen-Image only: 'whole image' runs every reference on all its tokens (as FreeCustom does). 'subject "
                   "only (faster)' runs each reference on the tokens its mask touches, so a reference costs about "
                   "its subject's share of the image; the subject's features then come without its background "
                   "(with a full mask both are the same).")
@@ -59,16 +59,16 @@ class MultiReferenceAttentionNode(io.ComfyNode):
                 "attends over its own tokens plus the masked tokens of every reference, each weighted by its "
                 "reference weight. The references run once per step for all of them (cond only), inside the "
                 "same model call as the image. Works with any sampler, scheduler, step count and batch size, on "
-                "SD1.x/SDXL UNets and on FLUX (dev, schnell) and SD3, where the image tokens of the chosen DiT "
+                "SD1.x/SDXL UNets and on FLUX.1, FLUX.2, Chroma, Qwen-Image and SD3, where the image tokens of the chosen DiT "
                 "blocks attend over their own text and image tokens plus the references' image tokens."),
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch (a patched copy is returned)."),
                 References.Input("references", tooltip="References from Reference Encode (chain for several)."),
                 io.Combo.Input("layers", options=LAYER_OPTIONS, default=LAYER_OPTIONS[0],
                                tooltip="Which self-attention blocks use the references. FreeCustom's SD1.5 default "
-                                       "is output blocks 6-11; use an SDXL preset for SDXL models, a FLUX preset "
-                                       "(single blocks: the later half of the network) for FLUX, an SD3 preset "
-                                       "for SD3/SD3.5."),
+                                       "is output blocks 6-11; use an SDXL preset for SDXL models, the preset of "
+                                       "your DiT's family for FLUX, FLUX.2, Chroma (single blocks: the later half "
+                                       "of the network), SD3 or Qwen-Image (the later half of the blocks)."),
                 io.String.Input("custom_blocks", advanced=True, default="output:6-11",
                                 tooltip="Used when layers is 'custom': blocks like 'output:6-11, middle:0, input:7' "
                                         "(UNet), 'double:0-18, single:0-37' (FLUX) or 'joint:12-23' (SD3)."),
@@ -137,9 +137,9 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
                                         "are fine; every occurrence counts)."),
                 io.Combo.Input("preset", options=presets, default=presets[0],
                                tooltip="Blocks of the two phases and of the blend map: FreeMix's SD1.5 defaults, "
-                                       "the SDXL analogue, the FLUX analogue (structure in the single blocks, "
-                                       "appearance in their last third, blend map from the double blocks) or the "
-                                       "SD3 analogue (later half, last third, first half of the joint blocks)."),
+                                       "the SDXL analogue, the FLUX and Chroma analogues (structure in the single "
+                                       "blocks, appearance in their last third, blend map from the double blocks) or "
+                                       "the SD3 analogue (later half, last third, first half of the joint blocks)."),
                 io.Float.Input("structure_start", advanced=True, default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule where the structure phase starts."),
                 io.Float.Input("structure_end", advanced=True, default=1.0, min=0.0, max=1.0, step=0.01,

@@ -7,6 +7,9 @@ ComfyUI's own classes (docs/comfyui-host.md §5):
   file (the rest are the 20B model's widths), so the tiny one is built in-process through the
   ``QwenImage`` model config and wrapped in a ``ModelPatcher``, as the loader would.
 
+* Chroma (``Chroma``: FLUX.1's blocks, modulations from a small approximator network), built
+  in-process too: ComfyUI fixes its approximator's widths to the 8.9B model's.
+
 FLUX.1 Kontext is the FLUX.1 class with reference latents, so ``tiny_flux.build_flux`` serves it.
 """
 from __future__ import annotations
@@ -49,16 +52,37 @@ def qwen_config(heads: int = 2, depth: int = 2) -> dict:
                 axes_dims_rope=(8, 12, 12))
 
 
-def build_qwen(heads: int = 2, depth: int = 2, seed: int = 12):
-    """A tiny Qwen-Image (Edit) as a ModelPatcher, on the CPU in float32."""
+def _in_process(config_class, unet_config: dict, seed: int, last: str):
+    """A ModelPatcher of ``config_class(unet_config)``'s model on the CPU in float32, every weight
+    random (``tiny_models.random_state``), the output layer ``last`` scaled to about unit output."""
     import comfy.model_patcher
-    import comfy.supported_models
 
-    config = comfy.supported_models.QwenImage(qwen_config(heads, depth))
+    config = config_class(unet_config)
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device=torch.device("cpu"))
     sd = random_state(model.diffusion_model, "", torch.Generator().manual_seed(seed))
-    sd["proj_out.weight"] = (sd["proj_out.weight"].float() / 8).to(torch.float16)
+    sd[last] = (sd[last].float() / 8).to(torch.float16)
     model.diffusion_model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     model.eval()
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def build_qwen(heads: int = 2, depth: int = 2, seed: int = 12):
+    """A tiny Qwen-Image (Edit) as a ModelPatcher, on the CPU in float32."""
+    import comfy.supported_models
+    return _in_process(comfy.supported_models.QwenImage, qwen_config(heads, depth), seed, "proj_out.weight")
+
+
+def chroma_config(heads: int = 2, depth: int = 2, single: int = 2, text: int = 768) -> dict:
+    return dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=text, hidden_size=128 * heads,
+                mlp_ratio=4.0, num_heads=heads, depth=depth, depth_single_blocks=single, axes_dim=[16, 56, 56],
+                theta=10000, patch_size=2, qkv_bias=True, in_dim=64, out_dim=128 * heads, hidden_dim=128,
+                n_layers=1, txt_ids_dims=[], vec_in_dim=None)
+
+
+def build_chroma(heads: int = 2, depth: int = 2, single: int = 2, text: int = 768, seed: int = 14):
+    """A tiny Chroma as a ModelPatcher (text width 768: the SD1 CLIP of the tiny checkpoint conditions
+    it, as it does the tiny FLUX.1)."""
+    import comfy.supported_models
+    return _in_process(comfy.supported_models.Chroma, chroma_config(heads, depth, single, text), seed,
+                       "final_layer.linear.weight")

@@ -318,7 +318,7 @@ def test_bad_input_is_a_clear_error(flux, sd15, clip, flux_refs, references):
         mrsa(flux, flux_refs, "SD3/SD3.5: all joint blocks")
     with pytest.raises(ValueError, match="is for DiT models, but this model is a UNet"):
         dmsa(model, clip, references[:1], references[1:], "a cat on a sofa")
-    with pytest.raises(ValueError, match="is for FLUX and SD3 models, but this model is a UNet"):
+    with pytest.raises(ValueError, match=r"is for DiT models \(FLUX, FLUX.2, Chroma, Qwen-Image, SD3\), but this model is a UNet"):
         fasa(model, torch.ones(1, 64, 64), encode(clip, "a man"))
 
 
