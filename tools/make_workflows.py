@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run_workflow as rw
-from workflows import recipes, thumbnails
+from workflows import native_recipes, recipes, thumbnails
+from workflows.native_inputs import write_native_inputs
 from workflows import settings as st
 from workflows.world_inputs import write_world_inputs
 
@@ -71,7 +72,7 @@ def main() -> int:
     a = parser.parse_args()
     if a.inputs_from:
         prepare_inputs(a.inputs_from)
-    for path in write_world_inputs():
+    for path in write_world_inputs() + write_native_inputs():
         print(f"wrote {path}")
 
     rw.import_comfyui(rw.find_comfyui(a.comfyui))
@@ -88,7 +89,9 @@ def main() -> int:
              "CFGGuider", "KSamplerSelect", "BasicScheduler", "SamplerCustomAdvanced", "PersonalizeDetectCompareLoader",
              "PersonalizeDetectCompareSubject", "PersonalizeDetectCompare", "PreviewAny",
              "PersonalizeSegMixDataset", "PersonalizeTrainSegMixLoRA", "UNETLoader", "DualCLIPLoader", "VAELoader",
-             "FluxGuidance", "EmptySD3LatentImage"]
+             "FluxGuidance", "EmptySD3LatentImage", "CLIPLoader", "ImageScaleToTotalPixels", "VAEEncode",
+             "ReferenceLatent", "ConditioningZeroOut", "EmptyFlux2LatentImage", "TextEncodeQwenImageEditPlus",
+             "ModelSamplingAuraFlow", "PersonalizeNativeReference", "PersonalizeNativeReferenceControl"]
     schemas = rw.live_schemas(types)
     ks = schemas["KSampler"]["required"]   # fall back to euler/normal where DDIM is missing
     st.fall_back_samplers(ks["sampler_name"][0], ks["scheduler"][0])
@@ -99,6 +102,8 @@ def main() -> int:
                            (st.MUDI, recipes.mudi_workflow, thumbnails.thumbnail_mudi),
                            (st.MUDI_TRAIN, recipes.mudi_train_workflow, thumbnails.thumbnail_mudi_train),
                            (st.FREECUSTOM_FLUX, recipes.freecustom_flux_workflow, thumbnails.thumbnail_flux),
+                           (st.NATIVE_FLUX2, native_recipes.native_flux2_workflow, thumbnails.thumbnail_native_flux2),
+                           (st.NATIVE_QWEN, native_recipes.native_qwen_workflow, thumbnails.thumbnail_native_qwen),
                            (st.WORLD_FREECUSTOM, recipes.freecustom_workflow, thumbnails.thumbnail_world_freecustom),
                            (st.WORLD_FREEMIX, recipes.freemix_workflow, thumbnails.thumbnail_world_freemix),
                            (st.WORLD_MUDI, recipes.mudi_workflow, thumbnails.thumbnail_world_mudi)):

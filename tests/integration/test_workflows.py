@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import torch
 from workflow_helpers import WORKFLOWS, api_by_title, api_by_type, images_of, node_by_type, rgb, saved_images
 
 import run_workflow as rw
@@ -285,15 +286,15 @@ def _check_mudi_train(run, images):
     assert diff.max() > 8.0 and diff.mean() > 0.5, (diff.max(), diff.mean())
 
 
-def _with_tiny_clip(wf):
-    """The FLUX workflow with its text encoders swapped for ones a test can build.
+def _with_tiny_clip(wf, loader="DualCLIPLoader"):
+    """A workflow with its text encoders swapped for ones a test can build.
 
-    No tiny T5-XXL exists, so the DualCLIPLoader node becomes a Load Checkpoint of the tiny SD1.5
-    checkpoint (same node id, so every link stays): its CLIP output (slot 1) feeds the links the
-    DualCLIPLoader's CLIP fed (prompt, negative prompt, the two captions); its MODEL and VAE stay
-    unconnected. The tiny FLUX takes 768-wide text and pooled vectors, the SD1 CLIP's width."""
+    No tiny T5-XXL (or Qwen3, Qwen2.5-VL) exists, so the ``loader`` node (DualCLIPLoader, CLIPLoader)
+    becomes a Load Checkpoint of the tiny SD1.5 checkpoint (same node id, so every link stays): its CLIP
+    output (slot 1) feeds the links the loader's CLIP fed (prompt, negative prompt, captions); its MODEL and
+    VAE stay unconnected. The tiny models take 768-wide text (and pooled) vectors, the SD1 CLIP's width."""
     wf = copy.deepcopy(wf)
-    dual = node_by_type(wf, "DualCLIPLoader")
+    dual = node_by_type(wf, loader)
     clip_links = list(dual["outputs"][0]["links"])
     for lk in wf["links"]:
         if lk[0] in clip_links:
@@ -374,6 +375,82 @@ def _check_flux(run, images):
     assert (diff > 0).mean() > 0.05, (diff.max(), diff.mean())
 
 
+TINY_FLUX2, TINY_FLUX2_VAE = "tiny_flux2_workflow.safetensors", "tiny_flux2_workflow_vae.safetensors"
+TINY_QWEN, TINY_WAN_VAE = "tiny_qwen_edit_workflow.safetensors", "tiny_wan_workflow_vae.safetensors"
+REGIONS = ["personalize_region_left.png", "personalize_region_right.png"]
+
+
+def _spy_controls(run):
+    """Count the grouped (controlled) attention calls of Native Reference Control, in the pack ComfyUI loaded."""
+    native = _pack_module("attention.native_refs")
+    calls = run.state["controlled"] = []
+    real = native.controlled_attention
+
+    def spy(attend, q, k, v, call_plan, mask=None):
+        calls.append((q.shape[2], k.shape[2], len(call_plan.groups)))
+        return real(attend, q, k, v, call_plan, mask)
+    run.monkeypatch.setattr(native, "controlled_attention", spy)
+
+
+def _prepare_native_flux2(run):
+    """A tiny random FLUX.2 (2+2 blocks, 768-wide text) and a tiny FLUX.2 VAE (128-channel latents at 1/16),
+    the tiny SD1.5 CLIP in place of Qwen3-4B (``_with_tiny_clip``), a spy on the controlled attention."""
+    from tiny_native import build_flux2, build_flux2_vae
+    if not (run.models_dir / "diffusion_models" / TINY_FLUX2).is_file():
+        build_flux2(run.models_dir / "diffusion_models" / TINY_FLUX2, depth=2, single=2, text=768, seed=17)
+    if not (run.models_dir / "vae" / TINY_FLUX2_VAE).is_file():
+        build_flux2_vae(run.models_dir / "vae" / TINY_FLUX2_VAE)
+    run.wf = _with_tiny_clip(run.wf, "CLIPLoader")
+    prompt = _live_prompt(run.wf)
+    natives = [n["inputs"] for n in prompt.values() if n["class_type"] == "PersonalizeNativeReference"]
+    assert sorted(n["weight"] for n in natives) == [1.0, 1.2]
+    assert all({"subject_mask", "target_region"} <= set(n) for n in natives)
+    _spy_controls(run)
+    run.state["blocks"] = 4           # 2 double + 2 single blocks, cfg 1 (no uncond pass)
+
+
+def _prepare_native_qwen(run):
+    """Qwen-Image-Edit's loaders only know the 20B model's widths, so Load Diffusion Model is pointed at a
+    tiny Qwen-Image built in-process (768-wide text) for the tiny file's name (a placeholder file, so that the
+    name validates); a tiny Wan 2.1-layout VAE; the tiny SD1.5 CLIP in place of Qwen2.5-VL (it reads the
+    prompt's text and ignores the pictures); a spy on the controlled attention."""
+    import comfy.sd
+    from safetensors.torch import save_file
+    from tiny_native import build_qwen, build_wan_vae
+    placeholder = run.models_dir / "diffusion_models" / TINY_QWEN
+    if not placeholder.is_file():
+        placeholder.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"placeholder": torch.zeros(1)}, str(placeholder))
+    if not (run.models_dir / "vae" / TINY_WAN_VAE).is_file():
+        build_wan_vae(run.models_dir / "vae" / TINY_WAN_VAE)
+    real_load = comfy.sd.load_diffusion_model
+
+    def load(path, *args, **kwargs):
+        if str(path).endswith(TINY_QWEN):
+            return build_qwen(heads=2, depth=2, seed=18, text=768)
+        return real_load(path, *args, **kwargs)
+    run.monkeypatch.setattr(comfy.sd, "load_diffusion_model", load)
+    run.wf = _with_tiny_clip(run.wf, "CLIPLoader")
+    _spy_controls(run)
+    run.state["blocks"] = 4           # 2 blocks x (cond, uncond): at cfg 2.5 ComfyUI runs the two in calls of their own
+
+
+def _check_native(run, images):
+    """The controls act in every block of every model call of the 2 steps, with several query groups (two regions), and
+    bypassing Native Reference Control (the MODEL passes through) gives another picture. Two steps of a tiny
+    random model move the 8-bit picture by little (Qwen: one level), so the picture check is "not the same"."""
+    calls = run.state["controlled"]
+    assert len(calls) == 2 * run.state["blocks"] and all(groups >= 2 for _, _, groups in calls)
+    overrides = CASES[run.state["stem"]].overrides
+    plain = copy.deepcopy(run.wf)
+    node_by_type(plain, "PersonalizeNativeReferenceControl")["mode"] = 4
+    n = len(calls)
+    (item,) = saved_images(run.run_again(plain, "plain", overrides))
+    assert len(calls) == n                                                # nothing controlled without the node
+    without = rgb(run.tmp_path / "out_plain" / item.get("subfolder", "") / item["filename"])
+    assert np.abs(images[0] - without).max() >= 1.0
+
+
 def _prepare_world(run):
     """The world examples run as shipped (128 px, 20 steps) on the world checkpoint that
     ``world.checkpoint.build`` makes from the world's weights (the ``world_models_dir`` fixture skips,
@@ -422,6 +499,15 @@ CASES = {
          "EmptySD3LatentImage.width": 64, "EmptySD3LatentImage.height": 64,
          "PersonalizeReferenceEncode.resolution": 64, "KSampler.steps": 2},
         CAT_DOG, ["personalize_freecustom_flux"], 64, prepare=_prepare_flux, check=_check_flux),
+    "personalize_native_flux2_klein": Case(
+        {"UNETLoader.unet_name": TINY_FLUX2, "VAELoader.vae_name": TINY_FLUX2_VAE, "EmptyFlux2LatentImage.width": 64,
+         "EmptyFlux2LatentImage.height": 64, "ImageScaleToTotalPixels.megapixels": 0.01, "KSampler.steps": 2},
+        CAT_DOG + REGIONS, ["personalize_native_flux2"], 64, prepare=_prepare_native_flux2, check=_check_native),
+    "personalize_native_qwen_edit_two_people": Case(
+        {"UNETLoader.unet_name": TINY_QWEN, "VAELoader.vae_name": TINY_WAN_VAE, "EmptySD3LatentImage.width": 64,
+         "EmptySD3LatentImage.height": 64, "KSampler.steps": 2},
+        ["personalize_astronaut.jpg", "personalize_cameraman.jpg"] + REGIONS, ["personalize_native_qwen_edit"], 64,
+        prepare=_prepare_native_qwen, check=_check_native),
     "personalize_world_freecustom_multi_reference": Case(
         {}, WORLD_CIRCLE_SQUARE, ["personalize_world_freecustom"], 128, prepare=_prepare_world),
     "personalize_world_freemix_structure_appearance": Case(
@@ -591,6 +677,25 @@ def test_flux_workflow_is_reproduced_by_the_generator(tiny_models_dir, tmp_path)
     assert recipes.freecustom_flux_workflow(schemas, nodes.NODE_CLASS_MAPPINGS) == shipped
     thumbnails.thumbnail_flux(tmp_path / "card.jpg")
     assert (tmp_path / "card.jpg").read_bytes() == flux.with_suffix(".jpg").read_bytes()
+
+
+@pytest.mark.parametrize("stem,recipe,card", [
+    ("personalize_native_flux2_klein", "native_flux2_workflow", "thumbnail_native_flux2"),
+    ("personalize_native_qwen_edit_two_people", "native_qwen_workflow", "thumbnail_native_qwen")])
+def test_native_workflows_are_reproduced_by_the_generator(stem, recipe, card, tiny_models_dir, tmp_path):
+    """The shipped JSON, thumbnail and region masks are what tools/make_workflows.py writes."""
+    import nodes
+    from workflows import native_recipes, thumbnails
+    from workflows.native_inputs import REGIONS, write_native_inputs
+    path = WORKFLOWS / f"{stem}.json"
+    shipped = json.loads(path.read_text(encoding="utf-8"))
+    schemas = rw.live_schemas(sorted({n["type"] for n in shipped["nodes"]} - {"Note"}))
+    assert getattr(native_recipes, recipe)(schemas, nodes.NODE_CLASS_MAPPINGS) == shipped
+    getattr(thumbnails, card)(tmp_path / "card.jpg")
+    assert (tmp_path / "card.jpg").read_bytes() == path.with_suffix(".jpg").read_bytes()
+    write_native_inputs(tmp_path)
+    for name in REGIONS:
+        assert (tmp_path / name).read_bytes() == (WORKFLOWS / "inputs" / name).read_bytes()
 
 
 @pytest.mark.parametrize("stem", ["personalize_world_freecustom_multi_reference",

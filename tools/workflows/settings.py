@@ -140,6 +140,41 @@ MUDI_TRAIN = dict(
 )
 
 
+# Native reference control on FLUX.2 klein 4B (ComfyUI's split files): the cat and the dog as the model's own
+# references (ImageScaleToTotalPixels 1 MP in steps of 16, VAE Encode, ReferenceLatent, chained on the prompt),
+# each with its subject mask, a weight and a target region (the left and the right half). klein is
+# step-distilled: 4 steps, cfg 1 (its template's settings), euler / simple, 1024x1024.
+NATIVE_FLUX2 = dict(
+    stem="personalize_native_flux2_klein",
+    unet="flux-2-klein-4b.safetensors",
+    clip="qwen_3_4b.safetensors",
+    clip_type="flux2",
+    vae="flux2-vae.safetensors",
+    prompt="a cat and a dog sitting together on a sofa",
+    # (subject, image, mask, weight, region)
+    refs=[("cat", "personalize_cat_04.jpg", "personalize_cat_04_mask.jpg", 1.0, "personalize_region_left.png"),
+          ("dog", "personalize_dog6_02.jpg", "personalize_dog6_02_mask.jpg", 1.2, "personalize_region_right.png")],
+    seed=42, steps=4, cfg=1.0, sampler="euler", scheduler="simple", size=1024,
+)
+
+# Native reference control on Qwen-Image-Edit 2509 with two people, each kept to one half of the picture so
+# their faces do not blend: TextEncodeQwenImageEditPlus (image1, image2) for the prompt and the negative
+# prompt, ModelSamplingAuraFlow shift 3, 20 steps, cfg 2.5, euler / simple (ComfyUI's Qwen-Image-Edit example
+# settings without the Lightning LoRA).
+NATIVE_QWEN = dict(
+    stem="personalize_native_qwen_edit_two_people",
+    unet="qwen_image_edit_2509_fp8_e4m3fn.safetensors",
+    clip="qwen_2.5_vl_7b_fp8_scaled.safetensors",
+    clip_type="qwen_image",
+    vae="qwen_image_vae.safetensors",
+    prompt="the woman from picture 1 and the man from picture 2 standing side by side in a park, photo",
+    negative="",
+    # (person, image, weight, region)
+    refs=[("woman", "personalize_astronaut.jpg", 1.0, "personalize_region_left.png"),
+          ("man", "personalize_cameraman.jpg", 1.0, "personalize_region_right.png")],
+    shift=3.0, seed=7, steps=20, cfg=2.5, sampler="euler", scheduler="simple", size=1024,
+)
+
 # The world's examples (the package world/): the same techniques on the pack's own tiny model of coloured shapes, which
 # tools/world.py builds from the committed weights, so they run with no download. Their references are scenes of the
 # world drawn by world/data.py (tools/workflows/world_inputs.py), one subject each: (colour, pattern, shape). The
@@ -201,7 +236,7 @@ WORLD_MUDI = dict(
 )
 
 WORLD_ALL = (WORLD_FREECUSTOM, WORLD_FREEMIX, WORLD_MUDI)
-ALL = (FREECUSTOM, FREEMIX, MIP, FREECURE, MUDI, MUDI_TRAIN, FREECUSTOM_FLUX, *WORLD_ALL)
+ALL = (FREECUSTOM, FREEMIX, MIP, FREECURE, MUDI, MUDI_TRAIN, FREECUSTOM_FLUX, NATIVE_FLUX2, NATIVE_QWEN, *WORLD_ALL)
 
 
 def fall_back_samplers(sampler_names, schedulers) -> None:

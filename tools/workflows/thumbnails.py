@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .settings import (FREECURE, FREECUSTOM, FREECUSTOM_FLUX, FREEMIX, INPUTS, MIP, MUDI, MUDI_TRAIN, WORLD_FREECUSTOM,
-                       WORLD_FREEMIX, WORLD_MUDI)
+from .settings import (FREECURE, FREECUSTOM, FREECUSTOM_FLUX, FREEMIX, INPUTS, MIP, MUDI, MUDI_TRAIN, NATIVE_FLUX2,
+                       NATIVE_QWEN, WORLD_FREECUSTOM, WORLD_FREEMIX, WORLD_MUDI)
 
 
 def _card(title: str):
@@ -244,4 +244,40 @@ def thumbnail_world_mudi(path: Path) -> None:
                           ("Mean-Shifted Noise", "start noise shifted to the collage"),
                           ("SamplerCustomAdvanced", _world_sampling(c))],
                 [f'"{first} and', f' {second}"'])
+    card.save(path, quality=90)
+
+
+def thumbnail_native_flux2(path: Path) -> None:
+    """An honest illustrative card (no generated image): the two references with their masks tinted, their
+    weights and regions, the nodes they go through and the prompt."""
+    c = NATIVE_FLUX2
+    card, d, font = _card("Native references: FLUX.2 klein")
+    sides = ("left", "right")
+    _masked_references(card, d, font, [(s, image, mask, f"{s} x{w:g}, {sides[k]} half")
+                                       for k, (s, image, mask, w, _) in enumerate(c["refs"])])
+    _node_chain(d, font, [("ReferenceLatent x2", "the photos, chained on the prompt"),
+                          ("Native Reference x2", "subject mask, weight, region"),
+                          ("Native Reference Control", f"FLUX.2 klein, {c['steps']} steps, cfg 1")],
+                ['"a cat and a dog sitting', ' together on a sofa"'])
+    card.save(path, quality=90)
+
+
+def thumbnail_native_qwen(path: Path) -> None:
+    """An honest illustrative card (no generated image): the two people, the half of the picture each may act
+    in, the nodes they go through and the prompt."""
+    from PIL import Image
+
+    c = NATIVE_QWEN
+    card, d, font = _card("Native references: Qwen-Image-Edit")
+    tints = [(255, 150, 60), (80, 170, 255)]
+    for k, (person, image, _, _) in enumerate(c["refs"]):
+        im = Image.open(INPUTS / image).convert("RGB").resize((104, 104), Image.LANCZOS)
+        x, y = 12, 54 + k * 122
+        card.paste(im, (x, y))
+        d.rectangle((x - 1, y - 1, x + 104, y + 104), outline=tints[k])
+        _reference_tile(d, font, k, tints[k], f"picture {k + 1}: {('left', 'right')[k]} half")
+    _node_chain(d, font, [("TextEncodeQwenImageEditPlus", "image1 + image2, prompt and negative"),
+                          ("Native Reference x2", "weight, target region"),
+                          ("Native Reference Control", f"{c['steps']} steps, cfg {c['cfg']:g}")],
+                ['"the woman from picture 1 and the man', ' from picture 2 side by side"'])
     card.save(path, quality=90)
