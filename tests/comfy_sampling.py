@@ -58,3 +58,19 @@ def snapshot(model):
     opts = model.model_options.get("transformer_options", {})
     return (copy.copy(opts), {k: dict(v) for k, v in opts.get("patches_replace", {}).items()},
             {k: {kk: list(vv) for kk, vv in v.items()} for k, v in getattr(model, "wrappers", {}).items()})
+
+
+def spy_joint_attention(monkeypatch) -> list:
+    """Record every call of the pack's DiT attention override (``dit_blocks.JointAttention``) as
+    ``(block key, text length, (q, k, v), output, row layout)``: the q/k/v a real block handed it."""
+    from personalize_pack.attention import dit_blocks
+    seen = []
+    original = dit_blocks.JointAttention.__call__
+
+    def spy(self, func, *args, **kwargs):
+        out = original(self, func, *args, **kwargs)
+        seen.append((self.key, self.txt_len, args[:3], out, self.layout))
+        return out
+
+    monkeypatch.setattr(dit_blocks.JointAttention, "__call__", spy)
+    return seen

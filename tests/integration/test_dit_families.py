@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from comfy_host import import_comfy
-from comfy_sampling import encode, snapshot
+from comfy_sampling import encode, snapshot, spy_joint_attention
 
 FLUX2, CHROMA, QWEN = "flux2", "chroma", "qwen"
 PRESETS = {FLUX2: ("FLUX.2 dev/klein: single blocks", "FLUX.2 dev/klein: all blocks"),
@@ -107,20 +107,12 @@ def test_mrsa_attention_equals_an_independent_computation(tiny, sd15, name, monk
     """The q/k/v the family's real blocks hand the override (after QK-norm and RoPE), recomputed:
     the target's image queries over its own keys plus every reference's masked image keys, turned
     beside the target (shifted positions); the text queries and the reference rows plain."""
-    from personalize_pack.attention import dit, dit_blocks
+    from personalize_pack.attention import dit
     from personalize_pack.attention.kernels import joint_reference_attention, merge_heads, select_reference_keys
     from personalize_pack.attention.mrsa import reference_layer_mask
     fam, clip = tiny[name], sd15[1]
     refs = subjects(fam, clip)
-    seen = []
-    original = dit_blocks.JointAttention.__call__
-
-    def spy(self, func, *args, **kwargs):
-        out = original(self, func, *args, **kwargs)
-        seen.append((self.key, self.txt_len, args[:3], out, self.layout))
-        return out
-
-    monkeypatch.setattr(dit_blocks.JointAttention, "__call__", spy)
+    seen = spy_joint_attention(monkeypatch)
     sample(fam, mrsa(fam.model, refs, PRESETS[name][1]), text(fam, clip, "a cat and a dog", 1), text(fam, clip, "", 2),
            steps=1)
     n_blocks = len(fam.model.model.diffusion_model.double_blocks if name != QWEN

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from comfy_host import import_comfy
-from comfy_sampling import encode, load_image, load_mask, ref_node, snapshot
+from comfy_sampling import encode, load_image, load_mask, ref_node, snapshot, spy_joint_attention
 
 
 SINGLE = "FLUX dev/schnell: single blocks"
@@ -135,19 +135,11 @@ def test_references_change_sampling_and_input_model_is_untouched(flux, schnell, 
 def test_patched_attention_on_the_real_model_equals_an_independent_computation(flux, clip, flux_refs, monkeypatch):
     """Capture the q/k/v ComfyUI's FLUX blocks hand to the override in one patched model call (after
     QK-norm and RoPE) and recompute the target's output from them with the kernel and the masks."""
-    from personalize_pack.attention import dit, dit_blocks
+    from personalize_pack.attention import dit
     from personalize_pack.attention.kernels import joint_reference_attention, merge_heads, select_reference_keys
     from personalize_pack.attention.mrsa import reference_layer_mask
 
-    seen = []
-    original = dit_blocks.JointAttention.__call__
-
-    def spy(self, func, *args, **kwargs):
-        out = original(self, func, *args, **kwargs)
-        seen.append((self.key, self.txt_len, args[:3], out, self.layout))
-        return out
-
-    monkeypatch.setattr(dit_blocks.JointAttention, "__call__", spy)
+    seen = spy_joint_attention(monkeypatch)
     pos, neg = prompts(clip)
     flux_sample(mrsa(flux, flux_refs, ALL), pos, neg, steps=1)
     assert {s[0] for s in seen} == {("double_block", 0), ("double_block", 1), ("single_block", 0), ("single_block", 1)}

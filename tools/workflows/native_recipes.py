@@ -24,10 +24,18 @@ def _region(g, image: str, at: tuple, title: str):
     return mask
 
 
-def _sampler(g, c, model, pos, neg, latent, x: int, title: str, prefix: str, vae):
+def _control_and_sample(g, c, model, chain, pos, neg, at: tuple, latent_type: str, x: int, title: str,
+                        prefix: str, vae):
+    """Native Reference Control on ``model`` with the ``chain`` (at ``at``, the empty latent of
+    ``latent_type`` under it), KSampler at column ``x``, VAE Decode and Save Image."""
+    control = g.node("PersonalizeNativeReferenceControl", at, (340, 110), None, start_percent=0.0, end_percent=1.0)
+    g.link(model, 0, control, "model")
+    g.link(chain, 0, control, "native_references")
+    latent = g.node(latent_type, (at[0], at[1] + 180), (320, 110), None, width=c["size"], height=c["size"],
+                    batch_size=1)
     sampler = g.node("KSampler", (x, 0), (320, 270), title, seed=c["seed"], steps=c["steps"], cfg=c["cfg"],
                      sampler_name=c["sampler"], scheduler=c["scheduler"], denoise=1.0)
-    g.link(model, 0, sampler, "model")
+    g.link(control, 0, sampler, "model")
     g.link(pos, 0, sampler, "positive")
     g.link(neg, 0, sampler, "negative")
     g.link(latent, 0, sampler, "latent_image")
@@ -69,14 +77,8 @@ def native_flux2_workflow(schemas: dict, classes: dict, c: dict = NATIVE_FLUX2) 
         chain = native
     neg = g.node("ConditioningZeroOut", (1060, -120), (260, 30), "Negative (ignored at cfg 1)")
     g.link(cond, 0, neg, "conditioning")
-    control = g.node("PersonalizeNativeReferenceControl", (1440, 220), (340, 110), None, start_percent=0.0,
-                     end_percent=1.0)
-    g.link(unet, 0, control, "model")
-    g.link(chain, 0, control, "native_references")
-    latent = g.node("EmptyFlux2LatentImage", (1440, 420), (320, 110), None, width=c["size"], height=c["size"],
-                    batch_size=1)
-    _sampler(g, c, control, cond, neg, latent, 1840, "KSampler (FLUX.2 klein: 4 steps, cfg 1)",
-             "personalize_native_flux2", vae)
+    _control_and_sample(g, c, unet, chain, cond, neg, (1440, 220), "EmptyFlux2LatentImage", 1840,
+                        "KSampler (FLUX.2 klein: 4 steps, cfg 1)", "personalize_native_flux2", vae)
     return g.to_json()
 
 
@@ -107,12 +109,6 @@ def native_qwen_workflow(schemas: dict, classes: dict, c: dict = NATIVE_QWEN) ->
         g.link(vae, 0, enc, "vae")
     shift = g.node("ModelSamplingAuraFlow", (1200, 0), (300, 60), None, shift=c["shift"])
     g.link(unet, 0, shift, "model")
-    control = g.node("PersonalizeNativeReferenceControl", (1200, 120), (340, 110), None, start_percent=0.0,
-                     end_percent=1.0)
-    g.link(shift, 0, control, "model")
-    g.link(chain, 0, control, "native_references")
-    latent = g.node("EmptySD3LatentImage", (1200, 300), (320, 110), None, width=c["size"], height=c["size"],
-                    batch_size=1)
-    _sampler(g, c, control, pos, neg, latent, 1900, "KSampler (Qwen-Image-Edit: 20 steps, cfg 2.5)",
-             "personalize_native_qwen_edit", vae)
+    _control_and_sample(g, c, shift, chain, pos, neg, (1200, 120), "EmptySD3LatentImage", 1900,
+                        "KSampler (Qwen-Image-Edit: 20 steps, cfg 2.5)", "personalize_native_qwen_edit", vae)
     return g.to_json()
