@@ -34,7 +34,7 @@ from .dit_blocks import PersonalizeBlock
 from .install import install_technique
 from .kernels import gather_reference_keys, mrsa_attention, token_selection
 from .patch import BRANCH_KEY, COND, STATE_KEY, PersonalizeAttention, Technique, apply_to_rows
-from .reference_pass import repeat_tokens
+from .reference_pass import repeat_tokens, row_subset
 
 BATCH_KEY = "personalize_foundation_batch"   # set by double_batch: images per branch
 OUTER_KEY = "personalize.foundation_batch"
@@ -188,9 +188,8 @@ def double_batch(executor, noise, latent_image, sampler, sigmas, denoise_mask=No
 
 
 def _rows(value, rows: list[int], n: int):
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
-        return value[rows]
-    return value
+    sub = row_subset(value, n, rows)
+    return value if sub is None else sub
 
 
 def _control_rows(control, rows: list[int], n: int):

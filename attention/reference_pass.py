@@ -10,6 +10,10 @@ patches on the model (they may read the batch layout from ``cond_or_uncond``), w
 reference captions differ in length from the prompt, or when FLUX references run on their subject's
 tokens only, the references run in *separate* calls before the target instead, recording their
 keys/values into a per-call bank that the target call reads.
+
+Where the model takes reference images of its own (``ref_latents``: FLUX.1 Kontext, FLUX.2,
+Qwen-Image-Edit), every reference row carries those of the target row it borrows its conditioning
+from, and the wrapper publishes their token grids for native reference control (``REF_GRIDS_KEY``).
 """
 from __future__ import annotations
 
@@ -68,10 +72,24 @@ def _pad_control(control, n_target: int, n_extra: int):
     return out
 
 
-def _rows_of(value, n_target: int, src: list[int]):
+def row_subset(value, n_target: int, src: list[int]):
+    """Rows ``src`` of a per-row model input: a tensor with ``n_target`` rows, or a list of them (the
+    model's own reference latents, ``ref_latents``); None for anything else (shared by every row)."""
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n_target:
         return value[src]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) and v.dim() > 0
+                                                          and v.shape[0] == n_target for v in value):
+        return [v[src] for v in value]
     return None
+
+
+def _cat_rows(value, extra):
+    """``value``'s rows followed by ``extra``'s (a tensor, or a list of tensors element by element)."""
+    if extra is value:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [torch.cat([v, e.to(v.device, v.dtype)]) for v, e in zip(value, extra)]
+    return torch.cat([value, extra.to(value.device, value.dtype)])
 
 
 def _caption_rows(reqs, src, c_crossattn, min_tokens: int = 0):
@@ -185,11 +203,11 @@ def _references(model, reqs, labels, x, t, sigma, c_concat, c_crossattn, kwargs,
         groups = [g for g in ([i for i in g if i not in subject] for g in groups) if g] + [[i] for i in subject]
     kw_ref = {}
     for name, value in kwargs.items():
-        rows = _rows_of(value, n_target, src)
+        rows = row_subset(value, n_target, src)
         kw_ref[name] = rows if rows is not None else value
     if dit is not None and "y" in kw_ref:
         kw_ref["y"] = _pooled_rows(kw_ref["y"], reqs)
-    return _References(reqs, x_ref, t_ref, ctx_rows, ctx_ref, ctx_target, _rows_of(c_concat, n_target, src),
+    return _References(reqs, x_ref, t_ref, ctx_rows, ctx_ref, ctx_target, row_subset(c_concat, n_target, src),
                        kw_ref, groups, subject)
 
 
@@ -210,11 +228,6 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
     reqs = _requests(state, labels, sigma)
     if not reqs:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    if kwargs.get("ref_latents"):
-        raise ValueError("model: this model call carries the model's own reference images (ReferenceLatent / "
-                         "TextEncodeQwenImageEditPlus) as well as the pack's references, which cannot ride in the "
-                         "same call; use Native Reference Control for the model's own references, or remove them "
-                         "from the conditioning")
     refs = _references(executor.class_obj, reqs, labels, x, t, sigma, c_concat, c_crossattn, kwargs, dit)
     if (not refs.subject and not _foreign_attention(transformer_options)
             and (c_crossattn is None or refs.ctx is not None)):
@@ -234,10 +247,7 @@ def _joint_call(executor, refs: _References, labels, sigma, x, t, c_concat, c_cr
     t_all = torch.cat([t, refs.t.to(t.device)])
     if isinstance(opts.get("sigmas"), torch.Tensor):
         opts["sigmas"] = t_all
-    kw_all = {}
-    for name, value in kwargs.items():
-        extra = refs.kwargs[name]
-        kw_all[name] = torch.cat([value, extra.to(value.device, value.dtype)]) if extra is not value else value
+    kw_all = {name: _cat_rows(value, refs.kwargs[name]) for name, value in kwargs.items()}
     out = executor(torch.cat([x, refs.x]), t_all,
                    None if c_concat is None else torch.cat([c_concat, refs.concat]),
                    None if c_crossattn is None else torch.cat([refs.ctx_target, refs.ctx.to(c_crossattn.dtype)]),
@@ -256,8 +266,8 @@ def _separate_calls(executor, refs: _References, labels, sigma, dit, x, t, c_con
     parts: dict = {}
     for g in refs.groups:
         def sub(value, g=g):
-            return value[g] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == len(reqs) \
-                else value
+            rows = row_subset(value, len(reqs), g)
+            return value if rows is None else rows
         bank_g: dict = {}
         rec = dict(transformer_options)
         rec["cond_or_uncond"] = [reqs[i].label for i in g]

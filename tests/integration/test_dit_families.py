@@ -140,13 +140,52 @@ def test_mrsa_attention_equals_an_independent_computation(tiny, sd15, name, monk
         torch.testing.assert_close(out[1:], plain[1:], atol=2e-5, rtol=1e-4)
 
 
-def test_mrsa_refuses_the_models_own_references(tiny, sd15):
+def with_native_references(fam, cond, seeds=(5, 6)):
+    """``cond`` with reference latents of the model's own (ReferenceLatent), two of other sizes."""
     import node_helpers
-    fam = tiny[FLUX2]
-    pos = node_helpers.conditioning_set_values(text(fam, None, "", 1), {"reference_latents": [fam.latent(1, HW, 5)]},
-                                               append=True)
-    with pytest.raises(ValueError, match="carries the model's own reference images"):
-        sample(fam, mrsa(fam.model, subjects(fam, sd15[1]), PRESETS[FLUX2][0]), pos, pos)
+    refs = [fam.latent(1, (4 + 2 * i, 6), s) for i, s in enumerate(seeds)]
+    return node_helpers.conditioning_set_values(cond, {"reference_latents": refs}, append=True)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_mrsa_and_fasa_with_the_models_own_references(tiny, sd15, cfg, monkeypatch):
+    """The pack's references beside FLUX.2's own (ReferenceLatent): every reference row carries the
+    target's reference latents, the joint attention holds them after the image tokens, and MRSA's
+    image queries attend over them as over any own key (recomputed from the captured q/k/v)."""
+    from personalize_pack.attention import dit
+    from personalize_pack.attention.kernels import joint_reference_attention, merge_heads, select_reference_keys
+    from personalize_pack.attention.mrsa import reference_layer_mask
+    from personalize_pack.nodes.attention import FoundationAwareAttentionNode
+    fam, clip = tiny[FLUX2], sd15[1]
+    pos = with_native_references(fam, text(fam, clip, "a cat and a dog", 1))
+    neg = with_native_references(fam, text(fam, clip, "", 2))
+    plain = sample(fam, fam.model, pos, neg, cfg)
+    assert close(sample(fam, mrsa(fam.model, subjects(fam, clip, masks=False), PRESETS[FLUX2][1]), pos, neg, cfg),
+                 plain)
+    refs = subjects(fam, clip)
+    seen = spy_joint_attention(monkeypatch)
+    on = sample(fam, mrsa(fam.model, refs, PRESETS[FLUX2][1]), pos, neg, cfg, steps=1)
+    assert torch.isfinite(on).all() and float((on - plain).abs().max()) > 1e-3
+    native = 4 * 6 + 6 * 6                           # the two reference latents' tokens (patch 1)
+    N = HW[0] * HW[1]
+    img = slice(TEXT_TOKENS[FLUX2], TEXT_TOKENS[FLUX2] + N)
+    rope = dit.RopeGrid(fam.rope, HW)
+    masks = [reference_layer_mask(ref, N, HW) for ref in refs]
+    assert seen
+    for key, T, (q, k, v), out, layout in seen:
+        assert layout.mode == "joint" and q.shape[2] == T + N + native
+        rows = [layout.n_target + layout.rows[(ref, 0)] for ref in refs]
+        ks = [rope.beside(merge_heads(k[r:r + 1, :, img])[0], i + 1) for i, r in enumerate(rows)]
+        vs = [merge_heads(v[r:r + 1, :, img])[0] for r in rows]
+        sel = select_reference_keys(torch.stack(ks), torch.stack(vs), masks, [ref.weight for ref in refs])
+        cond = layout.target_rows(0)
+        want = joint_reference_attention(merge_heads(q[cond]), merge_heads(k[cond]), merge_heads(v[cond]), sel,
+                                         q.shape[1], img)
+        torch.testing.assert_close(out[cond], want, atol=2e-5, rtol=1e-4)
+    found = with_native_references(fam, text(fam, clip, "a man", 3))
+    fasa = FoundationAwareAttentionNode.execute(fam.model, torch.zeros(1, 64, 64), foundation=found,
+                                                layers=FASA_PRESET, weight=1.5).result[0]
+    assert close(sample(fam, fasa, pos, neg, cfg), plain)
 
 
 def test_presets_belong_to_their_family(tiny, sd15, references):
