@@ -140,7 +140,28 @@ class PersonalizeBlock:
 
 # --------------------------------------------------------------------------- the attention override
 
-class JointAttention:
+class ChainedOverride:
+    """What the pack's ``optimized_attention_override`` objects share: ``previous`` is the override
+    that was set before (another backend, another pack), which ``plain`` calls, or else ComfyUI's
+    attention function itself."""
+
+    previous = None
+
+    def plain(self, func, *args, **kwargs):
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def heads_first(q, k, v, heads, skip_reshape: bool):
+        """``q, k, v`` as ``[B, h, L, d]``: as given with ``skip_reshape``, else from ``[B, L, h*d]``
+        (MMDiT hands v as ``[B, L, h, d]``; ComfyUI's attention reshapes either)."""
+        if skip_reshape:
+            return q, k, v
+        return tuple(t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+
+
+class JointAttention(ChainedOverride):
     """``optimized_attention_override`` for one call of one patched block (module docstring)."""
 
     def __init__(self, key, spec: DiTSpec, techs, txt_len: int, layout, previous=None):
@@ -151,11 +172,6 @@ class JointAttention:
         self.layout = layout
         self.previous = previous
         self.calls = 0
-
-    def plain(self, func, *args, **kwargs):
-        if self.previous is not None:
-            return self.previous(func, *args, **kwargs)
-        return func(*args, **kwargs)
 
     def __call__(self, func, *args, **kwargs):
         self.calls += 1
@@ -170,10 +186,7 @@ class JointAttention:
         if kw.get("mask") is not None:
             raise ValueError("attention mask: this FLUX call carries an attention mask (regional prompting?); the "
                              "pack's multi-reference attention does not combine with attention masks yet")
-        if skip_in:
-            qh, kh, vh = q, k, v
-        else:       # [B, L, h*d] (MMDiT hands v as [B, L, h, d]; ComfyUI's attention reshapes either)
-            qh, kh, vh = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+        qh, kh, vh = self.heads_first(q, k, v, heads, skip_in)
         B, _, L, _ = qh.shape
         layout = self.layout
         opts = kw.get("transformer_options") or {}

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from ..references.masks import layer_mask
-from .patch import LATENT_KEY, Technique
+from .dit_blocks import ChainedOverride
+from .patch import LATENT_KEY, SIGMA_KEY, Technique
 
 REF_GRIDS_KEY = "personalize_reference_grids"   # [(h, w) tokens] of each reference latent of the call
 
@@ -192,7 +193,7 @@ def controlled_attention(attend, q, k, v, call_plan: CallPlan, mask=None) -> tor
 
 # --------------------------------------------------------------------------- the hook objects
 
-class NativeReferenceAttention:
+class NativeReferenceAttention(ChainedOverride):
     """``optimized_attention_override`` for one call of one block (``dit_blocks.PersonalizeBlock``
     builds it with the block's text length): the controls of ``technique`` on that attention,
     through ``previous`` (the override that was there, e.g. core's attention backend) or ComfyUI's
@@ -202,11 +203,6 @@ class NativeReferenceAttention:
         self.technique = technique
         self.txt_len = txt_len
         self.previous = previous
-
-    def plain(self, func, *args, **kwargs):
-        if self.previous is not None:
-            return self.previous(func, *args, **kwargs)
-        return func(*args, **kwargs)
 
     def __call__(self, func, *args, **kwargs):
         opts = kwargs.get("transformer_options") or {}
@@ -230,10 +226,7 @@ class NativeReferenceAttention:
         mask = args[4] if len(args) > 4 else kwargs.get("mask")
         kw = {n: val for n, val in kwargs.items() if n not in ("heads", "mask")}
         rest = args[5:]
-        if kw.get("skip_reshape", False):
-            qh, kh, vh = q, k, v
-        else:
-            qh, kh, vh = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+        qh, kh, vh = self.heads_first(q, k, v, heads, bool(kw.get("skip_reshape", False)))
 
         def attend(qq, kk, vv, m):
             o = dict(kw, skip_reshape=True, skip_output_reshape=False, mask=m)
@@ -261,10 +254,13 @@ class NativeReferenceControl(Technique):
         self._plans: dict = {}
 
     def active_at(self, layout, extra_options) -> bool:
-        sigmas = extra_options.get("sigmas")
-        if sigmas is None:
-            return True
-        return self.active(float(torch.as_tensor(sigmas).reshape(-1)[0]))
+        sigma = extra_options.get(SIGMA_KEY)          # read once per model call by the reference pass
+        if sigma is None:
+            sigmas = extra_options.get("sigmas")
+            if sigmas is None:
+                return True
+            sigma = float(torch.as_tensor(sigmas).reshape(-1)[0])
+        return self.active(sigma)
 
     def override(self, previous, txt_len: int):
         return NativeReferenceAttention(self, txt_len, previous)

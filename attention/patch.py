@@ -27,6 +27,7 @@ STATE_KEY = "personalize"
 ROWS_KEY = "personalize_rows"
 BRANCH_KEY = "personalize_branches"        # FreeCure's personalised/foundation layout of one model call
 LATENT_KEY = "personalize_latent_hw"       # the latent size of a DiT call (its blocks see only tokens)
+SIGMA_KEY = "personalize_sigma"            # the sigma of a DiT call as a float (read once, not per block)
 WRAPPER_KEY = "personalize.reference_pass"
 COND, UNCOND = 0, 1
 

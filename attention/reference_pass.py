@@ -25,7 +25,7 @@ import torch
 from .dit import select_tokens, subject_tokens
 from .dit_blocks import PersonalizeBlock
 from .native_refs import REF_GRIDS_KEY
-from .patch import COND, LATENT_KEY, ROWS_KEY, STATE_KEY, PersonalizeAttention, RecordDone, RowLayout
+from .patch import COND, LATENT_KEY, ROWS_KEY, SIGMA_KEY, STATE_KEY, PersonalizeAttention, RecordDone, RowLayout
 
 
 # --------------------------------------------------------------------------- helpers
@@ -216,15 +216,16 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
     state = transformer_options.get(STATE_KEY)
     labels = list(transformer_options.get("cond_or_uncond") or [])
     dit = state.dit if state is not None else None
+    sigma = float(t.reshape(-1)[0])
     if dit is not None:
         transformer_options = dict(transformer_options)
         transformer_options[LATENT_KEY] = tuple(int(d) for d in x.shape[-2:])
+        transformer_options[SIGMA_KEY] = sigma
         refs = kwargs.get("ref_latents")
         if refs:
             transformer_options[REF_GRIDS_KEY] = [dit.grid(tuple(int(d) for d in r.shape[-2:])) for r in refs]
     if state is None or not state.techniques or not labels or x.shape[0] % len(labels):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    sigma = float(t.reshape(-1)[0])
     reqs = _requests(state, labels, sigma)
     if not reqs:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)

@@ -62,19 +62,16 @@ CLAIMS = {
                                         lambda e: e["with"] > e["without"] and e["p"] < 0.05),
     ("mip", "one_reference_colour"): ("the world's IP-Adapter carries a reference's colour",
                                       lambda e: e["with"] > e["without"] and e["p"] < 0.05),
-    ("mip", "confusion_2"): ("MIP confuses two references' objects less than the plain merge",
-                             lambda e: e["with"] < e["without"] and e["p"] < 0.05),
-    ("mip", "confusion_3"): ("MIP confuses three references' objects less than the plain merge",
-                             lambda e: e["with"] < e["without"] and e["p"] < 0.05),
-    ("mip", "own_colour_2"): ("with MIP more of two references' objects wear their own colour",
-                              lambda e: e["with"] > e["without"] and e["p"] < 0.05),
-    ("mip", "own_colour_3"): ("with MIP more of three references' objects wear their own colour",
-                              lambda e: e["with"] > e["without"] and e["p"] < 0.05),
-    ("mip", "confusion_2_masks"): ("MIP with the references' regions as masks confuses two objects less",
-                                   lambda e: e["with"] < e["without"] and e["p"] < 0.05),
-    ("mip", "confusion_3_masks"): ("MIP with the references' regions as masks confuses three objects less",
-                                   lambda e: e["with"] < e["without"] and e["p"] < 0.05),
 }
+_MORE = lambda e: e["with"] > e["without"] and e["p"] < 0.05
+_LESS = lambda e: e["with"] < e["without"] and e["p"] < 0.05
+# MIP against the plain merge, with two and three references
+for _metric, _claim, _test in (("confusion_{}", "MIP confuses {} references' objects less than the plain merge", _LESS),
+                               ("own_colour_{}", "with MIP more of {} references' objects wear their own colour", _MORE),
+                               ("confusion_{}_masks", "MIP with the references' regions as masks confuses {} objects "
+                                                      "less", _LESS)):
+    for _n, _count in ((2, "two"), (3, "three")):
+        CLAIMS[("mip", _metric.format(_n))] = (_claim.format(_count), _test)
 
 
 def main(argv=None) -> int:
