@@ -183,9 +183,11 @@ class JointAttention(ChainedOverride):
         kw = {n: val for n, val in kwargs.items() if n != "heads"}
         skip_in = bool(kw.get("skip_reshape", False))
         skip_out = bool(kw.get("skip_output_reshape", False))
-        if kw.get("mask") is not None:
-            raise ValueError("attention mask: this FLUX call carries an attention mask (regional prompting?); the "
-                             "pack's multi-reference attention does not combine with attention masks yet")
+        mask = args[4] if len(args) > 4 else kw.get("mask")      # Qwen-Image hands its text mask positionally
+        if mask is not None:
+            raise ValueError("attention mask: this DiT call carries an attention mask (regional prompting, or a "
+                             "padded text mask); the pack's multi-reference attention does not combine with "
+                             "attention masks yet")
         qh, kh, vh = self.heads_first(q, k, v, heads, skip_in)
         B, _, L, _ = qh.shape
         layout = self.layout

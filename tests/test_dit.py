@@ -231,6 +231,9 @@ def test_override_rejects_attention_masks_and_records_reference_banks():
     with pytest.raises(ValueError, match="attention mask"):
         JointAttention((SINGLE, 0), SPEC, [(tech, ("attn1",))], T, layout)(
             fake_attention, q, k, v, HEADS, skip_reshape=True, mask=torch.zeros(1), transformer_options=opts)
+    with pytest.raises(ValueError, match="attention mask"):        # Qwen-Image: the mask as the fifth argument
+        JointAttention((SINGLE, 0), SPEC, [(tech, ("attn1",))], T, layout)(
+            fake_attention, q, k, v, HEADS, torch.zeros(2, 1, T + N), skip_reshape=True, transformer_options=opts)
     # a references-only call banks the image tokens' keys/values and runs plain attention
     bank = {}
     rec = RowLayout("record", [0], 2, HW, 1.0, {}, bank)
