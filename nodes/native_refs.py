@@ -86,8 +86,8 @@ class NativeReferenceControlNode(io.ComfyNode):
             description=(
                 "Per-reference subject masks, weights and target regions on the reference images that FLUX.1 "
                 "Kontext, FLUX.2 dev/klein (ReferenceLatent) and Qwen-Image-Edit (TextEncodeQwenImageEditPlus) take "
-                "natively. It changes the model's own attention to the reference tokens in every block: no extra "
-                "model pass, no extra memory. Neutral controls (no masks, weight 1, no regions) give the model's "
+                "natively. It changes the model's own attention to the reference tokens in every block, without an "
+                "extra model pass. Neutral controls (no masks, weight 1, no regions) give the model's "
                 "native result exactly."),
             inputs=[
                 io.Model.Input("model", tooltip="A FLUX.1 Kontext, FLUX.2 or Qwen-Image-Edit model (a patched copy is "
