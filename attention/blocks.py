@@ -16,8 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from .families import (DOUBLE, FAMILY_NAMES, SINGLE, SUPPORTED, DiTSpec, dit_spec,  # noqa: F401
-                       is_dit_key, model_family)
+from .families import DOUBLE, FAMILY_NAMES, SINGLE, DiTSpec, model_family
 
 CUSTOM = "custom"
 ALL_DECODER = "all decoder blocks"

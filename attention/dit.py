@@ -2,8 +2,8 @@
 Pure torch: ComfyUI's objects arrive as arguments.
 
 The block runtime that hands the techniques a UNet-like view of a DiT's joint attention
-(``PersonalizeBlock``, ``JointAttention``) is ``dit_blocks.py``; which blocks are patched and the
-model family (``DiTSpec``, ``model_family``) are ``blocks.py``.
+(``PersonalizeBlock``, ``JointAttention``) is ``dit_blocks.py``; which blocks are patched is
+``blocks.py``, the model family (``DiTSpec``, ``model_family``) ``families.py``.
 
 Reference token positions (RoPE): the references run at the target's latent size, so their keys
 carry the target's grid positions (*aligned*: a target token prefers reference tokens at the same
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..references.masks import layer_mask
-from .blocks import DiTSpec
+from .families import DiTSpec
 from .kernels import Rope
 
 IMAGE_KEYS = "personalize_image_keys"       # (start, stop) of the target's image tokens among the keys

@@ -34,7 +34,7 @@ import functools
 
 import torch
 
-from .blocks import DiTSpec, is_dit_key
+from .families import DiTSpec, is_dit_key
 from .dit import IMAGE_KEYS, ROPE_KEY, RopeGrid
 from .kernels import merge_heads, split_heads
 from .patch import BRANCH_KEY, LATENT_KEY, ROWS_KEY, STATE_KEY, RecordDone, RowLayout

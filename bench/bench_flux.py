@@ -80,7 +80,7 @@ def load_flux(opts, folder: Path):
     import torch
     import comfy.sd
     from tiny_flux import build_flux
-    from personalize_pack.attention.blocks import model_family
+    from personalize_pack.attention.families import model_family
 
     path = folder / "bench_flux.safetensors"
     t = time.perf_counter()
