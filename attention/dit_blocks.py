@@ -235,6 +235,8 @@ class JointAttention(ChainedOverride):
             if sources:
                 s = torch.as_tensor(sources, device=qh.device)
                 self.bank_into(view, kh[s][:, :, img], vh[s][:, :, img])
+                if getattr(layout, "capture", None) is not None:      # the reference cache takes the rows' image k/v
+                    layout.capture(self.key, *view.bank[self.key])
             q_t, k_t, v_t = qh[t], kh[t], vh[t]
             if T + n_img == L:          # text queries only (the usual layout): a view, no gather
                 if T:

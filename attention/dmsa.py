@@ -176,6 +176,10 @@ class DisentangleMixingAttention(Technique):
             out.append(RefRequest(self.appearance, COND, self.seed, 1, self.subject_tokens))
         return out
 
+    def cache_keep(self, reference, label: int) -> str:
+        """The spatial normalisation standardises the structure reference over all its tokens."""
+        return "all" if reference is self.structure and self.norm_range is not None else "mask"
+
     # -- helpers ------------------------------------------------------------------------
     def schedule(self, extra_options) -> tuple | None:
         """``sample_sigmas`` as floats (converted once per sampling run), or None."""

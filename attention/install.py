@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .dit_blocks import install_dit_blocks
 from .patch import STATE_KEY, WRAPPER_KEY, PersonalizeAttention, PersonalizeState
+from .ref_cache import drop_on_detach, drop_on_new_run
 from .reference_pass import reference_pass
 
 
@@ -66,4 +67,23 @@ def install_technique(model, technique):
             if isinstance(existing, PersonalizeAttention):
                 continue
             m.set_model_patch_replace(PersonalizeAttention(kind, existing), kind, key[0], key[1], key[2])
+    return m
+
+
+CACHE_CALLBACK_KEY = "personalize.reference_cache"
+
+
+def install_policy(model, policy):
+    """Clone ``model`` with ``policy`` (``ref_cache.ReferencePolicy``) for the references of every
+    technique on it, before or after this, and the callbacks that drop the cached rows when
+    ComfyUI unloads the model and, for once-per-run rows, when a new run starts."""
+    from comfy.patcher_extension import CallbacksMP
+
+    m = model.clone()
+    opts = dict(m.model_options.get("transformer_options", {}))
+    state = opts.get(STATE_KEY) or PersonalizeState(base_memory_factor=m.get_model_object("memory_usage_factor"))
+    opts[STATE_KEY] = state.with_policy(policy)
+    m.model_options["transformer_options"] = opts
+    m.add_callback_with_key(CallbacksMP.ON_DETACH, CACHE_CALLBACK_KEY, drop_on_detach)
+    m.add_callback_with_key(CallbacksMP.ON_PRE_RUN, CACHE_CALLBACK_KEY, drop_on_new_run)
     return m

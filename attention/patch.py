@@ -16,6 +16,7 @@ The reference pass is ``reference_pass.py``, the DiT block runtime ``dit_blocks.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -38,9 +39,13 @@ COND, UNCOND = 0, 1
 class PersonalizeState:
     techniques: tuple = ()
     base_memory_factor: float | None = None     # the model's own memory_usage_factor
+    policy: object = None                       # ref_cache.ReferencePolicy: how reference keys/values are reused
 
     def with_technique(self, technique) -> "PersonalizeState":
-        return PersonalizeState(self.techniques + (technique,), self.base_memory_factor)
+        return dataclasses.replace(self, techniques=self.techniques + (technique,))
+
+    def with_policy(self, policy) -> "PersonalizeState":
+        return dataclasses.replace(self, policy=policy)
 
     def reference_rows(self) -> int:
         """The most reference rows one model call may carry (a bound; shared rows count twice)."""
@@ -100,7 +105,9 @@ class Technique:
     rows it adds to one call); ``attn1`` / ``attn2(q, k, v, extra_options, *, inner, layout, key,
     subset_ok)`` (its attention on a claimed block; the default is the plain ``inner``);
     ``record_maps(q, k, extra_options, layout, key)`` (on a DiT block it claims for attn2: the
-    image queries against the text keys, for techniques that read cross-attention maps).
+    image queries against the text keys, for techniques that read cross-attention maps);
+    ``cache_keep(reference, label)`` (which tokens of a reference's keys/values the reference
+    cache must keep for it: ``"mask"``, the tokens its mask covers, or ``"all"``).
     """
 
     name = "technique"
@@ -138,6 +145,9 @@ class Technique:
 
     def record_maps(self, q, k, extra_options, layout, key) -> None:
         return None
+
+    def cache_keep(self, reference, label: int) -> str:
+        return "mask"
 
     def override(self, previous, txt_len: int):
         return previous
@@ -177,6 +187,7 @@ class RowLayout:
     bank: dict | None = None                        # block key -> (k, v) of the reference rows
     subset: torch.Tensor | None = None              # DiT record call: the image tokens its rows carry
     dit_last: int | None = None                     # DiT: execution order of the last patched block (cached)
+    capture: object = None                          # joint call: ``capture(key, K, V)`` takes the reference rows' k/v
 
     @property
     def chunk(self) -> int:
@@ -285,6 +296,8 @@ class PersonalizeAttention:
         techs = [t for t in state.techniques if key in t.keys(self.kind) and t.active_at(layout, extra_options)]
         if not techs:
             return self.base(q, k, v, extra_options)
+        if layout is not None and layout.mode == "joint" and layout.capture is not None and self.kind == "attn1":
+            layout.capture(key, k[layout.n_target:], v[layout.n_target:])     # for the reference cache
         if layout is not None and layout.mode == "record":
             # The references-only call of a separate pass: bank their self-attention keys/values.
             # Cross-attention is not banked (it would overwrite the attn1 entry of the same block).

@@ -26,6 +26,7 @@ from .dit import select_tokens, subject_tokens
 from .dit_blocks import PersonalizeBlock
 from .native_refs import REF_GRIDS_KEY
 from .patch import COND, LATENT_KEY, ROWS_KEY, SIGMA_KEY, STATE_KEY, PersonalizeAttention, RecordDone, RowLayout
+from .ref_cache import KEEP_ALL, KEEP_MASK, Uncacheable, call_plan, row_input_digests
 
 
 # --------------------------------------------------------------------------- helpers
@@ -148,6 +149,8 @@ class _References:
     kwargs: dict
     groups: list
     subject: list
+    src: list
+    per_row: set
 
 
 def _requests(state, labels: list, sigma: float) -> list:
@@ -161,16 +164,17 @@ def _requests(state, labels: list, sigma: float) -> list:
 
 
 def _noised_latents(model, reqs, x, t, sigma: float):
-    """The references' latents fitted to the target, noised to this call's sigma, and their timesteps."""
+    """The references' latents fitted to the target, noised to ``sigma`` (this call's, or the
+    fixed level of once-per-run references), and their timesteps."""
     H, W = x.shape[-2:]
     lat = []
-    s = t.reshape(-1)[:1].to(x.device, torch.float32)
+    s = torch.full((1,), float(sigma), device=x.device, dtype=torch.float32)
     for r in reqs:
         z0, _ = r.reference.fitted(H, W)
         z0 = model.process_latent_in(z0.to(x.device, torch.float32))
         eps = _noise(z0.shape, r.seed, r.index, r.label, sigma).to(x.device)
         lat.append(model.model_sampling.noise_scaling(s, eps, z0))
-    return torch.cat(lat).to(x.dtype), t.reshape(-1)[:1].expand(len(reqs)).to(t.dtype)
+    return torch.cat(lat).to(x.dtype), torch.full((len(reqs),), float(sigma), device=t.device, dtype=t.dtype)
 
 
 def _references(model, reqs, labels, x, t, sigma, c_concat, c_crossattn, kwargs, dit) -> _References:
@@ -201,14 +205,16 @@ def _references(model, reqs, labels, x, t, sigma, c_concat, c_crossattn, kwargs,
     subject = [i for i, r in enumerate(reqs) if r.subject] if dit is not None and dit.token_subsets else []
     if subject:         # each subject-only reference runs alone, on its own tokens
         groups = [g for g in ([i for i in g if i not in subject] for g in groups) if g] + [[i] for i in subject]
-    kw_ref = {}
+    kw_ref, per_row = {}, set()
     for name, value in kwargs.items():
         rows = row_subset(value, n_target, src)
         kw_ref[name] = rows if rows is not None else value
+        if rows is not None:
+            per_row.add(name)
     if dit is not None and "y" in kw_ref:
         kw_ref["y"] = _pooled_rows(kw_ref["y"], reqs)
     return _References(reqs, x_ref, t_ref, ctx_rows, ctx_ref, ctx_target, row_subset(c_concat, n_target, src),
-                       kw_ref, groups, subject)
+                       kw_ref, groups, subject, src, per_row)
 
 
 def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
@@ -229,22 +235,55 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
     reqs = _requests(state, labels, sigma)
     if not reqs:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    refs = _references(executor.class_obj, reqs, labels, x, t, sigma, c_concat, c_crossattn, kwargs, dit)
+    policy = state.policy
+    row_sigma = policy.row_sigma(sigma) if policy is not None else sigma
+    refs = _references(executor.class_obj, reqs, labels, x, t, row_sigma, c_concat, c_crossattn, kwargs, dit)
+    plan = _plan(policy, state, executor.class_obj, refs, sigma, row_sigma, x, c_crossattn, transformer_options)
+    if plan is not None:
+        bank = plan.lookup(x.device)
+        if bank is not None:         # every reference row is known: the target call alone reads them
+            opts = dict(transformer_options)
+            rows = {(r.reference, r.label): i for i, r in enumerate(reqs)}
+            opts[ROWS_KEY] = RowLayout("read", labels, x.shape[0], tuple(x.shape[-2:]), sigma, rows, bank)
+            return executor(x, t, c_concat, c_crossattn, control, opts, **kwargs)
     if (not refs.subject and not _foreign_attention(transformer_options)
             and (c_crossattn is None or refs.ctx is not None)):
-        return _joint_call(executor, refs, labels, sigma, x, t, c_concat, c_crossattn, control,
-                           transformer_options, kwargs)
-    return _separate_calls(executor, refs, labels, sigma, dit, x, t, c_concat, c_crossattn, control,
-                           transformer_options, kwargs)
+        out = _joint_call(executor, refs, labels, sigma, x, t, c_concat, c_crossattn, control,
+                          transformer_options, kwargs, plan)
+    else:
+        out = _separate_calls(executor, refs, labels, sigma, dit, x, t, c_concat, c_crossattn, control,
+                              transformer_options, kwargs, plan)
+    if plan is not None:
+        plan.commit()
+    return out
+
+
+def _plan(policy, state, model, refs: _References, sigma, row_sigma, x, c_crossattn, transformer_options):
+    """The reference cache's plan for this call's rows (``ref_cache.call_plan``), or None."""
+    if policy is None:
+        return None
+    kinds = ("attn1", "attn2") if state.dit is not None else ("attn1",)
+    layers = {k for tech in state.techniques if tech.active(sigma) for kind in kinds for k in tech.keys(kind)}
+    keeps = [KEEP_ALL if any(t.cache_keep(r.reference, r.label) == KEEP_ALL for t in state.techniques) else KEEP_MASK
+             for r in refs.reqs]
+    try:
+        own = [r.label == COND and r.reference.caption is not None for r in refs.reqs]
+        inputs = row_input_digests(refs.reqs, refs.src, own, c_crossattn, refs.concat, refs.kwargs, refs.per_row)
+    except Uncacheable:
+        return None
+    return call_plan(policy, model, transformer_options, refs.reqs, inputs, keeps, layers, row_sigma,
+                     tuple(x.shape[-2:]), x.dtype, x.device, (PersonalizeAttention, PersonalizeBlock))
 
 
 def _joint_call(executor, refs: _References, labels, sigma, x, t, c_concat, c_crossattn, control,
-                transformer_options, kwargs):
+                transformer_options, kwargs, plan=None):
     """The references as rows ``n_target..`` of the target's own call; returns the target rows."""
     n_target = x.shape[0]
     rows = {(r.reference, r.label): i for i, r in enumerate(refs.reqs)}
     opts = dict(transformer_options)
     opts[ROWS_KEY] = RowLayout("joint", labels, n_target, tuple(x.shape[-2:]), sigma, rows)
+    if plan is not None:
+        opts[ROWS_KEY].capture = plan.capture
     t_all = torch.cat([t, refs.t.to(t.device)])
     if isinstance(opts.get("sigmas"), torch.Tensor):
         opts["sigmas"] = t_all
@@ -257,7 +296,7 @@ def _joint_call(executor, refs: _References, labels, sigma, x, t, c_concat, c_cr
 
 
 def _separate_calls(executor, refs: _References, labels, sigma, dit, x, t, c_concat, c_crossattn, control,
-                    transformer_options, kwargs):
+                    transformer_options, kwargs, plan=None):
     """The references alone (recording their keys/values), then the target reading them. References
     whose text differs in length (DiT only) are recorded in one call per length, subject-only
     references (FLUX) one by one."""
@@ -294,6 +333,8 @@ def _separate_calls(executor, refs: _References, labels, sigma, dit, x, t, c_con
             pass
         for key, kv in bank_g.items():
             parts.setdefault(key, []).append(kv)
+            if plan is not None:
+                plan.capture(key, kv[0], kv[1], g)
     bank = {key: kvs[0] if len(kvs) == 1 else (torch.cat([kv[0] for kv in kvs]), torch.cat([kv[1] for kv in kvs]))
             for key, kvs in parts.items() if len(kvs) == len(refs.groups)}
     opts = dict(transformer_options)

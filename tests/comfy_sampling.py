@@ -23,6 +23,16 @@ def load_mask(path, size=64):
     return load_image(path, size)[..., 0]
 
 
+def tiny_diffusion_model(tiny_dir, builder: str, name: str, **kw):
+    """Build ``tiny_flux.<builder>`` into ``tiny_dir/diffusion_models/<name>`` and load it as Load
+    Diffusion Model does."""
+    import_comfy()
+    import comfy.sd
+    import tiny_flux
+    path = getattr(tiny_flux, builder)(tiny_dir / "diffusion_models" / name, **kw)
+    return comfy.sd.load_diffusion_model(str(path))
+
+
 def ref_node():
     from personalize_pack.nodes.references import ReferenceEncode
     return ReferenceEncode

@@ -48,3 +48,36 @@ def world(tiny_dir):
     folder = world_weights()
     path = checkpoint.build(tiny_dir / "checkpoints" / checkpoint.CHECKPOINT_NAME, folder)
     return World.load(path, folder)
+
+
+# ---------------------------------------------------------------------------- the tiny FLUX
+# (tests/integration/test_flux.py; the reference cache's tests use them too)
+
+@pytest.fixture(scope="session")
+def flux(tiny_dir):
+    from comfy_sampling import tiny_diffusion_model
+    return tiny_diffusion_model(tiny_dir, "build_flux", "tiny_flux.safetensors", heads=2, depth=2, single=2)
+
+
+@pytest.fixture(scope="session")
+def flux_vae(tiny_dir):
+    from comfy_host import import_comfy
+    import_comfy()
+    import comfy.sd
+    import comfy.utils
+    from tiny_flux import build_flux_vae
+    path = build_flux_vae(tiny_dir / "vae" / "tiny_flux_ae.safetensors")
+    return comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
+
+
+@pytest.fixture(scope="session")
+def flux_refs(flux_vae, sd15, data_dir):
+    """A cat and a dog encoded by the tiny FLUX VAE, captioned by the tiny checkpoint's CLIP."""
+    from comfy_sampling import encode, load_image, load_mask, ref_node
+    clip, enc = sd15[1], ref_node()
+    r = enc.execute(load_image(data_dir / "personalize_cat_04.jpg"), flux_vae,
+                    load_mask(data_dir / "personalize_cat_04_mask.jpg"), encode(clip, "a cat"), None, 3.0, 0.5, False,
+                    64).result[0]
+    return enc.execute(load_image(data_dir / "personalize_dog6_02.jpg"), flux_vae,
+                       load_mask(data_dir / "personalize_dog6_02_mask.jpg"), encode(clip, "a dog"), r, 3.0, 0.5,
+                       False, 64).result[0]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from comfy_host import import_comfy
-from comfy_sampling import encode, load_image, load_mask, ref_node, snapshot, spy_joint_attention
+from comfy_sampling import encode, snapshot, spy_joint_attention, tiny_diffusion_model
 
 
 SINGLE = "FLUX dev/schnell: single blocks"
@@ -19,35 +19,10 @@ DOUBLE = "FLUX dev/schnell: double blocks"
 ALL = "FLUX dev/schnell: all blocks"
 
 
-def tiny_diffusion_model(tiny_dir, builder: str, name: str, **kw):
-    """Build ``tiny_flux.<builder>`` into ``tiny_dir/diffusion_models/<name>`` and load it as Load
-    Diffusion Model does."""
-    import_comfy()
-    import comfy.sd
-    import tiny_flux
-    path = getattr(tiny_flux, builder)(tiny_dir / "diffusion_models" / name, **kw)
-    return comfy.sd.load_diffusion_model(str(path))
-
-
-@pytest.fixture(scope="session")
-def flux(tiny_dir):
-    return tiny_diffusion_model(tiny_dir, "build_flux", "tiny_flux.safetensors", heads=2, depth=2, single=2)
-
-
 @pytest.fixture(scope="session")
 def schnell(tiny_dir):
     return tiny_diffusion_model(tiny_dir, "build_flux", "tiny_flux_schnell.safetensors", heads=2, depth=2, single=2,
                                 guidance=False, seed=7)
-
-
-@pytest.fixture(scope="session")
-def flux_vae(tiny_dir):
-    import_comfy()
-    import comfy.sd
-    import comfy.utils
-    from tiny_flux import build_flux_vae
-    path = build_flux_vae(tiny_dir / "vae" / "tiny_flux_ae.safetensors")
-    return comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
 
 
 @pytest.fixture(scope="session")
@@ -58,17 +33,6 @@ def clip(sd15):
 def guided(cond, value=3.5):
     import node_helpers
     return node_helpers.conditioning_set_values(cond, {"guidance": value})
-
-
-@pytest.fixture(scope="session")
-def flux_refs(flux_vae, clip, data_dir):
-    enc = ref_node()
-    r = enc.execute(load_image(data_dir / "personalize_cat_04.jpg"), flux_vae,
-                    load_mask(data_dir / "personalize_cat_04_mask.jpg"), encode(clip, "a cat"), None, 3.0, 0.5, False,
-                    64).result[0]
-    return enc.execute(load_image(data_dir / "personalize_dog6_02.jpg"), flux_vae,
-                       load_mask(data_dir / "personalize_dog6_02_mask.jpg"), encode(clip, "a dog"), r, 3.0, 0.5,
-                       False, 64).result[0]
 
 
 def zero_masked(refs):

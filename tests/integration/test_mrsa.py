@@ -193,7 +193,8 @@ def test_node_registration():
                    "PersonalizeDetectCompareLoader", "PersonalizeDetectCompareSubject", "PersonalizeDetectCompare",
                    "PersonalizeApplyInfusion",
                    "PersonalizeSegMixDataset", "PersonalizeTrainSegMixLoRA", "PersonalizeTrainInfusion",
-                   "PersonalizeOverfittingMetrics", "PersonalizeNativeReference", "PersonalizeNativeReferenceControl"]
+                   "PersonalizeOverfittingMetrics", "PersonalizeNativeReference", "PersonalizeNativeReferenceControl",
+                   "PersonalizeReferenceReuse"]
     for n in asyncio.run(ext.get_node_list()):
         schema = n.define_schema()
         assert schema.category.startswith("personalize/") and schema.description
