@@ -2,12 +2,8 @@
 arrive as arguments.
 
 The reference rows of MRSA and DMSA run plain self-attention, so their keys/values at a block
-depend only on what goes into those rows: the reference (latent, mask, caption), its label, seed
-and index (its noise), the noise level, the latent size and dtype, the row's other inputs (text
-conditioning it borrows, pooled vector, guidance, native reference latents) and the model itself
-(weights with their patches, LoRA strengths included, object patches, other packs' patches). A
-``RowKey`` names all of these; where one cannot be named exactly (weight hooks that change per
-conditioning), nothing is cached.
+depend only on what goes into those rows, which ``ref_keys.py`` names exactly (where it cannot,
+e.g. weight hooks that change per conditioning, nothing is cached).
 
 * **Across runs** (``ReferencePolicy.across_runs``): each row's keys/values at each sigma are kept;
   a later call whose rows all hit runs no reference rows (``reference_pass`` reads them back).
@@ -16,11 +12,11 @@ conditioning), nothing is cached.
   of a run and served from here in every other one (dropped when the next run starts unless
   they are also kept across runs).
 
-Only the tokens a technique can select are kept (``kept_index``; the rest come back as zeros and
-are never selected), in CPU memory by default, in one least-recently-used store bounded in bytes
-(``STORE``). Entries are tied to the model objects they were computed with by weak references:
-when one is freed its entries go, and ``drop_model`` removes a model's entries when ComfyUI
-unloads it.
+Only the tokens a technique can select are kept (``ref_keys.kept_index``; the rest come back as
+zeros and are never selected), in CPU memory by default, in one least-recently-used store bounded
+in bytes (``STORE``). Rows are tied to the model objects they were computed with by weak
+references (when one is freed its rows go), and ``drop_on_detach`` removes a model's rows when
+ComfyUI unloads it.
 """
 from __future__ import annotations
 
@@ -32,14 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..references.masks import layer_mask, token_grid
+from .ref_keys import Uncacheable, kept_index, model_fingerprint, reference_digest
 
-KEEP_MASK, KEEP_ALL = "mask", "all"
 DEFAULT_LIMIT_MB = 2048
-
-
-class Uncacheable(Exception):
-    """An input of the reference rows that cannot be named exactly (the call runs uncached)."""
 
 
 @dataclass(frozen=True)
@@ -64,121 +55,6 @@ class ReferencePolicy:
     def row_sigma(self, sigma: float) -> float:
         """The noise level of the reference rows in a call at ``sigma``."""
         return float(self.reference_sigma) if self.once_per_run else float(sigma)
-
-
-# --------------------------------------------------------------------------- naming the inputs
-
-_tensor_digests: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """SHA-1 of a tensor's dtype, shape and bytes (exact: any changed value changes it)."""
-    t = t.detach()
-    flat = t.to("cpu").contiguous().reshape(-1)
-    h = hashlib.sha1(f"{t.dtype}{tuple(t.shape)}".encode())
-    if flat.numel():
-        h.update(flat.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def value_digest(value) -> str:
-    """A digest of a model input: tensors by content, lists/tuples/dicts element-wise, plain
-    scalars by value. Anything else raises ``Uncacheable``."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return repr(value)
-    if isinstance(value, torch.Tensor):
-        return tensor_digest(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(value_digest(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k!r}:{value_digest(v)}" for k, v in sorted(value.items(), key=lambda kv: repr(kv[0]))) + "}"
-    raise Uncacheable(f"model input of type {type(value).__name__}")
-
-
-_reference_digests: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def reference_digest(reference) -> str:
-    """What of a ``Reference`` decides its rows: latent, mask (the tokens kept and, on FLUX, the
-    tokens run), soft/hard mask, caption and pooled caption (computed once per object)."""
-    hit = _reference_digests.get(reference)
-    if hit is None:
-        parts = [tensor_digest(reference.latent), tensor_digest(reference.mask), repr(bool(reference.soft_mask)),
-                 repr(int(reference.downscale)), value_digest(reference.caption),
-                 value_digest(getattr(reference, "caption_pooled", None))]
-        hit = hashlib.sha1("|".join(parts).encode()).hexdigest()
-        _reference_digests[reference] = hit
-    return hit
-
-
-def _foreign(fn, own_types):
-    """The object to name for a patch: another pack's as it is, the pack's own by what it wraps."""
-    if isinstance(fn, own_types):
-        return getattr(fn, "inner", None)
-    return fn
-
-
-def model_fingerprint(base_model, transformer_options, own_types=()) -> tuple[tuple, list]:
-    """``(parts, anchors)`` naming the model a reference row runs through: the model object, its
-    weight patches (``patches_uuid``: a LoRA or its strength changes it), object patches, and the
-    other packs' attention/block patches, wrappers and attention override. ``anchors``: the
-    objects named by identity (an entry is valid only while they live). Raises ``Uncacheable``
-    when weight hooks are registered (their weights change per conditioning)."""
-    parts: list = [("model", id(base_model))]
-    anchors: list = [base_model]
-    patcher = getattr(base_model, "current_patcher", None)
-    if patcher is not None:
-        if getattr(patcher, "hook_patches", None) or getattr(patcher, "current_hooks", None) is not None:
-            raise Uncacheable("weight hooks on the model")
-        parts.append(("weights", str(getattr(patcher, "patches_uuid", None))))
-        for name, obj in sorted((getattr(patcher, "object_patches", None) or {}).items()):
-            if obj is None or isinstance(obj, (bool, int, float, str)):
-                parts.append(("object", name, repr(obj)))          # a value (memory_usage_factor): by value
-            else:
-                parts.append(("object", name, id(obj)))
-                anchors.append(obj)
-    opts = transformer_options or {}
-    for kind, fns in sorted((opts.get("patches") or {}).items()):
-        for fn in fns or ():
-            parts.append(("patch", kind, id(fn)))
-            anchors.append(fn)
-    for kind, table in sorted((opts.get("patches_replace") or {}).items()):
-        for key, fn in sorted((table or {}).items(), key=lambda kv: repr(kv[0])):
-            other = _foreign(fn, own_types)
-            if other is not None:
-                parts.append(("replace", kind, repr(key), id(other)))
-                anchors.append(other)
-    override = opts.get("optimized_attention_override")
-    if override is not None:
-        parts.append(("override", id(override)))
-        anchors.append(override)
-    return tuple(parts), anchors
-
-
-def kept_index(reference, n_tokens: int, latent_hw: tuple, keep: str) -> torch.Tensor | None:
-    """The tokens of ``reference`` kept at a layer of ``n_tokens`` tokens: None for every token
-    (``KEEP_ALL``), else the tokens its layer mask covers (hard masks at least half), or, when a
-    tiny subject leaves none, every token it touches (DMSA's appearance fallback)."""
-    if keep == KEEP_ALL:
-        return None
-    memo = _kept.setdefault(reference, {})
-    key = (int(n_tokens), tuple(latent_hw))
-    if key not in memo:
-        memo[key] = _mask_index(reference, n_tokens, latent_hw)
-    return memo[key]
-
-
-_kept: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _mask_index(reference, n_tokens: int, latent_hw: tuple) -> torch.Tensor | None:
-    h, w = token_grid(n_tokens, *latent_hw)
-    pixel = reference.fitted(*latent_hw)[1]
-    m = layer_mask(pixel, h, w, reference.soft_mask)
-    if not bool((m != 0).any()):
-        m = layer_mask(pixel, h, w, soft=True)
-    idx = torch.nonzero(m.reshape(-1) != 0, as_tuple=False).flatten()
-    return None if idx.numel() == n_tokens else idx
 
 
 # --------------------------------------------------------------------------- the store
@@ -223,17 +99,24 @@ class ReferenceStore:
         self.hits = 0
         self.misses = 0
         self.run = 0
+        self._dead = False
 
     def new_run(self) -> None:
         self.run += 1
 
     def __len__(self) -> int:
+        self._purge_dead()
         return len(self._entries)
 
     def anchors(self, objects) -> tuple:
-        return tuple(_anchor(o, self._purge_dead) for o in objects)
+        return tuple(_anchor(o, self._on_death) for o in objects)
+
+    def _on_death(self, _ref=None) -> None:
+        # Called by the garbage collector at any moment: only mark, purge at the next use.
+        self._dead = True
 
     def get(self, key):
+        self._purge_dead()
         entry = self._entries.get(key)
         if entry is not None and not entry.alive():
             self._remove(key)
@@ -249,6 +132,7 @@ class ReferenceStore:
     def put(self, key, entry: RowEntry, limit: int | None = None) -> bool:
         """Store ``entry``, dropping the least recently used rows of earlier runs until it fits;
         False (nothing stored) when it does not fit beside the current run's rows."""
+        self._purge_dead()
         if limit is not None:
             self.limit = int(limit)
         size = entry.nbytes
@@ -277,13 +161,16 @@ class ReferenceStore:
         entry = self._entries.pop(key)
         self.bytes -= entry.nbytes
 
-    def _purge_dead(self, _ref=None) -> None:
-        for key in [k for k, e in self._entries.items() if not e.alive()]:
-            self._remove(key)
+    def _purge_dead(self) -> None:
+        if self._dead:
+            self._dead = False
+            for key in [k for k, e in self._entries.items() if not e.alive()]:
+                self._remove(key)
 
     def drop(self, model_id: int | None = None, scope: str | None = None) -> int:
         """Remove the entries of one model (``id`` of its ``BaseModel``; None: every model) and
         of one scope (None: both); returns how many went."""
+        self._purge_dead()
         doomed = [k for k, e in self._entries.items()
                   if (model_id is None or e.model_id == model_id) and (scope is None or e.scope == scope)]
         for key in doomed:
@@ -408,6 +295,13 @@ class CachePlan:
 _warned: set = set()
 
 
+def warn_uncacheable(reason) -> None:
+    """One log line per reason that made a call run without the cache."""
+    if str(reason) not in _warned:
+        _warned.add(str(reason))
+        logging.warning("Personalize reference cache: %s, so references are computed in every call", reason)
+
+
 def call_plan(policy: ReferencePolicy, base_model, transformer_options, reqs, row_inputs: list, keeps: list,
               layers, row_sigma: float, latent_hw: tuple, dtype, device, own_types=()) -> CachePlan | None:
     """The plan of one model call's reference rows ``reqs`` (``patch.RefRequest``), or None when
@@ -417,9 +311,7 @@ def call_plan(policy: ReferencePolicy, base_model, transformer_options, reqs, ro
     try:
         parts, anchors = model_fingerprint(base_model, transformer_options, own_types)
     except Uncacheable as e:
-        if str(e) not in _warned:
-            _warned.add(str(e))
-            logging.warning("Personalize reference cache: %s, so references are computed in every call", e)
+        warn_uncacheable(e)
         return None
     common = repr((parts, repr(float(row_sigma)), tuple(latent_hw), str(dtype), str(device),
                    sorted(repr(k) for k in layers)))
@@ -428,27 +320,3 @@ def call_plan(policy: ReferencePolicy, base_model, transformer_options, reqs, ro
         row = (reference_digest(r.reference), r.label, r.seed, r.index, r.subject, keep, inputs)
         keys.append(hashlib.sha1((common + repr(row)).encode()).hexdigest())
     return CachePlan(policy, keys, [r.reference for r in reqs], keeps, latent_hw, id(base_model), anchors)
-
-
-def row_input_digests(reqs, src: list, own_caption: list, c_crossattn, concat, kwargs: dict, per_row: set) -> list:
-    """Per reference row, a digest of its model inputs besides its latent and noise: the text it
-    borrows from target row ``src[i]`` (a row with its own caption is named by the reference),
-    its ``c_concat`` row and its other inputs (``kwargs``: per-row values hold the reference rows,
-    ``per_row`` names them; others are shared). Raises ``Uncacheable``."""
-    memo: dict = {}
-
-    def once(tag, fn):
-        if tag not in memo:
-            memo[tag] = fn()
-        return memo[tag]
-
-    shared = once("shared", lambda: [(n, value_digest(v)) for n, v in sorted(kwargs.items()) if n not in per_row])
-    out = []
-    for i, s in enumerate(src):
-        text = "own" if own_caption[i] or c_crossattn is None else once(("text", s), lambda: tensor_digest(c_crossattn[s]))
-        parts = [text, shared, None if concat is None else tensor_digest(concat[i])]
-        for n in sorted(per_row):
-            v = kwargs[n]
-            parts.append((n, value_digest([t[i] for t in v] if isinstance(v, (list, tuple)) else v[i])))
-        out.append(hashlib.sha1(repr(parts).encode()).hexdigest())
-    return out

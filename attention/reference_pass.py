@@ -11,6 +11,11 @@ reference captions differ in length from the prompt, or when FLUX references run
 tokens only, the references run in *separate* calls before the target instead, recording their
 keys/values into a per-call bank that the target call reads.
 
+With a reuse policy on the state (the Reference Reuse node, ``ref_cache.py``) each call first asks
+the reference store for its rows' keys/values: when every row is there the target runs alone, reading
+them (``read`` mode); otherwise the rows run as above and their keys/values are captured into the
+store. In once-per-run mode the rows are noised to the policy's fixed level instead of the call's.
+
 Where the model takes reference images of its own (``ref_latents``: FLUX.1 Kontext, FLUX.2,
 Qwen-Image-Edit), every reference row carries those of the target row it borrows its conditioning
 from, and the wrapper publishes their token grids for native reference control (``REF_GRIDS_KEY``).
@@ -26,7 +31,8 @@ from .dit import select_tokens, subject_tokens
 from .dit_blocks import PersonalizeBlock
 from .native_refs import REF_GRIDS_KEY
 from .patch import COND, LATENT_KEY, ROWS_KEY, SIGMA_KEY, STATE_KEY, PersonalizeAttention, RecordDone, RowLayout
-from .ref_cache import KEEP_ALL, KEEP_MASK, Uncacheable, call_plan, row_input_digests
+from .ref_cache import call_plan, warn_uncacheable
+from .ref_keys import KEEP_ALL, KEEP_MASK, Uncacheable, row_input_digests
 
 
 # --------------------------------------------------------------------------- helpers
@@ -269,7 +275,8 @@ def _plan(policy, state, model, refs: _References, sigma, row_sigma, x, c_crossa
     try:
         own = [r.label == COND and r.reference.caption is not None for r in refs.reqs]
         inputs = row_input_digests(refs.reqs, refs.src, own, c_crossattn, refs.concat, refs.kwargs, refs.per_row)
-    except Uncacheable:
+    except Uncacheable as e:
+        warn_uncacheable(e)
         return None
     return call_plan(policy, model, transformer_options, refs.reqs, inputs, keeps, layers, row_sigma,
                      tuple(x.shape[-2:]), x.dtype, x.device, (PersonalizeAttention, PersonalizeBlock))

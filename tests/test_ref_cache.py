@@ -9,9 +9,10 @@ import torch
 
 from personalize_pack.attention import ref_cache
 from personalize_pack.attention.dmsa import DisentangleMixingAttention
-from personalize_pack.attention.patch import ROWS_KEY, STATE_KEY, SigmaRange
-from personalize_pack.attention.ref_cache import (KEEP_ALL, KEEP_MASK, STORE, ReferencePolicy, ReferenceStore, RowEntry,
-                                                  drop_on_detach, drop_on_new_run, kept_index, tensor_digest)
+from personalize_pack.attention.patch import ROWS_KEY, STATE_KEY, WRAPPER_KEY, SigmaRange
+from personalize_pack.attention.ref_cache import (STORE, ReferencePolicy, ReferenceStore, RowEntry, drop_on_detach,
+                                                  drop_on_new_run)
+from personalize_pack.attention.ref_keys import KEEP_ALL, KEEP_MASK, kept_index, tensor_digest
 from personalize_pack.attention.reference_pass import reference_pass
 
 from test_patch import HEADS, KEY, OneLayerUNet, make_reference, mrsa, options
@@ -137,6 +138,11 @@ def test_another_packs_patch_and_hooks():
     freeu = lambda h, *a: h
     assert _miss(unet, tech, x, c, extra={"patches": {"output_block_patch": [freeu]}})
     assert not _miss(unet, tech, x, c, extra={"patches": {"output_block_patch": [freeu]}})
+    wrapper = lambda executor, *a, **k: executor(*a, **k)
+    own = {"wrappers": {"apply_model": {WRAPPER_KEY: [wrapper]}}}
+    assert not _miss(unet, tech, x, c, extra=own), "the pack's own reference pass is not another pack's"
+    other = {"wrappers": {"apply_model": {"other.pack": [wrapper]}}}
+    assert _miss(unet, tech, x, c, extra=other) and not _miss(unet, tech, x, c, extra=other)
     unet.class_obj.current_patcher = SimpleNamespace(patches_uuid="u", object_patches={}, hook_patches={"h": 1},
                                                      current_hooks=None)
     n = len(STORE)
