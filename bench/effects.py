@@ -10,7 +10,8 @@ deviations, a paired sign-flip test), then a summary line whose checks say wheth
     COMFYUI_PATH=/path/to/ComfyUI python bench/effects.py --only segmix --seeds 12
 
 Experiments: mrsa (fidelity, distractor leak, weight 0), mrsa_two (two subjects), dmsa, composer (about 22
-minutes together on 2 CPU cores); segmix (four Seg-Mix LoRA trainings of 300 steps, about 9 minutes each
+minutes together on 2 CPU cores); mrsa_once (MRSA's references once per run, clean and at the middle step's
+noise, against FreeCustom's every-step re-noising, on the mrsa experiment's scenes); segmix (four Seg-Mix LoRA trainings of 300 steps, about 9 minutes each
 on 2 CPU cores, then the sampling); infusion (Train Infusion and a LoRA of the same photos, then sampling and
 the Overfitting Metrics node); freecure (an overfit LoRA of 400 steps, about 12 minutes, set on the
 conditioning as a hook, then FASA with the base model as foundation: about 18 minutes at 12 seeds); mip
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from harness import comfyui_path, csv_choice, emit, emit_summary, import_pack, log, setup_comfy
 
-EXPERIMENTS = ("mrsa", "mrsa_two", "dmsa", "composer", "segmix", "infusion", "freecure", "mip")
+EXPERIMENTS = ("mrsa", "mrsa_two", "dmsa", "composer", "mrsa_once", "segmix", "infusion", "freecure", "mip")
 
 # (technique, metric) -> (what the paper claims, test on the line); p < 0.05 where a difference is claimed
 CLAIMS = {

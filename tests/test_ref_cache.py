@@ -15,7 +15,7 @@ from personalize_pack.attention.ref_cache import (STORE, ReferencePolicy, Refere
 from personalize_pack.attention.ref_keys import KEEP_ALL, KEEP_MASK, kept_index, tensor_digest
 from personalize_pack.attention.reference_pass import reference_pass
 
-from test_patch import HEADS, KEY, OneLayerUNet, make_reference, mrsa, options
+from one_layer_unet import HEADS, KEY, OneLayerUNet, make_reference, mrsa, options
 
 
 @pytest.fixture(autouse=True)

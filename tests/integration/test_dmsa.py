@@ -4,16 +4,8 @@ from __future__ import annotations
 import pytest
 
 from comfy_sampling import assert_same_sample, encode, sample
-
-PROMPT = "a photo of a dog in the grass"
-
-
-def dmsa(model, clip, structure, appearance, **kw):
-    from personalize_pack.nodes.attention import DisentangleMixingAttentionNode
-    args = dict(prompt=PROMPT, blend_word="dog", preset="SD1.5 FreeMix")
-    args.update(kw)
-    return DisentangleMixingAttentionNode.execute(model, structure, appearance, clip, **args).result[0]
-
+from comfy_techniques import DMSA_PROMPT as PROMPT
+from comfy_techniques import dmsa_patch as dmsa
 
 def test_dmsa_changes_the_sample_and_disabled_equals_plain(sd15, references):
     model, clip, vae = sd15

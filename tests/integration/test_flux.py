@@ -12,11 +12,13 @@ import torch
 
 from comfy_host import import_comfy
 from comfy_sampling import encode, snapshot, spy_joint_attention, tiny_diffusion_model
-
-
-SINGLE = "FLUX dev/schnell: single blocks"
-DOUBLE = "FLUX dev/schnell: double blocks"
-ALL = "FLUX dev/schnell: all blocks"
+from comfy_techniques import FLUX_ALL as ALL
+from comfy_techniques import FLUX_DOUBLE as DOUBLE
+from comfy_techniques import FLUX_SINGLE as SINGLE
+from comfy_techniques import flux_dmsa as dmsa
+from comfy_techniques import flux_mrsa as mrsa
+from comfy_techniques import flux_prompts as prompts
+from comfy_techniques import flux_sample, guided
 
 
 @pytest.fixture(scope="session")
@@ -30,34 +32,10 @@ def clip(sd15):
     return sd15[1]
 
 
-def guided(cond, value=3.5):
-    import node_helpers
-    return node_helpers.conditioning_set_values(cond, {"guidance": value})
-
-
 def zero_masked(refs):
     from personalize_pack.references.reference import Reference
     return tuple(Reference(latent=r.latent, mask=torch.zeros_like(r.mask), weight=r.weight, caption=r.caption,
                            caption_pooled=r.caption_pooled) for r in refs)
-
-
-def flux_sample(model, pos, neg, cfg=1.0, batch=1, steps=3, size=(8, 8), seed=3):
-    import comfy.sample
-    latent = torch.zeros(batch, 16, *size)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", pos, neg, latent, disable_pbar=True,
-                               seed=seed)
-
-
-def mrsa(model, refs, preset=SINGLE, positions="shifted (side by side)", **kw):
-    from personalize_pack.nodes.attention import MultiReferenceAttentionNode
-    args = dict(custom_blocks="", start_percent=0.0, end_percent=1.0, style_fidelity=1.0, seed=0)
-    args.update(kw)
-    return MultiReferenceAttentionNode.execute(model, refs, preset, reference_positions=positions, **args).result[0]
-
-
-def prompts(clip):
-    return guided(encode(clip, "a cat and a dog on a sofa")), guided(encode(clip, "blurry"))
 
 
 def close(a, b, tol=1e-4):
@@ -186,13 +164,6 @@ def test_true_cfg_style_fidelity_acts_on_the_uncond_pass(flux, clip, flux_refs):
 
 
 # ---------------------------------------------------------------------------- DMSA and FASA
-
-def dmsa(model, clip, structure, appearance, prompt, **kw):
-    from personalize_pack.nodes.attention import DisentangleMixingAttentionNode
-    args = dict(blend_word="cat", preset="FLUX dev/schnell FreeMix analogue", appearance_start=0.3)
-    args.update(kw)
-    return DisentangleMixingAttentionNode.execute(model, structure, appearance, clip, prompt, **args).result[0]
-
 
 def test_dmsa_on_flux(flux, clip, flux_refs):
     prompt = "a cat on a sofa"

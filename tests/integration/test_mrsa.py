@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from comfy_sampling import assert_same_sample, encode, load_image, ref_node, sample, snapshot
+from comfy_techniques import mrsa_patch as patch
 
 
 
@@ -14,17 +15,6 @@ def zero_masked(refs):
     from personalize_pack.references.reference import Reference
     return tuple(Reference(latent=r.latent, mask=torch.zeros_like(r.mask), weight=r.weight, caption=r.caption)
                  for r in refs)
-
-
-def mrsa_node():
-    from personalize_pack.nodes.attention import MultiReferenceAttentionNode
-    return MultiReferenceAttentionNode
-
-
-def patch(model, refs, preset="SD1.5 FreeCustom (output 6-11)", **kw):
-    args = dict(custom_blocks="", start_percent=0.0, end_percent=1.0, style_fidelity=1.0, seed=0)
-    args.update(kw)
-    return mrsa_node().execute(model, refs, preset, **args).result[0]
 
 
 @pytest.mark.parametrize("batch,cfg", [(1, 5.0), (2, 5.0), (1, 1.0)])

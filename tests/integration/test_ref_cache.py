@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from comfy_sampling import assert_same_sample, encode, sample
-from .test_dmsa import PROMPT, dmsa
-from .test_flux import flux_sample, prompts
-from .test_flux import mrsa as flux_mrsa
-from .test_mrsa import patch
+from comfy_techniques import DMSA_PROMPT as PROMPT
+from comfy_techniques import dmsa_patch as dmsa
+from comfy_techniques import flux_dmsa, flux_mrsa, flux_prompts as prompts, flux_sample, guided
+from comfy_techniques import mrsa_patch as patch
 
 ONCE, EVERY = "once per run", "every step (FreeCustom)"
 
@@ -144,7 +144,7 @@ def test_dmsa_cached_equals_uncached(sd15, references):
         assert_same_sample(warm, expected, vae)
 
 
-def test_flux_cached_equals_uncached(flux, sd15, flux_refs):
+def test_flux_mrsa_and_dmsa_cached_equal_uncached(flux, sd15, flux_refs):
     pos, neg = prompts(sd15[1])
     uncached = flux_mrsa(flux, flux_refs)
     expected = flux_sample(uncached, pos, neg)
@@ -158,6 +158,27 @@ def test_flux_cached_equals_uncached(flux, sd15, flux_refs):
         spy.close()
     scale = max(1.0, float(expected.abs().max()))
     assert float((warm - expected).abs().max()) <= 1e-4 * scale
+    # DMSA on FLUX: the structure and appearance references read back the same
+    prompt = "a cat on a sofa"
+    pos, neg = guided(encode(sd15[1], prompt)), guided(encode(sd15[1], ""))
+    s, a = (flux_refs[0],), (flux_refs[1],)
+    uncached = flux_dmsa(flux, sd15[1], s, a, prompt)
+    cached = reuse(uncached)
+    flux_sample(cached, pos, neg, steps=4)
+    spy = RowSpy(flux)
+    try:
+        expected = flux_sample(uncached, pos, neg, steps=4)
+        per_step = spy.take()
+        warm = flux_sample(cached, pos, neg, steps=4)
+        assert spy.take() == [1] * 4
+        once = flux_sample(reuse(uncached, references_run=ONCE, keep_across_runs=False), pos, neg, steps=4)
+        first = spy.take()
+    finally:
+        spy.close()
+    # once per run: each reference runs in the first step of its phase only
+    assert first[0] > 1 and sum(first) < sum(per_step) and first.count(1) >= 2, (first, per_step)
+    assert float((warm - expected).abs().max()) <= 1e-4 * max(1.0, float(expected.abs().max()))
+    assert torch.isfinite(once).all() and (once - expected).abs().max() > 1e-4
 
 
 def test_once_per_run(sd15, references, empty_store):

@@ -50,6 +50,19 @@ def test_dmsa_does_not_mix_structure_and_appearance_in_the_world(world):
         assert np.mean(e.with_) <= np.mean(e.without), (metric, e.with_, e.without)
 
 
+def test_once_per_run_clean_references_act_like_every_step_ones(world):
+    """MRSA's references once per run, clean, against FreeCustom's every-step re-noising on the MRSA
+    experiment's scenes (8 seeds): the prompted shape is drawn as rarely, and both far below the plain
+    model (the bench: 4 of 16 both ways, 16 of 16 plain; 1 of 8 both ways here)."""
+    r = _run("mrsa_once", world, 8)
+    drawn = r["once_clean_shape_drawn"]
+    assert len(drawn.with_) == 8
+    assert abs(np.mean(drawn.with_) - np.mean(drawn.without)) <= 0.25, (drawn.with_, drawn.without)
+    assert drawn.extra["plain"] - max(np.mean(drawn.with_), np.mean(drawn.without)) >= 0.5, drawn.extra
+    emb = r["once_clean_embedding"]
+    assert abs(np.mean(emb.with_) - np.mean(emb.without)) <= 0.2, (emb.with_, emb.without)
+
+
 def test_mean_shifted_noise_places_the_composed_subjects(world):
     """Two subjects composed on a canvas, mean-shifted noise (gamma 1) vs plain noise of the same seed
     (12 seeds): more subjects found where the composer placed them (the bench: 0.38 vs 0.16 over 16
