@@ -61,7 +61,7 @@ from typing import Sequence
 
 import torch
 
-from ..references.masks import layer_mask, token_grid
+from ..references.masks import token_grid
 from .dit import IMAGE_KEYS, POSITIONS, ROPE_KEY, SHIFTED, shift_reference
 from .dmsa_kernels import BlendMapStore, appearance_attention, cross_attention_maps, structure_attention
 from .kernels import token_selection
@@ -202,11 +202,7 @@ class DisentangleMixingAttention(Technique):
         subject touches when a tiny subject leaves no token covered at least half."""
         key = ("a", n_tokens, tuple(hw), str(device))
         if key not in self._cache:
-            m = reference_layer_mask(self.appearance, n_tokens, hw)
-            if not bool((m != 0).any()):
-                gh, gw = token_grid(n_tokens, *hw)
-                m = layer_mask(self.appearance.fitted(*hw)[1], gh, gw, soft=True)
-            self._cache[key] = m.to(device)
+            self._cache[key] = reference_layer_mask(self.appearance, n_tokens, hw, touched=True).to(device)
         return self._cache[key]
 
     def token_columns(self, n_text: int) -> list[int]:

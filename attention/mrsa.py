@@ -17,12 +17,18 @@ from .dit import POSITIONS, SHIFTED, shift_reference
 from .patch import COND, UNCOND, RefRequest, SigmaRange, Technique, apply_to_rows, row_runs
 
 
-def reference_layer_mask(reference, n_tokens: int, latent_hw: tuple) -> torch.Tensor:
+def reference_layer_mask(reference, n_tokens: int, latent_hw: tuple, touched: bool = False) -> torch.Tensor:
     """The mask of ``reference`` fitted to a ``latent_hw`` target latent, on the token grid of a
     layer with ``n_tokens`` tokens, flattened row-major ``[n_tokens]`` (``masks.layer_mask``:
-    hard masks keep tokens covered at least half, soft masks keep the covered fraction)."""
+    hard masks keep tokens covered at least half, soft masks keep the covered fraction). With
+    ``touched``, a tiny subject that leaves no token gives every token it touches instead (the
+    covered fraction)."""
     h, w = token_grid(n_tokens, *latent_hw)
-    return layer_mask(reference.fitted(*latent_hw)[1], h, w, reference.soft_mask)
+    pixel = reference.fitted(*latent_hw)[1]
+    m = layer_mask(pixel, h, w, reference.soft_mask)
+    if touched and not bool((m != 0).any()):
+        m = layer_mask(pixel, h, w, soft=True)
+    return m
 
 
 class MultiReferenceAttention(Technique):

@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from ..references.masks import layer_mask, token_grid
+from .mrsa import reference_layer_mask
 from .patch import WRAPPER_KEY
 
 KEEP_MASK, KEEP_ALL = "mask", "all"
@@ -132,11 +132,7 @@ _kept: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _mask_index(reference, n_tokens: int, latent_hw: tuple) -> torch.Tensor | None:
-    h, w = token_grid(n_tokens, *latent_hw)
-    pixel = reference.fitted(*latent_hw)[1]
-    m = layer_mask(pixel, h, w, reference.soft_mask)
-    if not bool((m != 0).any()):
-        m = layer_mask(pixel, h, w, soft=True)
+    m = reference_layer_mask(reference, n_tokens, latent_hw, touched=True)
     idx = torch.nonzero(m.reshape(-1) != 0, as_tuple=False).flatten()
     return None if idx.numel() == n_tokens else idx
 

@@ -146,8 +146,8 @@ class _References:
     (the target's, repeated to the same length), ``concat``/``kwargs`` (the other model inputs of
     the rows), ``groups`` (the rows of each separate call) and ``subject`` (subject-only rows)."""
     reqs: list
-    x: torch.Tensor
-    t: torch.Tensor
+    x: torch.Tensor | None          # filled by ``_noised_latents`` when the rows must run
+    t: torch.Tensor | None
     ctx_rows: list | None
     ctx: torch.Tensor | None
     ctx_target: torch.Tensor | None
@@ -183,11 +183,10 @@ def _noised_latents(model, reqs, x, t, sigma: float):
     return torch.cat(lat).to(x.dtype), torch.full((len(reqs),), float(sigma), device=t.device, dtype=t.dtype)
 
 
-def _references(model, reqs, labels, x, t, sigma, c_concat, c_crossattn, kwargs, dit) -> _References:
+def _references(reqs, labels, x, c_concat, c_crossattn, kwargs, dit) -> _References:
     n_target = x.shape[0]
     chunk = n_target // len(labels)
     src = [labels.index(r.label) * chunk for r in reqs]      # target row whose conditioning a reference borrows
-    x_ref, t_ref = _noised_latents(model, reqs, x, t, sigma)
 
     # In a UNet the text only enters cross-attention, where repeating every token of a conditioning
     # changes nothing, so conditionings of different lengths share a call at their common multiple.
@@ -219,7 +218,7 @@ def _references(model, reqs, labels, x, t, sigma, c_concat, c_crossattn, kwargs,
             per_row.add(name)
     if dit is not None and "y" in kw_ref:
         kw_ref["y"] = _pooled_rows(kw_ref["y"], reqs)
-    return _References(reqs, x_ref, t_ref, ctx_rows, ctx_ref, ctx_target, row_subset(c_concat, n_target, src),
+    return _References(reqs, None, None, ctx_rows, ctx_ref, ctx_target, row_subset(c_concat, n_target, src),
                        kw_ref, groups, subject, src, per_row)
 
 
@@ -243,7 +242,7 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     policy = state.policy
     row_sigma = policy.row_sigma(sigma) if policy is not None else sigma
-    refs = _references(executor.class_obj, reqs, labels, x, t, row_sigma, c_concat, c_crossattn, kwargs, dit)
+    refs = _references(reqs, labels, x, c_concat, c_crossattn, kwargs, dit)
     plan = _plan(policy, state, executor.class_obj, refs, sigma, row_sigma, x, c_crossattn, transformer_options)
     if plan is not None:
         bank = plan.lookup(x.device)
@@ -252,6 +251,7 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
             rows = {(r.reference, r.label): i for i, r in enumerate(reqs)}
             opts[ROWS_KEY] = RowLayout("read", labels, x.shape[0], tuple(x.shape[-2:]), sigma, rows, bank)
             return executor(x, t, c_concat, c_crossattn, control, opts, **kwargs)
+    refs.x, refs.t = _noised_latents(executor.class_obj, reqs, x, t, row_sigma)
     if (not refs.subject and not _foreign_attention(transformer_options)
             and (c_crossattn is None or refs.ctx is not None)):
         out = _joint_call(executor, refs, labels, sigma, x, t, c_concat, c_crossattn, control,
