@@ -27,6 +27,9 @@ Two references: a *structure* reference (shape/pose) and an *appearance* referen
   probabilities of the blend word's tokens for the cond target rows (``cross_attention_maps``)
   and returns the normal output. The appearance phase aggregates the maps of the *completed*
   steps (``blend_mask``: mean over layers and steps, min–max normalised per image, ``> 0.2``).
+  The maps are state of one sampling run: ``new_run`` (ComfyUI's ``ON_PRE_RUN``) clears them, so a
+  run never reads another's, whatever its schedule. While they count, every model call's cond rows
+  must be conditioned on the prompt the blend word was found in (``check_call``).
 * Uncond target rows are always plain self-attention (FreeMix ignores ``style_fidelity``);
   reference rows are plain.
 
@@ -88,6 +91,10 @@ class DisentangleMixingAttention(Technique):
     ``threshold``: blend-mask threshold (strict ``>``). ``norm_range``: ``SigmaRange`` in which the
     structure phase uses the spatial normalisation, or None (FreeMix's default: never).
     ``seed``: seed of the references' per-step noise.
+    ``prompt_conds``: the encodings of that prompt (``[1, T, C]`` each, one per clip schedule) and
+    ``prompt_text`` its text: while the maps count, a cond row conditioned on anything else is an
+    error (``check_call``), so the blend word is never looked up in a prompt other than the sampled
+    one. Empty: unchecked. The maps are state of one sampling run (``new_run`` clears them).
     """
 
     name = "FreeMix DMSA"
@@ -97,7 +104,7 @@ class DisentangleMixingAttention(Technique):
                  blend_tokens: Sequence[int] = (), prompt_tokens: int | None = None,
                  structure_weight: float | None = 3.0, threshold: float = 0.2,
                  norm_range: SigmaRange | None = None, seed: int = 0, dit=None, positions: str = SHIFTED,
-                 subject_tokens: bool = False):
+                 subject_tokens: bool = False, prompt_conds: Sequence[torch.Tensor] = (), prompt_text: str = ""):
         if structure is None or appearance is None:
             raise ValueError("DMSA needs a structure reference and an appearance reference")
         if not 0.0 <= float(threshold) <= 1.0:
@@ -133,6 +140,9 @@ class DisentangleMixingAttention(Technique):
         self.positions = positions      # where a DiT with RoPE places the structure reference's tokens
         self.subject_tokens = bool(subject_tokens)   # FLUX: references run on their subject's tokens only
         self.maps = BlendMapStore()
+        self.prompt_conds = tuple(c.detach().reshape(-1, c.shape[-1]).float().cpu() for c in prompt_conds)
+        self._prompt_tol = tuple(1e-3 * max(1.0, float(c.abs().amax())) for c in self.prompt_conds)
+        self.prompt_text = str(prompt_text)
         self._cache: dict = {}
         self._schedule = (None, None)
 
@@ -179,6 +189,33 @@ class DisentangleMixingAttention(Technique):
     def cache_keep(self, reference, label: int) -> str:
         """The spatial normalisation standardises the structure reference over all its tokens."""
         return "all" if reference is self.structure and self.norm_range is not None else "mask"
+
+    def new_run(self) -> None:
+        """The blend-word maps belong to one sampling run."""
+        self.maps.clear()
+
+    def check_call(self, labels: list, c_crossattn, sigma: float) -> None:
+        """While the blend word's maps count, every cond row must be conditioned on the prompt the
+        blend word was found in (``prompt_conds``: its encodings; a row may repeat one to a longer
+        common length, as ComfyUI batches conditionings). Another prompt would put the word's tokens
+        at other positions, or outside the text."""
+        if not self.prompt_conds or not isinstance(c_crossattn, torch.Tensor) or not self._recording(sigma):
+            return
+        for r in _cond_rows(None, {"cond_or_uncond": labels}, c_crossattn.shape[0]):
+            if not any(_same_text(c_crossattn[r], self._stamp(i, c_crossattn.device), tol)
+                       for i, tol in enumerate(self._prompt_tol)):
+                shown = self.prompt_text if len(self.prompt_text) <= 60 else self.prompt_text[:57] + "..."
+                raise ValueError(
+                    f"prompt: the positive conditioning being sampled is not the encoding of this Disentangle-"
+                    f"Mixing node's prompt ('{shown}'); the blend word's tokens are found in that prompt. Write "
+                    f"the same prompt in both, or connect this node's 'positive' output to the sampler instead "
+                    f"of a separate CLIP Text Encode")
+
+    def _stamp(self, i: int, device) -> torch.Tensor:
+        key = ("p", i, str(device))
+        if key not in self._cache:
+            self._cache[key] = self.prompt_conds[i].to(device)
+        return self._cache[key]
 
     # -- helpers ------------------------------------------------------------------------
     def schedule(self, extra_options) -> tuple | None:
@@ -284,6 +321,15 @@ def _call_sigma(layout, extra_options) -> float | None:
     if isinstance(s, torch.Tensor) and s.numel():
         return float(s.reshape(-1)[0])
     return None
+
+
+def _same_text(ctx: torch.Tensor, prompt: torch.Tensor, tol: float) -> bool:
+    """Whether one row's text conditioning ``ctx`` ``[L, C]`` is ``prompt`` ``[T, C]``, or it
+    repeated ``L / T`` times, up to ``tol`` (rounding)."""
+    n, c = prompt.shape
+    if ctx.shape[-1] != c or ctx.shape[0] % n:
+        return False
+    return float((ctx.reshape(-1, n, c).float() - prompt).abs().amax()) <= tol
 
 
 def _cond_rows(layout, extra_options, batch: int) -> list[int]:

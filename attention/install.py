@@ -39,10 +39,21 @@ def _check_overrides(state: PersonalizeState) -> None:
                          f"and do not combine yet; apply one of them per MODEL")
 
 
+RUN_CALLBACK_KEY = "personalize.run_state"
+
+
+def new_run(patcher) -> None:
+    """``CallbacksMP.ON_PRE_RUN``: a sampling run starts on ``patcher``; every technique on it
+    forgets what an earlier run (another KSampler on the same MODEL, another schedule) left."""
+    state = patcher.model_options.get("transformer_options", {}).get(STATE_KEY)
+    for tech in state.techniques if state is not None else ():
+        tech.new_run()
+
+
 def install_technique(model, technique):
     """Clone ``model`` and register ``technique``: state, the reference-pass wrapper (once) and
     the shared replace object on each of its blocks. The input MODEL is not touched."""
-    from comfy.patcher_extension import WrappersMP
+    from comfy.patcher_extension import CallbacksMP, WrappersMP
 
     m = model.clone()
     opts = dict(m.model_options.get("transformer_options", {}))
@@ -58,6 +69,8 @@ def install_technique(model, technique):
         m.add_object_patch("memory_usage_factor", state.base_memory_factor * (1 + state.reference_rows() / 2))
     if not m.get_wrappers(WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, reference_pass)
+    if not m.get_callbacks(CallbacksMP.ON_PRE_RUN, RUN_CALLBACK_KEY):
+        m.add_callback_with_key(CallbacksMP.ON_PRE_RUN, RUN_CALLBACK_KEY, new_run)
     if technique.dit is not None:
         install_dit_blocks(m, technique.dit)
         return m

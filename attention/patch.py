@@ -107,7 +107,11 @@ class Technique:
     ``record_maps(q, k, extra_options, layout, key)`` (on a DiT block it claims for attn2: the
     image queries against the text keys, for techniques that read cross-attention maps);
     ``cache_keep(reference, label)`` (which tokens of a reference's keys/values the reference
-    cache must keep for it: ``"mask"``, the tokens its mask covers, or ``"all"``).
+    cache must keep for it: ``"mask"``, the tokens its mask covers, or ``"all"``);
+    ``check_call(labels, c_crossattn, sigma)`` (before every model call of a run: raise a clear error
+    when the call's conditioning is not what the technique was built for); ``new_run()`` (a sampling
+    run starts: forget what the last run left, so the same inputs give the same image whatever ran
+    before).
     """
 
     name = "technique"
@@ -148,6 +152,12 @@ class Technique:
 
     def cache_keep(self, reference, label: int) -> str:
         return "mask"
+
+    def check_call(self, labels: list, c_crossattn, sigma: float) -> None:
+        return None
+
+    def new_run(self) -> None:
+        return None
 
     def override(self, previous, txt_len: int):
         return previous

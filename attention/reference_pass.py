@@ -237,6 +237,8 @@ def reference_pass(executor, x, t, c_concat=None, c_crossattn=None, control=None
             transformer_options[REF_GRIDS_KEY] = [dit.grid(tuple(int(d) for d in r.shape[-2:])) for r in refs]
     if state is None or not state.techniques or not labels or x.shape[0] % len(labels):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    for tech in state.techniques:
+        tech.check_call(labels, c_crossattn, sigma)
     reqs = _requests(state, labels, sigma)
     if not reqs:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)

@@ -131,7 +131,9 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
                                                         "Encode with its subject mask and caption)."),
                 io.Clip.Input("clip", tooltip="The CLIP your prompt is encoded with (to find the blend word's tokens)."),
                 io.String.Input("prompt", multiline=True, default="a photo of a dog in the grass",
-                                tooltip="The positive prompt, exactly as in your CLIP Text Encode."),
+                                tooltip="The positive prompt. Connect the 'positive' output to the sampler, or write "
+                                        "exactly this in your CLIP Text Encode: sampling another prompt is an "
+                                        "error."),
                 io.String.Input("blend_word", default="dog",
                                 tooltip="The word of the prompt whose region takes the appearance (several tokens "
                                         "are fine; every occurrence counts)."),
@@ -170,7 +172,11 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
                 io.Combo.Input("reference_tokens", advanced=True, options=REFERENCE_TOKENS, default=WHOLE, optional=True,
                                tooltip=TOKENS_TOOLTIP),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The patched model (the input MODEL is not changed)."),
+                     io.Conditioning.Output(display_name="positive",
+                                            tooltip="The prompt encoded with the clip, as CLIP Text Encode does: "
+                                                    "connect it to the sampler's positive, so the prompt sampled "
+                                                    "is the one the blend word is found in.")],
         )
 
     @classmethod
@@ -187,12 +193,14 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
         n_range = SigmaRange.from_percents(ms, spatial_norm_start, 1.0) if spatial_norm_start < 1.0 else None
         tokens, n_tokens = (blend_word_tokens(clip, prompt, blend_word, prompt_encoders(spec)) if appearance_phase
                             else ((), None))
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
         tech = DisentangleMixingAttention(s_ref, a_ref, *keys, s_range, a_range, blend_tokens=tokens,
                                           prompt_tokens=n_tokens, structure_weight=structure_weight,
                                           threshold=mask_threshold, norm_range=n_range, seed=seed, dit=spec,
                                           positions=reference_positions,
-                                          subject_tokens=_subject_only(reference_tokens))
-        return io.NodeOutput(install_technique(model, tech))
+                                          subject_tokens=_subject_only(reference_tokens),
+                                          prompt_conds=[c[0] for c in positive], prompt_text=prompt)
+        return io.NodeOutput(install_technique(model, tech), positive)
 
 
 FOUNDATION_MODES = ["prompt without identity (PhotoMaker)", "model without identity patches (InstantID-style)",

@@ -569,3 +569,73 @@ def test_token_columns_follow_repeated_prompts():
     tech = dmsa(make_refs())
     assert tech.token_columns(77) == [5, 6]
     assert tech.token_columns(154) == [5, 6, 82, 83]
+
+
+# --------------------------------------------------------------------------- runs and the sampled prompt
+
+class _Patcher:                      # what install.new_run reads of a ModelPatcher
+    def __init__(self, tech):
+        self.model_options = {"transformer_options": {STATE_KEY: PersonalizeState().with_technique(tech)}}
+
+
+def test_a_new_run_forgets_the_maps_of_the_last_one():
+    """Two schedules whose first sigmas differ in the last bits: without the reset at the start of a
+    run, the first run's map at 8.0 counts as a completed step of the second (the issue's stale map);
+    with it (ComfyUI calls ``new_run`` through ON_PRE_RUN), the second run is exactly a fresh one."""
+    from personalize_pack.attention.install import new_run
+    refs = make_refs()
+    g = torch.Generator().manual_seed(5)
+    x1, x2 = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    c = torch.randn(2, 77, 16, generator=g)
+    near = torch.tensor([8.0 * (1 + 3e-7), 6.0, 4.0, 2.0, 0.0])
+
+    def second_run(reset):
+        tech = dmsa(refs)
+        sample(StandinUNet(BLOCKS), tech, x1, c, [1, 0])
+        if reset:
+            new_run(_Patcher(tech))
+        return sample(StandinUNet(BLOCKS), tech, x2, c, [1, 0], near)
+
+    fresh = sample(StandinUNet(BLOCKS), dmsa(refs), x2, c, [1, 0], near)
+    stale = second_run(reset=False)
+    assert max(float((a - b).abs().max()) for a, b in zip(stale, fresh)) > 1e-6   # the defect, without the reset
+    for a, b in zip(second_run(reset=True), fresh):
+        assert torch.equal(a, b)
+
+
+def _checked(prompt, **kw):
+    return dmsa(make_refs(), prompt_conds=[prompt], prompt_text="a photo of a dog", **kw)
+
+
+def test_the_sampled_conditioning_must_be_the_nodes_prompt():
+    g = torch.Generator().manual_seed(9)
+    prompt = torch.randn(1, 77, 16, generator=g)
+    tech = _checked(prompt)
+    ctx = torch.cat([prompt, torch.randn(1, 77, 16, generator=g)])   # cond row, uncond row
+    tech.check_call([COND, 1], ctx, 8.0)                              # the uncond row may be anything
+    tech.check_call([COND, 1], torch.cat([prompt.repeat(1, 2, 1), torch.zeros(1, 154, 16)]), 8.0)  # repeated
+    tech.check_call([COND], prompt + 1e-5, 8.0)                      # rounding
+    other = prompt.clone()
+    other[0, 6] += 0.5                                               # one token differs
+    for bad in (other, prompt[:, :76], torch.cat([prompt, other], 1), torch.randn(1, 77, 32, generator=g)):
+        with pytest.raises(ValueError, match=r"prompt: the positive conditioning being sampled is not the "
+                                             r"encoding of this Disentangle-Mixing node's prompt \('a photo of a dog'\)"):
+            tech.check_call([COND], bad, 8.0)
+    with pytest.raises(ValueError, match="prompt: the positive"):
+        tech.check_call([1, COND], torch.cat([prompt, other]), 8.0)      # the cond row is the second
+    _checked(prompt, appearance=(4.5, 2.0)).check_call([COND], other, 1.0)   # after the phase, maps no longer count
+    _checked(prompt, appearance=None).check_call([COND], other, 8.0)   # no appearance phase: no blend word
+    dmsa(make_refs()).check_call([COND], other, 8.0)                 # built without the prompt: unchecked
+
+
+def test_the_reference_pass_checks_every_call_before_it_runs():
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randn(1, 77, 16, generator=g)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    unet = StandinUNet(BLOCKS)
+    outs = sample(unet, _checked(prompt), x, torch.cat([prompt, torch.zeros_like(prompt)]), [COND, 1])
+    assert len(outs) == 4 and len(unet.calls) >= 4
+    unet = StandinUNet(BLOCKS)
+    with pytest.raises(ValueError, match="prompt: the positive conditioning being sampled"):
+        sample(unet, _checked(prompt), x, torch.cat([prompt.flip(1), prompt]), [COND, 1])
+    assert unet.calls == []                 # refused before the model ran
