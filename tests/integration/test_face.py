@@ -298,3 +298,33 @@ def test_core_landmarker_masks_match_the_mediapipe_masks(parsing_dir, astronaut)
         ours, _ = run_mask(astronaut, attributes=attrs)
         iou = float((core * ours).sum() / ((core + ours) > 0).sum())
         assert iou >= min_iou, f"{attrs}: IoU {iou:.3f} between core's landmarks and mediapipe's"
+
+
+@needs_mediapipe
+def test_cores_real_landmark_output_feeds_the_node(parsing_dir, astronaut):
+    """Core's own Detect Face Landmarks node (random weights in its file layout) gives the node its real
+    FACE_LANDMARKS containers: float32 numpy landmarks, the edge sets core reads from its file, the image
+    size. With MediaPipe's landmarks of the astronaut put into that output, the node's masks are those of
+    the mediapipe provider; the node never needs its own mediapipe for it."""
+    import numpy as np
+    from comfy_extras.nodes_mediapipe import FaceLandmarkerModel, MediaPipeFaceLandmarker
+    from tiny_face_landmarker import tiny_face_landmarker_state_dict
+
+    from personalize_pack.references.face_attributes import to_uint8_rgb
+    from personalize_pack.references.face_mesh import FaceLandmarker
+    solutions = import_solutions()
+    model = FaceLandmarkerModel(tiny_face_landmarker_state_dict(solutions.face_mesh_connections))
+    with torch.inference_mode():
+        lm = MediaPipeFaceLandmarker.execute(model, astronaut, "short", 1, 0.0, "empty").result[0]
+    assert lm["image_size"] == (512, 512) and len(lm["frames"]) == 1 and len(lm["frames"][0]) == 1
+    face = lm["frames"][0][0]
+    assert face["landmarks_xy"].dtype == np.float32 and face["landmarks_xy"].shape == (478, 2)
+    mask, _ = run_mask(astronaut, attributes="face", face_landmarks=lm, if_no_face="empty mask")
+    assert mask.shape == (1, 512, 512)                      # random weights: a meaningless but valid mask
+    with FaceLandmarker() as finder:
+        face["landmarks_xy"] = finder.faces(to_uint8_rgb(astronaut[0]), largest_only=True)[0].astype(np.float32)
+    for attrs in ("face", "eyes, irises", "left eye", "lips", "mouth, nose", "brows", "skin"):
+        core, _ = run_mask(astronaut, attributes=attrs, face_landmarks=lm)
+        ours, _ = run_mask(astronaut, attributes=attrs)
+        # the same landmarks, rounded to float32: at most a few pixels on the outlines differ
+        assert core.sum() > 0 and float((core != ours).sum()) <= 0.02 * float(ours.sum()) + 8, attrs
