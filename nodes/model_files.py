@@ -88,4 +88,16 @@ def load_scorer(extras: dict, net, memory_required: int = 0):
     import comfy.model_management as mm
     patcher = model_patcher(extras, net, holder="scorer")
     mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
+    if not on_device(net, patcher.load_device) and hasattr(mm, "unload_model_and_clones"):
+        # moved behind the model management's back (another node's .to("cpu")): it still counts as
+        # loaded, so unload it and load it again, which puts the weights back on the device
+        mm.unload_model_and_clones(patcher)
+        mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
     return patcher.load_device
+
+
+def on_device(net, device) -> bool:
+    """Whether every parameter of ``net`` is on ``device`` ("cuda" and "cuda:0" alike)."""
+    import torch
+    want = torch.device(device)
+    return all(p.device.type == want.type and (p.device.index or 0) == (want.index or 0) for p in net.parameters())
