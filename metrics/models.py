@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -152,6 +153,7 @@ class DinoViT(nn.Module):
         self.pos_drop = nn.LayerNorm(c.embed_dim, eps=c.eps) if c.pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(_Block(c.embed_dim, c.heads, c.mlp_ratio, c.act, c.eps) for _ in range(c.depth))
         self.norm = nn.LayerNorm(c.embed_dim, eps=c.eps)
+        self.extras: dict = {}        # what the node keeps with the model (ComfyUI's model patcher)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.config.image_size,) * 2:
@@ -248,15 +250,28 @@ def load_clip(path: str | os.PathLike, arch: str = CLIP_ARCH) -> ClipModel:
 
 
 # ----------------------------------------------------------------------------- embeddings
-def _batched(fn, x: torch.Tensor, device, batch: int) -> torch.Tensor:
-    out = [fn(x[i:i + batch].to(device)).float().cpu() for i in range(0, x.shape[0], batch)]
+Hook = Callable[..., None] | None
+
+
+def _batched(fn, x: torch.Tensor, device, batch: int, check_interrupt: Hook = None, progress: Hook = None):
+    """``fn`` over ``x`` in batches; ``check_interrupt()`` runs before each batch (ComfyUI's Cancel) and
+    ``progress(n)`` after it, with ``n`` the images done so far."""
+    out = []
+    for i in range(0, x.shape[0], batch):
+        if check_interrupt is not None:
+            check_interrupt()
+        out.append(fn(x[i:i + batch].to(device)).float().cpu())
+        if progress is not None:
+            progress(min(i + batch, x.shape[0]))
     return torch.cat(out)
 
 
 @torch.no_grad()
-def clip_image_embeds(clip: ClipModel, images: torch.Tensor, device="cpu", batch: int = 16) -> torch.Tensor:
+def clip_image_embeds(clip: ClipModel, images: torch.Tensor, device="cpu", batch: int = 16,
+                      check_interrupt: Hook = None, progress: Hook = None) -> torch.Tensor:
     """``[N, d]`` image embeddings of ComfyUI IMAGE ``[N, H, W, 3]`` (CLIP preprocessing, §3.1)."""
-    return _batched(clip.model.encode_image, clip_preprocess(images, clip.image_size), device, batch)
+    return _batched(clip.model.encode_image, clip_preprocess(images, clip.image_size), device, batch,
+                    check_interrupt, progress)
 
 
 @torch.no_grad()
@@ -267,9 +282,10 @@ def clip_text_embeds(clip: ClipModel, texts: list[str], device="cpu") -> torch.T
 
 
 @torch.no_grad()
-def dino_embeds(model: DinoViT, images: torch.Tensor, device="cpu", batch: int = 16) -> torch.Tensor:
+def dino_embeds(model: DinoViT, images: torch.Tensor, device="cpu", batch: int = 16, check_interrupt: Hook = None,
+                progress: Hook = None) -> torch.Tensor:
     """``[N, 384]`` DINO CLS embeddings of ComfyUI IMAGE ``[N, H, W, 3]`` (DINO preprocessing, §3.1)."""
     x = dino_preprocess(images)
     if model.config.image_size != 224:
         x = F.interpolate(x, size=(model.config.image_size,) * 2, mode="bicubic", align_corners=False)
-    return _batched(model, x, device, batch)
+    return _batched(model, x, device, batch, check_interrupt, progress)

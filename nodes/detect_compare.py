@@ -4,7 +4,7 @@ scorer. Schema, input checks and wiring only (the work is in ``metrics/``)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from comfy_api.latest import io
@@ -13,7 +13,8 @@ from ..metrics import detect_compare as dc
 from ..metrics import owl
 from ..metrics.embedders import load_embedder
 from ..metrics.models import DREAMSIM_FOLDER, download_hint
-from .model_files import EVAL_FOLDER, find_subfolder, missing_file_message, register_folder, subfolders, torch_device
+from ..references.core_prompts import bounding_box
+from .model_files import EVAL_FOLDER, find_subfolder, load_scorer, missing_file_message, register_folder, subfolders
 from .types import check_images
 
 register_folder(EVAL_FOLDER)
@@ -27,6 +28,16 @@ CATEGORY = "personalize/metrics"
 class DCModels:
     detector: object
     embedder: object
+    extras: dict = field(default_factory=dict)      # ComfyUI's model patcher of both networks (model_files)
+
+    def networks(self) -> torch.nn.Module:
+        """The detector's and the embedder's torch modules, as one module for ComfyUI's model patcher."""
+        emb = self.embedder if isinstance(self.embedder, torch.nn.Module) else self.embedder.model
+        return torch.nn.ModuleDict({"detector": self.detector.model, "embedder": emb})
+
+
+# working memory of one image: OWLv2 at 960 px (3600 tokens of a ViT-B/16) and the embedder's crops
+DC_MEMORY = 768 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -123,21 +134,19 @@ class DetectCompareSubject(io.ComfyNode):
         return io.NodeOutput(subjects_from_inputs(name, reference_images, subjects))
 
 
-def score_batch(models: DCModels, images: torch.Tensor, subjects, threshold: float, device=None):
-    """``(scores, results, detections, annotated)`` for every image of the batch."""
+def score_batch(models: DCModels, images: torch.Tensor, subjects, threshold: float, check_interrupt=None,
+                progress=None):
+    """``(scores, results, detections, annotated)`` for every image of the batch, on the device the
+    models are on; ``check_interrupt()`` runs before each image and ``progress(n)`` after the n-th."""
     names = [s.name for s in subjects]
-    dev = device if device is not None else torch.device("cpu")
-    models.detector.to(dev)
-    models.embedder.to(dev)
-    try:
-        refs = [models.embedder.embed(list(s.images)) for s in subjects]
-        out = []
-        for img in images:
-            result, dets = dc.score_image(img[..., :3], names, refs, models.detector, models.embedder, threshold)
-            out.append((result, dets))
-    finally:
-        models.detector.to("cpu")
-        models.embedder.to("cpu")
+    refs = [models.embedder.embed(list(s.images)) for s in subjects]
+    out = []
+    for i, img in enumerate(images):
+        if check_interrupt is not None:
+            check_interrupt()
+        out.append(dc.score_image(img[..., :3], names, refs, models.detector, models.embedder, threshold))
+        if progress is not None:
+            progress(i + 1)
     annotated = torch.stack([dc.annotate(img, dets, names, r.matched, f"D&C {r.score:.3f}")
                              for img, (r, dets) in zip(images, out)])
     return [r.score for r, _ in out], [r for r, _ in out], [d for _, d in out], annotated
@@ -180,7 +189,12 @@ class DetectCompare(io.ComfyNode):
                                        "0.25. Duplicated boxes above it make the count gate fail."),
             ],
             outputs=[io.Float.Output(display_name="score"), io.Image.Output(display_name="annotated"),
-                     io.String.Output(display_name="report"), io.String.Output(display_name="matrices")],
+                     io.String.Output(display_name="report"), io.String.Output(display_name="matrices"),
+                     io.BoundingBox.Output(display_name="bboxes",
+                                           tooltip="Every detected box, one list per image (ComfyUI's BOUNDING_BOX: "
+                                                   "x, y, width, height in pixels, label = the subject name the box "
+                                                   "answers, score = the detector's). Feed it to SAM Mask "
+                                                   "(Personalize), Draw BBoxes or other core nodes.")],
         )
 
     @classmethod
@@ -193,7 +207,13 @@ class DetectCompare(io.ComfyNode):
         threshold = float(threshold)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold: {threshold} is outside [0, 1]")
-        scores, results, dets, annotated = score_batch(dc_models, images, subjects, threshold, torch_device())
+        import comfy.model_management as mm
+        import comfy.utils
+        load_scorer(dc_models.extras, dc_models.networks(), DC_MEMORY)
+        pbar = comfy.utils.ProgressBar(images.shape[0])
+        scores, results, dets, annotated = score_batch(
+            dc_models, images, subjects, threshold, mm.throw_exception_if_processing_interrupted,
+            lambda n: pbar.update_absolute(n, images.shape[0]))
         names = [s.name for s in subjects]
         mean = sum(scores) / len(scores)
         lines = [f"D&C {mean:.4f} over {len(scores)} image(s), {len(names)} subjects ({', '.join(names)}), "
@@ -201,7 +221,8 @@ class DetectCompare(io.ComfyNode):
         for i, (r, d) in enumerate(zip(results, dets)):
             why = f" ({r.reason})" if r.reason else ""
             lines.append(f"  image {i + 1}: {r.score:.4f}, {len(d)} box(es){why}")
-        return io.NodeOutput(mean, annotated, "\n".join(lines), details_json(names, results, dets))
+        bboxes = [[bounding_box(*d.box, names[d.label], d.score) for d in image_dets] for image_dets in dets]
+        return io.NodeOutput(mean, annotated, "\n".join(lines), details_json(names, results, dets), bboxes)
 
 
 NODES = [DetectCompareLoader, DetectCompareSubject, DetectCompare]

@@ -36,6 +36,7 @@ from .model_files import folder_list, missing_file_message, model_patcher, regis
 register_folder("face_parsing")
 
 FaceParserType = io.Custom("PERSONALIZE_FACE_PARSER")
+FaceLandmarksType = io.Custom("FACE_LANDMARKS")       # core's, from Detect Face Landmarks (MediaPipe)
 DEVICES = ("auto", "cpu")
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,9 @@ class FaceAttributeMask(io.ComfyNode):
             description=(
                 "A MASK of facial attributes (hair, eyes, glasses, lips, ...) on a face image, for FreeCure: run it "
                 "on the foundation image (the same seed generated without the identity model) with the attributes "
-                "your prompt asks for. Provider mediapipe (no model file; needs the mediapipe package) draws "
-                "the face, skin, eyes, irises, brows, nose, mouth and lips from face landmarks; provider bisenet "
+                "your prompt asks for. Provider mediapipe draws the face, skin, eyes, irises, brows, nose, mouth and "
+                "lips from face landmarks: those of core's Detect Face Landmarks (MediaPipe) node when connected to "
+                "face_landmarks (no extra package), otherwise the mediapipe package's own; provider bisenet "
                 "(Face Parsing Loader) also does hair, hat, glasses, ears, earrings, neck, necklace and clothes. "
                 "An image batch gives one mask per image."),
             inputs=[
@@ -109,10 +111,11 @@ class FaceAttributeMask(io.ComfyNode):
                                         "that the prompt input names (hair, eyes, glasses, eyebrows, lips, ...). "
                                         "Left/right are the person's own."),
                 io.Combo.Input("provider", options=list(PROVIDERS), default="mediapipe",
-                               tooltip="mediapipe: MediaPipe Face Mesh landmarks (no model file; pip install "
-                                       f"--no-deps mediapipe=={MEDIAPIPE_VERSION}, see the README); face features "
-                                       "only. bisenet: the BiSeNet face parser FreeCure uses (connect Face Parsing "
-                                       "Loader); also hair, hat, glasses, ears, neck and clothes."),
+                               tooltip="mediapipe: MediaPipe face mesh landmarks, from core's Detect Face Landmarks "
+                                       "(MediaPipe) node connected to face_landmarks, or else the mediapipe package "
+                                       f"(pip install --no-deps mediapipe=={MEDIAPIPE_VERSION}, see the README); "
+                                       "face features only. bisenet: the BiSeNet face parser FreeCure uses (connect "
+                                       "Face Parsing Loader); also hair, hat, glasses, ears, neck and clothes."),
                 io.Combo.Input("faces", advanced=True, options=list(FACES), default="largest",
                                tooltip="largest: only the largest face's attributes (mediapipe); all: every face "
                                        "found. bisenet parses the whole image, so it always masks every face."),
@@ -127,6 +130,12 @@ class FaceAttributeMask(io.ComfyNode):
                                 tooltip="The generation prompt, used when attributes says 'from prompt': its "
                                         "attribute words (hair, eyes, glasses, eyebrows, lips, mouth, nose, ears, "
                                         "earrings, hat, neck, necklace, clothes, skin) are masked."),
+                FaceLandmarksType.Input("face_landmarks", optional=True,
+                                        tooltip="Face landmarks from core's Detect Face Landmarks (MediaPipe) node, "
+                                                "run on the same image batch: the mediapipe provider draws the "
+                                                "attributes through them instead of running the mediapipe package "
+                                                "(which then need not be installed). Its num_faces decides which "
+                                                "faces can be masked."),
             ],
             outputs=[io.Mask.Output(display_name="mask"),
                      io.Image.Output(display_name="preview", tooltip="The image with the mask tinted red.")],
@@ -134,7 +143,7 @@ class FaceAttributeMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, attributes="eyes", provider="mediapipe", faces="largest", if_no_face="error", grow=0,
-                face_parser=None, prompt="") -> io.NodeOutput:
+                face_parser=None, prompt="", face_landmarks=None) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
@@ -151,13 +160,16 @@ class FaceAttributeMask(io.ComfyNode):
                 raise ValueError("face_parser: expected a model from Face Parsing Loader (BiSeNet)")
             patcher = model_patcher(face_parser.extras, face_parser.net)
             mm.load_models_gpu([patcher], memory_required=memory_estimate(), force_full_load=True)
+            if face_landmarks is not None:
+                log.info("Personalize Face Attribute Mask: provider bisenet ignores the connected face_landmarks")
         elif face_parser is not None:
             log.info("Personalize Face Attribute Mask: provider mediapipe ignores the connected face_parser")
         pbar = comfy.utils.ProgressBar(B)
         masks = face_attribute_masks(image, names, provider, face_parser if provider == "bisenet" else None,
                                      faces, if_no_face, grow,
                                      check_interrupt=mm.throw_exception_if_processing_interrupted,
-                                     progress=lambda n: pbar.update_absolute(n, B))
+                                     progress=lambda n: pbar.update_absolute(n, B),
+                                     landmarks=face_landmarks if provider == "mediapipe" else None)
         masks = masks.to(mm.intermediate_device())
         return io.NodeOutput(masks, overlay(image.to(masks.device), masks))
 

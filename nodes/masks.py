@@ -7,6 +7,7 @@ import logging
 import folder_paths
 from comfy_api.latest import io
 
+from ..references import core_prompts
 from ..references import sam as samlib
 from ..references import sam_checkpoint as samfile
 from .model_files import folder_list, missing_file_message, model_patcher, register_folder
@@ -114,13 +115,27 @@ class SAMMask(io.ComfyNode):
                 io.Float.Input("min_confidence", advanced=True, default=samlib.LARGEST_MIN_IOU, min=0.0, max=1.0, step=0.01,
                                tooltip="largest object mode: minimum predicted IoU of a candidate mask "
                                        "(SAM's automatic mask generator: 0.88). Lower it when no object is found."),
+                io.BoundingBox.Input("bboxes", optional=True, force_input=True,
+                                     tooltip="Boxes from another node (ComfyUI's BOUNDING_BOX: Detect-and-Compare, "
+                                             "SAM3 Detect, RT-DETR, face landmarks, Create Bounding Boxes), in pixels "
+                                             "of this image. Replaces the box text; per-image lists give each image "
+                                             "its own boxes; several boxes give the union of their masks; an image "
+                                             "with no box gets an empty mask. Box modes only."),
+                io.String.Input("positive_coords", optional=True, force_input=True,
+                                tooltip="Points from another node as JSON [{\"x\": 120, \"y\": 80}, ...] in pixels "
+                                        "(core SAM3 Detect's format, e.g. from the KJNodes Points Editor). Replaces "
+                                        "the points text. Points modes only."),
+                io.String.Input("negative_coords", optional=True, force_input=True,
+                                tooltip="Points NOT on the subject, as JSON [{\"x\": .., \"y\": ..}, ...] in pixels. "
+                                        "Replaces the negative_points text. Points modes only."),
             ],
             outputs=[io.Mask.Output(display_name="mask")],
         )
 
     @classmethod
     def execute(cls, sam, image, mode="points", points="", negative_points="", box="", units="pixels",
-                multimask="auto", threshold=0.0, grid=8, min_confidence=samlib.LARGEST_MIN_IOU) -> io.NodeOutput:
+                multimask="auto", threshold=0.0, grid=8, min_confidence=samlib.LARGEST_MIN_IOU, bboxes=None,
+                positive_coords=None, negative_coords=None) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
         import torch
@@ -132,8 +147,20 @@ class SAMMask(io.ComfyNode):
             shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
             raise ValueError(f"image: expected a ComfyUI IMAGE [B,H,W,3], got {shape}")
         B, H, W = (int(s) for s in image.shape[:3])
-        prompts = samlib.make_prompts(mode, points, negative_points, box, H, W, units)
-        samlib.use_multimask(multimask, prompts)      # checks the option before any work
+        given = dict(
+            given_points=None if positive_coords is None else core_prompts.parse_coords(positive_coords, H, W),
+            given_negative=None if negative_coords is None else core_prompts.parse_coords(
+                negative_coords, H, W, "negative_coords"))
+        boxes = None if bboxes is None else core_prompts.boxes_per_image(bboxes, B, H, W)
+        # one prompt set per image (connected boxes may differ per image); None: no box for that image
+        per_image = [samlib.make_prompts(mode, points, negative_points, box, H, W, units, **given,
+                                         given_boxes=None if boxes is None else boxes[i])
+                     if boxes is None or boxes[i] else None for i in range(B)]
+        if all(p is None for p in per_image):       # no image has a box: still check the other inputs
+            samlib.make_prompts(mode, points, negative_points, box, H, W, units, **given, given_boxes=[(0, 0, W, H)])
+        for p in per_image:
+            if p is not None:
+                samlib.use_multimask(multimask, p)      # checks the option before any work
 
         patcher = model_patcher(sam.extras, sam.net, holder="sam")   # Sam defines .device read-only
         mm.load_models_gpu([patcher], memory_required=_memory_estimate(sam, grid), force_full_load=True)
@@ -141,7 +168,12 @@ class SAMMask(io.ComfyNode):
         out = []
         for i in range(B):
             mm.throw_exception_if_processing_interrupted()
-            m = samlib.segment_image(sam, image[i], prompts, multimask, threshold, grid=grid,
+            if per_image[i] is None:
+                log.warning("Personalize SAM Mask: bboxes has no box for image %d; its mask is empty", i + 1)
+                out.append(torch.zeros(H, W, device=mm.intermediate_device()))
+                pbar.update(1)
+                continue
+            m = samlib.segment_image(sam, image[i], per_image[i], multimask, threshold, grid=grid,
                                      min_iou=min_confidence, check_interrupt=mm.throw_exception_if_processing_interrupted)
             if float(m.max()) <= 0:
                 log.warning("Personalize SAM Mask: the mask of image %d is empty; move the prompts or lower the "

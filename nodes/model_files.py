@@ -1,11 +1,9 @@
 """The model files the pack's loaders read: their folders (registered with ComfyUI the way other packs
 register theirs, so ``extra_model_paths.yaml`` entries work), the one message for a file that is not
-there, and the device handling of what was loaded (ComfyUI's model patcher, or a move to the device
-and back)."""
+there, and the device handling of what was loaded (ComfyUI's model patcher and model management)."""
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 import folder_paths
 
@@ -82,19 +80,24 @@ def model_patcher(extras: dict, net, holder: str | None = None):
     return extras["patcher"]
 
 
-def torch_device():
-    """ComfyUI's compute device."""
+def load_scorer(extras: dict, net, memory_required: int = 0):
+    """Loads a scoring network through ComfyUI's model management, like any model: wrapped once in a
+    model patcher (``model_patcher``, held as ``scorer`` so the network's own attributes stay untouched)
+    and loaded with ``load_models_gpu``, so that "Unload models" and memory pressure free it. Returns the
+    device it runs on."""
     import comfy.model_management as mm
-    return mm.get_torch_device()
+    patcher = model_patcher(extras, net, holder="scorer")
+    mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
+    if not on_device(net, patcher.load_device) and hasattr(mm, "unload_model_and_clones"):
+        # moved behind the model management's back (another node's .to("cpu")): it still counts as
+        # loaded, so unload it and load it again, which puts the weights back on the device
+        mm.unload_model_and_clones(patcher)
+        mm.load_models_gpu([patcher], memory_required=memory_required, force_full_load=True)
+    return patcher.load_device
 
 
-def run_on_device(module, fn: Callable):
-    """Moves ``module`` to ComfyUI's device for ``fn(device)`` and back to the CPU afterwards."""
-    import comfy.model_management as mm
-    dev = torch_device()
-    module.to(dev)
-    try:
-        return fn(dev)
-    finally:
-        module.to("cpu")
-        mm.soft_empty_cache()
+def on_device(net, device) -> bool:
+    """Whether every parameter of ``net`` is on ``device`` ("cuda" and "cuda:0" alike)."""
+    import torch
+    want = torch.device(device)
+    return all(p.device.type == want.type and (p.device.index or 0) == (want.index or 0) for p in net.parameters())

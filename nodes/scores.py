@@ -10,12 +10,30 @@ from comfy_api.latest import io
 
 from ..metrics import models as evalmodels
 from ..metrics.scores import clip_t, pairwise_mean_cosine
-from .model_files import EVAL_FOLDER, missing_file_message, register_folder, run_on_device
+from .model_files import EVAL_FOLDER, load_scorer, missing_file_message, register_folder
 from .types import EvalModelType, check_images
 
 register_folder(EVAL_FOLDER)
 
 KINDS = ("clip", "dino")
+SCORER_MEMORY = 256 * 1024 * 1024    # working memory of one image through a ViT-B at 224 px, with room to spare
+
+
+def _extras(model) -> dict:
+    """Where the model keeps its ComfyUI model patcher (a model from an older copy of the pack may lack it)."""
+    if not isinstance(getattr(model, "extras", None), dict):
+        model.extras = {}
+    return model.extras
+
+
+def _progress(total: int):
+    """ComfyUI's progress bar over ``total`` images, and the hooks the embedding loops call: Cancel is
+    checked before each image, the bar moves after it (``offset``: images of earlier passes)."""
+    import comfy.model_management as mm
+    import comfy.utils
+    bar = comfy.utils.ProgressBar(total)
+    return lambda offset=0: dict(batch=1, check_interrupt=mm.throw_exception_if_processing_interrupted,
+                                 progress=lambda n: bar.update_absolute(offset + n, total))
 
 
 def _eval_hint() -> str:
@@ -117,13 +135,12 @@ class CLIPScore(io.ComfyNode):
         refs = check_images("reference_images", reference_images, required=False)
         texts = parse_prompts(prompts, images.shape[0])
 
-        def work(dev):
-            g = evalmodels.clip_image_embeds(eval_model, images, dev)
-            t = evalmodels.clip_text_embeds(eval_model, texts, dev)
-            r = evalmodels.clip_image_embeds(eval_model, refs, dev) if refs is not None else None
-            return g, t, r
-
-        g, t, r = run_on_device(eval_model.model, work)
+        n = images.shape[0]
+        hooks = _progress(n + (refs.shape[0] if refs is not None else 0))
+        dev = load_scorer(_extras(eval_model), eval_model.model, SCORER_MEMORY)
+        g = evalmodels.clip_image_embeds(eval_model, images, dev, **hooks())
+        t = evalmodels.clip_text_embeds(eval_model, texts, dev)
+        r = evalmodels.clip_image_embeds(eval_model, refs, dev, **hooks(n)) if refs is not None else None
         per_image = clip_t(g, t)
         score_t = float(per_image.mean())
         lines = [f"CLIP-T {score_t:.4f} over {images.shape[0]} image(s) ({eval_model.arch}; 2.5*max(0,cos))"]
@@ -162,8 +179,10 @@ class DINOScore(io.ComfyNode):
             raise ValueError("eval_model: expected a DINO model from Evaluation Model Loader (kind dino)")
         images = check_images("images", images)
         refs = check_images("reference_images", reference_images)
-        g, r = run_on_device(eval_model, lambda dev: (evalmodels.dino_embeds(eval_model, images, dev),
-                                                       evalmodels.dino_embeds(eval_model, refs, dev)))
+        hooks = _progress(images.shape[0] + refs.shape[0])
+        dev = load_scorer(_extras(eval_model), eval_model, SCORER_MEMORY)
+        g = evalmodels.dino_embeds(eval_model, images, dev, **hooks())
+        r = evalmodels.dino_embeds(eval_model, refs, dev, **hooks(images.shape[0]))
         score = float(pairwise_mean_cosine(g, r))
         report = f"DINO {score:.4f} over {g.shape[0]}x{r.shape[0]} (image, reference) pairs"
         return io.NodeOutput(score, report)

@@ -195,6 +195,11 @@ class Prompts:
     points: tuple[tuple[float, float], ...] = ()
     labels: tuple[int, ...] = ()           # 1 positive, 0 negative
     box: tuple[float, float, float, float] | None = None
+    extra_boxes: tuple[tuple[float, float, float, float], ...] = ()    # more boxes: one mask each, united
+
+    @property
+    def boxes(self) -> tuple[tuple[float, float, float, float], ...]:
+        return () if self.box is None else (self.box,) + self.extra_boxes
 
 
 def _to_pixels(values, size, units, name):
@@ -207,23 +212,45 @@ def _to_pixels(values, size, units, name):
     return list(values)
 
 
+def _check_connected(mode: str, given_points, given_negative, given_boxes) -> None:
+    """A prompt connected from another node that ``mode`` would not use is an error, not ignored."""
+    if given_boxes is not None and mode not in ("box", "points + box"):
+        raise ValueError(f"bboxes: boxes are connected but mode {mode!r} uses no box; choose mode 'box' or "
+                         f"'points + box', or disconnect bboxes")
+    for name, given in (("positive_coords", given_points), ("negative_coords", given_negative)):
+        if given is not None and mode not in ("points", "points + box"):
+            raise ValueError(f"{name}: points are connected but mode {mode!r} uses no points; choose mode "
+                             f"'points' or 'points + box', or disconnect {name}")
+
+
 def make_prompts(mode: str, points: str = "", negative_points: str = "", box: str = "", height: int = 1,
-                 width: int = 1, units: str = "pixels") -> Prompts:
+                 width: int = 1, units: str = "pixels", *, given_points=None, given_negative=None,
+                 given_boxes=None) -> Prompts:
     """Parse and check the prompts of ``mode`` for an image of ``height`` x ``width``. Coordinates are
     pixels from the top-left corner (``x`` in 0..width, ``y`` in 0..height), or fractions of the width
-    and height with ``units='fractions'``. Inputs the mode does not use are ignored."""
+    and height with ``units='fractions'``. Inputs the mode does not use are ignored.
+
+    ``given_points`` / ``given_negative`` (points ``(x, y)``) and ``given_boxes`` (boxes ``(x0, y0, x1,
+    y1)``), in pixels and already checked against the image (``core_prompts``), are prompts connected from
+    other nodes: each replaces its text input (``points``, ``negative_points``, ``box``); ``units`` does
+    not apply to them. A connected prompt that ``mode`` does not use is an error."""
     if mode not in MODES:
         raise ValueError(f"mode: unknown {mode!r}; choose one of {', '.join(MODES)}")
     if units not in UNITS:
         raise ValueError(f"units: unknown {units!r}; choose 'pixels' or 'fractions'")
+    _check_connected(mode, given_points, given_negative, given_boxes)
     if mode == "largest object":
         return Prompts(mode)
     unit = "pixels" if units == "pixels" else "fractions of the image size"
-    pts, labels, bx = [], [], None
+    pts, labels, bx, more = [], [], None, ()
     if mode in ("points", "points + box"):
-        pos = parse_points(points, "points")
-        neg = parse_points(negative_points, "negative_points")
-        for label, name, group in ((1, "points", pos), (0, "negative_points", neg)):
+        pos = parse_points(points, "points") if given_points is None else None
+        neg = parse_points(negative_points, "negative_points") if given_negative is None else None
+        for label, given in ((1, given_points), (0, given_negative)):
+            for x, y in given or ():
+                pts.append((float(x), float(y)))
+                labels.append(label)
+        for label, name, group in ((1, "points", pos or ()), (0, "negative_points", neg or ())):
             for x, y in group:
                 px, py = _to_pixels((x, y), (width, height), units, name)
                 if not (0 <= px <= width and 0 <= py <= height):
@@ -231,12 +258,20 @@ def make_prompts(mode: str, points: str = "", negative_points: str = "", box: st
                                      f"(coordinates are {unit} from the top-left corner)")
                 pts.append((px, py))
                 labels.append(label)
-        if mode == "points" and not pos:
+        if mode == "points" and not (pos or given_points):
+            if given_points is not None:
+                raise ValueError("positive_coords: mode 'points' needs at least one positive point; the connected "
+                                 "points are empty")
             raise ValueError("points: mode 'points' needs at least one positive point, e.g. '250,300' or "
                              "'250,300; 120,80' (pixels of the input image, from the top-left corner)")
         if mode == "points + box" and not pts:
             raise ValueError("points: mode 'points + box' needs at least one point (in points or "
                              "negative_points); use mode 'box' for a box alone")
+    if mode in ("box", "points + box") and given_boxes is not None:
+        if not given_boxes:
+            raise ValueError(f"bboxes: mode {mode!r} needs a box; the connected boxes are empty")
+        boxes = tuple(tuple(float(v) for v in b) for b in given_boxes)
+        return Prompts(mode, tuple(pts), tuple(labels), boxes[0], boxes[1:])
     if mode in ("box", "points + box"):
         b = parse_box(box, "box")
         if b is None:
@@ -247,7 +282,7 @@ def make_prompts(mode: str, points: str = "", negative_points: str = "", box: st
                              f"x must be in 0..{width if units == 'pixels' else 1}, y in "
                              f"0..{height if units == 'pixels' else 1} ({unit} from the top-left corner)")
         bx = (x0, y0, x1, y1)
-    return Prompts(mode, tuple(pts), tuple(labels), bx)
+    return Prompts(mode, tuple(pts), tuple(labels), bx, more)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,14 +361,16 @@ def segment_image(sam: SamModel, image: torch.Tensor, prompts: Prompts, multimas
                              f"lower min_confidence")
         low_best = best[1]
     else:
+        # one decoder row per box (the points repeated on each); the masks of several boxes are united
+        rows = max(1, len(prompts.boxes))
         coords = labels = boxes = None
         if prompts.points:
-            coords = transform_coords(torch.tensor(prompts.points)[None], (H, W), S)
-            labels = torch.tensor(prompts.labels)[None]
-        if prompts.box is not None:
-            boxes = transform_boxes(torch.tensor(prompts.box)[None], (H, W), S)
+            coords = transform_coords(torch.tensor(prompts.points)[None], (H, W), S).expand(rows, -1, -1)
+            labels = torch.tensor(prompts.labels)[None].expand(rows, -1)
+        if prompts.boxes:
+            boxes = transform_boxes(torch.tensor(prompts.boxes), (H, W), S)
         low, iou = decode(sam, embedding, coords, labels, boxes, use_multimask(multimask, prompts))
-        k = int(iou[0].argmax())
-        low_best = low[:1, k:k + 1]
+        k = iou.argmax(dim=1)
+        low_best = low[torch.arange(rows), k][:, None]
     logits = postprocess_masks(low_best, input_size, (H, W), S)
-    return (logits[0, 0] > threshold).float()
+    return (logits[:, 0] > threshold).any(dim=0).float()

@@ -277,3 +277,40 @@ def test_largest_object_mode(tiny_sam):
                         check_interrupt=lambda: calls.append(1), max_borders=4)
     assert m.shape == (128, 128) and set(m.unique().tolist()) <= {0.0, 1.0} and m.sum() > 0
     assert len(calls) == math.ceil(16 / 5)
+
+
+# --- prompts connected from other nodes -------------------------------------------------------------
+
+def test_connected_prompts_replace_the_text_and_must_fit_the_mode():
+    p = S.make_prompts("points + box", "1,1", "2,2", "0,0,5,5", 48, 64, given_points=[(10.0, 20.0)],
+                       given_boxes=[(1.0, 2.0, 30.0, 40.0), (5.0, 5.0, 9.0, 9.0)])
+    # connected points replace the points text, the negative_points text stays; boxes replace the box text
+    assert p.points == ((10.0, 20.0), (2.0, 2.0)) and p.labels == (1, 0)
+    assert p.box == (1.0, 2.0, 30.0, 40.0) and p.boxes == ((1.0, 2.0, 30.0, 40.0), (5.0, 5.0, 9.0, 9.0))
+    # units does not apply to connected pixels
+    f = S.make_prompts("points", "0.5,0.5", "", "", 48, 64, units="fractions", given_points=[(40.0, 30.0)])
+    assert f.points == ((40.0, 30.0),)
+    with pytest.raises(ValueError, match="bboxes: boxes are connected but mode 'points' uses no box"):
+        S.make_prompts("points", "1,1", "", "", 48, 64, given_boxes=[(0, 0, 4, 4)])
+    with pytest.raises(ValueError, match="negative_coords: points are connected but mode 'box' uses no points"):
+        S.make_prompts("box", "", "", "0,0,4,4", 48, 64, given_negative=[(1, 1)])
+    with pytest.raises(ValueError, match="positive_coords: mode 'points' needs at least one positive point"):
+        S.make_prompts("points", "1,1", "", "", 48, 64, given_points=[])
+    with pytest.raises(ValueError, match="bboxes: mode 'box' needs a box; the connected boxes are empty"):
+        S.make_prompts("box", "", "", "0,0,4,4", 48, 64, given_boxes=[])
+
+
+def test_several_boxes_give_the_union_of_their_masks(tiny_sam):
+    img = load_rgb(DOG)
+    H, W = img.shape[:2]
+    one, two = (78.0, 0.0, 300.0, 300.0), (200.0, 250.0, 420.0, 512.0)
+    a = S.segment_image(tiny_sam, img, S.make_prompts("box", box="78,0,300,300", height=H, width=W))
+    b = S.segment_image(tiny_sam, img, S.make_prompts("box", box="200,250,420,512", height=H, width=W))
+    both = S.segment_image(tiny_sam, img, S.make_prompts("box", height=H, width=W, given_boxes=[one, two]))
+    assert not torch.equal(a, b)                      # the two boxes steer the mask differently
+    assert torch.equal(both, torch.maximum(a, b))
+    # with points, each box's row carries the same points, as each box alone would
+    pb = S.make_prompts("points + box", "250,300", "", "", H, W, given_boxes=[one, two])
+    pa = S.segment_image(tiny_sam, img, S.make_prompts("points + box", "250,300", "", "78,0,300,300", H, W))
+    pbb = S.segment_image(tiny_sam, img, S.make_prompts("points + box", "250,300", "", "200,250,420,512", H, W))
+    assert torch.equal(S.segment_image(tiny_sam, img, pb), torch.maximum(pa, pbb))

@@ -13,6 +13,7 @@ import torch
 
 from comfy_sampling import load_image
 from pack_paths import PACK_ROOT
+from scorer_checks import check_cancel_mid_scoring, check_model_management
 
 INPUTS = PACK_ROOT / "workflows" / "inputs"
 NAMES = ("PersonalizeDetectCompareLoader", "PersonalizeDetectCompareSubject", "PersonalizeDetectCompare")
@@ -81,7 +82,7 @@ def test_score_equals_the_metric_computed_directly(env):
     all_boxes = models.detector.detect(gen[0], ["cat", "dog"], 0.0)
     top = sorted((d.score for d in all_boxes), reverse=True)
     threshold = (top[1] + top[2]) / 2
-    score, annotated, report, matrices = node("PersonalizeDetectCompare").execute(models, gen, subs, threshold).result
+    score, annotated, report, matrices, _ = node("PersonalizeDetectCompare").execute(models, gen, subs, threshold).result
     # independent: boxes from the detector, crops embedded, cosines and the spectral norm in numpy
     refs = [models.embedder.embed(list(s.images)).double().numpy() for s in subs]
     per_image = []
@@ -109,8 +110,8 @@ def test_score_equals_the_metric_computed_directly(env):
     assert annotated.shape == gen.shape and not torch.equal(annotated, gen)   # boxes drawn
     assert "2 box(es)" in report.splitlines()[1]
     # threshold 1 keeps no box: every image scores 0 and the images come back with only the caption
-    s0, a0, r0, _ = node("PersonalizeDetectCompare").execute(models, gen, subs, 1.0).result
-    assert s0 == 0.0 and "0 boxes detected for 2 subjects" in r0
+    s0, a0, r0, _, b0 = node("PersonalizeDetectCompare").execute(models, gen, subs, 1.0).result
+    assert s0 == 0.0 and "0 boxes detected for 2 subjects" in r0 and b0 == [[], []]
 
 
 def test_bad_input(env):
@@ -128,3 +129,79 @@ def test_bad_input(env):
         s.execute("  ", gen)
     with pytest.raises(ValueError, match="'cat' is already a subject"):
         s.execute("cat", gen, s.execute("cat", gen).result[0])
+
+
+# --- the boxes as ComfyUI's BOUNDING_BOX, and their round trip through SAM Mask and core nodes ----------
+
+def detected(models, gen, threshold=0.0):
+    return node("PersonalizeDetectCompare").execute(models, gen, subjects(), threshold).result
+
+
+def test_boxes_output_is_cores_bounding_box_per_image(env):
+    from comfy_api.latest import io
+    models = node("PersonalizeDetectCompareLoader").execute("owlv2-base-patch16-ensemble", "dreamsim").result[0]
+    outputs = node("PersonalizeDetectCompare").GET_SCHEMA().outputs
+    assert outputs[-1].get_io_type() == io.BoundingBox.io_type == "BOUNDING_BOX" and outputs[-1].tooltip
+    assert [o.get_io_type() for o in outputs[:4]] == ["FLOAT", "IMAGE", "STRING", "STRING"]   # old links keep
+    gen = torch.cat([photo("personalize_mip_2_cat.jpg", 128), photo("personalize_dog6_02.jpg", 128)])
+    threshold = 0.1
+    *_, matrices, bboxes = detected(models, gen, threshold)
+    assert isinstance(bboxes, list) and len(bboxes) == 2
+    for img, frame in zip(gen, bboxes):
+        want = models.detector.detect(img, ["cat", "dog"], threshold)
+        assert len(frame) == len(want) > 0
+        for box, d in zip(frame, want):
+            x0, y0, x1, y1 = d.box
+            assert box == pytest.approx({"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0,
+                                         "label": ["cat", "dog"][d.label], "score": d.score})
+    assert [len(i["boxes"]) for i in json.loads(matrices)["images"]] == [len(f) for f in bboxes]
+
+
+def test_boxes_round_trip_through_sam_mask_and_cores_draw_bboxes(env):
+    pytest.importorskip("segment_anything")
+    import folder_paths
+    from comfy_extras.nodes_rtdetr import DrawBBoxes
+    from tiny_sam import save_tiny_sam
+    sams = env[0].parent / "sams"
+    save_tiny_sam(sams / "tiny_sam.pth")
+    folder_paths.add_model_folder_path("sams", str(sams))
+    sam = node("PersonalizeSAMModelLoader").execute("tiny_sam.pth", "cpu").result[0]
+    models = node("PersonalizeDetectCompareLoader").execute("owlv2-base-patch16-ensemble", "dreamsim").result[0]
+    gen = torch.cat([photo("personalize_mip_2_cat.jpg", 128), photo("personalize_dog6_02.jpg", 128)])
+    *_, bboxes = detected(models, gen, 0.1)
+    # keep two boxes per image: the image's own best two (different on the two images)
+    picked = [sorted(frame, key=lambda b: -b["score"])[:2] for frame in bboxes]
+    assert picked[0] != picked[1]
+    sam_args = dict(mode="box", points="", negative_points="", box="", units="pixels", multimask="auto",
+                    threshold=0.0, grid=4, min_confidence=0.88)
+    masks = node("PersonalizeSAMMask").execute(sam, gen, bboxes=picked, **sam_args).result[0]
+    assert masks.shape == (2, 128, 128)
+    for i in range(2):
+        # the same as typing each box (clipped to the picture) into the box text, the masks united
+        want = torch.zeros(128, 128)
+        for b in picked[i]:
+            x0, y0 = max(b["x"], 0.0), max(b["y"], 0.0)
+            x1, y1 = min(b["x"] + b["width"], 128.0), min(b["y"] + b["height"], 128.0)
+            one = node("PersonalizeSAMMask").execute(sam, gen[i:i + 1], **dict(sam_args, box=f"{x0},{y0},{x1},{y1}"))
+            want = torch.maximum(want, one.result[0][0])
+        assert torch.equal(masks[i], want)
+    # the boxes steer the mask: image 1 with image 2's boxes gets another mask
+    swapped = node("PersonalizeSAMMask").execute(sam, gen, bboxes=picked[::-1], **sam_args).result[0]
+    assert not torch.equal(swapped[0], masks[0])
+    # an image with no box gets an empty mask; core's consumer draws the same boxes
+    empty = node("PersonalizeSAMMask").execute(sam, gen, bboxes=[picked[0], []], **sam_args).result[0]
+    assert torch.equal(empty[0], masks[0]) and float(empty[1].sum()) == 0.0
+    drawn = DrawBBoxes.execute(bboxes=picked, image=gen).result[0]
+    assert drawn.shape == gen.shape and not torch.allclose(drawn, gen)
+
+
+def test_loads_through_model_management_with_progress_and_cancel(env):
+    models = node("PersonalizeDetectCompareLoader").execute("owlv2-base-patch16-ensemble", "dreamsim").result[0]
+    gen = torch.cat([photo("personalize_mip_2_cat.jpg", 64), photo("personalize_dog6_02.jpg", 64)])
+    subs = subjects()
+    run = lambda: node("PersonalizeDetectCompare").execute(models, gen, subs, 0.1).result[0]
+    assert check_model_management(models, lambda m: m.extras["patcher"], run) == 2
+    # the detector and the embedder both sit in the one patcher ComfyUI loads
+    held = models.extras["patcher"].model.scorer
+    assert held["detector"] is models.detector.model and held["embedder"] is models.embedder
+    check_cancel_mid_scoring(run)

@@ -200,3 +200,131 @@ def test_cancel_stops_between_images(parsing_dir):
             run_mask(torch.rand(1, 32, 32, 3), attributes="hair", provider="bisenet", face_parser=parser)
     finally:
         mm.interrupt_current_processing(False)
+
+
+# --- core's face landmarks -------------------------------------------------------------------------
+
+def core_landmarker_file():
+    """Core's face landmarker weights when this machine has them (models/detection of the ComfyUI
+    under test, or PERSONALIZE_FACE_LANDMARKER), else None."""
+    import os
+
+    import folder_paths
+    given = os.environ.get("PERSONALIZE_FACE_LANDMARKER")
+    if given and os.path.isfile(given):
+        return given
+    return folder_paths.get_full_path("detection", "mediapipe_face_fp32.safetensors")
+
+
+def test_face_landmarks_input_takes_cores_type(parsing_dir):
+    from comfy_extras.nodes_mediapipe import MediaPipeFaceLandmarker, MediaPipeFaceMask
+    optional = node_class("PersonalizeFaceAttributeMask").INPUT_TYPES()["optional"]
+    core_out = MediaPipeFaceLandmarker.GET_SCHEMA().outputs[0].get_io_type()
+    assert optional["face_landmarks"][0] == core_out == MediaPipeFaceMask.INPUT_TYPES()["required"][
+        "face_landmarks"][0] == "FACE_LANDMARKS"
+    assert optional["face_landmarks"][1]["tooltip"]
+
+
+def test_graph_from_cores_landmarker_validates(parsing_dir, tmp_path):
+    """ComfyUI's own validation accepts the link from core's Detect Face Landmarks (MediaPipe) to
+    face_landmarks (validation only: the file named here is not read)."""
+    import execution
+    import folder_paths
+    (tmp_path / "detection").mkdir()
+    (tmp_path / "detection" / "some_face_landmarker.safetensors").write_bytes(b"")
+    folder_paths.add_model_folder_path("detection", str(tmp_path / "detection"))
+    prompt = {
+        "1": {"class_type": "LoadMediaPipeFaceLandmarker", "inputs": {"model_name": "some_face_landmarker.safetensors"}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "3": {"class_type": "MediaPipeFaceLandmarker", "inputs": {
+            "face_detection_model": ["1", 0], "image": ["2", 0], "detector_variant": "short", "num_faces": 1,
+            "min_confidence": 0.5, "missing_frame_fallback": "empty"}},
+        "4": {"class_type": "PersonalizeFaceAttributeMask", "inputs": {
+            "image": ["2", 0], "attributes": "eyes, lips", "provider": "mediapipe", "faces": "largest",
+            "if_no_face": "empty mask", "grow": 0, "prompt": "", "face_landmarks": ["3", 0]}},
+        "5": {"class_type": "MaskPreview", "inputs": {"mask": ["4", 0]}},
+    }
+    ok, error, _, node_errors = asyncio.run(execution.validate_prompt("p2", prompt, None))
+    assert ok and not node_errors, (error, node_errors)
+
+
+def test_node_draws_through_core_landmarks_without_mediapipe(parsing_dir, monkeypatch):
+    import sys
+
+    import comfy.model_management as mm
+    import comfy.utils
+    from synthetic_faces import payload, synthetic_face
+    monkeypatch.setitem(sys.modules, "mediapipe", None)                 # as if mediapipe were not installed
+    image = torch.rand(2, 100, 100, 3)
+    with pytest.raises(ImportError, match=r"face_landmarks: the mediapipe provider needs face landmarks\. Either "
+                                          r"connect core's 'Detect Face Landmarks \(MediaPipe\)' node"):
+        run_mask(image)
+    pts, sets = synthetic_face()
+    lm = payload([[pts], [pts * 0.5]], sets)
+    calls = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, *a, **k: calls.append((value, total)))
+    try:
+        mask, preview = run_mask(image, attributes="face, left eye", face_landmarks=lm)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    assert mask.shape == (2, 100, 100) and preview.shape == (2, 100, 100, 3) and calls[-1] == (2, 2)
+    assert int(mask[0].sum()) == 80 * 80 and int(mask[1].sum()) == 40 * 40     # the left eye lies in the face
+    with pytest.raises(ValueError, match="face_landmarks: landmarks of 2 images for a batch of 1"):
+        run_mask(image[:1], face_landmarks=lm)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run_mask(image, face_landmarks=lm)
+    finally:
+        mm.interrupt_current_processing(False)
+
+
+@needs_mediapipe
+def test_core_landmarker_masks_match_the_mediapipe_masks(parsing_dir, astronaut):
+    """Where both are available: core's PyTorch face landmarker and the mediapipe package on the same
+    face give masks that agree (IoU) attribute by attribute. Needs core's model file."""
+    path = core_landmarker_file()
+    if path is None:
+        pytest.skip("core's face landmarker weights mediapipe_face_fp32.safetensors are not in models/detection "
+                    "(https://huggingface.co/Comfy-Org/mediapipe); set PERSONALIZE_FACE_LANDMARKER to the file")
+    import comfy.utils
+    from comfy_extras.nodes_mediapipe import FaceLandmarkerModel, MediaPipeFaceLandmarker
+    model = FaceLandmarkerModel(comfy.utils.load_torch_file(path, safe_load=True))
+    lm = MediaPipeFaceLandmarker.execute(model, astronaut, "short", 1, 0.5, "empty").result[0]
+    for attrs, min_iou in (("face", 0.9), ("eyes", 0.6), ("left eye", 0.6), ("lips", 0.6), ("mouth", 0.7),
+                           ("nose", 0.7), ("brows", 0.5), ("skin", 0.85)):
+        core, _ = run_mask(astronaut, attributes=attrs, face_landmarks=lm)
+        ours, _ = run_mask(astronaut, attributes=attrs)
+        iou = float((core * ours).sum() / ((core + ours) > 0).sum())
+        assert iou >= min_iou, f"{attrs}: IoU {iou:.3f} between core's landmarks and mediapipe's"
+
+
+@needs_mediapipe
+def test_cores_real_landmark_output_feeds_the_node(parsing_dir, astronaut):
+    """Core's own Detect Face Landmarks node (random weights in its file layout) gives the node its real
+    FACE_LANDMARKS containers: float32 numpy landmarks, the edge sets core reads from its file, the image
+    size. With MediaPipe's landmarks of the astronaut put into that output, the node's masks are those of
+    the mediapipe provider; the node never needs its own mediapipe for it."""
+    import numpy as np
+    from comfy_extras.nodes_mediapipe import FaceLandmarkerModel, MediaPipeFaceLandmarker
+    from tiny_face_landmarker import tiny_face_landmarker_state_dict
+
+    from personalize_pack.references.face_attributes import to_uint8_rgb
+    from personalize_pack.references.face_mesh import FaceLandmarker
+    solutions = import_solutions()
+    model = FaceLandmarkerModel(tiny_face_landmarker_state_dict(solutions.face_mesh_connections))
+    with torch.inference_mode():
+        lm = MediaPipeFaceLandmarker.execute(model, astronaut, "short", 1, 0.0, "empty").result[0]
+    assert lm["image_size"] == (512, 512) and len(lm["frames"]) == 1 and len(lm["frames"][0]) == 1
+    face = lm["frames"][0][0]
+    assert face["landmarks_xy"].dtype == np.float32 and face["landmarks_xy"].shape == (478, 2)
+    mask, _ = run_mask(astronaut, attributes="face", face_landmarks=lm, if_no_face="empty mask")
+    assert mask.shape == (1, 512, 512)                      # random weights: a meaningless but valid mask
+    with FaceLandmarker() as finder:
+        face["landmarks_xy"] = finder.faces(to_uint8_rgb(astronaut[0]), largest_only=True)[0].astype(np.float32)
+    for attrs in ("face", "eyes, irises", "left eye", "lips", "mouth, nose", "brows", "skin"):
+        core, _ = run_mask(astronaut, attributes=attrs, face_landmarks=lm)
+        ours, _ = run_mask(astronaut, attributes=attrs)
+        # the same landmarks, rounded to float32: at most a few pixels on the outlines differ
+        assert core.sum() > 0 and float((core != ours).sum()) <= 0.02 * float(ours.sum()) + 8, attrs

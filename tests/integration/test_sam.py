@@ -191,6 +191,60 @@ def test_cancel_stops_between_images(sams_dir):
         mm.interrupt_current_processing(False)
 
 
+# --- prompts from other nodes: core's BOUNDING_BOX and SAM3-style JSON points ---------------------------
+
+def test_boxes_and_points_from_core_nodes_steer_the_mask(sams_dir):
+    from comfy_extras.nodes_images import BoundingBox as PrimitiveBoundingBox
+    sam = load_sam()
+    images = torch.cat([photo("personalize_dog6_02.jpg", 96), photo("personalize_cat_04.jpg", 96)])
+    box = PrimitiveBoundingBox.execute(x=10, y=4, width=60, height=80).result[0]          # core's node
+    by_socket = run_mask(sam, images, bboxes=box)
+    assert torch.equal(by_socket, run_mask(sam, images, box="10,4,70,84"))               # the same box typed
+    other = run_mask(sam, images, bboxes={"x": 40, "y": 40, "width": 50, "height": 50})
+    assert not torch.equal(other, by_socket)                                             # the box steers it
+    # per-image boxes: each image its own
+    per = run_mask(sam, images, bboxes=[[box], [{"x": 40, "y": 40, "width": 50, "height": 50}]])
+    assert torch.equal(per[0], by_socket[0]) and torch.equal(per[1], other[1])
+    # points as core SAM3 Detect takes them replace the points text; units does not apply to them
+    pts = json.dumps([{"x": 48, "y": 50}])
+    neg = json.dumps([{"x": 2, "y": 2}])
+    got = run_mask(sam, images, mode="points", points="0.1,0.1", units="fractions", positive_coords=pts,
+                   negative_coords=neg)
+    assert torch.equal(got, run_mask(sam, images, mode="points", points="48,50", negative_points="2,2"))
+    with pytest.raises(ValueError, match="bboxes: boxes are connected but mode 'points' uses no box"):
+        run_mask(sam, images, mode="points", points="3,3", bboxes=box)
+    with pytest.raises(ValueError, match=r"bboxes: 3 lists of boxes \(one per image\) for 2 images"):
+        run_mask(sam, images, bboxes=[[box], [box], [box]])
+    with pytest.raises(ValueError, match="positive_coords: '48,50' is not JSON"):
+        run_mask(sam, images, mode="points", positive_coords="48,50")
+
+
+def test_graph_links_core_boxes_into_sam_mask(sams_dir):
+    """ComfyUI's own validation accepts BOUNDING_BOX links from core's Bounding Box node and from
+    Detect-and-Compare into SAM Mask's bboxes, and a STRING into positive_coords."""
+    import execution
+    prompt = {
+        "1": {"class_type": "PersonalizeSAMModelLoader", "inputs": {"model_name": "tiny_sam.pth", "device": "cpu"}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "3": {"class_type": "PrimitiveBoundingBox", "inputs": {"x": 4, "y": 4, "width": 40, "height": 40}},
+        "4": {"class_type": "PrimitiveString", "inputs": {"value": '[{"x": 20, "y": 20}]'}},
+        "5": {"class_type": "PersonalizeSAMMask", "inputs": {
+            "sam": ["1", 0], "image": ["2", 0], "mode": "points + box", "points": "", "negative_points": "",
+            "box": "", "units": "pixels", "multimask": "auto", "threshold": 0.0, "grid": 4, "min_confidence": 0.88,
+            "bboxes": ["3", 0], "positive_coords": ["4", 0]}},
+        "6": {"class_type": "MaskToImage", "inputs": {"mask": ["5", 0]}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
+    ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("t", prompt, None))
+    assert ok and not node_errors, (error, node_errors)
+    # the Detect-and-Compare output that feeds bboxes is a BOUNDING_BOX socket
+    dc = node_class("PersonalizeDetectCompare")
+    assert dc.RETURN_TYPES[4] == "BOUNDING_BOX" == node_class("PersonalizeSAMMask").INPUT_TYPES()["optional"]["bboxes"][0]
+    prompt["3"] = {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}
+    ok, _, _, node_errors = asyncio.run(execution.validate_prompt("t", prompt, None))
+    assert not ok or node_errors                            # an IMAGE is not accepted where a box goes
+
+
 def test_sam_masks_drive_both_techniques(sams_dir, sd15):
     from personalize_pack.nodes.attention import DisentangleMixingAttentionNode, MultiReferenceAttentionNode
     model, clip, vae = sd15

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from comfy_sampling import load_image
+from scorer_checks import check_cancel_mid_scoring, check_model_management
 from pack_paths import PACK_ROOT
 from tiny_scorers import OPEN_CLIP_ERROR, TINY_CLIP_ARCH, register_tiny_clip, save_tiny_clip, tiny_dino
 
@@ -99,3 +100,50 @@ def test_missing_file_message_names_the_folder_and_files(eval_dir):
     assert "open_clip_pytorch_model.bin" in msg
     with pytest.raises(FileNotFoundError, match="model_name: 'missing.pth' is not in the personalize_eval folder"):
         loader.execute("dino", "missing.pth", "")
+
+
+# --- ComfyUI's model management, progress and Cancel --------------------------------------------------
+
+def test_dino_score_loads_through_model_management_with_progress_and_cancel(eval_dir):
+    model = node_class(eval_dir, "PersonalizeEvalModelLoader").execute("dino", "tiny_dino.pth", "").result[0]
+    node = node_class(eval_dir, "PersonalizeDINOScore")
+    gen = photos("personalize_cat_04.jpg", "personalize_dog6_02.jpg", "personalize_mip_2_cat.jpg")
+    ref = photos("personalize_mip_1_cat.jpg", "personalize_astronaut.jpg")
+    total = check_model_management(model, lambda m: m.extras["patcher"],
+                                   lambda: node.execute(model, gen, ref).result[0])
+    assert total == 5                                                      # 3 images + 2 references
+    check_cancel_mid_scoring(lambda: node.execute(model, gen, ref))
+
+
+@needs_open_clip
+def test_clip_score_loads_through_model_management_with_progress_and_cancel(eval_dir):
+    model = node_class(eval_dir, "PersonalizeEvalModelLoader").execute("clip", "tiny_clip.safetensors",
+                                                                       TINY_CLIP_ARCH).result[0]
+    node = node_class(eval_dir, "PersonalizeCLIPScore")
+    gen = photos("personalize_cat_04.jpg", "personalize_dog6_02.jpg")
+    ref = photos("personalize_mip_1_cat.jpg")
+    total = check_model_management(model, lambda m: m.extras["patcher"],
+                                   lambda: node.execute(model, gen, "a pet", ref).result[:2])
+    assert total == 3
+    check_cancel_mid_scoring(lambda: node.execute(model, gen, "a pet", ref))
+
+
+def test_a_scorer_moved_outside_model_management_is_loaded_again(eval_dir, monkeypatch):
+    """Another node may move the same model with ``.to()`` behind ComfyUI's back (it then still counts as
+    loaded): the scorer notices its weights are not on the load device and has ComfyUI unload and load
+    it again. On this CPU-only machine the move is simulated by the device check."""
+    import comfy.model_management as mm
+    model = node_class(eval_dir, "PersonalizeEvalModelLoader").execute("dino", "tiny_dino.pth", "").result[0]
+    node = node_class(eval_dir, "PersonalizeDINOScore")
+    # the copy of the pack ComfyUI loaded (its node classes' package)
+    model_files = importlib.import_module(node.__module__.rsplit(".", 1)[0] + ".model_files")
+    gen, ref = photos("personalize_cat_04.jpg"), photos("personalize_mip_1_cat.jpg")
+    want = node.execute(model, gen, ref).result[0]
+    calls, seen = [], iter([False])
+    real_unload = mm.unload_model_and_clones
+    monkeypatch.setattr(model_files, "on_device", lambda net, dev: next(seen, True))
+    monkeypatch.setattr(mm, "unload_model_and_clones", lambda p, *a, **k: (calls.append(p), real_unload(p, *a, **k)))
+    assert node.execute(model, gen, ref).result[0] == want
+    patcher = model.extras["patcher"]
+    assert calls == [patcher] and patcher in [lm.model for lm in mm.current_loaded_models]
+    assert model_files.on_device(model, patcher.load_device)        # the real check on the real weights
