@@ -28,8 +28,9 @@ def _finite(name: str, tensor: torch.Tensor, what: str) -> None:
         bad = ~torch.isfinite(tensor)
         if bool(bad.any()):
             kind = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
-            raise ValueError(f"{name}: the {what} holds {kind} values ({int(bad.sum())} of {tensor.numel()}); the node "
-                             f"that made it failed (a VAE or sampler in the wrong precision?). Expected finite values")
+            raise ValueError(f"{name}: contains {kind} values ({int(bad.sum())} of {tensor.numel()}); expected a "
+                             f"{what} of finite values: the node that made it failed (a VAE or sampler in the wrong "
+                             f"precision?)")
 
 
 def _shape(value) -> str:
@@ -38,8 +39,10 @@ def _shape(value) -> str:
 
 def _range(lo, hi) -> str:
     if lo is not None and hi is not None:
-        return f"from {lo:g} to {hi:g}"
-    return f"at least {lo:g}" if lo is not None else f"at most {hi:g}"
+        return f"must lie in {lo:g}..{hi:g}"
+    if lo is None and hi is None:
+        return "must be a finite number"
+    return f"must be at least {lo:g}" if lo is not None else f"must be at most {hi:g}"
 
 
 def check_number(name: str, value, lo=None, hi=None, integer: bool = False):
@@ -49,11 +52,11 @@ def check_number(name: str, value, lo=None, hi=None, integer: bool = False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name}: expected {kind}, got {type(value).__name__} {value!r}")
     if not math.isfinite(value):
-        raise ValueError(f"{name}: got {value}; expected a finite number {_range(lo, hi)} (a value that arrives "
-                         f"through a link is not range-checked by ComfyUI)")
+        raise ValueError(f"{name}: {_range(lo, hi)}, got {value}, which is not a finite number (a value that "
+                         f"arrives through a link is not range-checked by ComfyUI)")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"{name}: got {value:g}; expected {kind} {_range(lo, hi)} (a value that arrives through "
-                         f"a link is not range-checked by ComfyUI)")
+        raise ValueError(f"{name}: {_range(lo, hi)}, got {value:g} (a value that arrives through a link is not "
+                         f"range-checked by ComfyUI)")
     return value
 
 

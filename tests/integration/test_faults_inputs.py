@@ -145,10 +145,10 @@ def test_eval_and_detect_compare_loaders_list_only_what_they_load(node_classes, 
         assert req["detector"][1]["options"] == ["owlv2-base-patch16-ensemble"]
         assert req["embedder"][1]["options"] == ["dinov2-base", "dreamsim"]
         # a part of a D&C folder picked anyway (an old workflow, a script): refused by name, before loading
-        msg = ev.validate_inputs("owlv2-base-patch16-ensemble/model.safetensors")
+        msg = ev.validate_inputs(model_name="owlv2-base-patch16-ensemble/model.safetensors")
         assert "part of the Detect-and-Compare model folder 'owlv2-base-patch16-ensemble'" in msg
-        assert "Detect-and-Compare Loader" in ev.validate_inputs("dreamsim/checkpoints/dino_vitbase16_pretrain.pth")
-        assert ev.validate_inputs("clips/open_clip_model.safetensors") is True
+        assert "Detect-and-Compare Loader" in ev.validate_inputs(model_name="dreamsim/checkpoints/dino_vitbase16_pretrain.pth")
+        assert ev.validate_inputs(model_name="clips/open_clip_model.safetensors") is True
         with pytest.raises(ValueError, match=r"^model_name: 'dinov2-base/model.safetensors' is a part of"):
             ev.execute("clip", "dinov2-base/model.safetensors")
         # D&C: an embedder folder as the detector, a detector folder as the embedder
@@ -245,8 +245,8 @@ def test_bad_float_through_a_link_names_the_input(node_classes, sd15, node_id, n
     with pytest.raises(ValueError) as err:
         cls.execute(**args)
     msg = str(err.value)
-    assert msg.startswith(f"{name}: got "), msg
-    assert f"from {inp.min:g} to {inp.max:g}" in msg
+    assert msg.startswith(f"{name}: must lie in {inp.min:g}..{inp.max:g}, got "), msg
+    assert ("not a finite number" in msg) == (bad != "1e30")
     assert snapshot(model) == before
 
 
@@ -260,7 +260,7 @@ def test_int_beyond_its_range_through_a_link_names_the_input(node_classes, node_
     inp = schema_inputs(cls)[name]
     args = good_args(cls)
     args[name] = (inp.max + 1) if inp.max is not None else inp.min - 1
-    with pytest.raises(ValueError, match=rf"^{name}: got .*expected an integer"):
+    with pytest.raises(ValueError, match=rf"^{name}: must (lie in|be at least) .*, got "):
         cls.execute(**args)
 
 
@@ -279,7 +279,9 @@ def test_nan_and_misshapen_tensors_name_the_input(node_classes, node_id, name):
     args = good_args(cls)
     good = args[name]
     if isinstance(inp, io.Latent.Input):
-        nan = {"samples": torch.full_like(good["samples"], math.nan)}
+        samples = good["samples"].clone()
+        samples.view(-1)[3] = math.nan
+        nan = {"samples": samples}
         wrong = [{"samples": torch.zeros(4, 2, 2)}, torch.zeros(1, 4, 2, 2)]
     else:
         nan = good.clone()
@@ -288,7 +290,8 @@ def test_nan_and_misshapen_tensors_name_the_input(node_classes, node_id, name):
                  if isinstance(inp, io.Image.Input) else [torch.rand(1, 16, 16, 3), torch.zeros(1, 0, 4)])
     kept = nan["samples"].clone() if isinstance(nan, dict) else nan.clone()
     args[name] = nan
-    with pytest.raises(ValueError, match=rf"^{name}: the (image|mask|latent) holds (NaN|infinite) values"):
+    with pytest.raises(ValueError, match=rf"^{name}: contains (NaN|infinite) values \(1 of \d+\); expected a "
+                                         rf"(image|mask|latent) of finite values"):
         cls.execute(**args)
     assert torch.equal(kept.isnan(), (nan["samples"] if isinstance(nan, dict) else nan).isnan())
     for bad in wrong:
@@ -343,4 +346,53 @@ def test_nan_weight_from_a_primitive_node_stops_the_run_with_the_node_message(no
     assert not executor.success
     error = next(d for e, d in executor.status_messages if e == "execution_error")
     assert error["node_type"] == "PersonalizeNativeReference"
-    assert error["exception_message"].startswith("weight: got nan; expected a finite number from 0 to 10")
+    assert error["exception_message"].startswith("weight: must lie in 0..10, got nan, which is not a finite number")
+
+
+# ------------------------------------------------------------------------ bad files in every file loader
+
+FILE_LOADERS = {   # node id -> (model folder, the loader's arguments besides the file)
+    "PersonalizeMIPAdapterLoader": ("ipadapter", {}),
+    "PersonalizeApplyInfusion": ("model_patches", {"model": None, "clip": None, "prompt": "a cat",
+                                                   "concept_word": "cat", "strength": 1.0}),
+    "PersonalizeSAMModelLoader": ("sams", {"device": "cpu"}),
+    "PersonalizeFaceParsingLoader": ("face_parsing", {"device": "cpu"}),
+    "PersonalizeEvalModelLoader": ("personalize_eval", {"kind": "dino", "clip_architecture": ""}),
+}
+
+
+@pytest.mark.parametrize("node_id", sorted(FILE_LOADERS))
+def test_every_file_loader_refuses_nan_weights_and_a_renamed_pickle(node_classes, tmp_path, node_id):
+    """Every loader reads through the one safe reader: NaN weights are refused naming the file and the
+    tensor, a pickle named .safetensors is refused unread (its code never runs); the files stay."""
+    import pickle
+
+    from safetensors.torch import save_file
+    folder, extra = FILE_LOADERS[node_id]
+    cls = node_classes[node_id]
+    file_input = LOADERS[node_id][0]
+    weights = torch.randn(8, 8)
+    weights[1, 1] = math.nan
+    save_file({"blocks.0.weight": weights}, str(tmp_path / "diverged.safetensors"))
+    marker = tmp_path / "executed"
+    with open(tmp_path / "renamed.safetensors", "wb") as f:
+        pickle.dump({"w": torch.ones(2), "x": OpenOnLoad(str(marker))}, f)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with only_folder({folder}, tmp_path):
+        assert cls.validate_inputs(**{file_input: "diverged.safetensors"}) is True
+        with pytest.raises(ValueError, match=r"diverged.safetensors is refused: its tensor 'blocks.0.weight' "
+                                             r"holds 1 NaN values of 64"):
+            cls.execute(**extra, **{file_input: "diverged.safetensors"})
+        with pytest.raises(ValueError, match=r"renamed.safetensors is named .safetensors but is not a safetensors "
+                                             r"file"):
+            cls.execute(**extra, **{file_input: "renamed.safetensors"})
+    assert not marker.exists()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+class OpenOnLoad:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
