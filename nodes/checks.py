@@ -7,10 +7,11 @@ it expects:
 
 - a FLOAT that is NaN or infinite, or any number outside the widget's declared ``min``/``max``;
 - an INT outside its declared ``min``/``max``;
-- an IMAGE that is not ``[B, H, W, 3 or 4]`` (a 1-channel or 2-channel image is refused, not guessed at),
-  is empty, or holds NaN/Inf; an RGBA image is accepted and its alpha channel dropped (the documented
-  conversion: the pack works on RGB pixels);
-- a MASK that is not ``[H, W]`` or ``[B, H, W]``, is empty, or holds NaN/Inf;
+- an IMAGE that is not ``[B, H, W, C]`` with 1, 3 or 4 channels (a 2-channel image is refused, not guessed
+  at), is empty, or holds NaN/Inf. The documented conversions, since the pack works on RGB pixels: an RGBA
+  image has its alpha channel dropped, a 1-channel (grey) image is repeated into R, G and B;
+- a MASK that is not ``[H, W]`` or ``[B, H, W]`` (or image-like: 1, 3 or 4 channels), is empty, or holds
+  NaN/Inf;
 - a LATENT whose ``samples`` are not a tensor of 4 or 5 dimensions, or hold NaN/Inf.
 
 An optional input left unconnected (None) is not checked. The values are returned, IMAGEs as RGB."""
@@ -61,28 +62,32 @@ def check_number(name: str, value, lo=None, hi=None, integer: bool = False):
 
 
 def check_image(name: str, image) -> torch.Tensor:
-    """A ComfyUI IMAGE ``[B, H, W, 3]`` (RGBA: the alpha channel dropped), finite; else an error naming
-    ``name``."""
+    """A ComfyUI IMAGE ``[B, H, W, 3]`` (RGBA: the alpha channel dropped; grey ``[B, H, W, 1]``: repeated
+    into RGB), finite; else an error naming ``name``."""
     if not isinstance(image, torch.Tensor) or image.dim() != 4 or min(image.shape[:3]) < 1 \
-            or image.shape[-1] not in (3, 4):
+            or image.shape[-1] not in (1, 3, 4):
         hint = ""
-        if isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[-1] in (1, 2):
-            hint = (f" ({image.shape[-1]}-channel: a grayscale or mask-like image; turn it into RGB first, e.g. with "
-                    f"core's Convert Mask to Image)")
+        if isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[-1] not in (1, 3, 4):
+            hint = (f" ({image.shape[-1]} channels: not an RGB, RGBA or grey image; turn it into RGB first, e.g. "
+                    f"with core's Convert Mask to Image)")
         elif isinstance(image, torch.Tensor) and image.dim() == 3:
             hint = " (a MASK [B,H,W]? connect an IMAGE, or convert the mask with Convert Mask to Image)"
-        raise ValueError(f"{name}: expected a ComfyUI IMAGE [B,H,W,3] (RGB; RGBA has its alpha dropped), got "
-                         f"{_shape(image)}{hint}")
+        raise ValueError(f"{name}: expected a ComfyUI IMAGE [B,H,W,3] (RGB; RGBA has its alpha dropped, grey is "
+                         f"repeated into RGB), got {_shape(image)}{hint}")
     _finite(name, image, "image")
+    if image.shape[-1] == 1:
+        return image.repeat(1, 1, 1, 3)
     return image[..., :3] if image.shape[-1] == 4 else image
 
 
 def check_mask(name: str, mask) -> torch.Tensor:
-    """A ComfyUI MASK ``[H, W]`` or ``[B, H, W]``, finite; else an error naming ``name``."""
-    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3) or min(mask.shape) < 1:
-        hint = " (an IMAGE? convert it with core's Convert Image to Mask)" \
-            if isinstance(mask, torch.Tensor) and mask.dim() == 4 else ""
-        raise ValueError(f"{name}: expected a ComfyUI MASK [H,W] or [B,H,W], got {_shape(mask)}{hint}")
+    """A ComfyUI MASK ``[H, W]`` or ``[B, H, W]`` (or an image-like mask ``[B, H, W, C]`` / ``[B, C, H, W]``
+    with 1, 3 or 4 channels, which ``references/masks.py`` turns into one), finite; else an error naming
+    ``name``."""
+    image_like = isinstance(mask, torch.Tensor) and mask.dim() == 4 and (mask.shape[-1] in (1, 3, 4)
+                                                                          or mask.shape[1] in (1, 3, 4))
+    if not isinstance(mask, torch.Tensor) or (mask.dim() not in (2, 3) and not image_like) or min(mask.shape) < 1:
+        raise ValueError(f"{name}: expected a ComfyUI MASK [H,W] or [B,H,W], got {_shape(mask)}")
     _finite(name, mask, "mask")
     return mask
 

@@ -290,8 +290,9 @@ def test_nan_and_misshapen_tensors_name_the_input(node_classes, node_id, name):
     else:
         nan = good.clone()
         nan.view(-1)[3] = math.inf if isinstance(inp, io.Mask.Input) else math.nan
-        wrong = ([torch.rand(1, 16, 16, 1), torch.rand(16, 16, 3), torch.rand(1, 0, 16, 3)]
-                 if isinstance(inp, io.Image.Input) else [torch.rand(1, 16, 16, 3), torch.zeros(1, 0, 4)])
+        wrong = ([torch.rand(1, 16, 16, 2), torch.rand(16, 16, 3), torch.rand(1, 0, 16, 3)]
+                 if isinstance(inp, io.Image.Input) else [torch.rand(1, 1, 16, 16, 3), torch.zeros(1, 0, 4),
+                                                          torch.rand(16), [[1.0]]])
     kept = nan["samples"].clone() if isinstance(nan, dict) else nan.clone()
     args[name] = nan
     with pytest.raises(ValueError, match=rf"^{name}: contains (NaN|infinite) values \(1 of \d+\); expected a "
@@ -304,15 +305,16 @@ def test_nan_and_misshapen_tensors_name_the_input(node_classes, node_id, name):
             cls.execute(**args)
 
 
-def test_one_channel_image_says_how_to_convert(node_classes):
-    with pytest.raises(ValueError, match=r"^image: expected a ComfyUI IMAGE .*1-channel.*Convert Mask to Image"):
-        node_classes["PersonalizeSubject"].execute(torch.rand(1, 16, 16, 1), torch.ones(1, 16, 16), "cat", None)
+def test_two_channel_image_says_how_to_convert(node_classes):
+    with pytest.raises(ValueError, match=r"^image: expected a ComfyUI IMAGE .*2 channels.*Convert Mask to Image"):
+        node_classes["PersonalizeSubject"].execute(torch.rand(1, 16, 16, 2), torch.ones(1, 16, 16), "cat", None)
 
 
-def test_rgba_image_has_its_alpha_dropped(node_classes):
-    """The documented conversion: an RGBA IMAGE is used as its RGB channels."""
+def test_rgba_loses_its_alpha_and_grey_becomes_rgb(node_classes):
+    """The documented conversions: an RGBA IMAGE is used as its RGB channels, a grey one as R=G=B."""
     rgb = torch.rand(1, 16, 16, 3)
     rgba = torch.cat([rgb, torch.rand(1, 16, 16, 1)], dim=-1)
+    grey = torch.rand(1, 16, 16, 1)
     mask = torch.zeros(1, 16, 16)
     mask[:, 4:12, 4:12] = 1
     subject = node_classes["PersonalizeSubject"]
@@ -321,6 +323,7 @@ def test_rgba_image_has_its_alpha_dropped(node_classes):
     assert torch.equal(a[0].image, b[0].image) and a[0].image.shape[-1] == 3
     dcs = node_classes["PersonalizeDetectCompareSubject"]
     assert torch.equal(dcs.execute("cat", rgba, None).result[0][0].images, rgb)
+    assert torch.equal(dcs.execute("cat", grey, None).result[0][0].images, grey.expand(-1, -1, -1, 3))
 
 
 def test_nan_weight_from_a_primitive_node_stops_the_run_with_the_node_message(node_classes):
