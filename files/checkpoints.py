@@ -73,17 +73,30 @@ def read_checkpoint(path, error=ValueError, redo: str = "", missing_prefix: str 
         _check_safetensors_size(path, name, size, error, tail)
         try:
             from safetensors.torch import load_file
-            return load_file(path)
+            loaded = load_file(path)
         except Exception as exc:
             raise error(f"{name} is a damaged or incomplete safetensors file (a truncated download?): {exc}.{tail}") \
                 from None
+        return _check_finite(loaded, name, error, tail)
     is_zip = head.startswith(b"PK\x03\x04")
     if not (is_zip or head[:1] == b"\x80"):
         so_not = f", so not {kind}" if kind else ""
         raise error(f"{name} is not a PyTorch (.pth) or safetensors file{so_not}: {describe_start(head)}.{tail}")
+    if name.lower().endswith(".safetensors"):
+        # torch.load would hand a .safetensors name to safetensors (a bare "header too large"); a file that
+        # promises tensors only but is a pickle is refused unread
+        what = "a zip archive of torch.save" if is_zip else "a Python pickle (torch.save or pickle.dump)"
+        raise error(f"{name} is named .safetensors but is not a safetensors file: it is {what}, so it was refused "
+                    f"unread. Get the real .safetensors file, or the original .pth/.bin file.{tail}")
     if is_zip and not zipfile.is_zipfile(path):
         raise error(f"{name} is damaged or incomplete (a truncated download?): its zip archive has no end record "
                     f"({size} bytes).{tail}")
+    return _check_finite(_torch_load(path, name, error, tail, is_zip), name, error, tail)
+
+
+def _torch_load(path: str, name: str, error, tail: str, is_zip: bool):
+    """``torch.load(weights_only=True)``; torch's own failure text (which suggests turning that safety off)
+    is never passed on: the error says what the file is and which import or opcode stopped the reader."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
@@ -98,12 +111,53 @@ def read_checkpoint(path, error=ValueError, redo: str = "", missing_prefix: str 
             raise error(f"{name} holds pickled Python objects{what}, not just tensors; it was refused and is not "
                         f"unpickled for safety, since unpickling them could run code from the file. A .safetensors "
                         f"version of the model, where there is one, holds only tensors.{tail}") from None
-        first = (msg.splitlines() or [""])[0][:160]
-        raise error(f"{name} is damaged or incomplete (a truncated download?): {first}.{tail}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = (str(exc).splitlines() or [""])[0][:160]
+        if "weights only" in msg.lower() or "WeightsUnpickler" in msg:
+            raise error(f"{name} is not a plain weights file: PyTorch's tensors-only reader stopped at "
+                        f"{_unpickler_reason(msg)} (a pickle of Python objects, or a newer pickle protocol than "
+                        f"torch.save writes). It was not unpickled, for safety; a .safetensors version of the "
+                        f"model, where there is one, holds only tensors.{tail}") from None
+        raise error(f"{name} is damaged or incomplete (a truncated download?): {_first_line(msg)}.{tail}") from None
+    except Exception as exc:        # torch's readers raise many kinds on a cut or damaged file
         raise error(f"{name} is damaged or incomplete (a truncated download?): could not read it as a PyTorch file "
-                    f"({type(exc).__name__}: {first}).{tail}") from None
+                    f"({type(exc).__name__}: {_first_line(str(exc))}).{tail}") from None
+
+
+def _first_line(msg: str) -> str:
+    """The first line of an exception's text, without any advice to load the file unsafely."""
+    first = (msg.strip().splitlines() or [""])[0][:160]
+    return "the reader refused it" if "weights_only" in first or "weights only" in first.lower() else first
+
+
+def _unpickler_reason(msg: str) -> str:
+    """What stopped torch's weights-only unpickler ("Unsupported operand 149"), from its message, without
+    the message's advice (allow-listing globals, ``weights_only=False``)."""
+    found = re.search(r"WeightsUnpickler error:\s*(.*)", msg, re.S)
+    text = " ".join((found.group(1) if found else "").split())
+    text = re.split(r"\s*(?:Please use|Check the documentation|was not an allowed)", text)[0].strip(" .")
+    if not text or "weights_only" in text:
+        return "an object it does not allow"
+    return f"'{text[:120]}'"
+
+
+def _check_finite(obj, name: str, error, tail: str):
+    """``obj`` (tensors in nested dicts, lists, tuples), or ``error`` naming the file and the first floating
+    tensor that holds NaN or infinite values: weights of a diverged training run or a damaged file would
+    otherwise give black or noise images with no message."""
+    stack = [("", obj)]
+    while stack:
+        key, item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            if item.is_floating_point() and item.numel() and not bool(torch.isfinite(item).all()):
+                nan = int(torch.isnan(item).sum())
+                bad = nan or int((~torch.isfinite(item)).sum())
+                what = "NaN" if nan else "infinite"
+                raise error(f"{name} is refused: its tensor {key or '(the file)'!r} holds {bad} {what} values of "
+                            f"{item.numel()} (weights saved from a diverged training run, or a damaged file).{tail}")
+        elif isinstance(item, dict):
+            stack.extend((f"{key}.{k}" if key else str(k), v) for k, v in reversed(list(item.items())))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((f"{key}[{i}]", v) for i, v in reversed(list(enumerate(item))))
+    return obj
 
 
 def _check_safetensors_size(path: str, name: str, size: int, error, tail: str) -> None:

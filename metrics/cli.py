@@ -15,7 +15,7 @@ from ..files.atomic import atomic_write_text
 from . import models as em
 from . import overfitting_cli
 from .cases import discover_images, load_cases, no_images_error, select_cases
-from .common_cli import Progress, check_output, run_cli
+from .common_cli import Progress, check_output, check_outputs_apart, run_cli
 from .errors import EvaluationError, UsageError
 from .evaluate import (DEFAULT_CSV_NAME, DEFAULT_THRESHOLD, METRICS, Evaluation, evaluate, format_summary,
                        load_scorers, parse_metrics, write_csv)
@@ -66,6 +66,17 @@ def _check_device(device: str) -> None:
         raise UsageError(f"--device {device}: CUDA is not available here")
 
 
+def _inputs(benchmark, cases, found: dict, models_dir: Path) -> dict:
+    """Every file this evaluation reads, with what it is: the outputs must not be one of them."""
+    files = {Path(p): f"a generated image of case {name}" for name, paths in found.items() for p in paths}
+    for case in cases:
+        for s in case.subjects:
+            files.update({Path(p): f"a reference image of subject {s.name}" for p in s.reference_paths})
+    files.update({p: "a file of the --models folder" for p in models_dir.rglob("*") if p.is_file()})
+    files[Path(benchmark)] = "the benchmark description"
+    return files
+
+
 def run(a, stdout=None, stderr=None) -> Evaluation:
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
@@ -89,6 +100,8 @@ def run(a, stdout=None, stderr=None) -> Evaluation:
     found = discover_images(images_dir, selected, [c.name for c in cases])
     if not any(found.values()):
         raise no_images_error(selected, images_dir)
+    outputs = {"--out": out, **({"--summary": Path(a.summary)} if a.summary else {})}
+    check_outputs_apart(outputs, _inputs(a.benchmark, selected, found, models_dir))
     scorers = load_scorers(models_dir, metrics, a.clip_arch, a.device, a.embedder)
     total = sum(len(v) for v in found.values())
     mode = "bar" if not a.no_progress and hasattr(stderr, "isatty") and stderr.isatty() else "lines"

@@ -3,13 +3,14 @@
 printer and its time format."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
 from .errors import UsageError
 
-__all__ = ["Progress", "fmt_time", "check_output", "run_cli"]
+__all__ = ["Progress", "fmt_time", "check_output", "check_outputs_apart", "run_cli"]
 
 
 def fmt_time(seconds: float) -> str:
@@ -97,6 +98,36 @@ def check_output(path: Path, flag: str) -> None:
         raise UsageError(f"{flag} {path} is a folder, not a file")
     if not path.parent.is_dir():
         raise UsageError(f"{flag} {path}: the folder {path.parent} does not exist")
+
+
+def _file_key(path) -> tuple:
+    """What makes two paths the same file: the device and inode of an existing file (hard links, another
+    spelling, a symbolic link), else the resolved absolute path."""
+    try:
+        st = os.stat(path)
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", os.path.normcase(os.path.realpath(path)))
+
+
+def check_outputs_apart(outputs: dict, inputs: dict) -> None:
+    """Refuses, before any work, outputs that would overwrite an input or each other: ``outputs`` maps a
+    flag (``--out``) to its path, ``inputs`` an input file to what it is ("a generated image of case 3").
+    A UsageError names both."""
+    seen: dict = {}
+    for flag, path in outputs.items():
+        key = _file_key(path)
+        if key in seen:
+            raise UsageError(f"{flag} {path} is the same file as {seen[key]}: the one would overwrite the other; "
+                             f"give them different files")
+        seen[key] = f"{flag} {path}"
+    if not seen:
+        return
+    for path, what in inputs.items():
+        key = _file_key(path)
+        if key in seen:
+            raise UsageError(f"{seen[key]} is {what} ({path}), an input of this run: writing it would destroy it; "
+                             f"choose another file")
 
 
 def run_cli(parser, run_fn, argv, usage_errors: tuple, errors: tuple) -> int:

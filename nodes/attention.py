@@ -11,6 +11,7 @@ from ..attention.install import install_technique
 from ..attention.mrsa import MultiReferenceAttention
 from ..attention.patch import SigmaRange
 from ..references.prompt_tokens import blend_word_tokens
+from .checks import check_inputs
 from .types import References, conditioning_tensor
 
 
@@ -86,12 +87,13 @@ class MultiReferenceAttentionNode(io.ComfyNode):
                 io.Combo.Input("reference_tokens", advanced=True, options=REFERENCE_TOKENS, default=WHOLE, optional=True,
                                tooltip=TOKENS_TOOLTIP),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="A patched copy of the input model with MRSA (multi-reference self-attention) on; the input model is unchanged.")],
         )
 
     @classmethod
     def execute(cls, model, references, layers, custom_blocks="output:6-11", start_percent=0.0, end_percent=1.0,
                 style_fidelity=1.0, seed=0, reference_positions=SHIFTED, reference_tokens=WHOLE) -> io.NodeOutput:
+        check_inputs(cls, locals())
         refs = check_references(model, references)
         spec, keys = resolve(model.model.diffusion_model, MRSA_BLOCKS, layers, custom_blocks)
         sigmas = SigmaRange.from_percents(model.model.model_sampling, start_percent, end_percent)
@@ -172,7 +174,7 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
                 io.Combo.Input("reference_tokens", advanced=True, options=REFERENCE_TOKENS, default=WHOLE, optional=True,
                                tooltip=TOKENS_TOOLTIP),
             ],
-            outputs=[io.Model.Output(tooltip="The patched model (the input MODEL is not changed)."),
+            outputs=[io.Model.Output(tooltip="A patched copy of the input model with DMSA (structure and appearance references) on; the input model is unchanged."),
                      io.Conditioning.Output(display_name="positive",
                                             tooltip="The prompt encoded with the clip, as CLIP Text Encode does: "
                                                     "connect it to the sampler's positive, so the prompt sampled "
@@ -184,6 +186,7 @@ class DisentangleMixingAttentionNode(io.ComfyNode):
                 structure_end=1.0, appearance_start=0.4, appearance_end=1.0, structure_phase=True,
                 appearance_phase=True, structure_weight=3.0, mask_threshold=0.2, spatial_norm_start=1.0,
                 seed=0, reference_positions=SHIFTED, reference_tokens=WHOLE) -> io.NodeOutput:
+        check_inputs(cls, locals())
         s_ref = _single(check_references(model, structure, "structure"), "structure")
         a_ref = _single(check_references(model, appearance, "appearance"), "appearance")
         spec, keys = resolve(model.model.diffusion_model, DMSA_BLOCKS, preset)
@@ -255,13 +258,15 @@ class FoundationAwareAttentionNode(io.ComfyNode):
                 io.Float.Input("mask_threshold", advanced=True, default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Mask values below this are outside the attributes."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="A patched copy of the input model with FreeCure's foundation-aware attention on; the input model is unchanged.")],
         )
 
     @classmethod
     def execute(cls, model, masks, foundation_mode=FOUNDATION_MODES[0], foundation=None, weight=1.5,
                 layers=FASA_PRESETS[0], custom_blocks="output:6-11", start_percent=0.0, end_percent=1.0,
                 mask_threshold=0.5) -> io.NodeOutput:
+        checked = check_inputs(cls, locals())
+        masks = checked["masks"]
         if foundation_mode not in FOUNDATION_MODES:
             raise ValueError(f"foundation_mode: unknown '{foundation_mode}'; choose one of {FOUNDATION_MODES}")
         strip = foundation_mode == FOUNDATION_MODES[1]

@@ -14,7 +14,9 @@ from ..metrics import owl
 from ..metrics.embedders import load_embedder
 from ..metrics.models import DREAMSIM_FOLDER, download_hint
 from ..references.core_prompts import bounding_box
-from .model_files import EVAL_FOLDER, find_subfolder, load_scorer, missing_file_message, register_folder, subfolders
+from .checks import check_inputs
+from .model_files import (DC_LOADABLE, EVAL_FOLDER, dc_folders, eval_folder_kind, find_subfolder, load_scorer,
+                          missing_file_message, register_folder)
 from .types import check_images
 
 register_folder(EVAL_FOLDER)
@@ -50,13 +52,24 @@ def _hint(kind: str) -> str:
     return owl.owl_hint() if kind == "detector" else download_hint("dreamsim")
 
 
+def _wrong_folder(kind: str, name: str) -> str | None:
+    """Why folder ``name`` cannot be this loader's ``kind`` (it holds the other kind of model), or None; a
+    folder of unknown content is left to the model's own loader, which names what it lacks."""
+    found = eval_folder_kind(find_subfolder(EVAL_FOLDER, name))
+    other = "embedder" if kind == "detector" else "detector"
+    if found is None or found not in DC_LOADABLE[other]:
+        return None
+    article = {"detector": "a detector", "embedder": "an embedder"}
+    return (f"{kind}: the folder {name!r} holds {found}, a Detect-and-Compare {other}, not {article[kind]}. "
+            f"{_hint(kind)}")
+
+
 class DetectCompareLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        found = subfolders(EVAL_FOLDER)
         owl_folder = owl.OWL_FOLDER
-        det = sorted(set(found) | {owl_folder})
-        emb = sorted(set(found) | {DREAMSIM_FOLDER})
+        det = sorted(set(dc_folders("detector")) | {owl_folder})
+        emb = sorted(set(dc_folders("embedder")) | {DREAMSIM_FOLDER})
         return io.Schema(
             node_id="PersonalizeDetectCompareLoader",
             display_name="Detect-and-Compare Loader (MuDI)",
@@ -77,14 +90,18 @@ class DetectCompareLoader(io.ComfyNode):
                                        "ensemble_lora/, and checkpoints/dino_vitbase16_pretrain.pth), or the "
                                        "Hugging Face folder of facebook/dinov2-base (D&C-DINO)."),
             ],
-            outputs=[DetectCompareModels.Output(display_name="dc_models")],
+            outputs=[DetectCompareModels.Output(display_name="dc_models",
+                                                tooltip="The detector and embedder, for Detect-and-Compare.")],
         )
 
     @classmethod
-    def validate_inputs(cls, detector, embedder):
+    def validate_inputs(cls, detector=None, embedder=None):   # None: no value sent (see model_files)
         for kind, name in (("detector", detector), ("embedder", embedder)):
             if find_subfolder(EVAL_FOLDER, name) is None:
                 return f"{kind}: " + missing_file_message(EVAL_FOLDER, name, _hint(kind), subfolder=True)
+            wrong = _wrong_folder(kind, name)
+            if wrong:
+                return wrong
         return True
 
     @classmethod
@@ -95,6 +112,8 @@ class DetectCompareLoader(io.ComfyNode):
             if paths[kind] is None:
                 raise FileNotFoundError(f"{kind}: " + missing_file_message(EVAL_FOLDER, name, _hint(kind),
                                                                              subfolder=True))
+            if _wrong_folder(kind, name):
+                raise ValueError(_wrong_folder(kind, name))
         return io.NodeOutput(DCModels(owl.load_owlv2(paths["detector"]), load_embedder(paths["embedder"])))
 
 
@@ -126,11 +145,13 @@ class DetectCompareSubject(io.ComfyNode):
                 io.Image.Input("reference_images", tooltip="The subject's reference photos (a batch)."),
                 DetectCompareSubjects.Input("subjects", optional=True, tooltip="Subjects to chain onto."),
             ],
-            outputs=[DetectCompareSubjects.Output(display_name="subjects")],
+            outputs=[DetectCompareSubjects.Output(display_name="subjects", tooltip="The chain of subjects so far, this one last.")],
         )
 
     @classmethod
     def execute(cls, name, reference_images, subjects=None) -> io.NodeOutput:
+        checked = check_inputs(cls, locals())
+        reference_images = checked["reference_images"]
         return io.NodeOutput(subjects_from_inputs(name, reference_images, subjects))
 
 
@@ -188,8 +209,11 @@ class DetectCompare(io.ComfyNode):
                                tooltip="OWLv2's box score threshold: MuDI's demo uses 0.4, its function default "
                                        "0.25. Duplicated boxes above it make the count gate fail."),
             ],
-            outputs=[io.Float.Output(display_name="score"), io.Image.Output(display_name="annotated"),
-                     io.String.Output(display_name="report"), io.String.Output(display_name="matrices"),
+            outputs=[io.Float.Output(display_name="score", tooltip="The D&C score, averaged over the images."),
+                     io.Image.Output(display_name="annotated", tooltip="The images with the detected boxes drawn."),
+                     io.String.Output(display_name="report", tooltip="Each image's score and matches, as text."),
+                     io.String.Output(display_name="matrices",
+                                      tooltip="Each image's similarity matrices and detections, as JSON."),
                      io.BoundingBox.Output(display_name="bboxes",
                                            tooltip="Every detected box, one list per image (ComfyUI's BOUNDING_BOX: "
                                                    "x, y, width, height in pixels, label = the subject name the box "
@@ -199,6 +223,8 @@ class DetectCompare(io.ComfyNode):
 
     @classmethod
     def execute(cls, dc_models, images, subjects, threshold=0.4) -> io.NodeOutput:
+        checked = check_inputs(cls, locals())
+        images = checked["images"]
         if not isinstance(dc_models, DCModels):
             raise ValueError("dc_models: expected the output of Detect-and-Compare Loader (MuDI)")
         images = check_images("images", images)

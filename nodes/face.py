@@ -29,6 +29,7 @@ from ..references.face_attributes import (
 )
 from ..references.face_masks import face_attribute_masks
 from ..references.face_mesh import MEDIAPIPE_VERSION
+from .checks import check_inputs
 from .model_files import folder_list, missing_file_message, model_patcher, register_folder
 
 # No ComfyUI folder holds BiSeNet face parsers; register models/face_parsing (extra_model_paths.yaml
@@ -65,11 +66,12 @@ class FaceParsingLoader(io.ComfyNode):
                                        "ComfyUI's model management; cpu: always parse on the CPU (about 0.2 s "
                                        "per image)."),
             ],
-            outputs=[FaceParserType.Output(display_name="face_parser")],
+            outputs=[FaceParserType.Output(display_name="face_parser",
+                                           tooltip="The BiSeNet face parser, for Face Attribute Mask.")],
         )
 
     @classmethod
-    def validate_inputs(cls, model_name):
+    def validate_inputs(cls, model_name=None):
         # replaces ComfyUI's "value not in list", so the message says what to download and where
         if not model_name or folder_paths.get_full_path("face_parsing", model_name) is None:
             return missing_file_message("face_parsing", model_name, download_hint(folder_list("face_parsing")))
@@ -137,13 +139,15 @@ class FaceAttributeMask(io.ComfyNode):
                                                 "(which then need not be installed). Its num_faces decides which "
                                                 "faces can be masked."),
             ],
-            outputs=[io.Mask.Output(display_name="mask"),
+            outputs=[io.Mask.Output(display_name="mask", tooltip="The attribute mask, one per image."),
                      io.Image.Output(display_name="preview", tooltip="The image with the mask tinted red.")],
         )
 
     @classmethod
     def execute(cls, image, attributes="eyes", provider="mediapipe", faces="largest", if_no_face="error", grow=0,
                 face_parser=None, prompt="", face_landmarks=None) -> io.NodeOutput:
+        checked = check_inputs(cls, locals())
+        image = checked["image"]
         import comfy.model_management as mm
         import comfy.utils
 

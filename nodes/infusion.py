@@ -8,7 +8,8 @@ from comfy_api.latest import io
 
 from ..attention.infusion import apply_infusion
 from ..training.infusion import load_offsets_cached
-from .model_files import missing_file_message
+from .checks import check_inputs
+from .model_files import file_default, missing_file_message
 
 FOLDER = "model_patches"              # core ComfyUI's folder for model patches
 
@@ -33,7 +34,7 @@ class InfusionApply(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.x/SD2.x model the file was trained on (a patched copy is "
                                                 "returned)."),
-                io.Combo.Input("infusion_name", options=files, default=files[0] if files else None,
+                io.Combo.Input("infusion_name", options=files, default=file_default(files, FOLDER),
                                tooltip="An Infusion file in ComfyUI/models/model_patches (.safetensors from Train "
                                        "Infusion, or an official .ckpt)."),
                 io.Clip.Input("clip", tooltip="The CLIP your prompt is encoded with (its tokenizer finds the concept "
@@ -49,17 +50,18 @@ class InfusionApply(io.ComfyNode):
                                tooltip="Multiplier on the learned offsets: 1 is the trained concept, 0 the plain "
                                        "model."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="A patched copy of the input model with the Infusion offsets; the input model is unchanged.")],
         )
 
     @classmethod
-    def validate_inputs(cls, infusion_name):
+    def validate_inputs(cls, infusion_name=None):  # None: an empty folder's combo sends no value
         if not infusion_name or folder_paths.get_full_path(FOLDER, infusion_name) is None:
             return missing_file_message(FOLDER, infusion_name, INFUSION_HINT)
         return True
 
     @classmethod
     def execute(cls, model, infusion_name, clip, prompt, concept_word="", strength=1.0) -> io.NodeOutput:
+        check_inputs(cls, locals())
         path = folder_paths.get_full_path(FOLDER, infusion_name) if infusion_name else None
         if path is None:
             raise FileNotFoundError("infusion_name: " + missing_file_message(FOLDER, infusion_name, INFUSION_HINT))

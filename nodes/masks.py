@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..references import core_prompts
 from ..references import sam as samlib
 from ..references import sam_checkpoint as samfile
+from .checks import check_inputs
 from .model_files import folder_list, missing_file_message, model_patcher, register_folder
 
 # ComfyUI has no "sams" key; other SAM packs (Impact, storyicon) use models/sams. Register it the way
@@ -43,11 +44,11 @@ class SAMModelLoader(io.ComfyNode):
                                tooltip="auto: ComfyUI's device (the GPU when there is one), loaded and unloaded by "
                                        "ComfyUI's model management; cpu: always run SAM on the CPU."),
             ],
-            outputs=[SamType.Output(display_name="sam")],
+            outputs=[SamType.Output(display_name="sam", tooltip="The SAM model, for SAM Mask.")],
         )
 
     @classmethod
-    def validate_inputs(cls, model_name):
+    def validate_inputs(cls, model_name=None):
         # replaces ComfyUI's "value not in list" for model_name, so that the message says what to
         # download and where (ComfyUI prefixes it with the input's name)
         if not model_name or folder_paths.get_full_path("sams", model_name) is None:
@@ -129,13 +130,15 @@ class SAMMask(io.ComfyNode):
                                 tooltip="Points NOT on the subject, as JSON [{\"x\": .., \"y\": ..}, ...] in pixels. "
                                         "Replaces the negative_points text. Points modes only."),
             ],
-            outputs=[io.Mask.Output(display_name="mask")],
+            outputs=[io.Mask.Output(display_name="mask", tooltip="The segmentation mask, one per image.")],
         )
 
     @classmethod
     def execute(cls, sam, image, mode="points", points="", negative_points="", box="", units="pixels",
                 multimask="auto", threshold=0.0, grid=8, min_confidence=samlib.LARGEST_MIN_IOU, bboxes=None,
                 positive_coords=None, negative_coords=None) -> io.NodeOutput:
+        checked = check_inputs(cls, locals())
+        image = checked["image"]
         import comfy.model_management as mm
         import comfy.utils
         import torch

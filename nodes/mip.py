@@ -11,7 +11,8 @@ from ..attention.ip_adapter import load_adapter
 from ..attention.mip import EncodedPrompt, MultiImagePromptAttention, adapter_layers
 from ..attention.patch import SigmaRange
 from ..references.image_prompt import CROPS, encode_entities, encode_image_prompts, make_image_prompt
-from .model_files import missing_file_message, register_folder
+from .checks import check_inputs
+from .model_files import file_default, missing_file_message, register_folder
 
 # cubiq's IPAdapter pack keeps its files in models/ipadapter; users already have them there.
 register_folder("ipadapter")
@@ -39,15 +40,15 @@ class MIPAdapterLoader(io.ComfyNode):
                 "the weights and reported in 'info'. Plain IP-Adapter weights have no learned text gate: MIP's "
                 "per-object merge then runs training-free. Pickled .bin files are loaded as tensors only."),
             inputs=[
-                io.Combo.Input("adapter_name", options=files, default=files[0] if files else None,
+                io.Combo.Input("adapter_name", options=files, default=file_default(files, "ipadapter"),
                                tooltip="A file in ComfyUI/models/ipadapter (.safetensors or .bin)."),
             ],
-            outputs=[AdapterType.Output(display_name="adapter"),
+            outputs=[AdapterType.Output(display_name="adapter", tooltip="The adapter, for MIP-Adapter Apply."),
                      io.String.Output(display_name="info", tooltip="Which adapter variant was recognised.")],
         )
 
     @classmethod
-    def validate_inputs(cls, adapter_name):
+    def validate_inputs(cls, adapter_name=None):   # None: an empty folder's combo sends no value
         if not adapter_name or folder_paths.get_full_path("ipadapter", adapter_name) is None:
             return missing_file_message("ipadapter", adapter_name, ADAPTER_HINT)
         return True
@@ -91,11 +92,14 @@ class MIPAdapterReference(io.ComfyNode):
                 ImagePrompts.Input("image_prompts", optional=True,
                                    tooltip="Objects to chain onto; this node appends its own."),
             ],
-            outputs=[ImagePrompts.Output(display_name="image_prompts")],
+            outputs=[ImagePrompts.Output(display_name="image_prompts",
+                                         tooltip="The chain of image prompts so far, this one last.")],
         )
 
     @classmethod
     def execute(cls, image, entity, weight=1.0, crop="center", mask=None, image_prompts=None) -> io.NodeOutput:
+        checked = check_inputs(cls, locals())
+        image, mask = checked["image"], checked["mask"]
         prev = tuple(image_prompts or ())
         new = make_image_prompt(image, entity, weight, mask, crop, name=f"reference {len(prev) + 1} ({entity.strip()})")
         return io.NodeOutput(prev + (new,))
@@ -133,12 +137,13 @@ class MIPAdapterApply(io.ComfyNode):
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the schedule at which the image prompts stop acting."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="A patched copy of the input model with MIP-Adapter on its cross-attention; the input model is unchanged.")],
         )
 
     @classmethod
     def execute(cls, model, adapter, clip_vision, clip, prompt, image_prompts, scale=-1.0, start_percent=0.0,
                 end_percent=1.0) -> io.NodeOutput:
+        check_inputs(cls, locals())
         prompts = tuple(image_prompts or ())
         if not prompts:
             raise ValueError("image_prompts: none connected; add a MIP-Adapter Reference node per object")

@@ -3,11 +3,18 @@ register theirs, so ``extra_model_paths.yaml`` entries work), the one message fo
 there, and the device handling of what was loaded (ComfyUI's model patcher and model management)."""
 from __future__ import annotations
 
+import json
 import os
 
 import folder_paths
 
 EVAL_FOLDER = "personalize_eval"     # the evaluation models: CLIP, DINO, OWLv2, DreamSim (files and folders)
+EVAL_FILE_EXTENSIONS = (".bin", ".pth", ".pt", ".safetensors")   # what Evaluation Model Loader reads
+# what each input of Detect-and-Compare Loader loads (a Hugging Face model_type, or "dreamsim"); an OWL-ViT
+# (v1) folder is a detector folder too, refused by name by the detector's own loader
+DC_LOADABLE = {"detector": ("owlv2",), "embedder": ("dinov2", "dreamsim")}
+DC_FOLDER_TYPES = ("owlv2", "owlvit", "dinov2", "dreamsim")
+DREAMSIM_MARKERS = ("ensemble_lora", "clip_vitb16_pretrain.pth.tar", "open_clip_vitb16_pretrain.pth.tar")
 
 
 def register_folder(name: str) -> str:
@@ -44,6 +51,62 @@ def find_subfolder(name: str, sub: str) -> str | None:
     return None
 
 
+def eval_folder_kind(path) -> str | None:
+    """The Detect-and-Compare model a folder of ``models/personalize_eval`` holds: its Hugging Face
+    ``model_type`` when that is one of ``DC_FOLDER_TYPES`` ("owlv2", "owlvit", "dinov2"), ``"dreamsim"``
+    for DreamSim's unzipped ensemble, or None (anything else, e.g. a folder of CLIP/DINO files for
+    Evaluation Model Loader)."""
+    if not path or not os.path.isdir(path):
+        return None
+    if any(os.path.exists(os.path.join(path, m)) for m in DREAMSIM_MARKERS):
+        return "dreamsim"
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model_type if model_type in DC_FOLDER_TYPES else None
+
+
+def dc_folders(kind: str) -> list[str]:
+    """The folders of ``models/personalize_eval`` that Detect-and-Compare Loader's ``kind`` input
+    (``detector`` or ``embedder``) can load, sorted."""
+    return [d for d in subfolders(EVAL_FOLDER) if eval_folder_kind(find_subfolder(EVAL_FOLDER, d)) in DC_LOADABLE[kind]]
+
+
+def eval_model_files() -> list[str]:
+    """The files of ``models/personalize_eval`` that Evaluation Model Loader can load: CLIP/DINO weight
+    files, not the parts of a Detect-and-Compare model folder (OWLv2, DINOv2, DreamSim)."""
+    return [f for f in folder_paths.get_filename_list(EVAL_FOLDER)
+            if f.lower().endswith(EVAL_FILE_EXTENSIONS) and eval_file_owner(f) is None]
+
+
+def eval_file_owner(name: str) -> str | None:
+    """The Detect-and-Compare model folder (``models/personalize_eval/<folder>``) that file ``name`` is a
+    part of, or None."""
+    parts = name.replace("\\", "/").split("/")
+    for depth in range(1, len(parts)):
+        sub = "/".join(parts[:depth])
+        for root in folder_paths.get_folder_paths(EVAL_FOLDER):
+            if eval_folder_kind(os.path.join(root, sub)) is not None:
+                return sub
+    return None
+
+
+def empty_folder_choice(folder: str) -> str:
+    """What a loader's file combo shows (and the editor sends) when its folder holds no file. The
+    editor sends no value at all for a combo without options and default, and ComfyUI then reports a
+    bare "Required input is missing" (before this default, a crash in ``validate_inputs``); with this
+    value the loader's ``validate_inputs`` says which folder is empty and what to put there."""
+    return f"(no file in models/{folder})"
+
+
+def file_default(files: list, folder: str, preferred=()) -> str:
+    """The default of a loader's file combo: the first of ``preferred`` that is there, else the first
+    file, else ``empty_folder_choice(folder)``."""
+    return next((f for f in preferred if f in files), files[0] if files else empty_folder_choice(folder))
+
+
 def missing_file_message(folder: str, name: str, hint: str, what: str = "file", subfolder: bool = False) -> str:
     """What a loader says when the chosen model is not in its folder: which name, which folder (with
     every path ComfyUI searches for it), then ``hint``: what to put there and where to get it.
@@ -51,8 +114,10 @@ def missing_file_message(folder: str, name: str, hint: str, what: str = "file", 
     ``what`` names the kind of file when none was chosen ("no SAM checkpoint is in ..."); ``subfolder``
     is for models that are folders (Hugging Face layouts), not files. The loader prefixes its input's
     name where ComfyUI does not ("model_name: ...")."""
+    if name == empty_folder_choice(folder):
+        name = ""
     if subfolder:
-        subject = f"no folder {name!r}"
+        subject = f"no folder {name!r}" if name else "no model folder is"
     elif name:
         subject = f"{name!r} is not"
     else:

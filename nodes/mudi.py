@@ -11,6 +11,7 @@ from comfy_api.latest import io
 from ..references.compose import BACKGROUNDS, PLACEMENTS, compose_subjects, make_subject
 from ..references.init_noise import MeanShiftedNoise, shift_latent
 from ..references.masks import as_mask_batch
+from .checks import check_inputs
 
 Subjects = io.Custom("PERSONALIZE_SUBJECTS")
 CATEGORY = "personalize/mudi"
@@ -56,11 +57,13 @@ class PersonalizeSubject(io.ComfyNode):
                 Subjects.Input("subjects", optional=True,
                                tooltip="Subjects to chain onto; this node appends its own."),
             ],
-            outputs=[Subjects.Output(display_name="subjects")],
+            outputs=[Subjects.Output(display_name="subjects", tooltip="The chain of subjects so far, this one last.")],
         )
 
     @classmethod
     def execute(cls, image, mask, name="", subjects=None) -> io.NodeOutput:
+        checked = check_inputs(cls, locals())
+        image, mask = checked["image"], checked["mask"]
         return io.NodeOutput(subjects_from_inputs(image, mask, name, subjects))
 
 
@@ -103,14 +106,15 @@ class PersonalizeSubjectComposer(io.ComfyNode):
                              tooltip="Pixels kept free in each column and in the height when computing the "
                                      "largest scale (Seg-Mix: 32)."),
             ],
-            outputs=[io.Image.Output(display_name="image"),
-                     io.Mask.Output(display_name="masks"),
-                     io.String.Output(display_name="layout")],
+            outputs=[io.Image.Output(display_name="image", tooltip="The composed image of the subjects."),
+                     io.Mask.Output(display_name="masks", tooltip="Each subject's mask in the composed image."),
+                     io.String.Output(display_name="layout", tooltip="Each subject's box and scale, as JSON.")],
         )
 
     @classmethod
     def execute(cls, subjects, width=1024, height=1024, placement="random", scale_min=0.75, scale_max=1.0,
                 max_overlap=0.0, background="white", seed=0, margin=32) -> io.NodeOutput:
+        check_inputs(cls, locals())
         comp = compose_subjects(subjects, width, height, placement, scale_min, scale_max, max_overlap,
                                 background, seed, margin)
         return io.NodeOutput(comp.image, comp.masks, comp.layout_json())
@@ -146,11 +150,13 @@ class MeanShiftedNoiseNode(io.ComfyNode):
                                       "is applied inside them only. Unconnected: everywhere, relative to the "
                                       "latent's mean."),
             ],
-            outputs=[io.Noise.Output()],
+            outputs=[io.Noise.Output(tooltip="The mean-shifted initial noise, for SamplerCustomAdvanced.")],
         )
 
     @classmethod
     def execute(cls, model, gamma=1.0, noise_seed=0, image=None, vae=None, latent=None, masks=None) -> io.NodeOutput:
+        checked = check_inputs(cls, locals())
+        image, latent, masks = checked["image"], checked["latent"], checked["masks"]
         if latent is not None:
             if image is not None:
                 raise ValueError("latent: connect either the composed image (with a vae) or its latent, not both")

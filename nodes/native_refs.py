@@ -17,6 +17,7 @@ from ..attention.install import install_technique
 from ..attention.native_refs import NativeReferenceControl, ReferenceControl
 from ..attention.patch import SigmaRange
 from ..references.masks import as_mask_batch
+from .checks import check_inputs
 
 NativeReferences = io.Custom("PERSONALIZE_NATIVE_REFERENCES")
 MAX_WEIGHT = 10.0
@@ -60,11 +61,14 @@ class NativeReferenceNode(io.ComfyNode):
                 NativeReferences.Input("previous", optional=True,
                                        tooltip="The controls of the references added before this one."),
             ],
-            outputs=[NativeReferences.Output(display_name="native_references")],
+            outputs=[NativeReferences.Output(display_name="native_references",
+                                             tooltip="The chain of reference controls so far, this one last.")],
         )
 
     @classmethod
     def execute(cls, weight=1.0, subject_mask=None, target_region=None, previous=None) -> io.NodeOutput:
+        checked = check_inputs(cls, locals())
+        subject_mask, target_region = checked["subject_mask"], checked["target_region"]
         if not 0.0 <= float(weight) <= MAX_WEIGHT:
             raise ValueError(f"weight: expected 0..{MAX_WEIGHT}, got {weight}")
         chain = tuple(previous or ())
@@ -101,11 +105,12 @@ class NativeReferenceControlNode(io.ComfyNode):
                                tooltip="Fraction of the schedule at which the controls stop acting (the model's "
                                        "native attention after it)."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="A patched copy of the input model with the reference controls; the input model is unchanged.")],
         )
 
     @classmethod
     def execute(cls, model, native_references, start_percent=0.0, end_percent=1.0) -> io.NodeOutput:
+        check_inputs(cls, locals())
         controls = tuple(native_references or ())
         if not controls or not all(isinstance(c, ReferenceControl) for c in controls):
             raise ValueError("native_references: connect a chain of Native Reference nodes, one per reference image")

@@ -7,6 +7,7 @@ from comfy_api.latest import io
 
 from ..metrics.overfitting_comfy import DEFAULT_PROMPTS_WITH, DEFAULT_PROMPTS_WITHOUT, overfitting_metrics
 from ..metrics.overfitting_report import format_report
+from .checks import check_inputs
 from .types import EvalModelType
 
 
@@ -63,13 +64,15 @@ class OverfittingMetrics(io.ComfyNode):
                                             "Without it W2 is NaN, the report says so, and no W2 images are "
                                             "generated."),
             ],
-            outputs=[io.Float.Output(display_name="lfd"), io.Float.Output(display_name="w2"),
-                     io.String.Output(display_name="report")],
+            outputs=[io.Float.Output(display_name="lfd", tooltip="Latent Fisher divergence of the custom model from the base (concept-agnostic)."),
+                     io.Float.Output(display_name="w2", tooltip="Wasserstein-2 distance of the custom model from the base (concept-specific)."),
+                     io.String.Output(display_name="report", tooltip="Both measures with their details, as text.")],
         )
 
     @classmethod
     def execute(cls, base_model, custom_model, clip, vae, prompts_without, prompts_with, levels=8, samples=4,
                 steps=20, cfg=7.5, resolution=512, seed=0, eval_model=None) -> io.NodeOutput:
+        check_inputs(cls, locals())
         import comfy.utils
         pbar = None
 

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 
 from ..attention.install import install_policy
 from ..attention.ref_cache import DEFAULT_LIMIT_MB, ReferencePolicy
+from .checks import check_inputs
 
 EVERY_STEP, ONCE = "every step (FreeCustom)", "once per run"
 DEVICES = {"cpu": "cpu", "model device": "model"}
@@ -53,12 +54,13 @@ class ReferenceReuseNode(io.ComfyNode):
                                        "GPU each step) or 'model device' (GPU memory: faster, but it competes "
                                        "with the model)."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="A patched copy of the input model with the reuse policy; the input model is unchanged.")],
         )
 
     @classmethod
     def execute(cls, model, references_run=EVERY_STEP, keep_across_runs=True, reference_noise=1.0,
                 cache_mb=DEFAULT_LIMIT_MB, cache_device="cpu") -> io.NodeOutput:
+        check_inputs(cls, locals())
         if references_run not in (EVERY_STEP, ONCE):
             raise ValueError(f"references_run: unknown '{references_run}'; choose '{EVERY_STEP}' or '{ONCE}'")
         if cache_device not in DEVICES:

@@ -5,6 +5,7 @@ import torch
 from comfy_api.latest import io
 
 from ..references.reference import Reference, check_image, fit_image, prepare_masks
+from .checks import check_inputs
 from .types import References, conditioning_pooled, conditioning_tensor
 
 def encode_references(image, vae, mask=None, caption=None, weight=3.0, mask_threshold=0.5, soft_mask=False,
@@ -64,12 +65,14 @@ class ReferenceEncode(io.ComfyNode):
                              tooltip="Longer side in pixels the reference is encoded at (0 keeps its size). "
                                      "Use your target size, e.g. 512 for SD1.5, 1024 for SDXL."),
             ],
-            outputs=[References.Output(display_name="references")],
+            outputs=[References.Output(display_name="references", tooltip="The chain of references so far, this one last.")],
         )
 
     @classmethod
     def execute(cls, image, vae, mask=None, caption=None, references=None, weight=3.0, mask_threshold=0.5,
                 soft_mask=False, resolution=512) -> io.NodeOutput:
+        checked = check_inputs(cls, locals())
+        image, mask = checked["image"], checked["mask"]
         prev = tuple(references or ())
         new = encode_references(image, vae, mask, caption, weight, mask_threshold, soft_mask, resolution,
                                 name=f"reference {len(prev) + 1}")

@@ -10,7 +10,9 @@ from comfy_api.latest import io
 
 from ..metrics import models as evalmodels
 from ..metrics.scores import clip_t, pairwise_mean_cosine
-from .model_files import EVAL_FOLDER, load_scorer, missing_file_message, register_folder
+from .checks import check_inputs
+from .model_files import (EVAL_FILE_EXTENSIONS, EVAL_FOLDER, eval_file_owner, eval_model_files, load_scorer,
+                          missing_file_message, register_folder)
 from .types import EvalModelType, check_images
 
 register_folder(EVAL_FOLDER)
@@ -40,10 +42,23 @@ def _eval_hint() -> str:
     return f"{evalmodels.download_hint('dino')}; {evalmodels.download_hint('clip')}"
 
 
+def wrong_eval_file(name: str) -> str | None:
+    """Why file ``name`` of models/personalize_eval is not for this loader (a part of a Detect-and-Compare
+    model folder, or not a weights file), or None."""
+    owner = eval_file_owner(name)
+    if owner is not None:
+        return (f"{name!r} is a part of the Detect-and-Compare model folder {owner!r}; load that folder with "
+                f"Detect-and-Compare Loader (MuDI). This loader reads CLIP and DINO files. {_eval_hint()}")
+    if not name.lower().endswith(EVAL_FILE_EXTENSIONS):
+        return (f"{name!r} is not a CLIP or DINO weights file (expected {', '.join(EVAL_FILE_EXTENSIONS)}). "
+                f"{_eval_hint()}")
+    return None
+
+
 class EvalModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        files = folder_paths.get_filename_list(EVAL_FOLDER)
+        files = eval_model_files()
         default = next((f for f in (evalmodels.CLIP_FILE, evalmodels.CLIP_SAFETENSORS_FILE, evalmodels.DINO_FILE)
                         if f in files), files[0] if files else evalmodels.CLIP_FILE)
         return io.Schema(
@@ -65,14 +80,14 @@ class EvalModelLoader(io.ComfyNode):
                                 tooltip="CLIP only: the open_clip architecture name of the file. OpenAI's weights "
                                         "need the -quickgelu names (ViT-B-32-quickgelu for the papers' ViT-B/32)."),
             ],
-            outputs=[EvalModelType.Output(display_name="eval_model")],
+            outputs=[EvalModelType.Output(display_name="eval_model", tooltip="The CLIP or DINO model, for the score nodes.")],
         )
 
     @classmethod
-    def validate_inputs(cls, kind, model_name, clip_architecture=evalmodels.CLIP_ARCH):
+    def validate_inputs(cls, kind=None, model_name=None, clip_architecture=None):   # None: no value sent
         if not model_name or folder_paths.get_full_path(EVAL_FOLDER, model_name) is None:
             return missing_file_message(EVAL_FOLDER, model_name, _eval_hint(), "model file")
-        return True
+        return wrong_eval_file(model_name) or True
 
     @classmethod
     def execute(cls, kind, model_name, clip_architecture=evalmodels.CLIP_ARCH) -> io.NodeOutput:
@@ -80,6 +95,8 @@ class EvalModelLoader(io.ComfyNode):
         if path is None:
             raise FileNotFoundError("model_name: " + missing_file_message(EVAL_FOLDER, model_name, _eval_hint(),
                                                                           "model file"))
+        if wrong_eval_file(model_name):
+            raise ValueError("model_name: " + wrong_eval_file(model_name))
         if kind == "clip":
             return io.NodeOutput(evalmodels.load_clip(path, clip_architecture))
         if kind == "dino":
@@ -123,12 +140,16 @@ class CLIPScore(io.ComfyNode):
                                tooltip="Optional reference images of the subject for CLIP-I. Without them clip_i "
                                        "is NaN and the report says so."),
             ],
-            outputs=[io.Float.Output(display_name="clip_t"), io.Float.Output(display_name="clip_i"),
-                     io.String.Output(display_name="report")],
+            outputs=[io.Float.Output(display_name="clip_t", tooltip="Image-prompt similarity, averaged over the images."),
+                     io.Float.Output(display_name="clip_i",
+                                     tooltip="Image-reference similarity, averaged (NaN without reference_images)."),
+                     io.String.Output(display_name="report", tooltip="Each image's scores, as text.")],
         )
 
     @classmethod
     def execute(cls, eval_model, images, prompts, reference_images=None) -> io.NodeOutput:
+        checked = check_inputs(cls, locals())
+        images, reference_images = checked["images"], checked["reference_images"]
         if not isinstance(eval_model, evalmodels.ClipModel) and not hasattr(eval_model, "tokenizer"):
             raise ValueError("eval_model: expected a CLIP model from Evaluation Model Loader (kind clip)")
         images = check_images("images", images)
@@ -170,11 +191,14 @@ class DINOScore(io.ComfyNode):
                 io.Image.Input("images", tooltip="The generated images (a batch)."),
                 io.Image.Input("reference_images", tooltip="Reference images of the subject (a batch)."),
             ],
-            outputs=[io.Float.Output(display_name="dino"), io.String.Output(display_name="report")],
+            outputs=[io.Float.Output(display_name="dino", tooltip="Image-reference DINO similarity, averaged."),
+                     io.String.Output(display_name="report", tooltip="The score and image counts, as text.")],
         )
 
     @classmethod
     def execute(cls, eval_model, images, reference_images) -> io.NodeOutput:
+        checked = check_inputs(cls, locals())
+        images, reference_images = checked["images"], checked["reference_images"]
         if not isinstance(eval_model, evalmodels.DinoViT) and not hasattr(eval_model, "patch_embed"):
             raise ValueError("eval_model: expected a DINO model from Evaluation Model Loader (kind dino)")
         images = check_images("images", images)

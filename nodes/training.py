@@ -45,7 +45,7 @@ class SegMixDataset(io.ComfyNode):
                                 tooltip="A short unique name for this subject (default: the phrase's first word)."),
                 SegMixDatasetType.Input("dataset", optional=True, tooltip="Subjects to chain onto."),
             ],
-            outputs=[SegMixDatasetType.Output(display_name="dataset")],
+            outputs=[SegMixDatasetType.Output(display_name="dataset", tooltip="The training set so far, this part last.")],
         )
 
     @classmethod
@@ -172,11 +172,12 @@ class TrainSegMixLoRA(io.ComfyNode):
                              tooltip="GPUs for data-parallel training (the child runs under accelerate launch / "
                                      "torchrun). batch_size must be a multiple of it."),
             ],
-            outputs=[io.Combo.Output(display_name="lora_name", options=lora_files()),
-                     io.Model.Output(display_name="model"),
-                     io.Image.Output(display_name="loss_curve"),
-                     io.Image.Output(display_name="validation"),
-                     io.String.Output(display_name="report")],
+            outputs=[io.Combo.Output(display_name="lora_name", options=lora_files(),
+                                     tooltip="The trained LoRA's file in models/loras, for LoraLoader."),
+                     io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied."),
+                     io.Image.Output(display_name="loss_curve", tooltip="The training loss over the steps."),
+                     io.Image.Output(display_name="validation", tooltip="The validation images, when any were made."),
+                     io.String.Output(display_name="report", tooltip="What the run did, as text.")],
         )
 
     @classmethod
@@ -273,10 +274,11 @@ class TrainInfusion(io.ComfyNode):
                              tooltip="Steps between checkpoints (for resuming)."),
                 io.Int.Input("gpus", advanced=True, default=1, min=1, max=64, tooltip="GPUs for data-parallel training."),
             ],
-            outputs=[io.Combo.Output(display_name="infusion_name", options=infusion_files()),
-                     io.Image.Output(display_name="loss_curve"),
-                     io.Image.Output(display_name="validation"),
-                     io.String.Output(display_name="report")],
+            outputs=[io.Combo.Output(display_name="infusion_name", options=infusion_files(),
+                                     tooltip="The trained file in models/model_patches, for Apply Infusion."),
+                     io.Image.Output(display_name="loss_curve", tooltip="The training loss over the steps."),
+                     io.Image.Output(display_name="validation", tooltip="The validation images, when any were made."),
+                     io.String.Output(display_name="report", tooltip="What the run did, as text.")],
         )
 
     @classmethod

@@ -53,7 +53,7 @@ def test_dmsa_bad_settings(sd15, references):
         dmsa(model, clip, references[1:], references[:1], preset="SD3")
     with pytest.raises(ValueError, match="output:0"):      # the SDXL preset's blocks are missing in SD1.5
         dmsa(model, clip, references[1:], references[:1], preset="SDXL FreeMix analogue")
-    with pytest.raises(ValueError, match="threshold must lie in 0..1"):
+    with pytest.raises(ValueError, match="mask_threshold: must lie in 0..1"):
         dmsa(model, clip, references[1:], references[:1], mask_threshold=1.5)
     with pytest.raises(ValueError, match="start_percent/end_percent|must not be after"):
         dmsa(model, clip, references[1:], references[:1], appearance_start=0.9, appearance_end=0.2)
