@@ -16,6 +16,7 @@ import asyncio
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,6 +77,8 @@ def main() -> int:
         print(f"wrote {path}")
 
     rw.import_comfyui(rw.find_comfyui(a.comfyui))
+    import folder_paths                   # the pack copies its example images into the input folder when it
+    folder_paths.set_input_directory(tempfile.mkdtemp(prefix="personalize_inputs_"))   # loads: not the tree's
     asyncio.run(rw.ensure_nodes())
     import nodes
     classes = nodes.NODE_CLASS_MAPPINGS
