@@ -110,9 +110,9 @@ def main() -> int:
                            (st.WORLD_FREECUSTOM, recipes.freecustom_workflow, thumbnails.thumbnail_world_freecustom),
                            (st.WORLD_FREEMIX, recipes.freemix_workflow, thumbnails.thumbnail_world_freemix),
                            (st.WORLD_MUDI, recipes.mudi_workflow, thumbnails.thumbnail_world_mudi)):
-        out = st.WORKFLOWS / f"{c['stem']}.json"
+        out = st.workflow_path(c["stem"])
         out.write_text(json.dumps(build(schemas, classes, c), indent=2) + "\n", encoding="utf-8")
-        card(st.WORKFLOWS / f"{c['stem']}.jpg")
+        card(out.with_suffix(".jpg"))
         print(f"wrote {out} and its thumbnail")
     return 0
 
