@@ -2,7 +2,7 @@
 """Run a UI-format ComfyUI workflow (the JSON the frontend saves) headless, in-process, on a ComfyUI
 install, with this pack loaded.
 
-    python tools/run_workflow.py "workflows/FreeCustom multi-reference (SD1.5).json" \\
+    python tools/run_workflow.py "workflows/FreeCustom MRSA (SD1.5).json" \\
         --comfyui /path/to/ComfyUI --models /path/to/models \\
         --set KSampler.steps=20 --output out/
 

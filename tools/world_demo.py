@@ -1,6 +1,6 @@
 """The world demo (``python tools/world.py demo``): on a ComfyUI tree with no model downloads, build the world
 checkpoint from the pack's weights when it is missing, run the shipped world MRSA workflow
-(workflows/World model - FreeCustom MRSA (no download).json) headless twice with the same seed, once as
+(workflows/World model - FreeCustom MRSA.json) headless twice with the same seed, once as
 shipped and once with Multi-Reference Attention bypassed (its MODEL input passes through, as Ctrl+B does in the
 editor), and score both images with the world's scorer.
 

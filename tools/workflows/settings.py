@@ -27,7 +27,7 @@ def read_note(name: str) -> str:
 # layers and sampler settings.
 FREECUSTOM = dict(
     stem="personalize_freecustom_multi_reference",
-    template="FreeCustom multi-reference (SD1.5)",
+    template="FreeCustom MRSA (SD1.5)",
     checkpoint="v1-5-pruned-emaonly.safetensors",
     prompt="a cat and a dog sitting together on a sofa",
     negative="lowres, bad anatomy, text, error, cropped, worst quality, low quality, normal quality, "
@@ -43,7 +43,7 @@ FREECUSTOM = dict(
 # the references side by side (the node's FLUX defaults); the mask weight as FreeCustom's.
 FREECUSTOM_FLUX = dict(
     stem="personalize_freecustom_flux",
-    template="FreeCustom multi-reference (FLUX.1 dev)",
+    template="FreeCustom MRSA (FLUX.1 dev)",
     unet="flux1-dev.safetensors",
     clip_l="clip_l.safetensors",
     t5="t5xxl_fp16.safetensors",
@@ -61,7 +61,7 @@ FREECUSTOM_FLUX = dict(
 # from SAM Mask nodes (box / points + box prompts fitted to the two shipped 512x512 photos).
 FREEMIX = dict(
     stem="personalize_freemix_structure_appearance",
-    template="FreeMix structure and appearance (SD1.5)",
+    template="FreeMix DMSA (SD1.5)",
     checkpoint="v1-5-pruned-emaonly.safetensors",
     sam="sam_vit_b_01ec64.pth",
     prompt="a photo of a dog in the grass",
@@ -129,7 +129,7 @@ MUDI = dict(
 # style (a rare word + the class). Sampling as the compose-and-score example: SDXL, euler, 30 steps, cfg 5.
 MUDI_TRAIN = dict(
     stem="personalize_mudi_train_segmix_lora",
-    template="MuDI train a Seg-Mix LoRA (SDXL)",
+    template="MuDI train Seg-Mix LoRA (SDXL)",
     checkpoint="sd_xl_base_1.0.safetensors",
     output_name="mudi_cat_dog",
     subjects=[("cat", "olis cat", "personalize_cat_04.jpg", "personalize_cat_04_mask.jpg"),
@@ -153,7 +153,7 @@ MUDI_TRAIN = dict(
 # step-distilled: 4 steps, cfg 1 (its template's settings), euler / simple, 1024x1024.
 NATIVE_FLUX2 = dict(
     stem="personalize_native_flux2_klein",
-    template="Native references in two regions (FLUX.2 klein)",
+    template="Native references (FLUX.2 klein)",
     unet="flux-2-klein-4b.safetensors",
     clip="qwen_3_4b.safetensors",
     clip_type="flux2",
@@ -171,7 +171,7 @@ NATIVE_FLUX2 = dict(
 # settings without the Lightning LoRA).
 NATIVE_QWEN = dict(
     stem="personalize_native_qwen_edit_two_people",
-    template="Two people kept apart (Qwen-Image-Edit)",
+    template="Two people (Qwen-Image-Edit)",
     unet="qwen_image_edit_2509_fp8_e4m3fn.safetensors",
     clip="qwen_2.5_vl_7b_fp8_scaled.safetensors",
     clip_type="qwen_image",
@@ -214,7 +214,7 @@ _WORLD_SAMPLING = dict(checkpoint="personalize_world.safetensors", checkpoint_ti
 WORLD_FREECUSTOM = dict(
     _WORLD_SAMPLING,
     stem="personalize_world_freecustom_multi_reference",
-    template="World model - FreeCustom MRSA (no download)",
+    template="World model - FreeCustom MRSA",
     title=f"{WORLD}: FreeCustom MRSA",
     prompt="a circle and a square",
     refs=[(s, *world_files(s), world_caption(s)) for s in ("circle", "square")],
@@ -225,7 +225,7 @@ WORLD_FREECUSTOM = dict(
 WORLD_FREEMIX = dict(
     _WORLD_SAMPLING,
     stem="personalize_world_freemix_structure_appearance",
-    template="World model - FreeMix DMSA (no download)",
+    template="World model - FreeMix DMSA",
     title=f"{WORLD}: FreeMix DMSA",
     prompt="a star",
     blend_word="star",
@@ -239,7 +239,7 @@ WORLD_FREEMIX = dict(
 WORLD_MUDI = dict(
     _WORLD_SAMPLING,
     stem="personalize_world_mudi_compose",
-    template="World model - MuDI compose (no download)",
+    template="World model - MuDI compose",
     title=f"{WORLD}: MuDI compose",
     prompt=f"{world_caption('circle')} and {world_caption('square')}",
     refs=[(s, *world_files(s)) for s in ("circle", "square")],
