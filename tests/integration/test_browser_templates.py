@@ -14,8 +14,9 @@ category under Extensions, the card (titled by the file name). Then, on the load
   workflow gives one, the download link.
 
 The templates whose loaders can take tiny random models under the real file names (the SD1.5 FreeCustom and
-FreeMix examples, MuDI compose-and-score) are then queued from the page at 64-128 px and 2 steps and must
-complete with a saved image. The others load real-size text encoders or vision towers that no tiny file
+FreeMix examples, MuDI compose-and-score) and the three world templates (on the world checkpoint, built from
+the committed weights) are then queued from the page at 64-128 px and 2 steps and must complete with a saved
+image. The others load real-size text encoders or vision towers that no tiny file
 stands in for inside an unpatched server (tests/integration/test_workflows.py runs them in-process).
 
 Skipped, saying why, without chromium, chromedriver or selenium. About 2-4 minutes on two CPU cores.
@@ -33,7 +34,7 @@ import urllib.request
 import pytest
 from workflow_helpers import shipped_stems, workflow_file
 
-from pack_paths import PACK_ROOT, comfyui_root
+from pack_paths import PACK_ROOT, comfyui_root, no_world_weights, world_weights
 
 # the templates queued from the page: stem -> (node type, widget, value) changes a user would make to run it
 # small and fast, and the Save Image prefix it writes
@@ -49,6 +50,16 @@ RUNNABLE = {
         [("PersonalizeSubjectComposer", "width", 128), ("PersonalizeSubjectComposer", "height", 128),
          ("EmptyLatentImage", "width", 128), ("EmptyLatentImage", "height", 128), ("BasicScheduler", "steps", 2)],
         "personalize_mudi"),
+    # the world's templates on the world checkpoint itself (built from the committed weights)
+    "personalize_world_freecustom_multi_reference": (
+        [("EmptyLatentImage", "width", 64), ("EmptyLatentImage", "height", 64), ("KSampler", "steps", 2),
+         ("PersonalizeReferenceEncode", "resolution", 64)],
+        "personalize_world_freecustom"),
+    "personalize_world_freemix_structure_appearance": (
+        [("EmptyLatentImage", "width", 64), ("EmptyLatentImage", "height", 64), ("KSampler", "steps", 2),
+         ("PersonalizeReferenceEncode", "resolution", 64)],
+        "personalize_world_freemix"),
+    "personalize_world_mudi_compose": ([("BasicScheduler", "steps", 2)], "personalize_world_mudi"),
 }
 # console messages of a fresh user folder that any page load prints (the frontend asks for user files that
 # do not exist yet); nothing a template causes
@@ -90,23 +101,32 @@ def _link(src, dst):
         shutil.copyfile(src, dst)
 
 
-def _models(base, tiny_sd15_path) -> set[str]:
-    """base/models with tiny files under the runnable templates' names; returns the stems runnable here."""
+def _models(base, tiny_sd15_path) -> dict[str, str | None]:
+    """base/models with tiny files under the runnable templates' names (and the world checkpoint); returns
+    why each runnable template cannot run here (None: it can)."""
     models = base / "models"
     for name in ("v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors"):
         _link(tiny_sd15_path, models / "checkpoints" / name)
-    runnable = {"personalize_freecustom_multi_reference"}
+    why = dict.fromkeys(RUNNABLE)
     if importlib.util.find_spec("segment_anything") is not None:
         from tiny_sam import save_tiny_sam
         save_tiny_sam(models / "sams" / "sam_vit_b_01ec64.pth")
-        runnable.add("personalize_freemix_structure_appearance")
+    else:
+        why["personalize_freemix_structure_appearance"] = "SAM Mask needs segment_anything"
     if importlib.util.find_spec("transformers") is not None:
         from tiny_dreamsim import build_tiny_dreamsim
         from tiny_owl import build_tiny_owlv2
         build_tiny_owlv2(models / "personalize_eval" / "owlv2-base-patch16-ensemble")
         build_tiny_dreamsim(models / "personalize_eval" / "dreamsim")
-        runnable.add("personalize_mudi_compose_and_score")
-    return runnable
+    else:
+        why["personalize_mudi_compose_and_score"] = "Detect-and-Compare needs transformers"
+    reason = no_world_weights()
+    if reason is None:
+        from personalize_pack.world import checkpoint
+        checkpoint.build(models / "checkpoints" / checkpoint.CHECKPOINT_NAME, world_weights())
+    for stem in (s for s in RUNNABLE if s.startswith("personalize_world_")):
+        why[stem] = reason
+    return why
 
 
 class Page:
@@ -298,8 +318,8 @@ def _assert_reported_missing(page, entry):
 
 @pytest.mark.parametrize("stem", sorted(RUNNABLE))
 def test_template_runs_from_the_page(ui, stem):
-    if stem not in ui["runnable"]:
-        pytest.skip("its tiny models need segment_anything / transformers")
+    if ui["runnable"][stem] is not None:
+        pytest.skip(ui["runnable"][stem])
     page, base = ui["page"], ui["base"]
     changes, prefix = RUNNABLE[stem]
     path = workflow_file(stem)
