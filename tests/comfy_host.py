@@ -39,6 +39,9 @@ def init_comfyui() -> Path | None:
     # Keep the tests from creating ComfyUI's user folder inside the ComfyUI tree.
     if not Path(folder_paths.get_user_directory()).is_dir():
         folder_paths.set_user_directory(tempfile.mkdtemp(prefix="comfy_user_"))
+    # Nor its input folder: the pack copies its example images into the input folder when it loads.
+    if Path(folder_paths.get_input_directory()).resolve() == (root / "input").resolve():
+        folder_paths.set_input_directory(tempfile.mkdtemp(prefix="comfy_input_"))
     return root
 
 

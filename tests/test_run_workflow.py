@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from workflow_helpers import SCHEMAS, WORKFLOWS, api_by_type
+from workflow_helpers import SCHEMAS, api_by_type, workflow_file
 
 import run_workflow as rw
 from ui_to_api import WorkflowError, ui_to_api
 
-WORKFLOW = WORKFLOWS / "personalize_freecustom_multi_reference.json"
+WORKFLOW = workflow_file("personalize_freecustom_multi_reference")
 
 
 @pytest.fixture

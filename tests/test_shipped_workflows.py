@@ -7,16 +7,17 @@ import json
 
 import numpy as np
 import pytest
-from workflow_helpers import SHIPPED_INPUTS, WORKFLOWS, assert_ui_format, input_link, node_by_title, node_by_type, origin
+from workflow_helpers import (SHIPPED_INPUTS, WORKFLOWS, assert_ui_format, input_link, node_by_title, node_by_type,
+                              origin, shipped_stems, workflow_file)
 
-WORKFLOW = WORKFLOWS / "personalize_freecustom_multi_reference.json"
-MUDI_WORKFLOW = WORKFLOWS / "personalize_mudi_compose_and_score.json"
+WORKFLOW = workflow_file("personalize_freecustom_multi_reference")
+MUDI_WORKFLOW = workflow_file("personalize_mudi_compose_and_score")
 MUDI_INPUTS = ["personalize_cat_04.jpg", "personalize_cat_04_mask.jpg", "personalize_dog6_02.jpg",
                "personalize_dog6_02_mask.jpg"]
-MUDI_TRAIN_WORKFLOW = WORKFLOWS / "personalize_mudi_train_segmix_lora.json"
+MUDI_TRAIN_WORKFLOW = workflow_file("personalize_mudi_train_segmix_lora")
 MUDI_TRAIN_LORA = "mudi_cat_dog.safetensors"
 TRAIN_TITLES = ("Loss curve", "Validation images", "Training report")
-FLUX_WORKFLOW = WORKFLOWS / "personalize_freecustom_flux.json"
+FLUX_WORKFLOW = workflow_file("personalize_freecustom_flux")
 FLUX_SINGLE = "FLUX dev/schnell: single blocks"
 FLUX_INPUTS = MUDI_INPUTS
 
@@ -188,7 +189,7 @@ WORLD_SUBJECTS = {"circle": ("teal", "checkered", "circle"), "square": ("orange"
 
 
 def _world(stem):
-    return json.loads((WORKFLOWS / f"{stem}.json").read_text(encoding="utf-8"))
+    return json.loads(workflow_file(stem).read_text(encoding="utf-8"))
 
 
 def _world_file(subject, mask=False):
@@ -204,7 +205,7 @@ def _image_and_mask(wf, node, image_input="image", mask_input="mask"):
 
 
 def test_world_stems_are_every_shipped_world_workflow():
-    assert sorted(p.stem for p in WORKFLOWS.glob("personalize_world_*.json")) == WORLD_STEMS
+    assert [s for s in shipped_stems() if s.startswith("personalize_world_")] == WORLD_STEMS
 
 
 @pytest.mark.parametrize("stem", WORLD_STEMS)
@@ -213,7 +214,7 @@ def test_world_workflow_is_marked_and_uses_the_worlds_settings(stem):
     how to build the file, the world's sampler defaults (euler / normal, 20 steps, cfg 5, no negative,
     128x128), Reference Encode at 128 with mask weight 3, and only shipped world inputs."""
     wf = _world(stem)
-    assert_ui_format(wf, WORKFLOWS / f"{stem}.json")
+    assert_ui_format(wf, workflow_file(stem))
     assert all(n["mode"] == 0 for n in wf["nodes"])
     ckpt = node_by_type(wf, "CheckpointLoaderSimple")
     assert ckpt["widgets_values"] == [WORLD_CHECKPOINT] and WORLD in ckpt["title"]
@@ -239,7 +240,7 @@ def test_world_workflow_is_marked_and_uses_the_worlds_settings(stem):
     loaded = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LoadImage"}
     assert loaded and all(name.startswith("personalize_world_") and name.endswith(".png") for name in loaded)
     assert loaded <= {p.name for p in SHIPPED_INPUTS.iterdir()}
-    assert (WORKFLOWS / f"{stem}.jpg").is_file()
+    assert workflow_file(stem).with_suffix(".jpg").is_file()
 
 
 def test_world_mrsa_workflow():
@@ -326,3 +327,78 @@ def test_world_inputs_are_the_scene_generators_drawings():
         base = np.array(data.COLOURS[colour], np.uint8)
         assert (image[mask] == base).all(axis=-1).any() and not (image[~mask] == base).all(axis=-1).any()
         assert 34 ** 2 / 4 < mask.sum() < 50 ** 2                        # one object of the world's size
+
+
+# --- the templates as the frontend lists them, and their model files ----------------------------------------
+
+# The model folder each loader lists (ComfyUI's folder names; the frontend's missing-models panel files a
+# model under it): node type -> [(widget index, folder)]
+LOADER_FOLDERS = {
+    "CheckpointLoaderSimple": [(0, "checkpoints")], "UNETLoader": [(0, "diffusion_models")],
+    "DualCLIPLoader": [(0, "text_encoders"), (1, "text_encoders")], "CLIPLoader": [(0, "text_encoders")],
+    "VAELoader": [(0, "vae")], "CLIPVisionLoader": [(0, "clip_vision")], "PhotoMakerLoader": [(0, "photomaker")],
+    "LoraLoader": [(0, "loras")], "PersonalizeSAMModelLoader": [(0, "sams")],
+    "PersonalizeMIPAdapterLoader": [(0, "ipadapter")],
+}
+# the extensions frontend 1.49.6 treats as model files (its missing-model scan)
+MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft", ".onnx", ".gguf")
+# files the user makes: the world checkpoint (tools/world.py build) and trained LoRAs: no download link
+USER_MADE = {"personalize_world.safetensors", "mudi_segmix_lora_cat_dog.safetensors", "mudi_cat_dog.safetensors"}
+README = (WORKFLOWS.parent / "README.md").read_text(encoding="utf-8")
+
+
+def _shipped(stem):
+    return json.loads(workflow_file(stem).read_text(encoding="utf-8"))
+
+
+def test_template_files_are_titled_for_people():
+    """Frontend 1.49.6 titles a pack's template card with the file name: each shipped workflow's file is a
+    short human title (no underscores, no characters Windows refuses) with its thumbnail beside it, and
+    nothing else in workflows/ would show up as a template (ComfyUI lists every workflows/*.json)."""
+    stems = shipped_stems()
+    assert len(stems) == 12 and len(set(stems)) == 12
+    for stem in stems:
+        path = workflow_file(stem)
+        title = path.stem
+        # the card shows about 32 characters of the title on one line
+        assert "_" not in title and not set('<>:"/\\|?*') & set(title) and 10 <= len(title) <= 32, title
+        assert path.with_suffix(".jpg").is_file()
+        assert title in README, f"README does not list the template {title!r}"
+    assert sorted(p.name for p in WORKFLOWS.iterdir() if p.is_file()) == sorted(
+        n for s in stems for n in (workflow_file(s).name, workflow_file(s).with_suffix(".jpg").name))
+
+
+@pytest.mark.parametrize("stem", shipped_stems())
+def test_every_model_file_has_download_metadata(stem):
+    """Every widget value that names a model file carries a ``properties.models`` entry on its node (the
+    frontend's missing-models panel): the same name, the loader's folder, a Hugging Face ``resolve`` link
+    whose repository the README names (none only for a file the user makes); the workflow's top-level
+    ``models`` lists them all once."""
+    wf = _shipped(stem)
+    described = []
+    for node in wf["nodes"]:
+        entries = node.get("properties", {}).get("models", [])
+        by_name = {e["name"]: e for e in entries}
+        files = [(i, v) for i, v in enumerate(node["widgets_values"])
+                 if isinstance(v, str) and v.lower().endswith(MODEL_EXTENSIONS)]
+        if files:
+            assert node["type"] in LOADER_FOLDERS, f"{node['type']} loads {files}: give it a folder"
+        assert sorted(by_name) == sorted(v for _, v in files), (node["type"], entries, files)
+        for index, folder in LOADER_FOLDERS.get(node["type"], []):
+            entry = by_name[node["widgets_values"][index]]
+            assert entry["directory"] == folder, (node["type"], entry)
+            if entry["name"] in USER_MADE:
+                assert "url" not in entry
+                continue
+            url = entry["url"]
+            assert url.startswith("https://huggingface.co/") and "/resolve/main/" in url, url
+            repo = "/".join(url.split("/")[3:5])
+            assert repo in README, f"{entry['name']}: README does not name {repo}"
+            assert entry["name"] in README, f"README's model table lacks {entry['name']}"
+            described.append(entry)
+        described += [e for e in entries if e["name"] in USER_MADE]
+    unique = []
+    for e in described:
+        if e not in unique:
+            unique.append(e)
+    assert sorted(map(json.dumps, wf["models"])) == sorted(map(json.dumps, unique))

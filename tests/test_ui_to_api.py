@@ -7,11 +7,11 @@ import copy
 import json
 
 import pytest
-from workflow_helpers import SCHEMAS, WORKFLOWS, api_by_title, api_by_type, node_by_title, node_by_type
+from workflow_helpers import SCHEMAS, api_by_title, api_by_type, node_by_title, node_by_type, workflow_file
 
 from ui_to_api import WorkflowError, ui_to_api, widget_values
 
-WORKFLOW = WORKFLOWS / "personalize_freecustom_multi_reference.json"
+WORKFLOW = workflow_file("personalize_freecustom_multi_reference")
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ import json
 
 import numpy as np
 import torch
-from workflow_helpers import WORKFLOWS
+from workflow_helpers import workflow_file
 
 import world_demo
 from personalize_pack.world.scorer import Found
 
-SHIPPED = json.loads((WORKFLOWS / "personalize_world_freecustom_multi_reference.json").read_text(encoding="utf-8"))
+SHIPPED = json.loads(workflow_file("personalize_world_freecustom_multi_reference").read_text(encoding="utf-8"))
 
 
 def _found(shape, colour, pattern, embedding=(1.0, 0.0)):

@@ -16,6 +16,19 @@ TOOLS = PACK_ROOT / "tools"
 if str(TOOLS) not in sys.path:          # tools/ is not a package: its modules import each other by path
     sys.path.insert(0, str(TOOLS))
 
+from workflows.settings import TEMPLATES, workflow_path  # (tools/ is on the path now)
+
+
+def workflow_file(stem: str) -> Path:
+    """The shipped JSON of the workflow ``stem`` (``workflows/<its template title>.json``)."""
+    return workflow_path(stem)
+
+
+def shipped_stems() -> list[str]:
+    """The stems of every shipped workflow, sorted; each JSON in ``workflows/`` is one of them."""
+    by_file = {f"{title}.json": stem for stem, title in TEMPLATES.items()}
+    return sorted(by_file[p.name] for p in WORKFLOWS.glob("*.json"))
+
 # The FreeCustom example's node types as hand-written schemas (no ComfyUI needed)
 FLOAT = lambda default: ("FLOAT", {"default": default, "min": 0.0, "max": 100.0})
 SCHEMAS = {

@@ -16,6 +16,7 @@ import asyncio
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,6 +77,8 @@ def main() -> int:
         print(f"wrote {path}")
 
     rw.import_comfyui(rw.find_comfyui(a.comfyui))
+    import folder_paths                   # the pack copies its example images into the input folder when it
+    folder_paths.set_input_directory(tempfile.mkdtemp(prefix="personalize_inputs_"))   # loads: not the tree's
     asyncio.run(rw.ensure_nodes())
     import nodes
     classes = nodes.NODE_CLASS_MAPPINGS
@@ -107,9 +110,9 @@ def main() -> int:
                            (st.WORLD_FREECUSTOM, recipes.freecustom_workflow, thumbnails.thumbnail_world_freecustom),
                            (st.WORLD_FREEMIX, recipes.freemix_workflow, thumbnails.thumbnail_world_freemix),
                            (st.WORLD_MUDI, recipes.mudi_workflow, thumbnails.thumbnail_world_mudi)):
-        out = st.WORKFLOWS / f"{c['stem']}.json"
+        out = st.workflow_path(c["stem"])
         out.write_text(json.dumps(build(schemas, classes, c), indent=2) + "\n", encoding="utf-8")
-        card(st.WORKFLOWS / f"{c['stem']}.jpg")
+        card(out.with_suffix(".jpg"))
         print(f"wrote {out} and its thumbnail")
     return 0
 

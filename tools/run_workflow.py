@@ -2,7 +2,7 @@
 """Run a UI-format ComfyUI workflow (the JSON the frontend saves) headless, in-process, on a ComfyUI
 install, with this pack loaded.
 
-    python tools/run_workflow.py workflows/personalize_freecustom_multi_reference.json \\
+    python tools/run_workflow.py "workflows/FreeCustom MRSA (SD1.5).json" \\
         --comfyui /path/to/ComfyUI --models /path/to/models \\
         --set KSampler.steps=20 --output out/
 
@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -158,14 +157,12 @@ def copy_example_inputs(prompt: dict, input_dir: Path) -> list[str]:
         return []
     shipped = {p.name: p for p in EXAMPLE_INPUTS.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
     wanted = {v for node in prompt.values() for v in node["inputs"].values() if isinstance(v, str) and v in shipped}
-    copied = []
-    for name in sorted(wanted):
-        dest = input_dir / name
-        if not dest.exists():
-            input_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(shipped[name], dest)
-            copied.append(name)
-    return copied
+    from pack_import import import_pack
+    import_pack()
+    from personalize_pack.files.copy_absent import copy_if_absent   # never over a file of the name
+
+    input_dir.mkdir(parents=True, exist_ok=True)
+    return [name for name in sorted(wanted) if copy_if_absent(shipped[name], input_dir / name)]
 
 
 class HeadlessServer:

@@ -1,6 +1,6 @@
 """The world demo (``python tools/world.py demo``): on a ComfyUI tree with no model downloads, build the world
 checkpoint from the pack's weights when it is missing, run the shipped world MRSA workflow
-(workflows/personalize_world_freecustom_multi_reference.json) headless twice with the same seed, once as
+(workflows/World model - FreeCustom MRSA.json) headless twice with the same seed, once as
 shipped and once with Multi-Reference Attention bypassed (its MODEL input passes through, as Ctrl+B does in the
 editor), and score both images with the world's scorer.
 
@@ -31,7 +31,7 @@ import_pack()
 from personalize_pack.files.atomic import atomic_write_text
 from personalize_pack.world import checkpoint, measures, scorer
 
-WORKFLOW = settings.WORKFLOWS / f"{settings.WORLD_FREECUSTOM['stem']}.json"
+WORKFLOW = settings.workflow_path(settings.WORLD_FREECUSTOM["stem"])
 MRSA_NODE = "PersonalizeMultiReferenceAttention"
 CONDITIONS = {"plain": "plain (MRSA bypassed)", "mrsa": "with MRSA"}
 SCORES_FILE = "world_demo_scores.json"

@@ -17,6 +17,7 @@ import torch
 from comfy_sampling import encode, load_image, ref_node, sample
 from pack_paths import PACK_ROOT, comfyui_root
 from tiny_models import TINY_SD15
+from workflow_helpers import workflow_file
 
 ROOT = comfyui_root()
 try:
@@ -30,7 +31,7 @@ pytestmark = [
                                                      f"pip install segment-anything torchvision"),
 ]
 
-WORKFLOW = PACK_ROOT / "workflows" / "personalize_freemix_structure_appearance.json"
+WORKFLOW = workflow_file("personalize_freemix_structure_appearance")
 INPUTS = PACK_ROOT / "workflows" / "inputs"
 SAM_FILE = "sam_vit_b_01ec64.pth"      # the name the example workflow uses; holds the tiny SAM here
 

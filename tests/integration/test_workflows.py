@@ -18,7 +18,8 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from workflow_helpers import WORKFLOWS, api_by_title, api_by_type, images_of, node_by_type, rgb, saved_images
+from workflow_helpers import (WORKFLOWS, api_by_title, api_by_type, images_of, node_by_type, rgb, saved_images,
+                              shipped_stems, workflow_file)
 
 import run_workflow as rw
 from pack_paths import comfyui_root
@@ -515,7 +516,7 @@ CASES = {
     "personalize_world_mudi_compose": Case(
         {}, WORLD_CIRCLE_SQUARE, ["personalize_world_mudi"], 128, prepare=_prepare_world),
 }
-SHIPPED = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+SHIPPED = shipped_stems()
 
 
 # --- fixtures ------------------------------------------------------------------------------------------
@@ -580,9 +581,9 @@ def test_shipped_workflow_runs_headless(stem, tiny_models_dir, tmp_path, request
     embedded (reloadable in the editor), not flat; then the example's own checks."""
     from PIL import Image
 
-    assert stem in CASES, f"workflows/{stem}.json has no tiny set-up in CASES"
+    assert stem in CASES, f"{workflow_file(stem).name} ({stem}) has no tiny set-up in CASES"
     case = CASES[stem]
-    run = Run(json.loads((WORKFLOWS / f"{stem}.json").read_text(encoding="utf-8")), tiny_models_dir, tmp_path,
+    run = Run(json.loads(workflow_file(stem).read_text(encoding="utf-8")), tiny_models_dir, tmp_path,
               request, monkeypatch, state={"stem": stem})
     if case.prepare:
         case.prepare(run)
@@ -609,7 +610,7 @@ def test_shipped_workflow_runs_headless(stem, tiny_models_dir, tmp_path, request
 
 def test_run_workflow_reports_validation_errors(tiny_models_dir, tmp_path):
     with pytest.raises(WorkflowError, match="validation failed"):
-        rw.run_workflow(WORKFLOWS / "personalize_freecustom_multi_reference.json", ROOT,
+        rw.run_workflow(workflow_file("personalize_freecustom_multi_reference"), ROOT,
                         output_dir=tmp_path / "out", models_dir=tiny_models_dir, input_dir=tmp_path / "in",
                         overrides={"CheckpointLoaderSimple.ckpt_name": "missing.safetensors"})
 
@@ -618,7 +619,7 @@ def test_mudi_gamma_zero_equals_random_noise(tiny_models_dir, temp_dir, tmp_path
     """Mean-Shifted Noise with gamma 0 gives the image of the same workflow with core's RandomNoise of the
     same seed in its place, bit for bit; the default gamma (1) gives another image. The score nodes are
     muted here (they only read the image)."""
-    wf = json.loads((WORKFLOWS / "personalize_mudi_compose_and_score.json").read_text(encoding="utf-8"))
+    wf = json.loads(workflow_file("personalize_mudi_compose_and_score").read_text(encoding="utf-8"))
     for n in wf["nodes"]:
         if n["type"] in DC_NODES or n.get("title") in ("Annotated (score in the caption)", "D&C report"):
             n["mode"] = 2
@@ -671,7 +672,7 @@ def test_flux_workflow_is_reproduced_by_the_generator(tiny_models_dir, tmp_path)
     """The shipped JSON and thumbnail are what tools/make_workflows.py writes with the live schemas."""
     import nodes
     from workflows import recipes, thumbnails
-    flux = WORKFLOWS / "personalize_freecustom_flux.json"
+    flux = workflow_file("personalize_freecustom_flux")
     shipped = json.loads(flux.read_text(encoding="utf-8"))
     schemas = rw.live_schemas(sorted({n["type"] for n in shipped["nodes"]} - {"Note"}))
     assert recipes.freecustom_flux_workflow(schemas, nodes.NODE_CLASS_MAPPINGS) == shipped
@@ -687,7 +688,7 @@ def test_native_workflows_are_reproduced_by_the_generator(stem, recipe, card, ti
     import nodes
     from workflows import native_recipes, thumbnails
     from workflows.native_inputs import REGIONS, write_native_inputs
-    path = WORKFLOWS / f"{stem}.json"
+    path = workflow_file(stem)
     shipped = json.loads(path.read_text(encoding="utf-8"))
     schemas = rw.live_schemas(sorted({n["type"] for n in shipped["nodes"]} - {"Note"}))
     assert getattr(native_recipes, recipe)(schemas, nodes.NODE_CLASS_MAPPINGS) == shipped
@@ -711,8 +712,46 @@ def test_world_workflows_are_reproduced_by_the_generator(stem, tiny_models_dir, 
                                       thumbnails.thumbnail_world_freecustom),
         st.WORLD_FREEMIX["stem"]: (st.WORLD_FREEMIX, recipes.freemix_workflow, thumbnails.thumbnail_world_freemix),
         st.WORLD_MUDI["stem"]: (st.WORLD_MUDI, recipes.mudi_workflow, thumbnails.thumbnail_world_mudi)}[stem]
-    shipped = json.loads((WORKFLOWS / f"{stem}.json").read_text(encoding="utf-8"))
+    shipped = json.loads(workflow_file(stem).read_text(encoding="utf-8"))
     schemas = rw.live_schemas(sorted({n["type"] for n in shipped["nodes"]} - {"Note"}))
     assert build(schemas, nodes.NODE_CLASS_MAPPINGS, settings) == shipped
     card(tmp_path / "card.jpg")
-    assert (tmp_path / "card.jpg").read_bytes() == (WORKFLOWS / f"{stem}.jpg").read_bytes()
+    assert (tmp_path / "card.jpg").read_bytes() == workflow_file(stem).with_suffix(".jpg").read_bytes()
+
+
+def test_model_metadata_names_the_loaders_own_folder(tiny_models_dir, tmp_path):
+    """Each model entry of a shipped workflow names a folder ComfyUI knows (``/experiment/models`` lists it,
+    so the frontend's missing-models panel files the download there), and the folder its loader reads: a
+    file of the entry's name put into a fresh path of that folder shows up among the loader widget's
+    choices (the widget found by position in the live schema, not from the generator's table)."""
+    import folder_paths
+    from ui_to_api import widget_slots
+
+    checked = set()
+    for stem in shipped_stems():
+        wf = json.loads(workflow_file(stem).read_text(encoding="utf-8"))
+        for node in wf["nodes"]:
+            for entry in node.get("properties", {}).get("models", []):
+                schema = rw.live_schemas([node["type"]])[node["type"]]
+                widgets = [(name, opts) for (name, kind, opts), value in zip(widget_slots(schema),
+                                                                              node["widgets_values"])
+                           if kind == "value" and value == entry["name"]]
+                assert widgets, (stem, node["type"], entry)
+                checked.add((node["type"], widgets[0][0], entry["name"], entry["directory"]))
+    assert {c[3] for c in checked} >= {"checkpoints", "ipadapter", "sams", "clip_vision", "photomaker",
+                                       "diffusion_models", "text_encoders", "vae", "loras"}
+    for class_type, widget, name, directory in sorted(checked):
+        assert directory in folder_paths.folder_names_and_paths, f"{directory}: not a ComfyUI model folder"
+        folder = tmp_path / directory
+        folder.mkdir(exist_ok=True)
+        (folder / name).write_bytes(b"")
+        before = list(folder_paths.folder_names_and_paths[directory][0])
+        folder_paths.add_model_folder_path(directory, str(folder))
+        folder_paths.filename_list_cache.pop(directory, None)
+        try:
+            spec = rw.live_schemas([class_type])[class_type]["required"][widget]
+            choices = spec[0] if isinstance(spec[0], (list, tuple)) else spec[1].get("options", [])
+            assert name in choices, f"{class_type}.{widget} does not list {name} put into models/{directory}"
+        finally:
+            folder_paths.folder_names_and_paths[directory][0][:] = before
+            folder_paths.filename_list_cache.pop(directory, None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ui_to_api import is_widget, ordered_inputs, widget_slots
 
+from .models import model_entries, workflow_models
+
 
 class Graph:
     """A tiny UI-format graph builder: nodes with sockets from the live schema, links, order."""
@@ -41,6 +43,9 @@ class Graph:
             "properties": {"Node name for S&R": class_type},
             "widgets_values": widgets,
         }
+        models = model_entries(class_type, {n: v for (n, _, _), v in zip(widget_slots(schema), widgets)})
+        if models:                  # the model files it loads, for the frontend's missing-models panel
+            node["properties"]["models"] = models
         if title:
             node["title"] = title
         self.nodes.append(node)
@@ -84,7 +89,8 @@ class Graph:
             n["order"] = done.index(n["id"])
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
                 "links": self.links, "groups": self.groups, "config": {},
-                "extra": {"ds": {"scale": 0.65, "offset": [40, 40]}}, "version": 0.4}
+                "extra": {"ds": {"scale": 0.65, "offset": [40, 40]}}, "models": workflow_models(self.nodes),
+                "version": 0.4}
 
 
 def checkpoint_and_prompts(g, c, note: str, note_height: int, note_title: str):

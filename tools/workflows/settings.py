@@ -27,6 +27,7 @@ def read_note(name: str) -> str:
 # layers and sampler settings.
 FREECUSTOM = dict(
     stem="personalize_freecustom_multi_reference",
+    template="FreeCustom MRSA (SD1.5)",
     checkpoint="v1-5-pruned-emaonly.safetensors",
     prompt="a cat and a dog sitting together on a sofa",
     negative="lowres, bad anatomy, text, error, cropped, worst quality, low quality, normal quality, "
@@ -42,6 +43,7 @@ FREECUSTOM = dict(
 # the references side by side (the node's FLUX defaults); the mask weight as FreeCustom's.
 FREECUSTOM_FLUX = dict(
     stem="personalize_freecustom_flux",
+    template="FreeCustom MRSA (FLUX.1 dev)",
     unet="flux1-dev.safetensors",
     clip_l="clip_l.safetensors",
     t5="t5xxl_fp16.safetensors",
@@ -59,6 +61,7 @@ FREECUSTOM_FLUX = dict(
 # from SAM Mask nodes (box / points + box prompts fitted to the two shipped 512x512 photos).
 FREEMIX = dict(
     stem="personalize_freemix_structure_appearance",
+    template="FreeMix DMSA (SD1.5)",
     checkpoint="v1-5-pruned-emaonly.safetensors",
     sam="sam_vit_b_01ec64.pth",
     prompt="a photo of a dog in the grass",
@@ -75,6 +78,7 @@ FREEMIX = dict(
 # the official code falls back to), seed 420, 1024x1024, the official negative prompt.
 MIP = dict(
     stem="personalize_mip_adapter_multi_object",
+    template="MIP-Adapter multi-object (SDXL)",
     checkpoint="sd_xl_base_1.0.safetensors",
     adapter="model_sdxl.bin",
     clip_vision="CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors",
@@ -92,6 +96,7 @@ MIP = dict(
 # steps, CFG 5, mask weight 1.5, its SDXL blocks); the attributes are ones MediaPipe can mask offline.
 FREECURE = dict(
     stem="personalize_freecure_photomaker",
+    template="FreeCure with PhotoMaker (SDXL)",
     checkpoint="sd_xl_base_1.0.safetensors",
     photomaker="photomaker-v1.bin",
     id_image="personalize_astronaut.jpg",
@@ -108,6 +113,7 @@ FREECURE = dict(
 # ordinary SDXL settings (MuDI's inference notebooks are not readable). The prompt is cases.json's cat_and_dog.
 MUDI = dict(
     stem="personalize_mudi_compose_and_score",
+    template="MuDI compose and score (SDXL)",
     checkpoint="sd_xl_base_1.0.safetensors",
     lora="mudi_segmix_lora_cat_dog.safetensors",
     prompt="a cat and a dog sitting together on a sofa",
@@ -123,6 +129,7 @@ MUDI = dict(
 # style (a rare word + the class). Sampling as the compose-and-score example: SDXL, euler, 30 steps, cfg 5.
 MUDI_TRAIN = dict(
     stem="personalize_mudi_train_segmix_lora",
+    template="MuDI train Seg-Mix LoRA (SDXL)",
     checkpoint="sd_xl_base_1.0.safetensors",
     output_name="mudi_cat_dog",
     subjects=[("cat", "olis cat", "personalize_cat_04.jpg", "personalize_cat_04_mask.jpg"),
@@ -146,6 +153,7 @@ MUDI_TRAIN = dict(
 # step-distilled: 4 steps, cfg 1 (its template's settings), euler / simple, 1024x1024.
 NATIVE_FLUX2 = dict(
     stem="personalize_native_flux2_klein",
+    template="Native references (FLUX.2 klein)",
     unet="flux-2-klein-4b.safetensors",
     clip="qwen_3_4b.safetensors",
     clip_type="flux2",
@@ -163,6 +171,7 @@ NATIVE_FLUX2 = dict(
 # settings without the Lightning LoRA).
 NATIVE_QWEN = dict(
     stem="personalize_native_qwen_edit_two_people",
+    template="Two people (Qwen-Image-Edit)",
     unet="qwen_image_edit_2509_fp8_e4m3fn.safetensors",
     clip="qwen_2.5_vl_7b_fp8_scaled.safetensors",
     clip_type="qwen_image",
@@ -205,6 +214,7 @@ _WORLD_SAMPLING = dict(checkpoint="personalize_world.safetensors", checkpoint_ti
 WORLD_FREECUSTOM = dict(
     _WORLD_SAMPLING,
     stem="personalize_world_freecustom_multi_reference",
+    template="World model - FreeCustom MRSA",
     title=f"{WORLD}: FreeCustom MRSA",
     prompt="a circle and a square",
     refs=[(s, *world_files(s), world_caption(s)) for s in ("circle", "square")],
@@ -215,6 +225,7 @@ WORLD_FREECUSTOM = dict(
 WORLD_FREEMIX = dict(
     _WORLD_SAMPLING,
     stem="personalize_world_freemix_structure_appearance",
+    template="World model - FreeMix DMSA",
     title=f"{WORLD}: FreeMix DMSA",
     prompt="a star",
     blend_word="star",
@@ -228,6 +239,7 @@ WORLD_FREEMIX = dict(
 WORLD_MUDI = dict(
     _WORLD_SAMPLING,
     stem="personalize_world_mudi_compose",
+    template="World model - MuDI compose",
     title=f"{WORLD}: MuDI compose",
     prompt=f"{world_caption('circle')} and {world_caption('square')}",
     refs=[(s, *world_files(s)) for s in ("circle", "square")],
@@ -237,6 +249,16 @@ WORLD_MUDI = dict(
 
 WORLD_ALL = (WORLD_FREECUSTOM, WORLD_FREEMIX, WORLD_MUDI)
 ALL = (FREECUSTOM, FREEMIX, MIP, FREECURE, MUDI, MUDI_TRAIN, FREECUSTOM_FLUX, NATIVE_FLUX2, NATIVE_QWEN, *WORLD_ALL)
+
+# The shipped file of each workflow is ``workflows/<template>.json`` (+ ``.jpg``): frontend 1.49.6 titles a
+# custom node pack's template card with its file name and reads no other title or description for it, so
+# the file name is the human title. ``stem`` stays the workflow's id (notes, tests, Save Image prefixes).
+TEMPLATES = {c["stem"]: c["template"] for c in ALL}
+
+
+def workflow_path(stem: str) -> Path:
+    """The shipped JSON of the workflow ``stem`` (its thumbnail: the same path with ``.jpg``)."""
+    return WORKFLOWS / f"{TEMPLATES[stem]}.json"
 
 
 def fall_back_samplers(sampler_names, schedulers) -> None:
