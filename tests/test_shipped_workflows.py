@@ -223,7 +223,9 @@ def test_world_workflow_is_marked_and_uses_the_worlds_settings(stem):
     text = notes[0]["widgets_values"][0]
     assert text.startswith(WORLD) and "tools/world.py build" in text and WORLD_CHECKPOINT in text
 
-    assert node_by_title(wf, "Prompt")["widgets_values"] != [""]
+    prompts = [n for n in wf["nodes"] if n.get("title") == "Prompt"]
+    prompts = prompts or [node_by_type(wf, "PersonalizeDisentangleMixingAttention")]   # DMSA encodes its own
+    assert len(prompts) == 1 and prompts[0]["widgets_values"][0] != ""
     negative = [n for n in wf["nodes"] if n.get("title", "").startswith("Negative prompt")]
     assert len(negative) == 1 and negative[0]["widgets_values"] == [""]
     assert node_by_type(wf, "EmptyLatentImage")["widgets_values"] == [128, 128, 1]
@@ -269,12 +271,16 @@ def test_world_dmsa_workflow():
     SAM), prompt "a star" with the blend word "star"."""
     wf = _world("personalize_world_freemix_structure_appearance")
     assert not any(n["type"].startswith("PersonalizeSAM") for n in wf["nodes"])
-    assert node_by_title(wf, "Prompt")["widgets_values"] == ["a star"]
     dmsa = node_by_type(wf, "PersonalizeDisentangleMixingAttention")
     assert dmsa["widgets_values"][:3] == ["a star", "star", "SD1.5 FreeMix"]
     ckpt = node_by_type(wf, "CheckpointLoaderSimple")
     assert input_link(wf, dmsa, "model") == (ckpt["id"], 0) and input_link(wf, dmsa, "clip") == (ckpt["id"], 1)
-    assert input_link(wf, node_by_type(wf, "KSampler"), "model") == (dmsa["id"], 0)
+    sampler = node_by_type(wf, "KSampler")
+    # the prompt is written once: the sampler's positive is the DMSA node's encoding of it
+    assert input_link(wf, sampler, "model") == (dmsa["id"], 0)
+    assert input_link(wf, sampler, "positive") == (dmsa["id"], 1)
+    assert [n["widgets_values"] for n in wf["nodes"] if n["type"] == "CLIPTextEncode" and "caption" not in n["title"]] \
+        == [[""]]                                                     # the empty negative only
     for role, subject in (("structure", "star"), ("appearance", "diamond")):
         enc, _ = origin(wf, dmsa, role)
         assert enc["title"] == f"Reference Encode: {role} ({subject})"

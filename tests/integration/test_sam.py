@@ -295,8 +295,9 @@ def test_freemix_workflow_converts_with_the_live_schemas(sams_dir):
     dmsa = next(n for n in prompt.values() if n["class_type"] == "PersonalizeDisentangleMixingAttention")["inputs"]
     assert (dmsa["prompt"], dmsa["blend_word"], dmsa["preset"]) == ("a photo of a dog in the grass", "dog",
                                                                     "SD1.5 FreeMix")
-    assert by_title["Prompt"]["inputs"]["text"] == dmsa["prompt"]
     ks = by_title["KSampler (DDIM, as FreeMix)"]["inputs"]
+    dmsa_id = next(k for k, n in prompt.items() if n["class_type"] == "PersonalizeDisentangleMixingAttention")
+    assert "Prompt" not in by_title and ks["positive"] == [dmsa_id, 1]    # the prompt is written once
     assert {k: ks[k] for k in ("seed", "steps", "cfg", "sampler_name", "scheduler")} == \
         {"seed": 500, "steps": 50, "cfg": 7.5, "sampler_name": "ddim", "scheduler": "ddim_uniform"}
     assert by_title["Negative prompt (FreeCustom)"]["inputs"]["text"].startswith("lowres, bad anatomy")

@@ -93,16 +93,18 @@ class Graph:
                 "version": 0.4}
 
 
-def checkpoint_and_prompts(g, c, note: str, note_height: int, note_title: str):
+def checkpoint_and_prompts(g, c, note: str, note_height: int, note_title: str, positive: bool = True):
     """Load Checkpoint, the read-me note and the two prompts: (checkpoint, positive, negative); ``c`` may
-    retitle the checkpoint and the negative prompt (``checkpoint_title``, ``negative_title``)."""
+    retitle the checkpoint and the negative prompt (``checkpoint_title``, ``negative_title``). Without
+    ``positive`` (a node of the recipe encodes the prompt) the positive is None and the negative comes first."""
     ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), c.get("checkpoint_title", "Load Checkpoint (SD1.5)"),
                   ckpt_name=c["checkpoint"])
     g.note(note, (0, 140), (320, note_height), title=note_title)
-    pos = g.node("CLIPTextEncode", (380, 0), (400, 160), "Prompt", text=c["prompt"])
-    neg = g.node("CLIPTextEncode", (380, 200), (400, 160), c.get("negative_title", "Negative prompt (FreeCustom)"),
-                 text=c["negative"])
-    g.link(ckpt, 1, pos, "clip")
+    pos = g.node("CLIPTextEncode", (380, 0), (400, 160), "Prompt", text=c["prompt"]) if positive else None
+    neg = g.node("CLIPTextEncode", (380, 200 if positive else 0), (400, 160),
+                 c.get("negative_title", "Negative prompt (FreeCustom)"), text=c["negative"])
+    if positive:
+        g.link(ckpt, 1, pos, "clip")
     g.link(ckpt, 1, neg, "clip")
     return ckpt, pos, neg
 
@@ -123,14 +125,15 @@ def decode_and_save(g, ckpt, samples, at: tuple, below: int, save_size: tuple, p
 def sample_and_save(g, c, ckpt, model, pos, neg, x: int, sampler_title: str, prefix: str,
                      latent_at: tuple | None = None) -> None:
     """Empty latent (at ``latent_at``, default column ``x``), KSampler on the patched model, VAE Decode
-    and Save Image, from column ``x``."""
+    and Save Image, from column ``x``. ``pos``: a node (its first output) or a ``(node, slot)`` pair."""
     latent = g.node("EmptyLatentImage", latent_at or (x, 200), (320, 110), None, width=c["size"], height=c["size"],
                     batch_size=1)
     sampler = g.node("KSampler", (x + 400, 0), (320, 270), sampler_title, seed=c["seed"],
                      steps=c["steps"], cfg=c["cfg"], sampler_name=c["sampler"], scheduler=c["scheduler"],
                      denoise=1.0)
     g.link(model, 0, sampler, "model")
-    g.link(pos, 0, sampler, "positive")
+    pos = pos if isinstance(pos, tuple) else (pos, 0)
+    g.link(pos[0], pos[1], sampler, "positive")
     g.link(neg, 0, sampler, "negative")
     g.link(latent, 0, sampler, "latent_image")
     decode_and_save(g, ckpt, sampler, (x + 760, 0), 100, (520, 560), prefix)

@@ -68,8 +68,8 @@ def freemix_workflow(schemas: dict, classes: dict, c: dict = FREEMIX) -> dict:
     ``(role, subject, image, caption, SAM mode, points, box)``), the world's WORLD_FREEMIX loads mask images
     (refs ``(role, subject, image, caption, mask image)``)."""
     g = Graph(schemas, classes)
-    ckpt, pos, neg = checkpoint_and_prompts(g, c, read_note(c["stem"]), 760,
-                                          _note_title(c, "Read me: FreeMix structure + appearance"))
+    ckpt, _, neg = checkpoint_and_prompts(g, c, read_note(c["stem"]), 760,
+                                        _note_title(c, "Read me: FreeMix structure + appearance"), positive=False)
     sam = None
     if "sam" in c:
         sam = g.node("PersonalizeSAMModelLoader", (380, 400), (320, 82), "SAM Model Loader (ViT-B)",
@@ -109,7 +109,7 @@ def freemix_workflow(schemas: dict, classes: dict, c: dict = FREEMIX) -> dict:
     g.link(encoded["structure"], 0, dmsa, "structure")
     g.link(encoded["appearance"], 0, dmsa, "appearance")
     g.link(ckpt, 1, dmsa, "clip")
-    sample_and_save(g, c, ckpt, dmsa, pos, neg, 1460, c.get("sampler_title", "KSampler (DDIM, as FreeMix)"),
+    sample_and_save(g, c, ckpt, dmsa, (dmsa, 1), neg, 1460, c.get("sampler_title", "KSampler (DDIM, as FreeMix)"),
                     c.get("prefix", "personalize_freemix"))
     return g.to_json()
 
