@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import socket
 import sys
 import time
 import urllib.request
@@ -34,6 +33,7 @@ import urllib.request
 import pytest
 from workflow_helpers import shipped_stems, workflow_file
 
+from browser_host import browser_missing, free_port, server_tool
 from pack_paths import PACK_ROOT, comfyui_root, no_world_weights, world_weights
 
 # the templates queued from the page: stem -> (node type, widget, value) changes a user would make to run it
@@ -64,33 +64,6 @@ RUNNABLE = {
 # console messages of a fresh user folder that any page load prints (the frontend asks for user files that
 # do not exist yet); nothing a template causes
 BENIGN_CONSOLE = ("/api/userdata", "/user.css", "favicon")
-
-
-def _browser_missing() -> str | None:
-    if shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
-        return "chromium is not installed (apt-get install chromium chromium-driver)"
-    if shutil.which("chromedriver") is None:
-        return "chromedriver is not installed (apt-get install chromium-driver)"
-    if importlib.util.find_spec("selenium") is None:
-        return "selenium is not installed (pip install selenium)"
-    return None
-
-
-def _server_tool():
-    """tools/check_node_help.py (its start_server / stop_server), imported by file location."""
-    name = "personalize_check_node_help"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "tools" / "check_node_help.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _link(src, dst):
@@ -202,15 +175,15 @@ def _get(url):
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory, tiny_sd15_path):
-    missing = _browser_missing()
+    missing = browser_missing()
     if missing:
         pytest.skip(missing)
-    tool = _server_tool()
+    tool = server_tool()
     base = tmp_path_factory.mktemp("browser_comfy")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "personalize").symlink_to(PACK_ROOT, target_is_directory=True)
     runnable = _models(base, tiny_sd15_path)
-    port = _free_port()
+    port = free_port()
     log = open(base / "server.log", "w")
     proc = tool.start_server(str(comfyui_root()), sys.executable, base, port, log)
     page = None

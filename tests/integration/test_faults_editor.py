@@ -5,10 +5,8 @@ and the empty folder, never "validate_inputs() missing 1 required positional arg
 Chromium, chromedriver and selenium."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -18,37 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from browser_host import browser_missing, free_port, server_tool
 from pack_paths import PACK_ROOT, comfyui_root
 
 # node id -> (its file input, its folder)
 EMPTY = {"PersonalizeMIPAdapterLoader": ("adapter_name", "ipadapter"),
          "PersonalizeApplyInfusion": ("infusion_name", "model_patches")}
-
-
-def _tool():
-    name = "personalize_check_node_help"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "tools" / "check_node_help.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def _browser_missing() -> str | None:
-    if shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
-        return "chromium is not installed (apt-get install chromium chromium-driver)"
-    if shutil.which("chromedriver") is None:
-        return "chromedriver is not installed (apt-get install chromium-driver)"
-    if importlib.util.find_spec("selenium") is None:
-        return "selenium is not installed (pip install selenium)"
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _editor_prompt(base_url: str, node_id: str) -> tuple[object, dict]:
@@ -95,14 +68,14 @@ def _queue(base_url: str, prompt: dict) -> dict:
 
 
 def test_the_editor_sends_a_value_and_the_server_names_the_empty_folder():
-    missing = _browser_missing()
+    missing = browser_missing()
     if missing:
         pytest.skip(missing)
-    tool = _tool()
+    tool = server_tool()
     base = Path(tempfile.mkdtemp(prefix="personalize_empty_"))
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "personalize").symlink_to(PACK_ROOT, target_is_directory=True)
-    port = _free_port()
+    port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     with open(base / "server.log", "w") as log:
         proc = tool.start_server(str(comfyui_root()), sys.executable, base, port, log)
