@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as _st_save
 
-__all__ = ["temp_path", "fsync_dir", "atomic_write_chunks", "atomic_write_bytes", "atomic_write_text",
+__all__ = ["temp_path", "longest_temp_name", "fsync_dir", "atomic_write_chunks", "atomic_write_bytes", "atomic_write_text",
            "safetensors_chunks", "atomic_save_safetensors", "remove_stale_temp_files", "finish_atomic",
            "remove_quietly"]
 
@@ -31,6 +31,12 @@ __all__ = ["temp_path", "fsync_dir", "atomic_write_chunks", "atomic_write_bytes"
 def temp_path(path: Path) -> Path:
     """The temporary file this process writes ``path`` through: ``.<name>.<pid>.tmp`` beside it."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def longest_temp_name(name: str) -> str:
+    """The longest temporary name :func:`temp_path` can give a file called ``name`` (a process id of
+    ten digits), so a caller can check that it fits the file system before any work is done."""
+    return f".{name}.{'9' * 10}.tmp"
 
 
 def _write_file(fh, chunks) -> None:

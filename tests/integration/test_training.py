@@ -90,7 +90,7 @@ def test_loss_falls_on_a_fixed_batch(env):
     from personalize_pack.nodes.training import job_folder
     from personalize_pack.training.runner import run_job
     train(model, clip, vae, dataset(), "tiny_overfit", steps=1, loss="mse", segmix_prob=0.0)
-    job = job_folder("tiny_overfit")
+    job = job_folder("segmix_lora", "tiny_overfit")
     cfg = json.loads(open(os.path.join(job, "job.json")).read())
     cfg.update(steps=20, fixed_batch=True, learning_rate=2e-2, resume=False, output=str(loras / "tiny_overfit2.safetensors"))
     with open(os.path.join(job, "job.json"), "w") as f:
@@ -111,7 +111,7 @@ def test_killed_run_resumes_and_cancel_leaves_nothing(env):
     ref = (loras / "tiny_ref.safetensors").read_bytes()
     # the same job under another name, cancelled after its first checkpoint
     train(model, clip, vae, dataset(), "tiny_resume", steps=1)          # writes the job folder
-    job = job_folder("tiny_resume")
+    job = job_folder("segmix_lora", "tiny_resume")
     cfg = json.loads(open(os.path.join(job, "job.json")).read())
     cfg.update(steps=6, checkpoint_every=2, resume=False)
     with open(os.path.join(job, "job.json"), "w") as f:
@@ -188,7 +188,7 @@ def test_infusion_trains_and_apply_infusion_uses_it(env):
     assert (sample(m1, pos, neg) - plain).abs().max() > 1e-5
     assert torch.equal(sample(m0, pos, neg), plain)
     # the loss falls on a fixed batch
-    job = job_folder("infusion_tiny_infusion")
+    job = job_folder("infusion", "tiny_infusion")
     cfg = json.loads(open(os.path.join(job, "job.json")).read())
     assert cfg["batch_size"] == 2 and cfg["gradient_accumulation"] == 2
     # the captions are the official 11 templates, the concept token where the official word index puts it
@@ -218,7 +218,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(env):
     from personalize_pack.training.comfy_model import LoRAJob
     from personalize_pack.training.jobs import JobContext
     train(model, clip, vae, dataset(), "tiny_ckpt", steps=1)
-    job_dir = job_folder("tiny_ckpt")
+    job_dir = job_folder("segmix_lora", "tiny_ckpt")
     cfg = json.loads(open(os.path.join(job_dir, "job.json")).read())
     grads = []
     for flag in (False, True):
