@@ -28,8 +28,8 @@ def dataset_from_inputs(images, masks, phrase: str, captions: str, identifier: s
         raise ValueError(f"images: expected a ComfyUI IMAGE [B,H,W,3] with at least one image, got {shape}")
     n = images.shape[0]
     check_finite(images, "images", "image")
+    check_finite(masks, "masks", "mask")
     m = as_mask_batch(masks, "masks")
-    check_finite(m, "masks", "mask")
     if m.shape[0] not in (1, n):
         raise ValueError(f"masks: {m.shape[0]} masks for {n} images; give one mask per image (or one for all)")
     if tuple(m.shape[-2:]) != tuple(images.shape[1:3]):
@@ -61,7 +61,7 @@ def check_finite(batch: torch.Tensor, input_name: str, item: str) -> None:
     """A ``ValueError`` naming the input and the items (1-based) that hold NaN or infinite values."""
     if not isinstance(batch, torch.Tensor) or not batch.is_floating_point():
         return
-    bad = (~torch.isfinite(batch)).flatten(1).any(1) if batch.dim() > 1 else (~torch.isfinite(batch)).any()[None]
+    bad = (~torch.isfinite(batch)).flatten(1).any(1) if batch.dim() > 2 else (~torch.isfinite(batch)).any()[None]
     if bool(bad.any()):
         which = ", ".join(str(i + 1) for i in torch.nonzero(bad).flatten().tolist())
         raise ValueError(f"{input_name}: {item} {which} of {bad.numel()} contains NaN or infinite values; give "
@@ -91,8 +91,8 @@ def infusion_data_from_inputs(images, masks, concept_word, resolution: int) -> t
     if masks is None:
         m = torch.ones(n, images.shape[1], images.shape[2])
     else:
+        check_finite(masks, "masks", "mask")
         m = as_mask_batch(masks, "masks")
-        check_finite(m, "masks", "mask")
         if m.shape[0] not in (1, n) or tuple(m.shape[-2:]) != tuple(images.shape[1:3]):
             raise ValueError(f"masks: {m.shape[0]} masks of {m.shape[-1]}x{m.shape[-2]} for {n} images of "
                              f"{images.shape[2]}x{images.shape[1]}; give one mask per image, of its size")

@@ -92,7 +92,7 @@ def file_digest_edges(path, size: int) -> str:
         h.update(fh.read(_EDGE))
         if size > 2 * _EDGE:
             fh.seek(size - _EDGE)
-            h.update(fh.read(_EDGE))
+        h.update(fh.read(_EDGE))                         # the end (a smaller file: all the rest)
     return h.hexdigest()
 
 
