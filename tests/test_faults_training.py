@@ -230,3 +230,79 @@ def test_progress_lines_for_the_console():
     assert progress_line({**step, "step": 1}, 20) is not None and progress_line({**step, "step": 2010}, 20) is not None
     assert progress_line({"event": "checkpoint", "step": 100}) == "checkpoint at step 100"
     assert progress_line({"event": "error", "message": "boom"}) == "failed: boom"
+
+
+# ====================================================================================== the model file
+
+def _loader(name):
+    def fn(*args, **kwargs):
+        raise AssertionError("never called")
+    fn.__name__, fn.__module__ = name, "comfy.sd"
+    return fn
+
+
+class _Patcher:
+    """What model_file_record reads of a ComfyUI ModelPatcher (``comfy/model_patcher.py``)."""
+
+    def __init__(self, init, **patches):
+        self.cached_patcher_init = init
+        self.patches, self.object_patches, self.weight_wrapper_patches, self.hook_patches = {}, {}, {}, {}
+        for k, v in patches.items():
+            setattr(self, k, v)
+
+
+def test_model_file_record_only_for_an_unpatched_model_from_a_loader(tmp_path):
+    from personalize_pack.training import job_folder as jf
+    ckpt = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(3 * 2 ** 19, dtype=torch.float32)}, str(ckpt))   # 6 MiB: both edges are read
+    rec = jf.model_file_record(_Patcher((_loader("load_checkpoint_guess_config"), (str(ckpt), False), 0)))
+    assert rec["path"] == str(ckpt) and rec["loader"] == "checkpoint" and rec["size"] == ckpt.stat().st_size
+    assert rec["fingerprint"].startswith("file:")
+    unet = jf.model_file_record(_Patcher((_loader("load_diffusion_model"), (str(ckpt), {}))))
+    assert unet["loader"] == "diffusion_model" and unet["digest"] == rec["digest"]
+    # patched in the graph, the CLIP/VAE part of a checkpoint, another loader, a missing file: copied instead
+    for patcher in (_Patcher((_loader("load_checkpoint_guess_config"), (str(ckpt),), 0), patches={"k": [1]}),
+                    _Patcher((_loader("load_checkpoint_guess_config"), (str(ckpt),), 0), object_patches={"m": 1}),
+                    _Patcher((_loader("load_checkpoint_guess_config"), (str(ckpt),), 1)),
+                    _Patcher((_loader("my_loader"), (str(ckpt),))),
+                    _Patcher((_loader("load_diffusion_model"), (str(tmp_path / "gone.safetensors"),))),
+                    _Patcher(None)):
+        assert jf.model_file_record(patcher) is None
+    jf.check_model_file(rec)
+    with open(ckpt, "r+b") as fh:                       # a byte in the middle: the cheap digest does not see it
+        fh.seek(3 << 20)
+        fh.write(b"\x01")
+    jf.check_model_file(rec)
+    with open(ckpt, "r+b") as fh:                       # the end (a re-saved file's data) is seen
+        fh.seek(-1, os.SEEK_END)
+        fh.write(b"\x01")
+    with pytest.raises(jf.ConfigError, match=f"the model file {ckpt} changed after the training node queued"):
+        jf.check_model_file(rec)
+    ckpt.unlink()
+    with pytest.raises(jf.ConfigError, match=f"the model file {ckpt} of this run cannot be read"):
+        jf.check_model_file(rec)
+
+
+# ====================================================================================== file modes
+
+def test_trained_files_get_the_ordinary_mode_not_0600(tmp_path):
+    """safetensors' own writer creates its file 0o600; the final file of a run gets 0o666 less the
+    umask, as ComfyUI's outputs (and any ordinary write) do, and a replaced file keeps its mode."""
+    import stat
+
+    from personalize_pack.files.atomic import current_umask, finish_atomic
+    umask = os.umask(0o022)
+    try:
+        assert current_umask() == 0o022
+        job, config = _toy_job(tmp_path, "mode", steps=1)
+        assert sidecar.train(job, handle_signals=False) == 0
+        out = tmp_path / "out" / "mode.safetensors"
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644
+        tmp = tmp_path / "out" / ".x.tmp"
+        save_file({"a": torch.zeros(1)}, str(tmp))
+        os.chmod(tmp, 0o600)
+        os.chmod(out, 0o640)
+        finish_atomic(tmp, out)                                     # a replaced file keeps its mode
+        assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    finally:
+        os.umask(umask)
