@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from training_nodes import dataset, infusion_images, node, train, train_infusion, training_folders
 
