@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as _st_save
 
-__all__ = ["temp_path", "fsync_dir", "atomic_write_chunks", "atomic_write_bytes", "atomic_write_text",
+__all__ = ["temp_path", "longest_temp_name", "current_umask", "fsync_dir", "atomic_write_chunks", "atomic_write_bytes", "atomic_write_text",
            "safetensors_chunks", "atomic_save_safetensors", "remove_stale_temp_files", "finish_atomic",
            "remove_quietly"]
 
@@ -31,6 +31,12 @@ __all__ = ["temp_path", "fsync_dir", "atomic_write_chunks", "atomic_write_bytes"
 def temp_path(path: Path) -> Path:
     """The temporary file this process writes ``path`` through: ``.<name>.<pid>.tmp`` beside it."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def longest_temp_name(name: str) -> str:
+    """The longest temporary name :func:`temp_path` can give a file called ``name`` (a process id of
+    ten digits), so a caller can check that it fits the file system before any work is done."""
+    return f".{name}.{'9' * 10}.tmp"
 
 
 def _write_file(fh, chunks) -> None:
@@ -63,13 +69,31 @@ def _disk_error(exc: OSError, path: Path) -> OSError:
     return exc
 
 
-def _keep_mode(tmp: Path, path: Path) -> None:
-    """Give ``tmp`` the permissions of the file it is about to replace (a new file keeps the mode
-    ``open`` gave it: 0o666 less the umask). A file system without permissions is no error."""
+def current_umask() -> int:
+    """The process's umask (read from ``/proc`` where it is shown, else set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _keep_mode(tmp: Path, path: Path, new_file_mode: bool = False) -> None:
+    """Give ``tmp`` the permissions of the file it is about to replace. A new file keeps the mode
+    ``open`` gave it (0o666 less the umask), or, with ``new_file_mode`` (a file someone else created,
+    e.g. safetensors' writer, which makes it 0o600), gets that mode. A file system without
+    permissions is no error."""
     try:
         mode = path.stat().st_mode & 0o777
     except OSError:
-        return
+        if not new_file_mode:
+            return
+        mode = 0o666 & ~current_umask()
     try:
         os.chmod(tmp, mode)
     except OSError:
@@ -159,13 +183,14 @@ def remove_stale_temp_files(folder, prefix: str = ".") -> None:
 
 def finish_atomic(tmp, path) -> Path:
     """Move a finished temporary file (written by someone else, e.g. a job's ``save_final``) into
-    place: ``fsync`` it, the replaced file's mode, ``os.replace``, ``fsync`` the folder. Removes
+    place: ``fsync`` it, the replaced file's mode (a new file: 0o666 less the umask, as an ordinary
+    write gives, whatever mode its writer chose), ``os.replace``, ``fsync`` the folder. Removes
     ``tmp`` on failure."""
     tmp, path = Path(tmp), Path(path)
     try:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        _keep_mode(tmp, path)
+        _keep_mode(tmp, path, new_file_mode=True)
         os.replace(tmp, path)
     except OSError as exc:
         remove_quietly(tmp)

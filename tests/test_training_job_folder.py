@@ -89,7 +89,7 @@ def test_infusion_data_is_resized_and_checked():
     raw = torch.stack([cover_resize(soft[i, ..., None], 24)[..., 0] for i in range(2)])
     assert torch.allclose(norm, raw / raw.flatten(1).amax(1)[:, None, None])
     assert [float(norm[i].max()) for i in range(2)] == [1.0, 1.0] and float(norm[0, 5, 9]) == pytest.approx(0.8)
-    with pytest.raises(ValueError, match=r"masks: mask\(s\) \[1, 2\] are empty"):
+    with pytest.raises(ValueError, match=r"masks: the mask of image 1, 2 of 2 is empty"):
         infusion_data_from_inputs(torch.rand(2, 24, 32, 3), torch.zeros(1, 24, 32), "cat", 16)
     with pytest.raises(ValueError, match="concept_word"):
         infusion_data_from_inputs(torch.rand(1, 8, 8, 3), None, "  ", 16)

@@ -174,13 +174,15 @@ def test_resume_with_more_steps_and_config_checks(reference_run, tmp_path):
     bad = make_job(tmp_path, "grow", steps=N_STEPS + 5, learning_rate=0.5)
     events = []
     assert sidecar.train(bad, emit=events.append, handle_signals=False) == 1
-    assert events[-1]["event"] == "error" and "other settings" in events[-1]["message"]
-    assert "resume" in events[-1]["message"]
+    # the message names what changed and advice the node's inputs can follow (no 'resume' input exists)
+    msg = events[-1]["message"]
+    assert events[-1]["event"] == "error" and "changed: learning_rate 0.02 -> 0.5" in msg
+    assert "give another output_name" in msg and str(state) in msg and "set resume" not in msg
 
     fewer = make_job(tmp_path, "grow", steps=3)
     events = []
     assert sidecar.train(fewer, emit=events.append, handle_signals=False) == 1
-    assert "beyond steps=3" in events[-1]["message"]
+    assert "beyond steps=3" in events[-1]["message"] and "set steps to at least 25" in events[-1]["message"]
 
     fresh = make_job(tmp_path, "grow", steps=3, learning_rate=0.5, resume=False)
     events = []

@@ -28,9 +28,10 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 INDEX_NAME = "checkpoint.json"
 FORMAT = "personalize-training-checkpoint/1"
 
-# job.json keys that may change between a run and its resume without changing what is trained.
+# job.json keys that may change between a run and its resume without changing what is trained
+# (``model_file`` records where the model is read from; ``model_fingerprint`` stands for its weights).
 VOLATILE_KEYS = frozenset({"steps", "checkpoint_every", "validate_every", "device", "comfyui_path", "resume",
-                           "output", "state_dir", "threads"})
+                           "output", "state_dir", "threads", "model_file"})
 
 
 class CheckpointError(RuntimeError):
@@ -49,6 +50,29 @@ def config_hash(config: dict, ignore=VOLATILE_KEYS, extra: str | None = None) ->
     if extra:
         h.update(b"\0" + extra.encode("utf-8"))
     return h.hexdigest()[:16]
+
+
+def hashed_settings(config: dict, ignore=VOLATILE_KEYS, extra: str | None = None) -> dict:
+    """What :func:`config_hash` hashes, as a dict (kept in a checkpoint's info, so a refused resume
+    can say which setting changed); ``extra`` under ``"data"``."""
+    kept = {k: v for k, v in config.items() if k not in ignore}
+    return json.loads(json.dumps({**kept, "data": extra}, default=str))
+
+
+# job.json keys whose node input has another name
+_INPUT_NAMES = {"kv": "offsets", "model_fingerprint": "model", "data": "the training data (images, masks, captions)",
+                "training_dtype": "the training precision (device)"}
+
+
+def changed_settings(old: dict, new: dict) -> list[str]:
+    """``"name old -> new"`` for every setting that differs (node input names; long values shortened)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            name = _INPUT_NAMES.get(key, key)
+            a, b = (json.dumps(x, default=str) for x in (old.get(key), new.get(key)))
+            out.append(name if key in ("data", "model_fingerprint") or len(a) + len(b) > 60 else f"{name} {a} -> {b}")
+    return out
 
 
 def file_digest(path, chunk: int = 1 << 20) -> str | None:
@@ -296,13 +320,20 @@ def load_checkpoint(state_dir, device: str | torch.device = "cpu") -> Checkpoint
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
-        raise CheckpointError(f"cannot read the checkpoint {st_path}: {exc}. Delete it (or train with "
-                              f"resume: false) to start over") from exc
+        raise CheckpointError(f"cannot read the checkpoint {st_path}: {exc}. Delete the folder {st_path.parent} "
+                              f"to start over, or choose another output name") from exc
     if meta.get("format") != FORMAT or "index" not in meta:
         raise CheckpointError(f"{st_path} is not a training checkpoint of this pack (format "
-                              f"{meta.get('format')!r}); delete it or train with resume: false")
+                              f"{meta.get('format')!r}); delete the folder {st_path.parent} to start over, or "
+                              f"choose another output name")
     index = json.loads(meta["index"])
     step = int(meta["step"])
+    bad = [k[4:] for k, v in tensors.items() if k.startswith("job.") and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"the checkpoint {st_path} (step {step}) holds NaN or infinite trained weights "
+                              f"({', '.join(bad[:3])}): that run had diverged. It is not resumed; delete the folder "
+                              f"{st_path.parent} to start over, or choose another output name")
     job = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("job.")}
     opt = optimizer_from_tensors(tensors, index["optimizer"]) if "optimizer" in index else None
     rng_t = {k: v for k, v in tensors.items() if k.startswith("rng.")}

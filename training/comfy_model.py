@@ -104,7 +104,7 @@ class ComfyJob(Job):
         init_comfy(c.get("comfyui_path"), ctx.device)
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
             c.get("training_dtype", "float32")]
-        self.mp = load_diffusion_model(self.job_dir, ctx.device, self.dtype)
+        self.mp = load_diffusion_model(self.job_dir, ctx.device, self.dtype, c.get("model_file"))
         self.model = self.mp.model
         self.data, self.meta = read_data(self.job_dir)
         self.size = int(c["resolution"])

@@ -26,8 +26,10 @@ def dataset_from_inputs(images, masks, phrase: str, captions: str, identifier: s
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 1 or images.shape[-1] < 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images: expected a ComfyUI IMAGE [B,H,W,3] with at least one image, got {shape}")
-    m = as_mask_batch(masks, "masks")
     n = images.shape[0]
+    check_finite(images, "images", "image")
+    check_finite(masks, "masks", "mask")
+    m = as_mask_batch(masks, "masks")
     if m.shape[0] not in (1, n):
         raise ValueError(f"masks: {m.shape[0]} masks for {n} images; give one mask per image (or one for all)")
     if tuple(m.shape[-2:]) != tuple(images.shape[1:3]):
@@ -35,9 +37,12 @@ def dataset_from_inputs(images, masks, phrase: str, captions: str, identifier: s
                          f"each mask must have its image's size")
     m = m.expand(n, -1, -1) if m.shape[0] == 1 else m
     empty = [i + 1 for i in range(n) if float((m[i] > 0.5).sum()) == 0]
-    if empty:
-        raise ValueError(f"masks: mask(s) {empty} are empty (nothing above 0.5): Seg-Mix cuts the subject out with it")
     phrase = str(phrase or "").strip()
+    if empty:
+        which = ", ".join(str(i) for i in empty)
+        raise ValueError(f"masks: the mask of image {which} of {n}{' (' + repr(phrase) + ')' if phrase else ''} is "
+                         f"empty (no pixel above 0.5): Seg-Mix cuts the subject out with it; give each photo the "
+                         f"mask of its subject")
     if not phrase:
         raise ValueError("phrase: give the subject's placeholder phrase, e.g. 'olis monster toy'")
     ident = str(identifier or "").strip() or phrase.split()[0]
@@ -50,6 +55,17 @@ def dataset_from_inputs(images, masks, phrase: str, captions: str, identifier: s
     if any(s.identifier == ident for s in prev):
         raise ValueError(f"identifier: {ident!r} is already in the dataset; give each subject its own identifier")
     return prev + (DatasetSubject(ident, phrase, images[..., :3].float().cpu(), (m > 0.5).float().cpu(), caps),)
+
+
+def check_finite(batch: torch.Tensor, input_name: str, item: str) -> None:
+    """A ``ValueError`` naming the input and the items (1-based) that hold NaN or infinite values."""
+    if not isinstance(batch, torch.Tensor) or not batch.is_floating_point():
+        return
+    bad = (~torch.isfinite(batch)).flatten(1).any(1) if batch.dim() > 2 else (~torch.isfinite(batch)).any()[None]
+    if bool(bad.any()):
+        which = ", ".join(str(i + 1) for i in torch.nonzero(bad).flatten().tolist())
+        raise ValueError(f"{input_name}: {item} {which} of {bad.numel()} contains NaN or infinite values; give "
+                         f"{input_name} with finite values (0..1)")
 
 
 def check_segmix_dataset(dataset, segmix_prob: float) -> None:
@@ -75,11 +91,13 @@ def infusion_data_from_inputs(images, masks, concept_word, resolution: int) -> t
     if masks is None:
         m = torch.ones(n, images.shape[1], images.shape[2])
     else:
+        check_finite(masks, "masks", "mask")
         m = as_mask_batch(masks, "masks")
         if m.shape[0] not in (1, n) or tuple(m.shape[-2:]) != tuple(images.shape[1:3]):
             raise ValueError(f"masks: {m.shape[0]} masks of {m.shape[-1]}x{m.shape[-2]} for {n} images of "
                              f"{images.shape[2]}x{images.shape[1]}; give one mask per image, of its size")
         m = m.expand(n, -1, -1) if m.shape[0] == 1 else m
+    check_finite(images, "images", "image")
     for i in range(n):
         make_subject(images[i], torch.ones_like(m[i]), f"image {i + 1}")          # checks the pixels
     size = int(resolution)
@@ -90,6 +108,7 @@ def infusion_data_from_inputs(images, masks, concept_word, resolution: int) -> t
     peak = msks.flatten(1).amax(1)
     empty = [i + 1 for i in range(n) if not float(peak[i]) > 0]
     if empty:
-        raise ValueError(f"masks: mask(s) {empty} are empty (all zero) after resizing to {size} px; every photo "
-                         f"needs some of its concept inside its mask")
+        which = ", ".join(str(i) for i in empty)
+        raise ValueError(f"masks: the mask of image {which} of {n} is empty (all zero) after resizing to {size} px; "
+                         f"every photo needs some of its concept inside its mask")
     return word, imgs, msks / peak[:, None, None]

@@ -11,10 +11,15 @@ the training child reads it back (``read_*``, ``load_*``) and rebuilds ComfyUI's
   micro-batches of ``batch_size`` whose gradients make one optimizer step), ``threads`` (torch CPU threads; unset =
   torch's default), ``comfyui_path`` (for kinds that load ComfyUI). The rest belong to the job kind
   (its ``REQUIRED_KEYS``, checked by the loop).
-* ``model.safetensors``: the MODEL's diffusion model weights as the node's ModelPatcher had them
-  (patches, e.g. LoRAs applied before the node, included), with the ComfyUI ``diffusion_model.`` key
-  layout; rebuilt with ``comfy.sd.load_diffusion_model_state_dict`` (the family is detected from the
-  tensors, as UNETLoader does). Its :func:`model_fingerprint` goes into job.json.
+* the model: when the MODEL is exactly the diffusion model of a file ComfyUI loaded (Load
+  Checkpoint, Load Diffusion Model; no LoRA or other weight patch on it), job.json's ``model_file``
+  records that file (:func:`model_file_record`: path, loader, size, modification time and a digest
+  of its first and last MiB) and the child loads it itself (SDXL: no 5 GB copy per run; a file
+  changed since is refused). Otherwise ``model.safetensors``: the MODEL's diffusion model weights as
+  the node's ModelPatcher had them (patches, e.g. LoRAs applied before the node, included), with the
+  ComfyUI ``diffusion_model.`` key layout; rebuilt with ``comfy.sd.load_diffusion_model_state_dict``
+  (the family is detected from the tensors, as UNETLoader does). Either way its fingerprint goes
+  into job.json (``model_fingerprint``).
 * ``vae.safetensors``: the VAE's weights (``comfy.sd.VAE(sd=...)``), for the jobs that encode images.
 * ``data.safetensors`` + ``data.json``: the training data. Tensors ``image.<k>`` (``[H, W, 3]``,
   0..1) and ``mask.<k>`` (``[H, W]``), the captions' CLIP encodings ``cond.<i>`` / ``pooled.<i>``
@@ -75,13 +80,81 @@ def model_fingerprint(sd: dict) -> str:
     return h.hexdigest()[:16]
 
 
+_FILE_LOADERS = {"load_checkpoint_guess_config": "checkpoint", "load_diffusion_model": "diffusion_model"}
+_EDGE = 1 << 20
+
+
+def file_digest_edges(path, size: int) -> str:
+    """sha256 of a file's first and last MiB and its size: a cheap identity (the header of a
+    safetensors file, and its end) that does not read gigabytes."""
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(_EDGE))
+        if size > 2 * _EDGE:
+            fh.seek(size - _EDGE)
+        h.update(fh.read(_EDGE))                         # the end (a smaller file: all the rest)
+    return h.hexdigest()
+
+
+def model_file_record(model) -> dict | None:
+    """The file a ComfyUI MODEL (ModelPatcher) was loaded from, when the MODEL is exactly that file's
+    diffusion model: loaded by ``comfy.sd.load_checkpoint_guess_config`` (Load Checkpoint) or
+    ``comfy.sd.load_diffusion_model`` (Load Diffusion Model), with no weight patch, object patch or
+    hook on it. ``{"path", "loader", "size", "mtime_ns", "digest", "fingerprint"}``, or None (a
+    model patched or merged in the graph, or from another loader: its weights are copied)."""
+    init = getattr(model, "cached_patcher_init", None)
+    if not isinstance(init, tuple) or len(init) < 2:
+        return None
+    fn, args = init[0], init[1]
+    loader = _FILE_LOADERS.get(getattr(fn, "__name__", ""))
+    if loader is None or getattr(fn, "__module__", "") != "comfy.sd" or not args:
+        return None
+    if loader == "checkpoint" and (len(init) < 3 or init[2] != 0):
+        return None
+    if any(getattr(model, name, None) for name in ("patches", "object_patches", "weight_wrapper_patches",
+                                                    "hook_patches")):
+        return None
+    path = args[0]
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    st = os.stat(path)
+    digest = file_digest_edges(path, st.st_size)
+    return {"path": os.path.abspath(path), "loader": loader, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "digest": digest, "fingerprint": "file:" + digest[:16]}
+
+
+def check_model_file(record: dict) -> None:
+    """The child's check that the recorded model file is still the one the node saw (size and the
+    digest of its edges); a :class:`ConfigError` naming the file otherwise."""
+    path = record.get("path")
+    try:
+        size = os.path.getsize(path)
+        same = size == record.get("size") and file_digest_edges(path, size) == record.get("digest")
+    except (OSError, TypeError) as exc:
+        raise ConfigError(f"the model file {path} of this run cannot be read ({exc}); Queue the training node "
+                          f"again") from None
+    if not same:
+        raise ConfigError(f"the model file {path} changed after the training node queued this run; Queue the "
+                          f"training node again")
+
+
+def model_weights(model) -> dict:
+    """The MODEL's (a ComfyUI ModelPatcher) diffusion model weights, patches (LoRAs applied before
+    the node) included, on the CPU."""
+    import comfy.model_management as mm                 # ComfyUI: the writer runs in its process
+    mm.load_models_gpu([model], force_patch_weights=True)
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+def write_weights(sd: dict, job_dir: str) -> None:
+    atomic_save_safetensors(os.path.join(job_dir, MODEL_FILE), sd)
+
+
 def write_model(model, job_dir: str) -> str:
     """The MODEL's (a ComfyUI ModelPatcher) diffusion model weights, patches (LoRAs applied before the
     node) included; returns their :func:`model_fingerprint`."""
-    import comfy.model_management as mm                 # ComfyUI: the writer runs in its process
-    mm.load_models_gpu([model], force_patch_weights=True)
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.model.diffusion_model.state_dict().items()}
-    atomic_save_safetensors(os.path.join(job_dir, MODEL_FILE), sd)
+    sd = model_weights(model)
+    write_weights(sd, job_dir)
     return model_fingerprint(sd)
 
 
@@ -225,13 +298,22 @@ def read_data(job_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return read_tensors(job_dir / DATA_FILE), json.loads((job_dir / DATA_META_FILE).read_text(encoding="utf-8"))
 
 
-def load_diffusion_model(job_dir: Path, device: torch.device, dtype: torch.dtype):
-    """ComfyUI's ModelPatcher for the job's ``model.safetensors``, its weights frozen on ``device``."""
+def load_diffusion_model(job_dir: Path, device: torch.device, dtype: torch.dtype, model_file: dict | None = None):
+    """ComfyUI's ModelPatcher for the job's model, its weights frozen on ``device``: the recorded
+    ``model_file`` (job.json; checked first) or the job folder's ``model.safetensors``."""
     import comfy.sd                                     # ComfyUI: imported by the child's init_comfy
-    sd = read_tensors(job_dir / MODEL_FILE)
-    mp = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
+    if model_file:
+        check_model_file(model_file)
+        if model_file.get("loader") == "checkpoint":
+            mp = comfy.sd.load_checkpoint_guess_config(model_file["path"], output_vae=False, output_clip=False,
+                                                       model_options={"dtype": dtype})[0]
+        else:
+            mp = comfy.sd.load_diffusion_model(model_file["path"], model_options={"dtype": dtype})
+    else:
+        sd = read_tensors(job_dir / MODEL_FILE)
+        mp = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
     if mp is None:
-        raise RuntimeError(f"ComfyUI does not recognise the diffusion model in {MODEL_FILE}")
+        raise RuntimeError(f"ComfyUI does not recognise the diffusion model in {model_file or MODEL_FILE}")
     model = mp.model
     model.to(device=device)
     model.diffusion_model.to(dtype=dtype)

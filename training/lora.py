@@ -142,6 +142,18 @@ def inject_lora(root: nn.Module, target_names=DEFAULT_TARGETS, rank: int = 32, a
     return loras
 
 
+def lora_file_bytes(root: nn.Module, rank: int, target_names=DEFAULT_TARGETS, element_size: int = 4) -> int:
+    """The size of the LoRA file :func:`inject_lora` + :func:`lora_state_dict` give ``root`` at
+    ``rank`` (float32 factors and an alpha per layer), from the layer shapes alone: what a run will
+    write, checked against the free space before it starts."""
+    targets = (target_names,) if isinstance(target_names, str) else tuple(target_names)
+    total = 0
+    for path, m in root.named_modules():
+        if path and isinstance(m, nn.Linear) and _matches(path, targets):
+            total += rank * (m.in_features + m.out_features) * element_size + element_size + 200   # + header entries
+    return total
+
+
 def remove_lora(root: nn.Module) -> int:
     """Put the original Linears back in place of every :class:`LoRALinear` under ``root`` (their
     ``requires_grad`` flags as before the injection). Returns how many were removed."""

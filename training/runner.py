@@ -243,13 +243,53 @@ def run_job(job_dir, on_event: Callable[[dict], None] | None = None,
     return result
 
 
+def _duration(s: float) -> str:
+    s = max(0.0, float(s))
+    return f"{s:.1f} s" if s < 90 else (f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h")
+
+
+def progress_line(evt: dict, every: int = 1) -> str | None:
+    """The console line of one child event (None for a step between two logged ones: the first, every
+    ``every``-th and the last step are logged)."""
+    kind = evt.get("event")
+    if kind == "start":
+        resumed = int(evt.get("resumed_from") or 0)
+        return f"{evt.get('total')} steps" + (f", resuming from step {resumed}" if resumed else "") + \
+            (f", {evt['world_size']} processes" if int(evt.get("world_size") or 1) > 1 else "")
+    if kind == "step":
+        k, total = int(evt["step"]), int(evt["total"])
+        if k != 1 and k != total and k % max(1, every):
+            return None
+        return (f"step {k}/{total}, loss {float(evt['loss']):.4f}, {_duration(evt.get('elapsed', 0))} so far, "
+                f"about {_duration(evt.get('eta', 0))} left")
+    if kind == "checkpoint":
+        return f"checkpoint at step {evt.get('step')}"
+    if kind == "preview":
+        return f"validation image at step {evt.get('step')}: {evt.get('path')}"
+    if kind == "done":
+        return f"finished: {evt.get('output')}"
+    if kind == "error":
+        return f"failed: {evt.get('message')}"
+    return None
+
+
 def run_with_progress(job_dir, on_progress: Callable[[int, str | None], None],
-                      should_cancel: Callable[[], bool] | None = None, gpus: int = 1) -> dict:
+                      should_cancel: Callable[[], bool] | None = None, gpus: int = 1,
+                      log: Callable[[str], None] | None = None) -> dict:
     """:func:`run_job` for a node: ``on_progress(steps done, path of a new preview PNG or None)`` at the
-    start (the resumed step), after every step and at every preview. The result also has
-    ``preview_paths``, the previews' files in order."""
+    start (the resumed step), after every step and at every preview. ``log(line)`` gets a console
+    line (:func:`progress_line`) for the start, about every 5 % of the steps, every checkpoint and
+    preview, and the end. The result also has ``preview_paths``, the previews' files in order."""
+    every = [1]
+
     def on_event(evt):
         kind = evt.get("event")
+        if kind == "start":
+            every[0] = max(1, int(evt.get("total") or 1) // 20)
+        if log is not None:
+            line = progress_line(evt, every[0])
+            if line is not None:
+                log(line)
         if kind == "start":
             on_progress(int(evt.get("resumed_from", 0)), None)
         elif kind == "step":

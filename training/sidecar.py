@@ -55,8 +55,8 @@ import numpy as np
 import torch
 
 from ..files.atomic import finish_atomic, remove_stale_temp_files, temp_path
-from .checkpoint import (VOLATILE_KEYS, CheckpointError, checkpoint_payload, config_hash, load_checkpoint,
-                         remove_checkpoint, rng_state, set_rng_state)
+from .checkpoint import (VOLATILE_KEYS, CheckpointError, changed_settings, checkpoint_payload, config_hash,
+                         hashed_settings, load_checkpoint, remove_checkpoint, rng_state, set_rng_state)
 from .comfy_model import InfusionJob, LoRAJob
 from .distributed import Distributed, average_gradients, ranks_identical
 from .job_folder import ConfigError, load_config
@@ -177,8 +177,11 @@ class _Run:
             raise RuntimeError(f"job kind {config['kind']!r} has no trainable tensors")
         procs.broadcast_parameters(self.params)                 # identical start on every rank
         self.optimizer = self.job.make_optimizer(self.params)
-        self.chash = config_hash(config, ignore=VOLATILE_KEYS | set(kind.VOLATILE_KEYS), extra=self.job.fingerprint())
-        self.info = {"total": self.total, "world_size": procs.world_size, "kind": config["kind"]}
+        ignore, data = VOLATILE_KEYS | set(kind.VOLATILE_KEYS), self.job.fingerprint()
+        self.chash = config_hash(config, ignore=ignore, extra=data)
+        self.settings = hashed_settings(config, ignore, data)
+        self.info = {"total": self.total, "world_size": procs.world_size, "kind": config["kind"],
+                     "settings": self.settings}
         self.max_norm = float(config.get("max_grad_norm") or 0)
         self.accumulation = int(config["gradient_accumulation"])
 
@@ -193,14 +196,19 @@ class _Run:
         ckpt = load_checkpoint(self.state_dir, self.device)
         if ckpt is None:
             return 0
+        name = self.output.stem
         if ckpt.config_hash != self.chash:
+            old = ckpt.info.get("settings")
+            changed = changed_settings(old, self.settings) if isinstance(old, dict) else []
+            what = ("; changed: " + ", ".join(changed)) if changed else " (settings or data)"
             raise CheckpointError(
-                f"the checkpoint in {self.state_dir} (step {ckpt.step}) was made with other settings or "
-                f"data (hash {ckpt.config_hash} vs {self.chash}); choose another output name, or set "
-                f"resume to false to start over")
+                f"output_name {name!r} already holds a run (checkpoint at step {ckpt.step} in {self.state_dir}) made "
+                f"with other inputs{what}. Nothing was trained. To continue that run, set those inputs back; to "
+                f"train anew, give another output_name, or delete {self.state_dir} to start over under this name")
         if ckpt.step > self.total:
-            raise CheckpointError(f"the checkpoint in {self.state_dir} is at step {ckpt.step}, beyond steps="
-                                  f"{self.total}; ask for at least {ckpt.step} steps, or set resume to false")
+            raise CheckpointError(f"output_name {name!r} already holds a run at step {ckpt.step} ({self.state_dir}), "
+                                  f"beyond steps={self.total}: set steps to at least {ckpt.step} to continue it, or "
+                                  f"give another output_name (or delete {self.state_dir}) to start over")
         self.job.load_state_tensors(ckpt.job_tensors)
         if ckpt.optimizer_state is not None:
             self.optimizer.load_state_dict(ckpt.optimizer_state)

@@ -14,46 +14,16 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_sampling import encode, load_image, load_mask, sample
-from pack_paths import PACK_ROOT
 
-INPUTS = PACK_ROOT / "workflows" / "inputs"
+from training_nodes import INPUTS, dataset, node, train, training_folders
 
 
 @pytest.fixture(scope="module")
 def env(sd15, tmp_path_factory):
     import comfy_host
     comfy_host.init_nodes_with_pack()
-    import folder_paths
-    loras = tmp_path_factory.mktemp("loras")
-    folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
-    patches = tmp_path_factory.mktemp("model_patches")
-    folder_paths.add_model_folder_path("model_patches", str(patches), is_default=True)
-    out = tmp_path_factory.mktemp("output")
-    old = folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(out))
-    yield sd15, loras, out
-    folder_paths.set_output_directory(old)
-
-
-def node(name):
-    import nodes
-    return nodes.NODE_CLASS_MAPPINGS[name]
-
-
-def dataset(size=64):
-    ds = node("PersonalizeSegMixDataset")
-    d = ds.execute(load_image(INPUTS / "personalize_cat_04.jpg", size), load_mask(INPUTS / "personalize_cat_04_mask.jpg", size),
-                   "olis cat", "a photo of {}", "", None).result[0]
-    return ds.execute(load_image(INPUTS / "personalize_dog6_02.jpg", size),
-                      load_mask(INPUTS / "personalize_dog6_02_mask.jpg", size), "hta dog", "a photo of {}", "", d).result[0]
-
-
-def train(model, clip, vae, data, name, **kw):
-    args = dict(output_name=name, steps=4, rank=4, learning_rate=1e-3, segmix_prob=0.5, scale_min=0.75,
-                scale_max=1.0, loss="dco", dco_beta=1000.0, resolution=64, batch_size=1, gradient_checkpointing=False,
-                seed=1, validation_prompt="", validate_every=0, checkpoint_every=2, gpus=1)
-    args.update(kw)
-    return node("PersonalizeTrainSegMixLoRA").execute(model, clip, vae, data, **args).result
+    with training_folders(tmp_path_factory) as (loras, patches, out):
+        yield sd15, loras, out
 
 
 def test_lora_trains_in_the_child_and_core_loraloader_applies_it(env):
@@ -90,7 +60,7 @@ def test_loss_falls_on_a_fixed_batch(env):
     from personalize_pack.nodes.training import job_folder
     from personalize_pack.training.runner import run_job
     train(model, clip, vae, dataset(), "tiny_overfit", steps=1, loss="mse", segmix_prob=0.0)
-    job = job_folder("tiny_overfit")
+    job = job_folder("segmix_lora", "tiny_overfit")
     cfg = json.loads(open(os.path.join(job, "job.json")).read())
     cfg.update(steps=20, fixed_batch=True, learning_rate=2e-2, resume=False, output=str(loras / "tiny_overfit2.safetensors"))
     with open(os.path.join(job, "job.json"), "w") as f:
@@ -111,7 +81,7 @@ def test_killed_run_resumes_and_cancel_leaves_nothing(env):
     ref = (loras / "tiny_ref.safetensors").read_bytes()
     # the same job under another name, cancelled after its first checkpoint
     train(model, clip, vae, dataset(), "tiny_resume", steps=1)          # writes the job folder
-    job = job_folder("tiny_resume")
+    job = job_folder("segmix_lora", "tiny_resume")
     cfg = json.loads(open(os.path.join(job, "job.json")).read())
     cfg.update(steps=6, checkpoint_every=2, resume=False)
     with open(os.path.join(job, "job.json"), "w") as f:
@@ -188,7 +158,7 @@ def test_infusion_trains_and_apply_infusion_uses_it(env):
     assert (sample(m1, pos, neg) - plain).abs().max() > 1e-5
     assert torch.equal(sample(m0, pos, neg), plain)
     # the loss falls on a fixed batch
-    job = job_folder("infusion_tiny_infusion")
+    job = job_folder("infusion", "tiny_infusion")
     cfg = json.loads(open(os.path.join(job, "job.json")).read())
     assert cfg["batch_size"] == 2 and cfg["gradient_accumulation"] == 2
     # the captions are the official 11 templates, the concept token where the official word index puts it
@@ -218,7 +188,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(env):
     from personalize_pack.training.comfy_model import LoRAJob
     from personalize_pack.training.jobs import JobContext
     train(model, clip, vae, dataset(), "tiny_ckpt", steps=1)
-    job_dir = job_folder("tiny_ckpt")
+    job_dir = job_folder("segmix_lora", "tiny_ckpt")
     cfg = json.loads(open(os.path.join(job_dir, "job.json")).read())
     grads = []
     for flag in (False, True):

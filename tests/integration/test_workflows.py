@@ -255,7 +255,7 @@ def _check_mudi_train(run, images):
     assert sorted(p.name for p in loras_dir.iterdir()) == [MUDI_TRAIN_LORA]
     assert received == [(MUDI_TRAIN_LORA, 1.0, 1.0, str(loras_dir / MUDI_TRAIN_LORA))]
     # the training's job folder went to the (temporary) output folder, with its validation image
-    job = run.out_dir / "personalize_training" / "mudi_cat_dog"
+    job = run.out_dir / "personalize_training" / "segmix_lora" / "mudi_cat_dog"
     assert [p.name for p in job.glob("preview_*.png")] == ["preview_000002.png"]
 
     # the training previews: the loss curve, the validation image at the training size, the report
