@@ -1,5 +1,5 @@
 """The one check of a node's inputs against its own schema, made at the start of ``execute`` (every node
-with such inputs but the Train nodes, whose ``nodes/training.py`` keeps its own checks).
+with such inputs, the Train nodes included; their own data checks come after it).
 
 ComfyUI range-checks a number typed into a widget, but not one that arrives through a link (a math node, a
 primitive, a node of another pack), and it never looks inside an IMAGE, LATENT or MASK. So each node hands its

@@ -25,6 +25,7 @@ from ..training.lora import lora_file_bytes
 from ..training.report import loss_curve_image, preview_images, preview_picture
 from ..training.runner import TrainingCancelled, run_with_progress
 from ..training.segmix import TEMPLATE
+from .checks import check_inputs
 
 SegMixDatasetType = io.Custom("PERSONALIZE_SEGMIX_DATASET")
 CATEGORY = "personalize/training"
@@ -61,6 +62,7 @@ class SegMixDataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, masks, phrase, captions="a photo of {}", identifier="", dataset=None) -> io.NodeOutput:
+        check_inputs(cls, locals())
         return io.NodeOutput(dataset_from_inputs(images, masks, phrase, captions, identifier, dataset))
 
 
@@ -246,6 +248,7 @@ class TrainSegMixLoRA(io.ComfyNode):
                 segmix_prob=0.3, scale_min=0.75, scale_max=1.0, loss="dco", dco_beta=1000.0, resolution=1024,
                 batch_size=1, gradient_accumulation=2, gradient_checkpointing=True, seed=42, validation_prompt="", validate_every=0,
                 checkpoint_every=100, gpus=1) -> io.NodeOutput:
+        check_inputs(cls, locals())
         import comfy.model_management as mm
         import comfy.sd
         import comfy.utils
@@ -364,6 +367,7 @@ class TrainInfusion(io.ComfyNode):
     def execute(cls, model, clip, vae, images, concept_word, masks=None, output_name="infusion", steps=500,
                 learning_rate=0.01, batch_size=4, gradient_accumulation=4, resolution=512, offsets="kv", seed=42, validation_prompt="",
                 validate_every=0, checkpoint_every=100, gpus=1) -> io.NodeOutput:
+        check_inputs(cls, locals())
         word, imgs, msks = infusion_data_from_inputs(images, masks, concept_word, resolution)
         if batch_size % gpus:
             raise ValueError(f"batch_size ({batch_size}) must be a multiple of gpus ({gpus})")

@@ -28,7 +28,6 @@ LOADERS = {
     "PersonalizeDetectCompareLoader": ("detector", "personalize_eval", "no model folder is in the personalize_eval "
                                                                        "folder"),
 }
-TRAINING = ("PersonalizeSegMixDataset", "PersonalizeTrainSegMixLoRA", "PersonalizeTrainInfusion")
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +215,7 @@ def inputs_of_kind(node_classes, kinds):
         return []
     from comfy_api.latest import io
     kinds = tuple(getattr(io, k).Input for k in kinds)
-    return [(node, name) for node, cls in sorted(node_classes.items()) if node not in TRAINING
+    return [(node, name) for node, cls in sorted(node_classes.items())
             for name, inp in schema_inputs(cls).items() if isinstance(inp, kinds)]
 
 
