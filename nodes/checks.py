@@ -26,13 +26,16 @@ from comfy_api.latest import io
 
 
 def _finite(name: str, tensor: torch.Tensor, what: str) -> None:
+    """A ValueError naming the input, the items of the batch (1-based) and how many values are NaN or
+    infinite, when any is."""
     if tensor.is_floating_point() or tensor.is_complex():
         bad = ~torch.isfinite(tensor)
         if bool(bad.any()):
-            kind = "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
-            raise ValueError(f"{name}: contains {kind} values ({int(bad.sum())} of {tensor.numel()}); expected a "
-                             f"{what} of finite values: the node that made it failed (a VAE or sampler in the wrong "
-                             f"precision?)")
+            items = bad.flatten(1).any(1) if tensor.dim() > 2 else bad.any()[None]
+            which = ", ".join(str(i + 1) for i in torch.nonzero(items).flatten().tolist())
+            raise ValueError(f"{name}: {what} {which} of {items.numel()} contains NaN or infinite values "
+                             f"({int(bad.sum())} of {tensor.numel()}); expected finite values: the node that made it "
+                             f"failed (a VAE or sampler in the wrong precision?)")
 
 
 def _shape(value) -> str:

@@ -294,8 +294,8 @@ def test_nan_and_misshapen_tensors_name_the_input(node_classes, node_id, name):
                                                           torch.rand(16), [[1.0]]])
     kept = nan["samples"].clone() if isinstance(nan, dict) else nan.clone()
     args[name] = nan
-    with pytest.raises(ValueError, match=rf"^{name}: contains (NaN|infinite) values \(1 of \d+\); expected a "
-                                         rf"(image|mask|latent) of finite values"):
+    with pytest.raises(ValueError, match=rf"^{name}: (image|mask|latent) 1 of 1 contains NaN or infinite values "
+                                         rf"\(1 of \d+\); expected finite values"):
         cls.execute(**args)
     assert torch.equal(kept.isnan(), (nan["samples"] if isinstance(nan, dict) else nan).isnan())
     for bad in wrong:

@@ -126,7 +126,7 @@ def test_bad_inputs_give_clear_errors(sd15, references, data_dir):
     img = load_image(data_dir / "personalize_cat_04.jpg")
     nan = img.clone()
     nan[0, 3, 3, 0] = float("nan")
-    with pytest.raises(ValueError, match="image: contains NaN"):
+    with pytest.raises(ValueError, match="image: image 1 of 1 contains NaN or infinite values"):
         enc.execute(nan, vae, None, None, None, 3.0, 0.5, False, 64)
     with pytest.raises(ValueError, match="mask: batch of 2 masks for 1 images"):
         enc.execute(img, vae, torch.ones(2, 64, 64), None, None, 3.0, 0.5, False, 64)
