@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..files.atomic import atomic_write_text, remove_quietly
 from ..files.checkpoints import safetensors_metadata
+from ..files.locks import lock_exclusive, unlock
 
 __all__ = ["JobBusy", "JobLock", "check_replaceable", "check_room", "remove_own_temp_files", "request_key",
            "finished_run", "record_finished", "file_identity", "DONE_FILE", "LOCK_FILE"]
@@ -45,26 +46,15 @@ class JobLock:
     def __init__(self, job_dir, output_name: str, input_name: str = "output_name"):
         self.job_dir = Path(job_dir)
         self.job_dir.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.job_dir / LOCK_FILE, "a+b")
         try:
-            if os.name == "nt":                             # each module exists on its own platform only
-                import msvcrt
-                self.fh.seek(0)
-                msvcrt.locking(self.fh.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-                fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.fh = lock_exclusive(self.job_dir / LOCK_FILE)
         except OSError:
-            self.fh.close()
             raise JobBusy(f"{input_name}: another training run with the output name {output_name!r} is running "
                           f"now (job folder {self.job_dir}); nothing was started. Wait for it to finish, or give "
                           f"this node another {input_name}") from None
 
     def release(self) -> None:
-        try:
-            self.fh.close()
-        except OSError:
-            pass
+        unlock(self.fh)
 
     def __enter__(self):
         return self

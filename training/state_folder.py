@@ -3,10 +3,10 @@ an exclusive lock for the run, and the background writer of its checkpoints
 (``training/checkpoint.py`` is the checkpoint format)."""
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
+from ..files.locks import lock_exclusive, unlock
 from .checkpoint import CheckpointError, write_checkpoint
 
 
@@ -18,25 +18,14 @@ class StateLock:
     def __init__(self, state_dir: Path):
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / ".lock"
-        self.fh = open(self.path, "a+b")
         try:
-            if os.name == "nt":                             # each module exists on its own platform only
-                import msvcrt
-                self.fh.seek(0)
-                msvcrt.locking(self.fh.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-                fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.fh = lock_exclusive(self.path)
         except OSError:
-            self.fh.close()
             raise CheckpointError(f"another training run is using the state folder {state_dir} (the same "
                                   f"output name); wait for it to finish or choose another name") from None
 
     def release(self) -> None:
-        try:
-            self.fh.close()
-        except OSError:
-            pass
+        unlock(self.fh)
 
 
 class CheckpointWriter:
